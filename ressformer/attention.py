@@ -1,0 +1,369 @@
+"""ASAM, the Adaptive Sparse Attention Module (paper sec. 3.2): top-k keys per query + sparse activation.
+
+For query i and key j (per batch b and head h):
+
+    s_ij   = q_i . k_j / sqrt(D)  +  gamma_h * A_ij               A: SOES latent graph (sec. 3.3), optional
+    V_i    = { j visible to i }                                    causality, windows (below)
+    K_i    = the topk indices of s_i. over V_i (all of V_i if topk == 0 or |V_i| <= topk)
+    p_i.   = activation(s_i. restricted to K_i)                    softmax | sparsemax | entmax15
+    out_i  = sum_{j in K_i} p_ij v_j
+
+Visibility (positions are used only here; there is no positional encoding of any kind, sec. 3.3):
+causal: k_pos[j] <= q_pos[i] and q_pos[i] - k_pos[j] < k_window[j]; non-causal: |q_pos[i] - k_pos[j]| <
+k_window[j]; no k_window = unbounded. The model appends R2MU memory keys after the T token keys (a
+previous-step cache with a finite window, segment summaries positioned at their segment's last token).
+A query with no visible key outputs zeros (its gradients are zero, never NaN).
+
+Three implementations of the same function (`impl`):
+* reference: materialises the (B, H, Tq, Tk) scores. Plain and readable; used by the tests.
+* chunked:   exact, memory linear in T. Queries are processed in chunks of chunk_size. With topk > 0 each
+             chunk's top-k key indices are found on scores computed under torch.no_grad (chunk x Tk at a
+             time), then only those keys / values are gathered and their scores recomputed WITH grad, so
+             autograd saves O(T * topk * D) instead of O(T * Tk). With topk == 0 each chunk's dense
+             attention runs inside a (non-reentrant) torch.utils.checkpoint, so only its inputs are kept.
+* block:     sub-quadratic. Keys are cut into blocks of block_size summarised by their mean key; each
+             query chunk scores the summaries (no grad, max over the chunk's queries of q_i . kbar_b over
+             the blocks that may be visible to q_i), keeps its blocks_per_query best plus every block whose
+             key positions overlap the chunk's query positions (local blocks), then runs the chunked
+             computation on the keys of the kept blocks only. Time O(T * (T / block_size +
+             (blocks_per_query + local) * block_size)). Equal to `chunked` when blocks_per_query covers
+             all blocks. Block visibility is a superset test (min position, max position + window), the
+             exact key-level mask is applied afterwards.
+
+The graph bias is matched to the gathered keys by index (the selection pass records which of the kept
+slots each graph edge lands on), so gradients reach the graph values and gamma without a T x T tensor.
+
+`stats` (detached, cheap): density = nonzero probabilities / visible keys (for `block`: visible keys among
+the kept blocks), summed over all queries and heads; keys_per_query = mean nonzero probabilities per
+query and head.
+
+ASAMAttention: q_proj, k_proj, v_proj, o_proj (no bias) and, when soes.enabled, graph_scale gamma (H,)
+initialised to 1.0 (the graph rows are stochastic, so the bias adds at most gamma_h to a logit at init).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from ressformer.config import ModelConfig
+from ressformer.sparse import ACTIVATIONS, normalize
+
+IMPLS = ("reference", "chunked", "block")
+# Window meaning "no window": larger than any position difference (kept in int64 arithmetic).
+UNBOUNDED_WINDOW = 1 << 40
+
+
+def _visible(qp: torch.Tensor, kp: torch.Tensor, kw: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Visibility of keys to queries. qp (c,), kp (..., n), kw like kp or None -> bool (..., c, n)."""
+    d = qp[:, None] - kp[..., None, :]  # (..., c, n) query pos - key pos
+    if causal:
+        vis = d >= 0
+        if kw is not None:
+            vis = vis & (d < kw[..., None, :])
+    else:
+        vis = torch.ones_like(d, dtype=torch.bool) if kw is None else d.abs() < kw[..., None, :]
+    return vis
+
+
+def _check_inputs(q, k, v, q_pos, k_pos, k_window, activation, topk, graph, graph_scale, impl):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"sparse_attention expects q (B,H,Tq,D), k = v (B,H,Tk,D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q_pos.shape != (q.shape[2],) or k_pos.shape != (k.shape[2],):
+        raise ValueError(f"q_pos must be ({q.shape[2]},) and k_pos ({k.shape[2]},); got {tuple(q_pos.shape)}, "
+                         f"{tuple(k_pos.shape)}")
+    if k_window is not None and k_window.shape != k_pos.shape:
+        raise ValueError(f"k_window must match k_pos {tuple(k_pos.shape)}, got {tuple(k_window.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: choose one of {ACTIVATIONS}")
+    if topk < 0:
+        raise ValueError(f"topk={topk} must be >= 0 (0 = every visible key)")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: choose one of {IMPLS}")
+    if graph is not None:
+        idx, val = graph
+        B, _, Tq, _ = q.shape
+        if idx.dim() != 3 or idx.shape[:2] != (B, Tq) or val.shape != idx.shape:
+            raise ValueError(f"graph must be (idx, val) of shape (B={B}, Tq={Tq}, m); got {tuple(idx.shape)}, "
+                             f"{tuple(val.shape)}")
+        if graph_scale is None or graph_scale.shape != (q.shape[1],):
+            raise ValueError(f"a graph needs graph_scale of shape (H={q.shape[1]},), got "
+                             f"{None if graph_scale is None else tuple(graph_scale.shape)}")
+
+
+def _graph_bias_dense(graph, graph_scale, Tk: int, H: int, dtype) -> torch.Tensor:
+    """(B, H, Tq, Tk): gamma_h * sum_r val[b,i,r] [idx[b,i,r] == j] (reference path only)."""
+    idx, val = graph
+    B, Tq, _ = idx.shape
+    a = torch.zeros(B, Tq, Tk, dtype=dtype, device=val.device).scatter_add(-1, idx, val.to(dtype))  # (B, Tq, Tk)
+    return graph_scale.to(dtype)[None, :, None, None] * a[:, None]
+
+
+def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, Tq, Tk)
+    if graph is not None:
+        s = s + _graph_bias_dense(graph, graph_scale, Tk, H, s.dtype)
+    vis = _visible(q_pos, k_pos, k_window, causal)  # (Tq, Tk)
+    neg = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
+    s = torch.where(vis, s, neg)
+    keep = vis.expand(B, H, Tq, Tk)
+    if 0 < topk < Tk:
+        sel = s.detach().topk(topk, dim=-1).indices  # (B, H, Tq, topk)
+        keep = torch.zeros_like(keep).scatter(-1, sel, True) & vis
+        s = torch.where(keep, s, neg)
+    p = normalize(s, activation)  # (B, H, Tq, Tk)
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    pd = p.detach()
+    stats = {"nnz": (pd > 0).sum().float(), "visible": vis.sum().float() * B * H, "rows": float(B * H * Tq)}
+    return out, stats
+
+
+def _edge_bias(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
+    """Scatter graph edge values onto slots. epos (B, H, c, m) slot of each edge (-1: not present),
+    gval (B, H, c, m) gamma_h * val -> (B, H, c, n)."""
+    present = epos >= 0
+    src = torch.where(present, gval, torch.zeros((), dtype=gval.dtype, device=gval.device))
+    out = torch.zeros(*epos.shape[:-1], n, dtype=gval.dtype, device=gval.device)
+    return out.scatter_add(-1, epos.clamp(min=0), src)
+
+
+def _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation):
+    """Dense attention of a query chunk over candidate keys.
+
+    q_c (B, H, c, D); k_c, v_c (B, H, n, D); mask (B|1, H|1, c, n) bool; epos/gval (B, H, c, m) or None.
+    Returns (out (B, H, c, D), nnz () float, detached).
+    """
+    s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(q_c.shape[-1])  # (B, H, c, n)
+    if epos is not None:
+        s = s + _edge_bias(epos, gval.to(s.dtype), s.shape[-1])
+    s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    p = normalize(s, activation)
+    return torch.einsum("bhij,bhjd->bhid", p, v_c), (p.detach() > 0).sum().float()
+
+
+def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk, epos, gval,
+                  use_ckpt):
+    """Attention of one query chunk over a candidate key set shared by the chunk's queries.
+
+    q_c (B, H, c, D); k, v (B, H, Tk, D); cand None (all Tk keys) or (B, H, n) key indices with cand_valid
+    (B, H, n) bool; qp_c (c,); epos (B, H, c, m) candidate position of each graph edge (-1: absent) or None;
+    gval (B, H, c, m) gamma_h * val or None.
+    Returns (out (B, H, c, D), nnz, visible) with nnz / visible detached float scalars.
+    """
+    B, H, c, D = q_c.shape
+    if cand is None:
+        k_c, v_c = k, v  # (B, H, n=Tk, D)
+        mask = _visible(qp_c, k_pos, k_window, causal)[None, None]  # (1, 1, c, n)
+    else:
+        n = cand.shape[-1]
+        gi = cand[..., None].expand(B, H, n, D)
+        k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
+        kw = None if k_window is None else k_window[cand]
+        mask = _visible(qp_c, k_pos[cand], kw, causal) & cand_valid[:, :, None, :]  # (B, H, c, n)
+    n = k_c.shape[2]
+    visible = mask.sum().float() * (B * H if mask.shape[0] == 1 else 1)
+
+    if topk == 0 or topk >= n:
+        if use_ckpt:
+            out, nnz = torch.utils.checkpoint.checkpoint(_dense_chunk, q_c, k_c, v_c, mask, epos, gval, activation,
+                                                         use_reentrant=False)
+        else:
+            out, nnz = _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation)
+        return out, nnz, visible
+
+    # Selection pass: scores of every candidate, no autograd graph (chunk x n floats, freed at once).
+    with torch.no_grad():
+        s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(D)  # (B, H, c, n)
+        if epos is not None:
+            s = s + _edge_bias(epos, gval.to(s.dtype), n)
+        s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+        sel = s.topk(topk, dim=-1).indices  # (B, H, c, topk) candidate positions
+        del s
+        sel_mask = mask.expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
+        if epos is not None:
+            # slot (0..topk-1) each graph edge lands on, -1 if its key was not selected
+            hit = (sel[..., :, None] == epos[..., None, :]) & (epos[..., None, :] >= 0)  # (B, H, c, topk, m)
+            epos_sel = torch.where(hit.any(-2), hit.to(torch.uint8).argmax(-2), torch.full_like(epos, -1))
+        key_idx = sel if cand is None else cand[:, :, None, :].expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
+
+    # Gradient pass over the topk gathered keys only: autograd keeps O(c * topk * D) per chunk.
+    gi = key_idx.reshape(B, H, c * topk, 1).expand(B, H, c * topk, D)
+    k_g = k.gather(2, gi).view(B, H, c, topk, D)
+    v_g = v.gather(2, gi).view(B, H, c, topk, D)
+    s = torch.einsum("bhid,bhikd->bhik", q_c, k_g) / math.sqrt(D)  # (B, H, c, topk)
+    if epos is not None:
+        s = s + _edge_bias(epos_sel, gval.to(s.dtype), topk)
+    s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    p = normalize(s, activation)
+    out = torch.einsum("bhik,bhikd->bhid", p, v_g)
+    return out, (p.detach() > 0).sum().float(), visible
+
+
+def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
+    """Kept key blocks of one query chunk -> (cand (B, H, n) key indices, cand_valid (B, H, n) bool)."""
+    B, H, c, D = q_c.shape
+    nb = kbar.shape[2]
+    qp = qp_c[:, None]  # (c, 1)
+    if causal:
+        bvis = (blk_min[None] <= qp) & (qp < blk_hi[None])  # (c, nb) some key of the block may be visible
+    else:
+        bvis = (blk_lo[None] < qp) & (qp < blk_hi[None])
+    local = (blk_min <= qp_c.max()) & (blk_max >= qp_c.min()) & bvis.any(0)  # (nb,)
+    n_local = int(local.sum())
+    n_sel = min(nb, blocks_per_query + n_local)
+    sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
+    sb = torch.where(bvis, sb, torch.full((), float("-inf"), dtype=sb.dtype, device=sb.device)).amax(2)  # (B, H, nb)
+    sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
+    blocks = sb.topk(n_sel, dim=-1).indices  # (B, H, n_sel)
+    cand = (blocks[..., None] * block_size + torch.arange(block_size, device=q_c.device)).flatten(2)  # (B, H, n)
+    cand_valid = cand < Tk
+    return cand.clamp(max=Tk - 1), cand_valid
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor,
+                     k_pos: torch.Tensor, k_window: torch.Tensor | None = None, causal: bool = True,
+                     activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
+                     impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
+                     blocks_per_query: int = 8) -> tuple[torch.Tensor, dict]:
+    """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
+    graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
+
+    Returns (out (B, H, Tq, D), stats {density, keys_per_query} detached float tensors).
+    """
+    _check_inputs(q, k, v, q_pos, k_pos, k_window, activation, topk, graph, graph_scale, impl)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if impl == "reference":
+        out, st = _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale)
+        return out, _finish_stats(st["nnz"], st["visible"], st["rows"])
+
+    if impl == "block":
+        if chunk_size < 1 or block_size < 1 or blocks_per_query < 1:
+            raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
+                             f"{chunk_size}, {block_size}, {blocks_per_query}")
+        with torch.no_grad():
+            nb = -(-Tk // block_size)
+            pad = nb * block_size - Tk
+            kpad = torch.nn.functional.pad(k, (0, 0, 0, pad))  # (B, H, nb * bs, D)
+            cnt = torch.full((nb,), float(block_size), dtype=k.dtype, device=k.device)
+            cnt[-1] = block_size - pad
+            kbar = kpad.view(B, H, nb, block_size, D).sum(3) / cnt[:, None]  # (B, H, nb, D) mean key
+            w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
+
+            def per_block(x: torch.Tensor, largest: bool) -> torch.Tensor:  # (Tk,) -> (nb,) max or min
+                fill = int(x.min()) if largest else int(x.max())  # padding never wins the reduction
+                xb = torch.nn.functional.pad(x, (0, pad), value=fill).view(nb, block_size)
+                return xb.amax(1) if largest else xb.amin(1)
+
+            blk_min, blk_max = per_block(k_pos, False), per_block(k_pos, True)  # key position range
+            blk_hi, blk_lo = per_block(k_pos + w, True), per_block(k_pos - w, False)  # window reach
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+
+    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if graph is not None:
+        g_idx, g_val = graph
+        gval_all = graph_scale.to(q.dtype)[None, :, None, None] * g_val.to(q.dtype)[:, None]  # (B, H, Tq, m)
+    outs, nnz, visible = [], q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
+    for s0 in range(0, Tq, chunk_size):
+        s1 = min(Tq, s0 + chunk_size)
+        q_c, qp_c = q[:, :, s0:s1], q_pos[s0:s1]
+        c = s1 - s0
+        cand = cand_valid = None
+        epos = gval = None
+        if impl == "block":
+            with torch.no_grad():
+                cand, cand_valid = _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal,
+                                                     blocks_per_query, block_size, Tk)
+        if graph is not None:
+            gval = gval_all[:, :, s0:s1]  # (B, H, c, m)
+            e = g_idx[:, None, s0:s1].expand(B, H, c, g_idx.shape[-1])  # (B, H, c, m) key index of each edge
+            if cand is None:
+                epos = e
+            else:
+                with torch.no_grad():  # candidate position of each edge's key, -1 if not a candidate
+                    n = cand.shape[-1]
+                    inv = torch.full((B, H, Tk + 1), -1, dtype=torch.long, device=q.device)
+                    slot = torch.where(cand_valid, cand, torch.full_like(cand, Tk))
+                    inv.scatter_(-1, slot, torch.arange(n, device=q.device).expand(B, H, n))
+                    epos = inv.gather(-1, e.reshape(B, H, -1)).view(B, H, c, -1)
+        o, nz, vis = _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk,
+                                   epos, gval, use_ckpt)
+        outs.append(o)
+        nnz, visible = nnz + nz, visible + vis
+    return torch.cat(outs, dim=2), _finish_stats(nnz, visible, float(B * H * Tq))
+
+
+def _finish_stats(nnz, visible, rows) -> dict:
+    nnz = torch.as_tensor(nnz, dtype=torch.float32).detach()
+    visible = torch.as_tensor(visible, dtype=torch.float32).detach()
+    return {"density": nnz / visible.clamp(min=1.0), "keys_per_query": nnz / max(rows, 1.0)}
+
+
+class ASAMAttention(nn.Module):
+    """Multi-head ASAM self-attention over the tokens (+ appended R2MU memory keys), no positional encoding.
+
+    forward(x (B, T, D), pos (T,), memory=None | (states (B, Tm, D), pos (Tm,), window (Tm,)),
+            graph=None | (idx (B, T, m), val (B, T, m))) -> (y (B, T, D), stats dict)
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        if cfg.soes.enabled:
+            self.graph_scale = nn.Parameter(torch.empty(cfg.n_heads))
+        else:
+            self.register_parameter("graph_scale", None)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_graph_scale(self) -> None:
+        if self.graph_scale is not None:
+            self.graph_scale.fill_(1.0)
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, out_std: float | None = None) -> None:
+        """In place (meta-device safe): N(0, std) projections, N(0, out_std) o_proj, gamma = 1."""
+        std = self.cfg.init_std if std is None else std
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=std if out_std is None else out_std)
+        self.init_graph_scale()
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None, graph=None):
+        B, T, D = x.shape
+        H, hd = self.n_heads, self.head_dim
+        a = self.cfg.asam
+        kv_in, k_pos, k_window = x, pos, None
+        if memory is not None:
+            m_states, m_pos, m_win = memory
+            kv_in = torch.cat([x, m_states.to(x.dtype)], dim=1)  # (B, T + Tm, D)
+            k_pos = torch.cat([pos, m_pos.to(pos.dtype)])
+            k_window = torch.cat([torch.full_like(pos, UNBOUNDED_WINDOW), m_win.to(pos.dtype)])
+        if graph is not None and self.graph_scale is None:
+            raise ValueError("ASAMAttention got a graph but has no graph_scale: build it with soes.enabled=True "
+                             "or pass graph=None")
+        Tk = kv_in.shape[1]
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)  # (B, H, Tk, hd)
+        v = self.v_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)
+        g = None if graph is None else (graph[0], graph[1])
+        out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, causal=self.cfg.causal,
+                                      activation=a.activation, topk=a.topk, graph=g, graph_scale=self.graph_scale,
+                                      impl=a.impl, chunk_size=a.chunk_size, block_size=a.block_size,
+                                      blocks_per_query=a.blocks_per_query)
+        y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.o_proj(y), stats

@@ -1,0 +1,131 @@
+"""Sparse probability mappings for ASAM (paper sec. 3.2, activation-level sparsity).
+
+The paper replaces softmax by a sparse activation (sparsemax is named). Three mappings from a score
+vector z to the probability simplex are provided, all exact and with closed-form backward passes:
+
+    softmax:   p_j = exp(z_j) / sum_l exp(z_l)                              (dense)
+    sparsemax: p = argmin_{p in simplex} ||p - z||^2 = [z - tau]_+          (Martins & Astudillo 2016)
+    entmax15:  p = [z/2 - tau]_+^2, the 1.5-entmax of Peters et al. 2019   (between the two in sparsity)
+
+Design choices:
+* Thresholds tau are found by the exact sort-based algorithms (O(n log n) per row); no bisection.
+* Masked entries are -inf. They are placed last by the descending sort and excluded from the support
+  explicitly (their arithmetic is replaced by zeros), so they get probability exactly 0 and no NaN ever
+  appears, even in rows whose entries are all -inf (those rows map to all zeros, gradient zero) or
+  all -inf but one (a one-hot row).
+* Backward passes (torch.autograd.Function, only the output is saved):
+    sparsemax: dz = s * (g - <g, s> / |s|),                s = 1[p > 0]
+    entmax15:  dz = r * g - r * <r, g> / sum(r),          r = sqrt(p)
+  softmax uses a masked exp/sum written out (all -inf rows give zeros, not NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
+
+
+def _prepare(x: torch.Tensor, dim: int):
+    """Move `dim` last, subtract the finite row max; returns (z (..., n), valid (..., n), any_valid (..., 1))."""
+    z = x.movedim(dim, -1)
+    valid = z > float("-inf")  # (..., n)
+    any_valid = valid.any(-1, keepdim=True)  # (..., 1)
+    zmax = z.amax(-1, keepdim=True)  # max over valid entries (-inf if none)
+    zmax = torch.where(any_valid, zmax, torch.zeros((), dtype=z.dtype, device=z.device))
+    z = torch.where(valid, z - zmax, torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
+    return z, valid, any_valid
+
+
+def _sorted_valid(z: torch.Tensor, valid: torch.Tensor):
+    """Descending sort; invalid (-inf) entries land last and are replaced by 0 for the arithmetic."""
+    zs, _ = torch.sort(z, dim=-1, descending=True)  # (..., n)
+    n_valid = valid.sum(-1, keepdim=True)  # (..., 1)
+    rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)  # (n,)
+    vs = rho <= n_valid  # (..., n) valid in sorted order (a prefix)
+    zs = torch.where(vs, zs, torch.zeros((), dtype=z.dtype, device=z.device))
+    return zs, vs, rho
+
+
+class _Sparsemax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        z, valid, any_valid = _prepare(x, dim)
+        zs, vs, rho = _sorted_valid(z, valid)
+        cs = zs.cumsum(-1)  # (..., n)
+        support = (1 + rho * zs > cs) & vs  # a prefix of the sorted row
+        k = support.sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
+        tau = (cs.gather(-1, k - 1) - 1) / k.to(z.dtype)  # (..., 1)
+        p = torch.clamp(z - tau, min=0)  # -inf - tau -> -inf -> 0
+        p = torch.where(any_valid, p, torch.zeros((), dtype=p.dtype, device=p.device))
+        ctx.dim = dim
+        ctx.save_for_backward(p)
+        return p.movedim(-1, dim)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (p,) = ctx.saved_tensors  # (..., n), dim last
+        g = g.movedim(ctx.dim, -1)
+        s = (p > 0).to(g.dtype)
+        v = (g * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp(min=1)
+        return (s * (g - v)).movedim(-1, ctx.dim), None
+
+
+class _Entmax15(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        z, valid, any_valid = _prepare(x, dim)
+        z = z / 2  # entmax15(z) = [z/2 - tau]_+^2
+        zs, vs, rho = _sorted_valid(z, valid)
+        mean = zs.cumsum(-1) / rho  # (..., n) mean of the top-k sorted values, k = rho
+        mean_sq = (zs * zs).cumsum(-1) / rho
+        ss = rho * (mean_sq - mean * mean)  # sum of squared deviations of the top-k
+        delta = (1 - ss) / rho
+        tau = mean - torch.sqrt(torch.clamp(delta, min=0))  # threshold if the support had size k
+        support = (tau <= zs) & vs
+        k = support.sum(-1, keepdim=True).clamp(min=1)
+        tau_star = tau.gather(-1, k - 1)  # (..., 1)
+        p = torch.clamp(z - tau_star, min=0) ** 2
+        p = torch.where(any_valid, p, torch.zeros((), dtype=p.dtype, device=p.device))
+        ctx.dim = dim
+        ctx.save_for_backward(p)
+        return p.movedim(-1, dim)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        g = g.movedim(ctx.dim, -1)
+        r = p.sqrt()
+        dz = g * r
+        q = dz.sum(-1, keepdim=True) / r.sum(-1, keepdim=True).clamp(min=torch.finfo(r.dtype).tiny)
+        return (dz - q * r).movedim(-1, ctx.dim), None
+
+
+def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Exact sparsemax along `dim` (-inf entries masked; all -inf rows give zeros)."""
+    return _Sparsemax.apply(x, dim)
+
+
+def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Exact 1.5-entmax along `dim` (-inf entries masked; all -inf rows give zeros)."""
+    return _Entmax15.apply(x, dim)
+
+
+def masked_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax along `dim` where -inf entries get 0 and all -inf rows give zeros (not NaN)."""
+    valid = x > float("-inf")
+    m = x.detach().amax(dim, keepdim=True)  # max over valid entries (-inf if none)
+    m = torch.where(m > float("-inf"), m, torch.zeros((), dtype=x.dtype, device=x.device))
+    e = torch.exp(torch.where(valid, x - m, torch.full((), float("-inf"), dtype=x.dtype, device=x.device)))
+    return e / e.sum(dim, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def normalize(scores: torch.Tensor, activation: str, dim: int = -1) -> torch.Tensor:
+    """Map scores to probabilities with `activation` (softmax | sparsemax | entmax15) along `dim`."""
+    if activation == "softmax":
+        return masked_softmax(scores, dim)
+    if activation == "sparsemax":
+        return sparsemax(scores, dim)
+    if activation == "entmax15":
+        return entmax15(scores, dim)
+    raise ValueError(f"unknown attention activation {activation!r}: choose one of {ACTIVATIONS}")

@@ -1,0 +1,197 @@
+"""ASAM attention (ressformer/attention.py): every fast path equals the reference, causality, memory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ressformer.attention import ASAMAttention, UNBOUNDED_WINDOW, sparse_attention
+from ressformer.config import ModelConfig
+
+ACTS = ("softmax", "sparsemax", "entmax15")
+FAST = {"chunked": dict(impl="chunked", chunk_size=7),
+        "block": dict(impl="block", chunk_size=7, block_size=5, blocks_per_query=100)}
+
+
+def _problem(seed, B=2, H=3, T=23, D=8, Tm=0, m=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    Tk = T + Tm
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype).requires_grad_(True)
+    k = torch.randn(B, H, Tk, D, generator=g, dtype=dtype).requires_grad_(True)
+    v = torch.randn(B, H, Tk, D, generator=g, dtype=dtype).requires_grad_(True)
+    q_pos = torch.arange(T)
+    k_pos = torch.cat([torch.arange(T), torch.randint(0, T, (Tm,), generator=g)])
+    k_window = None
+    if Tm:
+        k_window = torch.cat([torch.full((T,), UNBOUNDED_WINDOW), torch.randint(1, 6, (Tm,), generator=g)])
+    # graph edges: distinct visible token keys (j <= i), like LatentGraph's output
+    idx = torch.stack([torch.stack([torch.randperm(i + 1, generator=g)[:1].expand(m) if i < m - 1 else
+                                    torch.randperm(i + 1, generator=g)[:m] for i in range(T)]) for _ in range(B)])
+    val = torch.rand(B, T, m, generator=g, dtype=dtype).requires_grad_(True)
+    gs = (torch.rand(H, generator=g, dtype=dtype) + 0.5).requires_grad_(True)
+    return dict(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, graph=(idx, val), graph_scale=gs)
+
+
+def _run(p, with_graph=True, **kw):
+    out, stats = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], k_pos=p["k_pos"], k_window=p["k_window"],
+                                  graph=p["graph"] if with_graph else None,
+                                  graph_scale=p["graph_scale"] if with_graph else None, **kw)
+    leaves = [p["q"], p["k"], p["v"]] + ([p["graph"][1], p["graph_scale"]] if with_graph else [])
+    w = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)  # a fixed, non-uniform cotangent
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    return out.detach(), [g.detach() for g in grads], stats
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("topk", [0, 5])
+@pytest.mark.parametrize("Tm", [0, 9])
+def test_fast_paths_equal_reference(activation, causal, topk, Tm):
+    p = _problem(seed=ACTS.index(activation) * 8 + 4 * causal + 2 * bool(topk) + bool(Tm), Tm=Tm)
+    kw = dict(causal=causal, activation=activation, topk=topk)
+    ref_out, ref_grads, ref_stats = _run(p, impl="reference", **kw)
+    for name, fast in FAST.items():
+        out, grads, stats = _run(p, **fast, **kw)
+        torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10, msg=f"{name} forward")
+        for i, (g, gr) in enumerate(zip(grads, ref_grads)):
+            torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-10, msg=f"{name} grad {i}")
+        torch.testing.assert_close(stats["density"], ref_stats["density"])
+    assert 0 < float(ref_stats["density"]) <= 1
+    if topk or activation != "softmax":
+        assert float(ref_stats["density"]) < 1
+
+
+def test_graph_bias_changes_output_and_gets_gradient():
+    p = _problem(seed=3)
+    a, grads, _ = _run(p, impl="chunked", chunk_size=4, topk=5)
+    b, _, _ = _run(p, with_graph=False, impl="chunked", chunk_size=4, topk=5)
+    assert (a - b).abs().max() > 1e-3
+    assert grads[3].abs().sum() > 0 and grads[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "block"])
+def test_topk_geq_T_equals_sdpa_causal(impl):
+    p = _problem(seed=5, T=19, dtype=torch.float32)
+    out, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], k_pos=p["k_pos"], topk=19, impl=impl,
+                              chunk_size=6, block_size=4, blocks_per_query=5)  # 5 blocks: all covered
+    want = F.scaled_dot_product_attention(p["q"], p["k"], p["v"], is_causal=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("impl,extra", [("reference", {}), ("chunked", dict(chunk_size=5)),
+                                        ("block", dict(chunk_size=5, block_size=4, blocks_per_query=1))])
+@pytest.mark.parametrize("topk", [0, 4])
+def test_causality(activation, impl, extra, topk):
+    p = _problem(seed=7, T=17, Tm=0)
+    kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], causal=True, activation=activation, topk=topk, impl=impl,
+              graph=p["graph"], graph_scale=p["graph_scale"], **extra)
+    with torch.no_grad():
+        base, _ = sparse_attention(p["q"], p["k"], p["v"], **kw)
+        for t in (0, 6, 15):
+            k2, v2 = p["k"].clone(), p["v"].clone()
+            k2[:, :, t + 1:] += 10 * torch.randn_like(k2[:, :, t + 1:])
+            v2[:, :, t + 1:] += 10 * torch.randn_like(v2[:, :, t + 1:])
+            out, _ = sparse_attention(p["q"], k2, v2, **kw)
+            torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
+            assert (out[:, :, t + 1:] - base[:, :, t + 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("impl", ["reference", "chunked", "block"])
+@pytest.mark.parametrize("topk", [0, 3])
+def test_no_visible_key_gives_zeros_and_finite_grads(activation, impl, topk):
+    p = _problem(seed=11, T=13)
+    k_pos = p["k_pos"] + 2  # queries 0 and 1 see no key
+    out, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], k_pos=k_pos, activation=activation,
+                              topk=topk, impl=impl, chunk_size=4, block_size=4, blocks_per_query=2)
+    assert torch.isfinite(out).all()
+    assert (out[:, :, :2] == 0).all() and (out[:, :, 2:].abs().sum(-1) > 0).all()
+    gq, gk, gv = torch.autograd.grad(out.sum(), [p["q"], p["k"], p["v"]])
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv))
+    assert (gq[:, :, :2] == 0).all()
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_block_with_few_blocks_keeps_local_window_exact(activation):
+    # sliding window of 4 < block_size: every visible key lies in a local block, so even with
+    # blocks_per_query=1 the block path equals the reference exactly
+    p = _problem(seed=13, T=41, Tm=0)
+    win = torch.full((41,), 4)
+    kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], k_window=win, activation=activation, topk=0)
+    ref, _ = sparse_attention(p["q"], p["k"], p["v"], impl="reference", **kw)
+    blk, st = sparse_attention(p["q"], p["k"], p["v"], impl="block", chunk_size=8, block_size=8,
+                               blocks_per_query=1, **kw)
+    torch.testing.assert_close(blk, ref, rtol=1e-9, atol=1e-10)
+    # and with few blocks over a full causal context it differs from exact attention (it really is sparse)
+    far, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], k_pos=p["k_pos"], impl="block",
+                              chunk_size=8, block_size=4, blocks_per_query=1, activation=activation)
+    full, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], k_pos=p["k_pos"], impl="reference",
+                               activation=activation)
+    assert (far - full).abs().max() > 1e-6
+
+
+def test_module_memory_keys_and_contract():
+    cfg = ModelConfig.from_preset("debug", **{"asam.impl": "chunked", "asam.topk": 6, "asam.chunk_size": 5,
+                                              "asam.activation": "entmax15"})
+    torch.manual_seed(0)
+    attn = ASAMAttention(cfg).double()
+    assert set(n for n, _ in attn.named_parameters()) == {"q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                          "o_proj.weight", "graph_scale"}
+    assert torch.equal(attn.graph_scale.detach(), torch.ones(cfg.n_heads, dtype=torch.float64))
+    B, T, Tm, D, m = 2, 12, 5, cfg.d_model, 3
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    mem = (torch.randn(B, Tm, D, dtype=torch.float64), torch.tensor([0, 3, 5, 8, 11]), torch.tensor([2, 4, 1, 3, 100]))
+    idx = torch.stack([torch.arange(T).clamp(max=T - 1 - r).minimum(torch.arange(T)) for r in range(m)], -1)
+    graph = (idx.expand(B, T, m), torch.full((B, T, m), 1.0 / m, dtype=torch.float64))
+    y, stats = attn(x, torch.arange(T), memory=mem, graph=graph)
+    assert y.shape == (B, T, D) and 0 < float(stats["density"]) < 1
+    # the same computation written out: memory keys come from the same k_proj / v_proj, appended after tokens
+    H, hd = cfg.n_heads, cfg.head_dim
+    kv = torch.cat([x, mem[0]], 1)
+    q = attn.q_proj(x).view(B, T, H, hd).transpose(1, 2)
+    k = attn.k_proj(kv).view(B, T + Tm, H, hd).transpose(1, 2)
+    v = attn.v_proj(kv).view(B, T + Tm, H, hd).transpose(1, 2)
+    out, _ = sparse_attention(q, k, v, q_pos=torch.arange(T), k_pos=torch.cat([torch.arange(T), mem[1]]),
+                              k_window=torch.cat([torch.full((T,), 10**9), mem[2]]), activation="entmax15", topk=6,
+                              graph=graph, graph_scale=attn.graph_scale, impl="reference")
+    torch.testing.assert_close(y, attn.o_proj(out.transpose(1, 2).reshape(B, T, D)))
+    no_soes = ASAMAttention(cfg.replace(**{"soes.enabled": False}))
+    assert no_soes.graph_scale is None
+    with pytest.raises(ValueError, match="graph_scale"):
+        no_soes(x.float(), torch.arange(T), graph=(graph[0], graph[1].float()))
+
+
+def _saved_bytes(impl: str, T: int) -> int:
+    """Bytes autograd saves for backward (distinct storages) in one forward of ASAM at length T."""
+    torch.manual_seed(0)
+    B, H, D = 1, 2, 16
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k = torch.randn(B, H, T, D, requires_grad=True)
+    v = torch.randn(B, H, T, D, requires_grad=True)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = sparse_attention(q, k, v, q_pos=torch.arange(T), k_pos=torch.arange(T), topk=16, impl=impl,
+                                  chunk_size=512, block_size=256, blocks_per_query=2)
+    out.square().sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+    return sum(seen.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("impl", ["chunked", "block"])
+def test_long_context_saved_memory_is_linear(impl):
+    small, big = _saved_bytes(impl, 4096), _saved_bytes(impl, 16384)
+    ratio = big / small
+    print(f"{impl}: saved-for-backward bytes T=4096 {small:,}  T=16384 {big:,}  ratio {ratio:.2f}")
+    quadratic = 2 * 16384 * 16384 * 4  # (H, T, T) float32 scores that a dense implementation would save
+    assert big < quadratic / 20
+    assert 3.0 < ratio < 5.0, ratio

@@ -1,0 +1,100 @@
+"""Sparse probability mappings (ressformer/sparse.py): exact values, simplex, masking, gradients."""
+
+import math
+
+import pytest
+import torch
+
+from ressformer.sparse import entmax15, masked_softmax, normalize, sparsemax
+
+NEG = float("-inf")
+
+
+def test_sparsemax_hand_values():
+    # [1, .5, -1]: support {1, .5}, tau = (1.5 - 1) / 2 = .25 -> [.75, .25, 0]
+    torch.testing.assert_close(sparsemax(torch.tensor([1.0, 0.5, -1.0])), torch.tensor([0.75, 0.25, 0.0]))
+    # [3, 0, 0]: 1 + 2 * 0 = 1 < 3, support {3}, tau = 2 -> one-hot
+    torch.testing.assert_close(sparsemax(torch.tensor([3.0, 0.0, 0.0])), torch.tensor([1.0, 0.0, 0.0]))
+    # equal scores -> uniform
+    torch.testing.assert_close(sparsemax(torch.zeros(4)), torch.full((4,), 0.25))
+    # [.2, .1, 0]: all in support, tau = (.3 - 1) / 3 -> z - tau
+    z = torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(sparsemax(z), z + 0.7 / 3)
+
+
+def test_entmax15_hand_values():
+    # [1, .5, -1] -> z/2 = [.5, .25, -.5]; support {0, 1}: (.5 - tau)^2 + (.25 - tau)^2 = 1,
+    # u = .5 - tau solves 2u^2 - .5u - .9375 = 0 -> u = (.5 + sqrt(7.75)) / 4; third: -.5 < tau -> 0
+    u = (0.5 + math.sqrt(7.75)) / 4
+    want = torch.tensor([u * u, (u - 0.25) ** 2, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(entmax15(torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64)), want)
+    torch.testing.assert_close(entmax15(torch.zeros(2)), torch.full((2,), 0.5))
+    # a gap of 2 * 2 = 4 in z/2 units: z/2 = [2, 0]: one-hot since (2 - tau)^2 = 1 gives tau = 1 > 0
+    torch.testing.assert_close(entmax15(torch.tensor([4.0, 0.0])), torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("fn", [sparsemax, entmax15, masked_softmax])
+def test_simplex_and_masking(fn):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 9, generator=g, dtype=torch.float64) * 3
+    mask = torch.rand(6, 5, 9, generator=g) < 0.3
+    mask[0, 0] = True  # all masked
+    mask[0, 1] = True
+    mask[0, 1, 4] = False  # all masked but one
+    x = x.masked_fill(mask, NEG)
+    for dim in (-1, 1):
+        xd = x if dim == -1 else x.transpose(1, 2)
+        p = fn(xd, dim=dim)
+        p = p if dim == -1 else p.transpose(1, 2)
+        assert torch.isfinite(p).all()
+        assert (p >= 0).all()
+        assert (p[mask] == 0).all()
+        sums = p.sum(-1)
+        torch.testing.assert_close(sums[0, 0], torch.tensor(0.0, dtype=torch.float64))
+        torch.testing.assert_close(p[0, 1], torch.nn.functional.one_hot(torch.tensor(4), 9).double())
+        torch.testing.assert_close(sums.flatten()[1:], torch.ones(6 * 5 - 1, dtype=torch.float64))
+
+
+def test_softmax_matches_torch_and_shift_invariance():
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(masked_softmax(x), torch.softmax(x, -1))
+    for fn in (sparsemax, entmax15):
+        torch.testing.assert_close(fn(x + 100.0), fn(x))
+
+
+def test_sparsemax_is_euclidean_projection():
+    # p = argmin ||p - z||^2 on the simplex: KKT -> z_j - p_j equals tau on the support and z_j <= tau off it
+    x = torch.randn(50, 12, dtype=torch.float64)
+    p = sparsemax(x)
+    supp = p > 0
+    tau = torch.where(supp, x - p, torch.tensor(NEG, dtype=x.dtype)).amax(-1, keepdim=True)  # (50, 1)
+    torch.testing.assert_close((x - p)[supp], tau.expand_as(x)[supp])
+    torch.testing.assert_close(p.sum(-1), torch.ones(50, dtype=torch.float64))
+    assert (x[~supp] <= tau.expand_as(x)[~supp] + 1e-12).all()
+
+
+@pytest.mark.parametrize("fn", [sparsemax, entmax15, masked_softmax])
+def test_gradcheck(fn):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    x[0, 0, :2] = NEG
+    x[1, 2, :5] = NEG  # one visible
+    x[2, 3, :] = NEG  # none visible
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, dim=-1), (x,), eps=1e-6, atol=1e-6)
+    xt = x.detach().transpose(1, 2).contiguous().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, dim=1), (xt,), eps=1e-6, atol=1e-6)
+    y = fn(x)
+    (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+    assert torch.isfinite(gx).all() and (gx[2, 3] == 0).all() and (gx[0, 0, :2] == 0).all()
+
+
+def test_sparsity_ordering():
+    x = torch.randn(200, 16, dtype=torch.float64) * 2
+    nnz = {n: (normalize(x, n) > 0).sum(-1) for n in ("softmax", "sparsemax", "entmax15")}
+    assert (nnz["softmax"] == 16).all()
+    assert (nnz["entmax15"] >= nnz["sparsemax"]).all() and (nnz["entmax15"] <= 16).all()
+    assert nnz["entmax15"].float().mean() > nnz["sparsemax"].float().mean()
+    assert nnz["entmax15"].float().mean() < 16
+    with pytest.raises(ValueError, match="sparsemx"):
+        normalize(x, "sparsemx")

@@ -1,0 +1,105 @@
+"""SOES latent graph (ressformer/structure.py): dense reference, sparsity, equivariance, smoothness."""
+
+import math
+
+import pytest
+import torch
+
+from ressformer.config import ModelConfig
+from ressformer.structure import Graph, LatentGraph, smoothness_penalty
+
+
+def _cfg(causal=True, degree=4, chunk=5):
+    return ModelConfig.from_preset("debug", **{"causal": causal, "soes.degree": degree, "soes.rank": 8,
+                                               "asam.chunk_size": chunk})
+
+
+def _dense(g: Graph, T: int) -> torch.Tensor:
+    B = g.idx.shape[0]
+    return torch.zeros(B, T, T, dtype=g.val.dtype).scatter_add(-1, g.idx, g.val)  # (B, T, T)
+
+
+def _dense_reference(lg: LatentGraph, h: torch.Tensor, causal: bool) -> torch.Tensor:
+    T = h.shape[1]
+    s = lg.src_proj(h) @ lg.dst_proj(h).transpose(1, 2) / math.sqrt(lg.rank)  # (B, T, T)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    kth = s.topk(min(lg.degree, T), -1).values[..., -1:]
+    s = s.masked_fill(s < kth, float("-inf"))
+    return torch.softmax(s, -1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_graph_matches_dense_reference(causal):
+    torch.manual_seed(0)
+    lg = LatentGraph(_cfg(causal)).double()
+    h = torch.randn(2, 13, 64, dtype=torch.float64, requires_grad=True)
+    g = lg(h)
+    assert g.idx.shape == (2, 13, 4) and g.val.shape == (2, 13, 4) and g.idx.dtype == torch.int64
+    want = _dense_reference(lg, h, causal)
+    got = _dense(g, 13)
+    torch.testing.assert_close(got, want)
+    # gradients of the sparse construction equal those of the dense one
+    w = torch.randn(2, 13, 13, dtype=torch.float64)
+    g1 = torch.autograd.grad((got * w).sum(), [h, lg.src_proj.weight, lg.dst_proj.weight])
+    g2 = torch.autograd.grad((want * w).sum(), [h, lg.src_proj.weight, lg.dst_proj.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    assert g1[1].abs().sum() > 0 and g1[2].abs().sum() > 0
+    torch.testing.assert_close(g.val.sum(-1), torch.ones(2, 13, dtype=torch.float64))
+
+
+def test_causal_spare_slots_and_visibility():
+    torch.manual_seed(1)
+    lg = LatentGraph(_cfg(True, degree=4))
+    g = lg(torch.randn(3, 10, 64))
+    i = torch.arange(10).view(1, 10, 1)
+    assert (g.idx <= i).all() and (g.idx >= 0).all()
+    # token i sees i + 1 tokens: the first 3 tokens have 3 - i spare slots with val exactly 0
+    nnz = (g.val > 0).sum(-1)
+    assert torch.equal(nnz, torch.tensor([1, 2, 3] + [4] * 7).expand(3, 10))
+    for row in range(10):  # valid slots hold distinct indices
+        for b in range(3):
+            kept = g.idx[b, row][g.val[b, row] > 0]
+            assert kept.unique().numel() == kept.numel()
+    assert (g.val[:, 0, 0] == 1).all() and (g.idx[:, 0] == 0).all()
+
+
+def test_permutation_equivariance_encoder():
+    torch.manual_seed(2)
+    lg = LatentGraph(_cfg(False, degree=5, chunk=4))
+    h = torch.randn(2, 11, 64)
+    perm = torch.randperm(11)
+    a = _dense(lg(h), 11)
+    ap = _dense(lg(h[:, perm]), 11)
+    torch.testing.assert_close(ap, a[:, perm][:, :, perm])
+
+
+def test_content_dependence():
+    torch.manual_seed(3)
+    lg = LatentGraph(_cfg(True))
+    h = torch.randn(1, 16, 64)
+    h2 = h.clone()
+    h2[:, 3] = torch.randn(64) * 3
+    a, b = _dense(lg(h), 16), _dense(lg(h2), 16)
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(a[:, :3], b[:, :3])  # causal: rows before the change are untouched
+
+
+def test_smoothness_penalty_matches_dense_frobenius():
+    torch.manual_seed(4)
+    lg = LatentGraph(_cfg(True, degree=4)).double()
+    h0 = torch.randn(2, 9, 64, dtype=torch.float64, requires_grad=True)
+    h1 = (h0 + 0.7 * torch.randn_like(h0)).detach().requires_grad_(True)
+    g0, g1 = lg(h0), lg(h1)
+    pen = smoothness_penalty(g0, g1)
+    dense = ((_dense(g1, 9) - _dense(g0, 9)) ** 2).sum(-1).mean()  # mean over (b, i) of row norms
+    torch.testing.assert_close(pen, dense)
+    assert pen > 1e-3
+    ga = torch.autograd.grad(pen, [h0, h1], retain_graph=True)
+    gb = torch.autograd.grad(dense, [h0, h1])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(smoothness_penalty(g0, g0), torch.zeros((), dtype=torch.float64))
+    with pytest.raises(ValueError, match="same"):
+        smoothness_penalty(g0, Graph(g1.idx[:, :5], g1.val[:, :5]))
