@@ -27,3 +27,18 @@ class ModelOutput:
     @property
     def aux(self) -> dict[str, torch.Tensor]:
         return {**self.aux_losses, **self.diagnostics}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy, HF convention: labels == input_ids (B, T); position t predicts labels[t + 1].
+
+    logits (B, T, V) are shifted here and scored in float32; labels equal to `ignore_index` are skipped.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match logits (B, T) {tuple(logits.shape[:2])}; "
+                         "pass labels=input_ids (the shift happens inside)")
+    import torch.nn.functional as F
+
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)

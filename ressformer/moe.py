@@ -1,0 +1,209 @@
+"""Feed-forward layers: dense SwiGLU and the dropless top-k routed MoE (paper sec. 3.2, expert-level sparsity).
+
+    DenseMLP   y = down_proj(silu(g) * u),  [g, u] = split(gate_up_proj(x))         forward -> (y, None)
+    MoEBlock   p = softmax(gate(x)); (w, e) = top-k(p); w <- w / sum(w)
+               y = sum_j w_j * SwiGLU_{e_j}(x) (+ shared_experts(x))                forward -> (y, router_logits)
+
+Design choices:
+* Parameter layout is the one DeepSpeed AutoEP detects for its "mixtral" preset
+  (deepspeed/module_inject/auto_ep_presets/mixtral.py: moe_layer_pattern `model.layers.N.mlp`, router `gate`,
+  experts `experts` with fused 3-D `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]). The first F rows of
+  gate_up_proj[e] are the gate, the last F the up projection (HF Mixtral / transformers 5 fused layout).
+* Routing is the mixtral preset's math, TokenChoiceTopKRouter.forward in deepspeed/moe/ep_router.py with
+  score_func="softmax", route_norm=True, route_scale=1.0, no gate bias: softmax over router logits in float32,
+  top-k on the probabilities, the selected probabilities renormalised by (sum + 1e-20). Our single-process
+  model therefore computes what a ZeRO-3 + AutoEP run computes (tests/test_moe.py checks against that router).
+* Dropless: every token reaches all its k experts (no capacity factor). Assignments are sorted by expert, each
+  expert runs one matmul over its contiguous slice, results are scaled by the routing weight and index_add-ed
+  back. Experts that receive no token are skipped (their gradient is zero, never None).
+* `_can_record_outputs` on MoEBlock: AutoEP's `_detect_forward_contract` (deepspeed/module_inject/auto_ep.py)
+  makes the replacement layer return (output, router_logits) only when the original block declares it.
+* Aux losses are computed by the caller from the returned router logits (`moe_aux_losses`), so they work under
+  every expert-parallel backend that keeps the (y, router_logits) contract.
+* Initialisation in one place per module (`init_weights(std, out_std)`, called by the constructors with
+  N(0, std) everywhere; the LM's init_weights re-calls it with the scaled output std), in-place only: meta-safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ressformer.config import ModelConfig
+
+# AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
+_ROUTE_NORM_EPS = 1e-20
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU FFN. forward(x (..., D)) -> (y (..., D), None)."""
+
+    def __init__(self, d_model: int, hidden: int, init_std: float = 0.02):
+        super().__init__()
+        if d_model < 1 or hidden < 1:
+            raise ValueError(f"DenseMLP needs d_model >= 1 and hidden >= 1, got d_model={d_model}, hidden={hidden}")
+        self.hidden = hidden
+        self.gate_up_proj = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.gate_up_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=std if out_std is None else out_std)
+
+    def forward(self, x: torch.Tensor):
+        g, u = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., F) each
+        return self.down_proj(F.silu(g) * u), None
+
+
+class MoEExperts(nn.Module):
+    """E SwiGLU experts as fused 3-D parameters: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float = 0.02):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"MoEExperts needs num_experts >= 1, got {num_experts}")
+        self.num_experts, self.hidden = num_experts, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj, mean=0.0, std=std if out_std is None else out_std)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on x (n, D) -> (n, D)."""
+        g, u = (x @ self.gate_up_proj[e].t()).chunk(2, dim=-1)  # (n, F) each
+        return (F.silu(g) * u) @ self.down_proj[e].t()
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (N, D), topk_idx (N, k) long, topk_weight (N, k) -> (N, D), dropless."""
+        N, k = topk_idx.shape
+        flat_idx = topk_idx.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
+        token = order // k  # (N*k,) source token of each sorted assignment
+        weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
+        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()  # host sync, one per call
+        out = torch.zeros_like(x)  # (N, D)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue  # empty expert: no work, zero gradient
+            sl = slice(start, start + n)
+            y = self.expert(e, x[token[sl]]) * weight[sl]  # (n, D)
+            out.index_add_(0, token[sl], y)
+            start += n
+        return out
+
+
+def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / AutoEP routing: (topk_weight (N, k) float32, topk_idx (N, k)) from router_logits (N, E).
+
+    Same math as deepspeed/moe/ep_router.py TokenChoiceTopKRouter.forward with the mixtral preset
+    (score_func="softmax", route_norm=True, route_scale=1.0).
+    """
+    probs = F.softmax(router_logits.float(), dim=-1)  # (N, E), float32 like AutoEP
+    _, idx = torch.topk(probs, k=k, dim=-1)  # (N, k)
+    w = probs.gather(1, idx)
+    w = w / (w.sum(dim=-1, keepdim=True) + _ROUTE_NORM_EPS)
+    return w, idx
+
+
+class MoEBlock(nn.Module):
+    """Top-k routed SwiGLU MoE. forward(x (B, T, D)) -> (y (B, T, D), router_logits (B*T, E))."""
+
+    # AutoEP (deepspeed/module_inject/auto_ep.py `_detect_forward_contract`): a truthy value on the MoE block makes
+    # its replacement layer return (output, router_logits); index 1 is where our forward returns the logits.
+    _can_record_outputs = {"router_logits": 1}
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        if m.num_experts < 2:
+            raise ValueError(f"MoEBlock needs moe.num_experts >= 2, got {m.num_experts}; use make_mlp(cfg), "
+                             "which builds a DenseMLP for num_experts == 1")
+        self.num_experts, self.top_k = m.num_experts, m.experts_per_token
+        # Attribute names the HF Mixtral config uses; AutoEP reads these as num_experts_attr / top_k_attr.
+        self.num_local_experts, self.num_experts_per_tok = m.num_experts, m.experts_per_token
+        self.gate = nn.Linear(cfg.d_model, m.num_experts, bias=False)
+        self.experts = MoEExperts(m.num_experts, cfg.d_model, cfg.ffn_hidden)
+        self.shared_experts = DenseMLP(cfg.d_model, cfg.ffn_hidden * m.shared_experts) if m.shared_experts > 0 else None
+        self.init_weights(cfg.init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+
+    def forward(self, x: torch.Tensor):
+        B, T, D = x.shape
+        h = x.reshape(B * T, D)  # (N, D)
+        router_logits = self.gate(h)  # (N, E)
+        w, idx = route(router_logits, self.top_k)  # (N, k) each
+        y = self.experts(h, idx, w)  # (N, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)[0]
+        return y.reshape(B, T, D), router_logits
+
+
+def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Unweighted MoE auxiliary losses of one MoE call from its router logits (N, E).
+
+    balance = E * sum_e f_e * P_e   (Switch / GShard; f_e = fraction of the N*k assignments routed to e,
+                                     P_e = mean router probability of e; 1 for perfectly uniform routing)
+    z       = mean_n logsumexp(logits_n)^2   (ST-MoE router z-loss)
+    load    = f (E,), detached, for logging.
+    """
+    if router_logits.dim() != 2 or router_logits.shape[1] != num_experts:
+        raise ValueError(f"router_logits must be (N, num_experts={num_experts}), got {tuple(router_logits.shape)}")
+    if not 1 <= experts_per_token <= num_experts:
+        raise ValueError(f"experts_per_token={experts_per_token} must be in [1, num_experts={num_experts}]")
+    logits = router_logits.float()
+    probs = F.softmax(logits, dim=-1)  # (N, E)
+    idx = torch.topk(probs, k=experts_per_token, dim=-1).indices  # (N, k), same selection as route()
+    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device))
+    f = counts / max(idx.numel(), 1)  # (E,), no gradient (argmax)
+    P = probs.mean(dim=0)  # (E,)
+    balance = num_experts * (f * P).sum()
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return {"balance": balance, "z": z, "load": f.detach()}
+
+
+def make_mlp(cfg: ModelConfig) -> DenseMLP | MoEBlock:
+    """The FFN of one block: DenseMLP(D, ffn_hidden) when moe.num_experts == 1, else MoEBlock(cfg)."""
+    if cfg.moe.num_experts == 1:
+        return DenseMLP(cfg.d_model, cfg.ffn_hidden, cfg.init_std)
+    return MoEBlock(cfg)
+
+
+@torch.no_grad()
+def reference_moe(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """Plain per-token loop (tests only): x (B, T, D) -> y (B, T, D)."""
+    B, T, D = x.shape
+    h = x.reshape(B * T, D)
+    out = torch.zeros_like(h)
+    W = block.experts
+    for n in range(h.shape[0]):
+        probs = torch.softmax(block.gate.weight.float() @ h[n].float(), dim=-1)  # (E,)
+        top = torch.topk(probs, block.top_k).indices.tolist()
+        wsum = sum(probs[e].item() for e in top)
+        for e in top:
+            gu = W.gate_up_proj[e] @ h[n]  # (2F,)
+            g, u = gu[:W.hidden], gu[W.hidden:]
+            out[n] += (probs[e].item() / wsum) * (W.down_proj[e] @ (F.silu(g) * u))
+        if block.shared_experts is not None:
+            s = block.shared_experts
+            gu = s.gate_up_proj.weight @ h[n]
+            g, u = gu[:s.hidden], gu[s.hidden:]
+            out[n] += s.down_proj.weight @ (F.silu(g) * u)
+    return out.reshape(B, T, D)
+
+
+__all__ = ["DenseMLP", "MoEExperts", "MoEBlock", "route", "moe_aux_losses", "make_mlp", "reference_moe"]

@@ -1,0 +1,169 @@
+"""MoE feed-forward (ressformer/moe.py): dropless routed experts vs a per-token loop, AutoEP routing parity,
+aux losses, gradients, edge cases (one expert gets everything, empty experts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ressformer.config import ModelConfig
+from ressformer.moe import DenseMLP, MoEBlock, make_mlp, moe_aux_losses, reference_moe, route
+
+
+def _cfg(E=4, k=2, shared=0, d=16, f=24):
+    return ModelConfig(d_model=d, n_heads=2, ffn_hidden=f,
+                       moe={"num_experts": E, "experts_per_token": k, "shared_experts": shared})
+
+
+def _block(E=4, k=2, shared=0, seed=0):
+    torch.manual_seed(seed)
+    b = MoEBlock(_cfg(E, k, shared)).double()
+    b.init_weights(0.3)  # large std so routing is far from ties
+    return b
+
+
+@pytest.mark.parametrize("E,k,shared", [(4, 1, 0), (4, 2, 0), (8, 1, 1), (8, 2, 1), (8, 2, 0), (4, 2, 2)])
+def test_dropless_matches_per_token_loop(E, k, shared):
+    b = _block(E, k, shared)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    y, logits = b(x)
+    assert y.shape == x.shape and logits.shape == (21, E)
+    ref = reference_moe(b, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)  # routing weights are float32 (AutoEP)
+    if shared:
+        assert b.shared_experts.hidden == 24 * shared
+
+
+def test_gradients_reach_gate_every_expert_and_shared():
+    b = _block(E=4, k=2, shared=1)
+    x = torch.randn(4, 16, 16, dtype=torch.float64)
+    y, logits = b(x)
+    assert torch.bincount(route(logits, 2)[1].reshape(-1), minlength=4).min() > 0  # every expert used
+    (y ** 2).sum().backward()
+    assert b.gate.weight.grad.abs().min() > 0
+    gu, dn = b.experts.gate_up_proj.grad, b.experts.down_proj.grad
+    for e in range(4):
+        assert gu[e].abs().sum() > 0 and dn[e].abs().sum() > 0, f"expert {e} got no gradient"
+    assert b.shared_experts.gate_up_proj.weight.grad.abs().sum() > 0
+    assert b.shared_experts.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_routing_matches_deepspeed_autoep_router():
+    """Our route() == deepspeed/moe/ep_router.py TokenChoiceTopKRouter with the mixtral preset settings
+    (deepspeed/module_inject/auto_ep_presets/mixtral.py: softmax, route_norm=True, no gate bias)."""
+    ep_router = pytest.importorskip("deepspeed.moe.ep_router")
+    torch.manual_seed(1)
+    E, k, D = 8, 2, 16
+    r = ep_router.TokenChoiceTopKRouter(dim=D, num_experts=E, num_expert_groups=None, num_limited_groups=None,
+                                        top_k=k, score_func="softmax", route_norm=True, route_scale=1.0,
+                                        gate_bias=False)
+    x = torch.randn(50, D)
+    ds_w, ds_idx, ds_counts = r(x)
+    w, idx = route(r.gate(x), k)
+    # deepspeed's topk is unsorted: compare per token as sets of (expert, weight)
+    o1, o2 = ds_idx.sort(-1), idx.sort(-1)
+    assert torch.equal(o1.values, o2.values)
+    torch.testing.assert_close(ds_w.gather(1, o1.indices), w.gather(1, o2.indices))
+    torch.testing.assert_close(w.sum(-1), torch.ones(50))
+    assert torch.equal(ds_counts.long(), torch.bincount(idx.reshape(-1), minlength=E))
+    # and the whole block built around that gate weight gives the router's combination
+    b = MoEBlock(_cfg(E, k, 0, d=D))
+    b.gate.weight.data.copy_(r.gate.weight.data)
+    y, _ = b(x.unsqueeze(0))
+    manual = torch.zeros_like(x)
+    for n in range(50):
+        for j in range(k):
+            e = int(ds_idx[n, j])
+            manual[n] += ds_w[n, j] * b.experts.expert(e, x[n:n + 1])[0]
+    torch.testing.assert_close(y[0], manual, rtol=1e-5, atol=1e-6)
+
+
+def test_can_record_outputs_contract():
+    assert MoEBlock._can_record_outputs  # truthy: AutoEP's replacement then returns (output, router_logits)
+
+
+def test_balance_loss_uniform_and_skewed():
+    E, k, N = 4, 1, 8
+    # each token prefers a different expert in turn, with equal mean probabilities -> f = P = 1/E
+    logits = torch.full((N, E), 0.0)
+    logits[torch.arange(N), torch.arange(N) % E] = 2.0
+    a = moe_aux_losses(logits, k, E)
+    torch.testing.assert_close(a["balance"], torch.tensor(1.0))
+    torch.testing.assert_close(a["load"], torch.full((E,), 0.25))
+    # all exactly uniform logits also give 1 whatever expert topk picks (P_e = 1/E, sum f = 1)
+    torch.testing.assert_close(moe_aux_losses(torch.zeros(N, E), 2, E)["balance"], torch.tensor(1.0))
+    # skewed: every token to expert 0
+    sk = torch.zeros(N, E)
+    sk[:, 0] = 3.0
+    a = moe_aux_losses(sk, k, E)
+    p0 = math.exp(3) / (math.exp(3) + 3)
+    assert abs(a["balance"].item() - E * p0) < 1e-5 and a["balance"].item() > 1.0
+    torch.testing.assert_close(a["load"], torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_z_loss_hand_checked():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0], [math.log(3.0), 0.0]])
+    want = (math.log(2) ** 2 + math.log(math.e + math.e ** 2) ** 2 + math.log(4.0) ** 2) / 3
+    assert abs(moe_aux_losses(logits, 1, 2)["z"].item() - want) < 1e-6
+
+
+def test_balance_gradient_reaches_router():
+    logits = torch.randn(16, 4, requires_grad=True)
+    moe_aux_losses(logits, 2, 4)["balance"].backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_make_mlp_dense_for_one_expert():
+    cfg = ModelConfig(d_model=16, n_heads=2, ffn_hidden=24)
+    m = make_mlp(cfg)
+    assert isinstance(m, DenseMLP)
+    assert m.gate_up_proj.weight.shape == (48, 16) and m.down_proj.weight.shape == (16, 24)
+    x = torch.randn(2, 3, 16)
+    y, rl = m(x)
+    assert rl is None and y.shape == x.shape
+    g, u = (x @ m.gate_up_proj.weight.t()).chunk(2, -1)
+    torch.testing.assert_close(y, (torch.nn.functional.silu(g) * u) @ m.down_proj.weight.t())
+    assert isinstance(make_mlp(_cfg(4, 2)), MoEBlock)
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEBlock(cfg)
+
+
+def test_all_tokens_same_experts_and_empty_experts():
+    b = _block(E=8, k=2)
+    with torch.no_grad():  # gate that sends every token to experts 3 and 5 (others empty)
+        b.gate.weight.zero_()
+        b.gate.weight[3, 0] = 10.0
+        b.gate.weight[5, 0] = 9.0
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    y, logits = b(x)
+    idx = route(logits, 2)[1]
+    assert set(idx.reshape(-1).tolist()) == {3, 5}
+    torch.testing.assert_close(y, reference_moe(b, x), rtol=1e-5, atol=1e-6)  # routing weights are float32 (AutoEP)
+    y.sum().backward()
+    g = b.experts.gate_up_proj.grad
+    assert g[3].abs().sum() > 0 and g[5].abs().sum() > 0
+    assert all(g[e].abs().sum() == 0 for e in (0, 1, 2, 4, 6, 7))
+
+
+def test_experts_forward_with_duplicate_expert_per_token():
+    """MoEExperts itself accepts a token listing the same expert twice (weights add)."""
+    b = _block(E=4, k=2)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    idx = torch.full((5, 2), 2, dtype=torch.long)
+    w = torch.full((5, 2), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(b.experts(x, idx, w), b.experts.expert(2, x))
+
+
+def test_meta_device_init():
+    with torch.device("meta"):
+        b = MoEBlock(_cfg(4, 2, 1))
+        b.init_weights(0.02, 0.01)
+    b = b.to_empty(device="cpu")
+    b.init_weights(0.02, 0.01)
+    assert torch.isfinite(b.experts.down_proj).all()
+    assert abs(b.experts.down_proj.std().item() - 0.01) < 0.003
+    y, _ = b(torch.randn(1, 3, 16))
+    assert torch.isfinite(y).all()
