@@ -1,0 +1,290 @@
+"""ReSSFormerForCausalLM: the whole ReSSFormer network (You & Liu 2025, sec. 3.1-3.4).
+
+    embed_tokens -> prelude blocks -> [R2MU: one shared core block, K steps, with memory] -> coda blocks
+                 -> norm -> lm_head
+
+Every block is a pre-norm residual block whose attention is ASAM (sec. 3.2, top-k + sparse activation)
+and whose FFN is a dense SwiGLU or a routed MoE (expert-level sparsity):
+
+    xn        = input_layernorm(x)                                    (B, T, D)
+    A         = LatentGraph(xn)                      if soes.enabled  (B, T, m) sparse rows (sec. 3.3)
+    x         = x + self_attn(xn, pos, memory=norm(M^(t)), graph=A)
+    x         = x + mlp(post_attention_layernorm(x))
+
+Design choices:
+* No positional encoding of any kind (sec. 3.3). Token positions are used only for masks: causality,
+  the cache window and the visibility of segment summaries. In encoder mode (causal=False) with
+  unbounded windows the network is permutation equivariant.
+* SOES: each block owns its `graph` (LatentGraph, `model.layers.N.graph`), so the shared core block's
+  graph is re-induced from the current states inside every recurrent iteration (sec. 3.4), and the
+  prelude / coda blocks induce their own. The smoothness loss is applied across consecutive core
+  steps: L_soes = smooth_coef * sum_{t=1}^{K-1} smoothness_penalty(A^(t-1), A^(t)).
+* R2MU memory (recurrence.py): `model.memory` (SegmentMemory) exists when r2mu.enabled and r2mu.memory.
+  r2mu.enabled=False (ablation): the core is `steps` distinct blocks, no memory, no sharing.
+* Aux losses (weighted, part of `loss`): moe_balance = aux_loss_coef * mean over MoE calls of the
+  balance loss, moe_z = z_loss_coef * mean of the z-loss (router logits every mlp call returns, so any
+  expert-parallel backend that keeps the (y, router_logits) contract works); soes_smooth as above.
+* Activation checkpointing is applied from outside (`set_checkpointing`): a checkpoint unit is one
+  prelude block, one whole recurrent step (memory pooling + gate + graph + block) or one coda block;
+  every `every`-th unit is run through fn. The forward keeps no tensors on `self`, so the shared block
+  may be called K times under ZeRO-3 / recomputation.
+* Initialisation in one place (`init_weights`), in-place only, so it runs on the meta device:
+  N(0, init_std) for linears / embeddings / slot queries, output projections (o_proj, down_proj)
+  scaled by 1/sqrt(2 * (n_prelude + steps + n_coda)), norms ones, gate biases zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ressformer.config import ModelConfig
+from ressformer.output import ModelOutput
+from ressformer.recurrence import SegmentMemory, moe_aux_from_logits
+
+
+class ReSSFormerBlock(nn.Module):
+    """Pre-norm block: ASAM attention (+ SOES graph bias, + R2MU memory keys) and a SwiGLU / MoE FFN."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from ressformer.attention import ASAMAttention
+        from ressformer.moe import make_mlp
+
+        d = cfg.d_model
+        self.input_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.self_attn = ASAMAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.mlp = make_mlp(cfg)
+        if cfg.soes.enabled:
+            from ressformer.structure import LatentGraph
+
+            self.graph = LatentGraph(cfg)
+        else:
+            self.graph = None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None):
+        """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)).
+
+        Returns (x (B, T, D), graph | None, router_logits (B*T, E) | None, attention stats dict).
+        """
+        xn = self.input_layernorm(x)
+        graph = self.graph(xn) if self.graph is not None else None
+        if memory is not None:
+            m_states, m_pos, m_win = memory
+            memory = (self.input_layernorm(m_states), m_pos, m_win)
+        a, stats = self.self_attn(xn, pos, memory=memory, graph=graph)
+        x = x + a
+        y, router_logits = self.mlp(self.post_attention_layernorm(x))
+        return x + y, graph, router_logits, stats
+
+
+class ReSSFormerModel(nn.Module):
+    """Embeddings, blocks, memory and final norm (HF-like naming: the `model.` prefix of the LM)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        r = cfg.r2mu
+        n_core = 1 if r.enabled else r.steps
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # [prelude..., core (1 shared, or `steps` distinct), coda...]
+        self.layers = nn.ModuleList(ReSSFormerBlock(cfg) for _ in range(r.n_prelude + n_core + r.n_coda))
+        self.memory = SegmentMemory(cfg) if (r.enabled and r.memory) else None
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class ReSSFormerForCausalLM(nn.Module):
+    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None) -> ModelOutput."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "ressformer":
+            raise ValueError(f"ReSSFormerForCausalLM needs arch='ressformer', got arch={config.arch!r}; "
+                             "use ressformer.build_model(cfg) to pick the class from the config")
+        self.config = config
+        self.model = ReSSFormerModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._ckpt_fn: Callable | None = None
+        self._ckpt_every = 1
+        self.init_weights()
+
+    # --- structure ----------------------------------------------------------------------------
+    @property
+    def n_prelude(self) -> int:
+        return self.config.r2mu.n_prelude
+
+    @property
+    def n_core(self) -> int:
+        return 1 if self.config.r2mu.enabled else self.config.r2mu.steps
+
+    def core_block(self, t: int) -> ReSSFormerBlock:
+        """The block applied at recurrent step t (the shared one, or the t-th distinct one in the ablation)."""
+        return self.model.layers[self.n_prelude + (0 if self.config.r2mu.enabled else t)]
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
+        if exclude_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def set_checkpointing(self, fn: Callable | None, every: int = 1) -> None:
+        """Run every `every`-th unit (prelude block, recurrent step, coda block) through fn(function, *args)."""
+        if every < 1:
+            raise ValueError(f"set_checkpointing: every={every} must be >= 1")
+        self._ckpt_fn, self._ckpt_every = fn, every
+
+    # --- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.config
+        std = cfg.init_std
+        depth = cfg.r2mu.n_prelude + cfg.r2mu.steps + cfg.r2mu.n_coda
+        out_std = std / math.sqrt(2 * depth)
+        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=std)
+        if cfg.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        nn.init.ones_(self.model.norm.weight)
+        if self.model.memory is not None:
+            self.model.memory.init_weights(std)
+        for layer in self.model.layers:
+            for name, p in layer.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if "layernorm" in name:
+                    nn.init.ones_(p)
+                elif leaf == "graph_scale":
+                    pass  # owned and initialised by ASAMAttention below
+                elif "o_proj" in name or "down_proj" in name:
+                    nn.init.normal_(p, mean=0.0, std=out_std)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=std)
+            attn_init = getattr(layer.self_attn, "init_graph_scale", None)
+            if attn_init is not None:
+                attn_init()
+
+    # --- forward ------------------------------------------------------------------------------
+    def _maybe_ckpt(self, unit: int, fn: Callable, *args):
+        if self._ckpt_fn is not None and unit % self._ckpt_every == 0:
+            return self._ckpt_fn(fn, *args)
+        return fn(*args)
+
+    def _plain_block(self, block: ReSSFormerBlock, h: torch.Tensor, pos: torch.Tensor):
+        h, graph, router_logits, stats = block(h, pos)
+        return h, router_logits, stats.get("density") if isinstance(stats, dict) else None
+
+    def _step(self, t: int, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
+              pos: torch.Tensor, need_summary: bool):
+        """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t))."""
+        mem = self.model.memory
+        summary, gate, memory = None, None, None
+        if mem is not None:
+            if need_summary:
+                summary, gate = mem.update(s_prev, mem.pool(h))
+            if h_prev is not None:
+                memory = mem.memory_keys(h_prev, summary)
+        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory)
+        g_idx, g_val = (graph[0], graph[1]) if graph is not None else (None, None)
+        density = stats.get("density") if isinstance(stats, dict) else None
+        return h_new, summary, g_idx, g_val, router_logits, density, gate
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                num_steps: int | None = None) -> ModelOutput:
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        K = cfg.r2mu.steps if num_steps is None else int(num_steps)
+        if K < 1:
+            raise ValueError(f"num_steps={num_steps} must be >= 1")
+        if not cfg.r2mu.enabled and K != cfg.r2mu.steps:
+            raise ValueError(f"num_steps={K} with r2mu.enabled=False: the ablation has exactly r2mu.steps="
+                             f"{cfg.r2mu.steps} distinct core blocks; pass num_steps=None")
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)  # masks only, never embedded
+        h = self.model.embed_tokens(input_ids)  # (B, T, D)
+
+        router_logits_all: list[torch.Tensor] = []
+        densities: list[torch.Tensor] = []
+        diagnostics: dict[str, torch.Tensor] = {}
+        unit = 0
+
+        def collect(rl, dens):
+            if rl is not None:
+                router_logits_all.append(rl)
+            if dens is not None:
+                densities.append(torch.as_tensor(dens).detach().float())
+
+        layers = self.model.layers
+        for i in range(self.n_prelude):
+            h, rl, dens = self._maybe_ckpt(unit, self._plain_block, layers[i], h, pos)
+            collect(rl, dens)
+            unit += 1
+
+        # R2MU recurrence: H^(0) = prelude output.
+        h_prev, summary, prev_graph = None, None, None
+        smooth = []
+        for t in range(K):
+            # S^(t) is needed at step t >= 1 (read by the block) and at t = 0 only to seed S^(1).
+            need_summary = self.model.memory is not None and K > 1
+            h_new, summary, g_idx, g_val, rl, dens, gate = self._maybe_ckpt(
+                unit, self._step, t, h, h_prev, summary, pos, need_summary)
+            unit += 1
+            h_prev, h = h, h_new
+            collect(rl, dens)
+            if gate is not None:
+                diagnostics[f"r2mu_gate_step{t}"] = gate.detach().float()
+            if g_idx is not None:
+                from ressformer.structure import Graph, smoothness_penalty
+
+                graph = Graph(g_idx, g_val)
+                if prev_graph is not None:
+                    smooth.append(smoothness_penalty(prev_graph, graph))
+                prev_graph = graph
+
+        for i in range(self.n_prelude + self.n_core, len(layers)):
+            h, rl, dens = self._maybe_ckpt(unit, self._plain_block, layers[i], h, pos)
+            collect(rl, dens)
+            unit += 1
+
+        logits = self.lm_head(self.model.norm(h))  # (B, T, V)
+
+        aux_losses: dict[str, torch.Tensor] = {}
+        if router_logits_all:
+            parts = [moe_aux_from_logits(cfg, rl) for rl in router_logits_all]
+            aux_losses["moe_balance"] = cfg.moe.aux_loss_coef * torch.stack([p[0] for p in parts]).mean()
+            aux_losses["moe_z"] = cfg.moe.z_loss_coef * torch.stack([p[1] for p in parts]).mean()
+            load = torch.stack([p[2].detach().float() for p in parts]).mean(0)  # (E,)
+            diagnostics["moe_load"] = load  # fraction of routed assignments per expert, mean over MoE calls
+            diagnostics["moe_load_max"] = load.max()
+            diagnostics["moe_load_min"] = load.min()
+        if cfg.soes.enabled:
+            s = torch.stack(smooth).sum() if smooth else logits.new_zeros(())
+            aux_losses["soes_smooth"] = cfg.soes.smooth_coef * s
+            diagnostics["soes_smooth_raw"] = s.detach().float()
+        if densities:
+            diagnostics["attn_density"] = torch.stack(densities).mean()
+        diagnostics["num_steps"] = torch.tensor(float(K))
+
+        loss = lm = None
+        if labels is not None:
+            lm = _lm_loss(logits, labels)
+            loss = lm + sum(aux_losses.values()) if aux_losses else lm
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF convention: labels == input_ids, shifted here; -100 ignored. Uses output.lm_loss when present."""
+    try:
+        from ressformer.output import lm_loss
+    except ImportError:
+        lm_loss = None
+    if lm_loss is not None:
+        return lm_loss(logits, labels)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)

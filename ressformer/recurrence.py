@@ -1,0 +1,165 @@
+"""R2MU, the Recurrent Reasoning & Memory Unit (paper sec. 3.1): memory, gate and iteration count.
+
+The network (ressformer/model.py) replaces depth stacking by recurrence:
+
+    H^(0)   = Prelude(X)                                  n_prelude distinct blocks on the embeddings
+    H^(t+1) = Block(H^(t), M^(t)),  t = 0 .. K-1          ONE shared core block applied K times
+    Y       = lm_head(norm(Coda(H^(K))))                  n_coda distinct blocks
+
+Design choices (the paper leaves them open; the simplest faithful reading is taken):
+
+* No input re-injection. The paper writes H^(t+1) = Block(H^(t), M^(t)) with nothing else entering the
+  block; the memory already gives every step access to earlier states, so the Huginn-style
+  `H^(t) + E` / adapter is not added (one fewer design knob, identical parameter count for every K).
+* Memory M^(t) exists for t >= 1 (step 0 attends to its own tokens only). It is a list of extra
+  key/value states appended after the T token keys of the core block's attention (ASAM), each with a
+  position and a visibility window so causality is enforced by the same mask as the tokens:
+  (a) token-level cache: the previous step's states H^(t-1) (B, T, D). Query i reads cache entry j iff
+      j <= i and i - j < cache_window (causal); in encoder mode (causal=False) it reads the whole
+      previous step (no window), which keeps the model permutation equivariant.
+  (b) segment-level summary S^(t) (B, n_seg, m, D): the sequence is cut into segments of segment_len
+      tokens; per segment, m = summary_slots slots are pooled from the segment's CURRENT states by
+      attention-weighted pooling with learned slot queries (compressive pooling):
+          w_{s,r,l}    = softmax_l( q_r . RMSNorm(h_{s,l}) / sqrt(D) )      over the tokens l of segment s
+          S_hat^(t)_sr = sum_l w_{s,r,l} h_{s,l}
+      and partially overwritten through a per-slot scalar gate (a^(t) in [0,1]^m, paper notation):
+          a^(t)  = sigmoid( W_a [S^(t-1); S_hat^(t)] + b_a )                 (B, n_seg, m, 1)
+          S^(t)  = a^(t) * S^(t-1) + (1 - a^(t)) * S_hat^(t),       S^(0) = S_hat^(0)
+      A per-slot scalar (not per channel) matches the paper's a in [0,1]^m and costs 2D+1 parameters.
+      b_a = 0 at init, so a = 1/2: an equal blend of old and new summary.
+      The summary of segment s is readable only by queries at positions >= the segment's last token
+      (its key position is that last position, window unbounded), so within-segment causality holds.
+      Only complete segments are summarised (a trailing partial segment has no summary yet): a query's
+      output then never depends on how long the sequence is after it.
+      Encoder mode: one segment = the whole sequence, visible to every token.
+  M^(t) = [cache H^(t-1); S^(t)]: S^(t) is computed at step t from H^(t), then read by the block.
+  Memory states go through the block's input_layernorm and the same k_proj / v_proj as the tokens.
+* The iteration count K is the same for every token (no halting). At training time K may be sampled
+  per optimizer step (`sample_num_steps`, Huginn-style randomised depth); at inference any K works
+  because nothing in the parameters depends on K.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn as nn
+
+from ressformer.config import ModelConfig
+
+# Window given to keys that every (causally allowed) query may read: larger than any position.
+UNBOUNDED_WINDOW = 1 << 40
+
+
+def sample_num_steps(cfg: ModelConfig, step: int, seed: int) -> int:
+    """Deterministic recurrent iteration count K for training step `step` (same on every rank).
+
+    fixed:   K = r2mu.steps
+    uniform: K ~ U{min_steps, ..., max_steps}
+    poisson: K ~ Poisson(r2mu.steps) clipped to [min_steps, max_steps]
+    With r2mu.enabled=False the stack has exactly `steps` distinct blocks, so K = steps always.
+    """
+    r = cfg.r2mu
+    if step < 0:
+        raise ValueError(f"sample_num_steps: step={step} must be >= 0")
+    if r.step_sampling == "fixed" or not r.enabled:
+        return r.steps
+    # A private generator seeded from (seed, step) only: no global RNG state, identical on every rank.
+    rng = random.Random((int(seed) & 0xFFFFFFFF) * 1_000_003 + int(step))
+    if r.step_sampling == "uniform":
+        return rng.randint(r.min_steps, r.max_steps)
+    if r.step_sampling == "poisson":
+        # Knuth's multiplicative method (means are small, ~1-32).
+        lam, k, p, limit = float(r.steps), 0, 1.0, math.exp(-float(r.steps))
+        while True:
+            p *= rng.random()
+            if p <= limit:
+                break
+            k += 1
+        return min(max(k, r.min_steps), r.max_steps)
+    raise ValueError(f"r2mu.step_sampling={r.step_sampling!r}: choose fixed, uniform or poisson")
+
+
+class SegmentMemory(nn.Module):
+    """Segment-level compressive summary with a gated partial overwrite (R2MU memory, level (b)).
+
+    Parameters (state_dict keys under `model.memory.`):
+      slot_queries (m, D)   learned pooling queries, one per summary slot
+      pool_norm.weight (D,) RMSNorm applied to the states before scoring them
+      gate.weight (1, 2D), gate.bias (1,)   per-slot overwrite gate a = sigmoid(W_a [S_prev; S_hat] + b_a)
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.causal = cfg.causal
+        self.segment_len = cfg.r2mu.segment_len
+        self.cache_window = cfg.r2mu.cache_window
+        self.slots = cfg.r2mu.summary_slots
+        d = cfg.d_model
+        self.slot_queries = nn.Parameter(torch.empty(self.slots, d))
+        self.pool_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.gate = nn.Linear(2 * d, 1, bias=True)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.slot_queries, mean=0.0, std=std)
+        nn.init.ones_(self.pool_norm.weight)
+        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.gate.bias)  # a = 1/2 at init: equal blend of old and new summary
+
+    def num_segments(self, T: int) -> int:
+        """Complete segments of a length-T sequence (encoder mode: the whole sequence is one)."""
+        return 1 if not self.causal else T // self.segment_len
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor | None:
+        """S_hat: attention-weighted pooling of each complete segment into m slots. (B, n_seg, m, D) or None."""
+        B, T, D = h.shape
+        n_seg = self.num_segments(T)
+        if n_seg == 0:
+            return None
+        L = T if not self.causal else self.segment_len
+        hs = h[:, : n_seg * L].reshape(B, n_seg, L, D)  # (B, S, L, D)
+        scores = torch.einsum("bsld,md->bsml", self.pool_norm(hs), self.slot_queries) / math.sqrt(D)  # (B, S, m, L)
+        w = torch.softmax(scores.float(), dim=-1).to(h.dtype)
+        return torch.einsum("bsml,bsld->bsmd", w, hs)  # (B, S, m, D)
+
+    def update(self, s_prev: torch.Tensor | None, s_hat: torch.Tensor | None):
+        """S^(t) = a * S^(t-1) + (1 - a) * S_hat^(t). Returns (S, mean gate or None)."""
+        if s_hat is None:
+            return None, None
+        if s_prev is None:
+            return s_hat, None  # S^(0) = S_hat^(0)
+        a = torch.sigmoid(self.gate(torch.cat([s_prev, s_hat], dim=-1)))  # (B, S, m, 1)
+        return a * s_prev + (1.0 - a) * s_hat, a.detach().mean()
+
+    def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None):
+        """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)]."""
+        B, T, D = h_prev.shape
+        dev = h_prev.device
+        pos = [torch.arange(T, device=dev)]
+        win = [torch.full((T,), self.cache_window if self.causal else UNBOUNDED_WINDOW, dtype=torch.long, device=dev)]
+        states = [h_prev]
+        if summary is not None:
+            n_seg, m = summary.shape[1], summary.shape[2]
+            if self.causal:  # readable from the segment's last token on
+                seg_end = (torch.arange(n_seg, device=dev) + 1) * self.segment_len - 1  # (S,)
+            else:  # encoder: visible to every token
+                seg_end = torch.zeros(n_seg, dtype=torch.long, device=dev)
+            pos.append(seg_end.repeat_interleave(m))
+            win.append(torch.full((n_seg * m,), UNBOUNDED_WINDOW, dtype=torch.long, device=dev))
+            states.append(summary.reshape(B, n_seg * m, D))
+        return torch.cat(states, dim=1), torch.cat(pos), torch.cat(win)
+
+
+def moe_aux_from_logits(cfg: ModelConfig, router_logits: torch.Tensor | None):
+    """(balance, z, load) of one MoE call via moe.moe_aux_losses; None when the mlp is dense."""
+    if router_logits is None:
+        return None
+    from ressformer.moe import moe_aux_losses
+
+    a = moe_aux_losses(router_logits, cfg.moe.experts_per_token, cfg.moe.num_experts)
+    return a["balance"], a["z"], a["load"]
+
+
+__all__ = ["sample_num_steps", "SegmentMemory", "UNBOUNDED_WINDOW", "moe_aux_from_logits"]
