@@ -1,0 +1,1 @@
+"""Pretraining entry points and their helpers (DeepSpeed trainer, data pipeline, launch environment)."""

@@ -1,0 +1,398 @@
+"""Pretraining data: blended megatron-core GPT datasets and a deterministic, resumable batch iterator.
+
+Design choices
+- Datasets are megatron-core's `BlendedMegatronDatasetBuilder` + `GPTDataset` over the
+  `IndexedDataset` prefixes written by `python -m tokenizer.preprocess` (documents + EOS, packed
+  back to back). `GPTDatasetConfig(create_attention_mask=False)` (a dense (1, T, T) mask per sample
+  is 1 GiB at T = 32k; the model builds its own causal structure) and
+  `add_extra_token_to_sequence=False`, so samples are disjoint windows of exactly `seq_len` tokens.
+- Samples follow the Hugging Face convention: `{"input_ids": (T,), "labels": (T,)}` with
+  labels == input_ids (the model shifts internally) and -100 where GPTDataset's loss mask is 0
+  (padding samples, pad tokens). GPTDataset's loss_mask[j] belongs to predicting token j+1, so it
+  masks labels[j+1].
+- Index cache: rank 0 builds it, then `barrier()`, then the other ranks load it (upstream users hit
+  missing-index errors when every rank built at once). megatron-core orders ranks itself with
+  `torch.distributed.barrier()` when a process group exists, which would interleave with the
+  caller's barrier; its builder is therefore run with its collectives switched off
+  (`_no_megatron_collectives`) and the ordering is ours alone. This works with any launcher
+  (DeepSpeed, plain processes in tests) given a matching `barrier` callable.
+- megatron keys its index cache on the prefix path, seed, split and tokenizer; the content fingerprint
+  of every prefix (`_fingerprint`) is added to that key, so a prefix re-written in place never reuses a
+  stale document / sample index (it would silently give windows that straddle the wrong offsets).
+- Before megatron is called, every split of every prefix is checked to hold at least one document and
+  `seq_len + 1` tokens: megatron spins forever on an empty split (FACTS.md: 45 minutes on a tiny corpus).
+- Sampling is deterministic given the seed (GPTDataset shuffles with it). `TrainBatches` walks the
+  global sample order like megatron's `MegatronPretrainingSampler`: each micro step consumes
+  `micro_batch * dp_size` samples and rank r takes its slice. `consumed_samples` is the whole data
+  position: saved in a checkpoint and passed back, the iterator continues with exactly the batches
+  an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import struct
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_ROOT = "artifacts"
+DEFAULT_TOKENIZER = f"{DEFAULT_ROOT}/tokenizer"
+DEFAULT_PREFIX = f"{DEFAULT_ROOT}/data/shakespeare"
+SPLIT_NAMES = ("train", "valid", "test")
+
+# megatron-core IndexedDataset .idx layout (indexed_dataset.py: _IndexWriter)
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def read_index(prefix: str | Path) -> dict:
+    """Read PREFIX.idx and check it against PREFIX.bin; return sequence lengths and document bounds.
+
+    Raises ValueError naming the file and the fix when either file is missing, truncated or the pair
+    does not match (a .bin from one run next to the .idx of another).
+    """
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    redo = f"re-run `python -m tokenizer.preprocess ... --out {prefix} --force`"
+    for p in (bin_path, idx_path):
+        if not p.is_file():
+            raise ValueError(f"data prefix {str(prefix)!r}: {p} does not exist: {redo} (or fix data.blend)")
+    raw = idx_path.read_bytes()
+    if len(raw) < 34 or raw[:9] != _IDX_HEADER:
+        raise ValueError(f"{idx_path} is not a megatron IndexedDataset index (bad header): {redo}")
+    (version,) = struct.unpack("<Q", raw[9:17])
+    code = raw[17]
+    n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
+    if version != 1 or code not in _DTYPE_SIZES:
+        raise ValueError(f"{idx_path}: unsupported version {version} / dtype code {code}: {redo}")
+    need = 34 + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if len(raw) < need:
+        raise ValueError(f"{idx_path} is truncated ({len(raw)} bytes, header says {need}): {redo}")
+    lengths = np.frombuffer(raw, dtype=np.int32, count=n_seq, offset=34)
+    doc_idx = np.frombuffer(raw, dtype=np.int64, count=n_doc, offset=34 + 12 * n_seq)
+    expect_bin = int(lengths.astype(np.int64).sum()) * _DTYPE_SIZES[code]
+    got_bin = bin_path.stat().st_size
+    if got_bin != expect_bin:
+        raise ValueError(f"{idx_path} does not match {bin_path}: the index describes {expect_bin} bytes of tokens, "
+                         f"the .bin holds {got_bin}; the pair comes from different runs or was cut short: {redo}")
+    if n_doc < 2 or doc_idx[0] != 0 or doc_idx[-1] != n_seq:
+        raise ValueError(f"{idx_path}: document index is empty or inconsistent ({n_doc - 1} documents): {redo}")
+    return {"lengths": lengths, "document_indices": doc_idx, "dtype_code": code, "documents": n_doc - 1}
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining tokens come from (the `data:` section of the run config)."""
+
+    blend: list = field(default_factory=lambda: [[1.0, DEFAULT_PREFIX]])  # [[weight, prefix], ...]
+    split: str = "949,50,1"  # train,valid,test document proportions (megatron split string)
+    tokenizer: str = DEFAULT_TOKENIZER  # folder written by `python -m tokenizer.train`
+    cache_dir: str | None = None  # megatron index cache; default: <first prefix's folder>/index_cache
+    num_workers: int = 0  # DataLoader worker processes for TrainBatches
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blend, (list, tuple)) or not self.blend:
+            raise ValueError(f"data.blend={self.blend!r} must be a non-empty list of [weight, prefix] pairs, "
+                             f"e.g. [[1.0, {DEFAULT_PREFIX!r}]]")
+        blend = []
+        for item in self.blend:
+            if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[1], (str, Path)):
+                raise ValueError(f"data.blend entry {item!r} must be [weight, prefix] (prefix without .bin/.idx)")
+            w, prefix = item
+            try:
+                w = float(w)
+            except (TypeError, ValueError):
+                raise ValueError(f"data.blend weight {w!r} for {prefix!r} is not a number: give a positive weight") from None
+            if not np.isfinite(w) or w <= 0:
+                raise ValueError(f"data.blend weight {w!r} for {prefix!r} must be positive: drop the prefix "
+                                 f"from the blend instead of giving it weight <= 0")
+            blend.append([w, str(prefix)])
+        self.blend = blend
+        prefixes = [p for _, p in blend]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"data.blend names a prefix twice ({prefixes}): merge the entries and add their weights")
+        parts = self.split.replace("/", ",").split(",") if isinstance(self.split, str) else []
+        try:
+            vals = [float(x) for x in parts]
+        except ValueError:
+            vals = []
+        if not 1 <= len(vals) <= 3 or any(v < 0 for v in vals) or vals[0] <= 0:
+            raise ValueError(f"data.split={self.split!r} must be 1-3 comma-separated non-negative numbers "
+                             f"(train,valid,test) with train > 0, e.g. '949,50,1'")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        tok = Path(self.tokenizer)
+        if not (tok / "tokenizer.model").is_file():
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} holds no tokenizer.model: train one with "
+                             f"`python -m tokenizer.train --input ... --out {self.tokenizer}` "
+                             f"(or `python -m pretrain.data prepare` for the default corpus)")
+        for p in prefixes:
+            if not (Path(f"{p}.bin").exists() or Path(f"{p}.idx").exists()):
+                raise ValueError(f"data.blend prefix {p!r} has no {p}.bin / {p}.idx: write it with "
+                                 f"`python -m tokenizer.preprocess --tokenizer {self.tokenizer} --input ... --out {p}` "
+                                 f"(or `python -m pretrain.data prepare` for the default corpus)")
+            read_index(p)
+
+    @property
+    def split_vector(self) -> list[float]:
+        vals = [float(x) for x in self.split.replace("/", ",").split(",")]
+        vals += [0.0] * (3 - len(vals))
+        return [v / sum(vals) for v in vals]
+
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or str(Path(self.blend[0][1]).parent / "index_cache")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown data config fields {sorted(unknown)}: allowed {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+@contextlib.contextmanager
+def _no_megatron_collectives(rank0: bool):
+    """Make megatron-core's builder see no process group, so it issues no barriers of its own.
+
+    BlendedDataset still asks `torch.distributed.get_rank() == 0` on a cache miss (even without a process
+    group, which raises): it is answered from `rank0`, so only rank 0 ever writes the cache.
+    """
+    import torch.distributed as dist
+
+    orig = dist.is_initialized, dist.get_rank
+    dist.is_initialized = lambda: False
+    dist.get_rank = lambda *a, **k: 0 if rank0 else 1
+    try:
+        yield
+    finally:
+        dist.is_initialized, dist.get_rank = orig
+
+
+def _check_splits(data_cfg: DataConfig, seq_len: int) -> None:
+    """Refuse blends where a split of some prefix has no document or fewer than seq_len+1 tokens."""
+    split = data_cfg.split_vector
+    bounds = np.cumsum([0.0] + split)
+    for _, prefix in data_cfg.blend:
+        idx = read_index(prefix)
+        n = idx["documents"]
+        doc_tokens = np.add.reduceat(idx["lengths"].astype(np.int64), idx["document_indices"][:-1]) if n else []
+        for i, name in enumerate(SPLIT_NAMES):
+            if split[i] == 0:
+                continue
+            beg, end = int(round(bounds[i] * n)), int(round(bounds[i + 1] * n))  # megatron's rounding
+            tokens = int(np.sum(doc_tokens[beg:end])) if end > beg else 0
+            if end <= beg or tokens < seq_len + 1:
+                raise ValueError(
+                    f"data prefix {prefix!r} has {n} documents: split {data_cfg.split!r} gives the {name} split "
+                    f"{max(end - beg, 0)} documents / {tokens} tokens, fewer than seq_len+1={seq_len + 1} "
+                    f"(megatron would loop forever): add documents, or set that split's weight to 0")
+
+
+def _fingerprint(prefix: str) -> str:
+    """Cheap content identity of a prefix: sizes, its preprocess sidecar and the ends of its .idx."""
+    h = hashlib.sha256()
+    idx, bin_, side = Path(f"{prefix}.idx"), Path(f"{prefix}.bin"), Path(f"{prefix}.json")
+    h.update(f"{idx.stat().st_size}:{bin_.stat().st_size}".encode())
+    if side.is_file():
+        h.update(side.read_bytes())
+    with open(idx, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, idx.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()
+
+
+class HFSamples(torch.utils.data.Dataset):
+    """A megatron GPT/Blended dataset seen as Hugging Face causal-LM samples {input_ids, labels}."""
+
+    def __init__(self, megatron_dataset) -> None:
+        self.megatron = megatron_dataset
+
+    def __len__(self) -> int:
+        return len(self.megatron)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.megatron[int(i)]
+        input_ids = s["tokens"].long()  # (T,)
+        labels = input_ids.clone()  # (T,) HF convention: the model shifts
+        # loss_mask[j] (float, (T,)) weighs predicting token j+1 -> it masks labels[j+1]
+        labels[1:][s["loss_mask"][:-1] == 0] = -100
+        return {"input_ids": input_ids, "labels": labels}
+
+
+def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples: tuple[int, int, int],
+                   rank0: bool, barrier: Callable[[], None]) -> tuple[HFSamples | None, HFSamples | None, HFSamples | None]:
+    """Build (train, valid, test) over `data_cfg.blend`; a split with weight 0 or 0 samples is None.
+
+    Every rank calls this. Rank 0 builds megatron's index cache, `barrier()` is called on every rank,
+    then the other ranks build from the cache (cache hits only).
+    """
+    from tokenizer.io import source_hash
+    from tokenizer.tokenizer import MODEL_FILE, MegatronTokenizerAdapter, Tokenizer
+
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
+        raise ValueError(f"num_samples={num_samples!r} must be three non-negative counts (train, valid, test)")
+    tok = Tokenizer(data_cfg.tokenizer)
+    tok_sha = source_hash([tok.path / MODEL_FILE])
+    for _, prefix in data_cfg.blend:
+        side = Path(f"{prefix}.json")  # written by tokenizer.preprocess; absent for foreign megatron prefixes
+        made_with = json.loads(side.read_text()).get("tokenizer_sha256") if side.is_file() else None
+        if made_with not in (None, tok_sha):
+            raise ValueError(f"data prefix {prefix!r} was tokenized with another tokenizer than data.tokenizer="
+                             f"{data_cfg.tokenizer!r} (see {side}): re-run `python -m tokenizer.preprocess --tokenizer "
+                             f"{data_cfg.tokenizer} ... --out {prefix} --force` or point data.tokenizer at the right folder")
+    split = data_cfg.split_vector
+    sizes = [int(n) if split[i] > 0 and int(n) > 0 else 0 for i, n in enumerate(num_samples)]
+    split_str = ",".join(f"{v:.12f}" for v in split)  # no exponent (megatron parses [.0-9]+); unchanged by num_samples: documents never move between splits
+    if sizes[0] == 0:
+        raise ValueError(f"num_samples[0] (train) = {num_samples[0]} must be > 0")
+    _check_splits(data_cfg, seq_len)
+    cache = data_cfg.resolved_cache_dir()
+    Path(cache).mkdir(parents=True, exist_ok=True)
+
+    with warnings.catch_warnings():  # megatron-core warns about absent GPU libraries on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    mtok = MegatronTokenizerAdapter(tok)
+    # megatron keys its cache on the prefix *path*; a prefix rewritten in place (preprocess --force) must not
+    # reuse the old document / sample indices, so the data's identity joins the key through the tokenizer's
+    mtok.unique_identifiers["data"] = {p: _fingerprint(p) for _, p in data_cfg.blend}
+
+    def build(is_rank0: bool):
+        cfg = GPTDatasetConfig(
+            random_seed=seed, sequence_length=seq_len,
+            blend=([p for _, p in data_cfg.blend], [w for w, _ in data_cfg.blend]),
+            split=split_str, path_to_cache=cache, tokenizer=mtok,
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, add_extra_token_to_sequence=False, mmap_bin_files=True)
+        with _no_megatron_collectives(is_rank0):
+            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
+
+    out = build(True) if rank0 else None
+    barrier()
+    if not rank0:
+        out = build(False)  # cache hits only
+    return tuple(HFSamples(d) if d is not None and sizes[i] > 0 else None for i, d in enumerate(out))
+
+
+class _PretrainingBatchSampler(torch.utils.data.Sampler):
+    """This rank's index lists, in megatron MegatronPretrainingSampler order, from `consumed_samples` on."""
+
+    def __init__(self, total: int, consumed: int, micro_batch: int, dp_rank: int, dp_size: int) -> None:
+        self.total, self.consumed, self.mb, self.rank, self.dp = total, consumed, micro_batch, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.mb * self.dp
+        for start in range(self.consumed, self.total - step + 1, step):  # drop a last incomplete global micro step
+            first = start + self.rank * self.mb
+            yield list(range(first, first + self.mb))
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.mb * self.dp))
+
+
+def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}  # (micro_batch, T) each
+
+
+class TrainBatches:
+    """Deterministic, resumable iterator over this data-parallel rank's micro batches.
+
+    Global order: micro step s covers samples [consumed + s*mb*dp, consumed + (s+1)*mb*dp), rank r gets
+    the slice [r*mb, (r+1)*mb) of it; one optimizer step = global_batch / (mb*dp) micro steps.
+    `consumed_samples` counts samples consumed by all ranks up to the last batch yielded; save it in the
+    checkpoint and pass it back to continue exactly.
+    """
+
+    def __init__(self, dataset, *, micro_batch: int, global_batch: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0, num_workers: int = 0) -> None:
+        if micro_batch < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need micro_batch >= 1 and 0 <= dp_rank < dp_size, got micro_batch={micro_batch}, "
+                             f"dp_rank={dp_rank}, dp_size={dp_size}")
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch*dp_size="
+                             f"{micro_batch * dp_size}: choose gradient accumulation so it divides")
+        if consumed_samples < 0 or consumed_samples % (micro_batch * dp_size):
+            raise ValueError(f"consumed_samples={consumed_samples} must be a non-negative multiple of "
+                             f"micro_batch*dp_size={micro_batch * dp_size} (the checkpoint was written with another "
+                             f"batch layout)")
+        if consumed_samples > len(dataset):
+            raise ValueError(f"consumed_samples={consumed_samples} exceeds the {len(dataset)} training samples: "
+                             f"build the dataset with more train samples (train steps * global batch)")
+        self.dataset, self.micro_batch, self.global_batch = dataset, micro_batch, global_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.grad_accum = global_batch // (micro_batch * dp_size)
+        self.consumed_samples = consumed_samples
+        sampler = _PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch, dp_rank, dp_size)
+        self._loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
+                                                   num_workers=num_workers, persistent_workers=False)
+        self._it = iter(self._loader)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self._it)  # StopIteration when the train split is exhausted
+        self.consumed_samples += self.micro_batch * self.dp_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+
+def eval_batches(dataset, micro_batch: int, dp_rank: int, dp_size: int, num_batches: int) -> Iterator[dict]:
+    """The first `num_batches` micro batches of `dataset` for this rank: the same samples at every evaluation."""
+    need = num_batches * micro_batch * dp_size
+    if need > len(dataset):
+        raise ValueError(f"eval needs {need} samples (num_batches={num_batches} x micro_batch={micro_batch} x "
+                         f"dp_size={dp_size}) but the split has {len(dataset)}: build it with more valid/test samples")
+    for b in range(num_batches):
+        first = (b * dp_size + dp_rank) * micro_batch
+        yield _collate([dataset[i] for i in range(first, first + micro_batch)])
+
+
+def prepare_default_data(root: str | Path = DEFAULT_ROOT, *, vocab_size: int = 512, num_proc: int = 1,
+                         force: bool = False) -> DataConfig:
+    """Train the default tokenizer and tokenize the embedded tinyshakespeare corpus (skipped when present)."""
+    from tokenizer.preprocess import preprocess
+    from tokenizer.train import train_tokenizer
+
+    root = Path(root)
+    tok_dir, prefix = root / "tokenizer", root / "data" / "shakespeare"
+    if force or not (tok_dir / "tokenizer.model").is_file():
+        train_tokenizer([DEFAULT_CORPUS], tok_dir, vocab_size=vocab_size, force=True)
+    preprocess(tok_dir, [DEFAULT_CORPUS], prefix, num_proc=num_proc, force=force, progress=False)
+    return DataConfig(blend=[[1.0, str(prefix)]], tokenizer=str(tok_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pretrain.data", description="Pretraining data helpers.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="train the default tokenizer and tokenize data/tinyshakespeare (no download)")
+    p.add_argument("--out", default=DEFAULT_ROOT, help="writes OUT/tokenizer and OUT/data/shakespeare.{bin,idx}")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = prepare_default_data(a.out, vocab_size=a.vocab_size, num_proc=a.num_proc, force=a.force)
+    print(json.dumps(cfg.to_dict()))
+
+
+if __name__ == "__main__":
+    main()
