@@ -1,0 +1,161 @@
+"""Run configuration of the pretraining engine (`pretrain/main.py`): one validated dataclass.
+
+Design choices
+- Flat top-level fields (the schema `pretrain/configs/*.yaml`, `pretrain.memory_estimate` and the Slurm
+  scripts already read): `model` is a preset name (or a full model-config dict), `model_overrides` holds
+  dotted model keys (`asam.topk: 8`), `data` is `pretrain.data.DataConfig`'s dict.
+- `--set key=value` overrides any field (values parsed as YAML); `--set model.asam.topk=8` goes into
+  `model_overrides` when `model` is a preset name. Unknown keys raise ValueError naming the allowed ones.
+- The DeepSpeed batch fields are derived here, never duplicated: train_batch_size = micro_batch *
+  grad_accum * world_size (`ds_batch_fields`); a JSON that sets them to something else is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ressformer.config import ModelConfig, apply_overrides
+
+_AC_KEYS = {"enabled", "every"}
+_WANDB_KEYS = {"mode", "project", "name"}
+
+
+@dataclass
+class RunConfig:
+    model: Any = "debug"  # preset name or a full ModelConfig dict
+    model_overrides: dict = field(default_factory=dict)  # {"asam.topk": 8, ...}
+    data: dict = field(default_factory=dict)  # pretrain.data.DataConfig fields
+    run_dir: str = "runs/debug"
+    seq_len: int = 128
+    micro_batch: int = 4
+    grad_accum: int = 1
+    steps: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear (to min_lr at `steps`)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only; norms, biases, embeddings get 0
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 1234
+    activation_checkpointing: dict = field(default_factory=lambda: {"enabled": False, "every": 1})
+    log_every: int = 10
+    save_every: int = 100
+    eval_every: int = 50
+    eval_iters: int = 4
+    keep_last: int = 2
+    precision: str = "auto"  # auto (bf16 on a GPU with bf16, fp32 on CPU) | fp32 | bf16
+    nan_max_consecutive: int = 5  # stop after this many skipped non-finite steps in a row
+    wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "ressformer", "name": None})
+
+    def __post_init__(self) -> None:
+        def need(cond, name, fix):
+            if not cond:
+                raise ValueError(f"run config {name}={getattr(self, name)!r}: {fix}")
+
+        for n in ("lr", "min_lr", "eps", "weight_decay", "grad_clip"):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                setattr(self, n, float(getattr(self, n)))
+            except (TypeError, ValueError):
+                raise ValueError(f"run config {n}={getattr(self, n)!r} is not a number") from None
+        for n in ("seq_len", "micro_batch", "grad_accum", "steps", "log_every", "save_every", "eval_every",
+                  "keep_last", "nan_max_consecutive"):
+            need(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an integer >= 1")
+        need(isinstance(self.eval_iters, int) and self.eval_iters >= 0, "eval_iters", "must be an integer >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
+        need(self.decay in ("cosine", "linear"), "decay", "choose cosine or linear")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.eps > 0, "weight_decay",
+             "weight_decay and grad_clip must be >= 0, eps > 0")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose auto, fp32 or bf16")
+        need(isinstance(self.model, (str, dict)), "model", "give a preset name or a model-config dict")
+        ac = self.activation_checkpointing
+        need(isinstance(ac, dict) and set(ac) <= _AC_KEYS and int(ac.get("every", 1)) >= 1,
+             "activation_checkpointing", f"a dict with keys {sorted(_AC_KEYS)} and every >= 1")
+        self.activation_checkpointing = {"enabled": bool(ac.get("enabled", False)), "every": int(ac.get("every", 1))}
+        wb = self.wandb
+        need(isinstance(wb, dict) and set(wb) <= _WANDB_KEYS, "wandb", f"a dict with keys {sorted(_WANDB_KEYS)}")
+        self.wandb = {"mode": "offline", "project": "ressformer", "name": None, **wb}
+        need(self.wandb["mode"] in ("offline", "online", "disabled"), "wandb", "mode: offline | online | disabled")
+        self.model_config()  # validates preset + overrides
+
+    # --- derived -------------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        base = ModelConfig.from_preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
+        if self.model_overrides:
+            base = ModelConfig.from_dict(apply_overrides(base.to_dict(), dict(self.model_overrides)))
+        if self.seq_len > base.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds model max_seq_len={base.max_seq_len}: lower seq_len or "
+                             f"set model_overrides max_seq_len")
+        return base
+
+    def data_config(self):
+        from pretrain.data import DataConfig
+
+        return DataConfig.from_dict(self.data)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.micro_batch * self.grad_accum * world_size
+
+    def ds_batch_fields(self, world_size: int) -> dict[str, int]:
+        return {"train_batch_size": self.global_batch(world_size),
+                "train_micro_batch_size_per_gpu": self.micro_batch,
+                "gradient_accumulation_steps": self.grad_accum}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"unknown run config keys {sorted(unknown)}: allowed keys are {sorted(allowed)}")
+        return cls(**copy.deepcopy(d))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: write key=value, e.g. --set steps=40 or --set model.asam.topk=8")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:
+    """Read the YAML at `path` (None = defaults) and apply `--set` overrides."""
+    d = {}
+    if path is not None:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: the run config must be a YAML mapping, got {type(d).__name__}")
+    allowed = {f.name for f in fields(RunConfig)}
+    for key, value in parse_set(sets or []).items():
+        head, _, rest = key.partition(".")
+        if head not in allowed:
+            raise ValueError(f"--set {key}: unknown run config key {head!r}; allowed keys are {sorted(allowed)}")
+        if not rest:
+            d[head] = value
+        elif head == "model" and isinstance(d.get("model", "debug"), str):
+            d.setdefault("model_overrides", {})
+            d["model_overrides"] = {**(d["model_overrides"] or {}), rest: value}
+        else:
+            node = d.setdefault(head, {} if head != "model" else {})
+            if head == "model_overrides":
+                node[rest] = value
+            else:
+                parts = rest.split(".")
+                for p in parts[:-1]:
+                    node = node.setdefault(p, {})
+                node[parts[-1]] = value
+    return RunConfig.from_dict(d)

@@ -1,0 +1,52 @@
+"""Entry point: parse, build, train (the loop lives in pretrain/trainer.py).
+
+    deepspeed [--num_gpus N] pretrain/main.py --ds_config ds_configs/zero3.json --config pretrain/configs/debug.yaml \
+        [--set key=value ...] [--resume auto]
+    python pretrain/main.py ...            # one process, no launcher (world size 1, gloo on CPU)
+    srun ... python pretrain/main.py ...   # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the env
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pretrain/main.py` from anywhere
+
+EPILOG = """run folder (RUN_DIR = run_dir):
+  metrics.jsonl         one JSON object per logged step ({"step", "loss", "lm_loss", aux losses, "lr",
+                        "grad_norm", "tokens_per_s", "tflops", ...}) and per evaluation ({"step", "val_loss", "val_ppl"})
+  run_info.json         resolved run/model/DeepSpeed configs, git SHA, library versions, precision
+  step_XXXXXXXX/        DeepSpeed checkpoints; COMPLETE inside marks a finished save; `latest` names the newest
+  FINISHED              written only when all `steps` are done
+exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1 (checkpoint saved, no FINISHED):
+  a wrapper requeues when FINISHED is absent. --resume auto continues from the newest complete checkpoint."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pretrain/main.py", description="Pretrain a ReSSFormer with DeepSpeed.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ds_configs/zero3.json, zero1.json, ...)")
+    ap.add_argument("--config", default=None, help="run config YAML (pretrain/configs/debug.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-config field: steps=40, run_dir=/tmp/x, model.asam.topk=8 (repeatable)")
+    ap.add_argument("--resume", choices=["auto", "none"], default="none",
+                    help="auto: continue from the newest complete checkpoint in run_dir (fresh start if none)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    a = ap.parse_args(argv)
+
+    from pretrain.config import load_run_config
+    from pretrain import trainer
+
+    run = load_run_config(a.config, a.set)
+    with open(a.ds_config) as f:
+        ds_json = json.load(f)
+    trainer.init_distributed()
+    trainer.train(run, ds_json, resume=a.resume == "auto")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

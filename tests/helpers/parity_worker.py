@@ -1,0 +1,52 @@
+"""One rank of the ZeRO parity check (tests/test_train_parity.py). Reads a torch file with the initial
+state, the global batch and a list of cases; for each case runs one DeepSpeed step on this rank's slice and
+rank 0 writes {case: {"loss", "state"}} (gathered full parameters after the step) to OUT."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain import trainer  # noqa: E402
+from pretrain.config import RunConfig  # noqa: E402
+
+
+def main(inp: str, out: str) -> None:
+    import deepspeed
+
+    spec = torch.load(inp, weights_only=False)
+    trainer.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for case in spec["cases"]:
+        run = RunConfig.from_dict(case["run"])
+        engine, _, _, ds = trainer.initialize(run, json.loads(case["ds_json"]), init_state=spec["state"])
+        ids = spec["input_ids"].chunk(world)[rank]  # (B/world, T)
+        o = engine(ids, labels=ids, num_steps=case["num_steps"])
+        engine.backward(o.loss)
+        engine.step()
+        loss = trainer.all_mean(o.loss.item())
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params) if trainer.zero_stage(ds) == 3 else _null():
+            state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        results[case["name"]] = {"loss": loss, "state": state}
+        engine.destroy()
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

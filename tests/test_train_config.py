@@ -1,0 +1,93 @@
+"""Run config, DeepSpeed batch derivation, LR schedule and weight-decay groups of the engine (fast, no ranks)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pretrain.config import RunConfig, load_run_config
+from pretrain.trainer import (COMPLETE, build_ds_config, complete_tags, lr_lambda, param_groups,
+                              resolve_precision)
+from tests.helpers.dist import REPO
+
+
+def test_debug_yaml_and_set_overrides():
+    run = load_run_config(REPO / "pretrain/configs/debug.yaml",
+                          ["steps=40", "run_dir=/tmp/x", "model.asam.topk=8", "wandb.mode=disabled",
+                           "activation_checkpointing.every=2"])
+    assert (run.steps, run.run_dir, run.wandb["mode"]) == (40, "/tmp/x", "disabled")
+    assert run.model_config().asam.topk == 8 and run.activation_checkpointing == {"enabled": True, "every": 2}
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run  # round trip
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["stepz=3"], ["stepz", "allowed", "steps"]),
+    (["model.asam.nope=1"], ["asam.nope"]),
+    (["micro_batch=0"], ["micro_batch", ">= 1"]),
+    (["decay=step"], ["decay", "cosine"]),
+    (["wandb.mode=cloud"], ["wandb", "offline"]),
+    (["lr=1e-3", "min_lr=1e-2"], ["min_lr"]),
+    (["seq_len=4096"], ["seq_len=4096", "max_seq_len"]),
+    (["steps"], ["key=value"]),
+])
+def test_bad_config_names_key_and_fix(sets, words):
+    with pytest.raises(ValueError) as e:
+        load_run_config(None, sets)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_ds_batch_fields_derived_and_mismatch_named():
+    run = RunConfig(micro_batch=3, grad_accum=2, wandb={"mode": "disabled"})
+    ds = build_ds_config({"zero_optimization": {"stage": 3}}, run, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 3, 2)
+    assert ds["bf16"]["enabled"] is (resolve_precision(run) == "bf16") and ds["gradient_clipping"] == run.grad_clip
+    assert resolve_precision(run) == ("bf16" if torch.cuda.is_available() else "fp32")
+    with pytest.raises(ValueError, match=r"train_batch_size=32 .* gives 24"):
+        build_ds_config({"train_batch_size": 32}, run, world_size=4)
+    for name in ("zero3.json", "zero1.json"):  # shipped JSONs leave the batch fields to the engine
+        build_ds_config(json.loads((REPO / "ds_configs" / name).read_text()), run, world_size=2)
+
+
+def test_lr_schedule_warmup_then_decay_to_min():
+    for decay in ("cosine", "linear"):
+        run = RunConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=110, decay=decay, wandb={"mode": "disabled"})
+        lrs = [run.lr * lr_lambda(run, s) for s in range(run.steps + 1)]
+        assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+        assert lrs[110] == pytest.approx(1e-4) and all(a >= b - 1e-15 for a, b in zip(lrs[10:], lrs[11:]))
+        mid = 1e-4 + 0.9e-3 * (0.5 * (1 + math.cos(math.pi * 0.5)) if decay == "cosine" else 0.5)
+        assert lrs[60] == pytest.approx(mid)
+
+
+def test_weight_decay_groups_skip_norms_and_embeddings():
+    m = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(5, 4), "proj": torch.nn.Linear(4, 4),
+                             "norm": torch.nn.LayerNorm(4)})
+    g = param_groups(m, 0.1)
+    assert [p.shape for p in g[0]["params"]] == [torch.Size([4, 4])] and g[0]["weight_decay"] == 0.1
+    assert len(g[1]["params"]) == 4 and g[1]["weight_decay"] == 0.0  # embedding, bias, norm weight + bias
+
+
+def test_resume_picks_newest_complete_tag(tmp_path):
+    for s, done in ((3, True), (6, True), (9, False)):  # step 9: killed while saving
+        (tmp_path / f"step_{s:08d}").mkdir()
+        if done:
+            (tmp_path / f"step_{s:08d}" / COMPLETE).write_text("x")
+    assert [p.name for p in complete_tags(tmp_path)] == ["step_00000003", "step_00000006"]
+
+
+def test_missing_data_prefix_names_file_and_command(tmp_path):
+    run = load_run_config(REPO / "pretrain/configs/debug.yaml", [f"data.blend=[[1.0, {tmp_path}/nope]]"])
+    with pytest.raises(ValueError) as e:
+        run.data_config()
+    assert f"{tmp_path}/nope.bin" in str(e.value) and "tokenizer.preprocess" in str(e.value)
+
+
+def test_cli_help_documents_run_folder_contract():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "pretrain/main.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+    for word in ("--resume", "FINISHED", "metrics.jsonl", "SIGTERM", "COMPLETE", "--set"):
+        assert word in out
