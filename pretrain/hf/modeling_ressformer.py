@@ -1,0 +1,94 @@
+"""`RessformerForCausalLM`: transformers PreTrainedModel + GenerationMixin around our training model.
+
+Design choices
+- No second implementation of the network: the wrapper builds `ressformer.build_model(ModelConfig)` (the
+  training code, copied next to this file at export time with its `ressformer.x` imports rewritten to
+  relative ones) and adopts its two top-level children, `model` and `lm_head`. The transformers state_dict
+  keys are therefore exactly ours (`model.layers.N.self_attn.q_proj.weight`, ...) and the logits are the
+  training model's bit for bit. The built model object is kept outside the module tree (`self._core`, a
+  tuple) so its parameters are registered once; it shares the `model` / `lm_head` modules, so
+  `from_pretrained`, `.to()` and dtype casts reach it.
+- Recurrent steps K (R2MU, paper sec. 3.1): `forward(..., num_steps=K)` / `generate(..., num_steps=K)`,
+  else `config.num_steps`, else the training value `r2mu.steps`.
+- No KV cache: each generation step recomputes the whole prefix (the R2MU recurrence re-runs the shared
+  block K times over the full sequence and its segment memory depends on all earlier states, so a cache
+  is not a plain per-layer key/value store). Cost is O(T) forwards for T new tokens.
+- attention_mask: the network is causal and has no padding mask, so right padding is exact for the real
+  tokens (lm-eval's batched loglikelihood) while left padding / holes would change them: rejected with an
+  error. Batch generation of prompts of different lengths therefore needs batch size 1.
+- `loss` is the language-modelling loss (`lm_loss`); the training-only aux losses (MoE balance / z, SOES
+  smoothness) are not added.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from pretrain.hf.configuration_ressformer import RessformerConfig
+from ressformer import build_model
+from ressformer.config import ModelConfig
+
+
+class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = RessformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+    _no_split_modules = ["ReSSFormerBlock", "TransformerBlock"]
+
+    def __init__(self, config: RessformerConfig):
+        super().__init__(config)
+        if not config.ressformer:
+            raise ValueError("RessformerConfig.ressformer is empty: the export must store ModelConfig.to_dict() there")
+        mcfg = ModelConfig.from_dict(config.ressformer)
+        core = build_model(mcfg)
+        self.model = core.model
+        self.lm_head = core.lm_head
+        self._core = (core,)  # not a registered submodule: shares model / lm_head
+        if mcfg.tie_embeddings:
+            self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+        self.post_init()
+
+    @property
+    def ressformer_model(self):
+        """The training-code model object (`ReSSFormerForCausalLM` / `TransformerForCausalLM`) inside."""
+        return self._core[0]
+
+    def _init_weights(self, module):
+        # The training model initialises itself (`init_weights`) when built; weights then come from the
+        # checkpoint. transformers must not re-initialise anything with its own scheme.
+        return
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor | None) -> None:
+        if attention_mask is None:
+            return
+        m = attention_mask.to(torch.long)
+        # right padding only: every row is 1...1 0...0 (non-increasing)
+        if (m[:, 1:] > m[:, :-1]).any():
+            raise ValueError("RessformerForCausalLM has no padding mask: left padding / holes in attention_mask "
+                             "would change the logits of real tokens. Use padding_side='right' or batch size 1.")
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, num_steps: int | None = None, past_key_values=None,
+                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
+        if input_ids is None:
+            raise ValueError("RessformerForCausalLM.forward needs input_ids (inputs_embeds is not supported)")
+        self._check_mask(attention_mask)
+        if labels is not None and attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        k = num_steps if num_steps is not None else self.config.num_steps
+        out = self._core[0](input_ids, labels=labels, num_steps=k)
+        return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, num_steps=None, **kwargs):
+        # no cache: the whole prefix every step (see the module docstring)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_steps": num_steps}
