@@ -27,7 +27,7 @@ _WANDB_KEYS = {"mode", "project", "name"}
 
 @dataclass
 class RunConfig:
-    model: Any = "debug"  # preset name or a full ModelConfig dict
+    model: Any = "debug"  # preset name, a model-config YAML path, or a full ModelConfig dict
     model_overrides: dict = field(default_factory=dict)  # {"asam.topk": 8, ...}
     data: dict = field(default_factory=dict)  # pretrain.data.DataConfig fields
     run_dir: str = "runs/debug"
@@ -53,6 +53,9 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on a GPU with bf16, fp32 on CPU) | fp32 | bf16
     nan_max_consecutive: int = 5  # stop after this many skipped non-finite steps in a row
     wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "ressformer", "name": None})
+    # Continued pretraining: start from the weights of a `python -m pretrain.convert --to-ressformer` folder
+    # (its model_config.yaml must equal this run's model config). A checkpoint found by --resume auto wins.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond, name, fix):
@@ -75,7 +78,7 @@ class RunConfig:
         need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.eps > 0, "weight_decay",
              "weight_decay and grad_clip must be >= 0, eps > 0")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose auto, fp32 or bf16")
-        need(isinstance(self.model, (str, dict)), "model", "give a preset name or a model-config dict")
+        need(isinstance(self.model, (str, dict)), "model", "give a preset name, a model-config YAML path or a dict")
         ac = self.activation_checkpointing
         need(isinstance(ac, dict) and set(ac) <= _AC_KEYS and int(ac.get("every", 1)) >= 1,
              "activation_checkpointing", f"a dict with keys {sorted(_AC_KEYS)} and every >= 1")
@@ -84,11 +87,20 @@ class RunConfig:
         need(isinstance(wb, dict) and set(wb) <= _WANDB_KEYS, "wandb", f"a dict with keys {sorted(_WANDB_KEYS)}")
         self.wandb = {"mode": "offline", "project": "ressformer", "name": None, **wb}
         need(self.wandb["mode"] in ("offline", "online", "disabled"), "wandb", "mode: offline | online | disabled")
+        need(self.init_from is None or isinstance(self.init_from, str), "init_from",
+             "give the folder written by `python -m pretrain.convert --to-ressformer` (or leave it unset)")
         self.model_config()  # validates preset + overrides
 
     # --- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
-        base = ModelConfig.from_preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
+        if isinstance(self.model, dict):
+            base = ModelConfig.from_dict(self.model)
+        elif self.model.endswith((".yaml", ".yml")):  # e.g. the model_config.yaml of an init_from folder
+            if not Path(self.model).is_file():
+                raise ValueError(f"run config model={self.model!r}: no such model-config YAML file")
+            base = ModelConfig.from_yaml(self.model)
+        else:
+            base = ModelConfig.from_preset(self.model)
         if self.model_overrides:
             base = ModelConfig.from_dict(apply_overrides(base.to_dict(), dict(self.model_overrides)))
         if self.seq_len > base.max_seq_len:

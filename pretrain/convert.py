@@ -52,7 +52,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -28,7 +28,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 
 PORT_BASE = 20000

@@ -137,6 +137,25 @@ def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
     return model
 
 
+def load_init_from(run: RunConfig) -> dict | None:
+    """The state_dict named by `run.init_from` (continued pretraining), checked against the run's model config."""
+    if not run.init_from:
+        return None
+    from pretrain.convert import load_init_state
+
+    d = Path(run.init_from)
+    if not d.is_dir():
+        raise FileNotFoundError(f"init_from={run.init_from!r} is not a folder: write one with `python -m "
+                                f"pretrain.convert --to-ressformer --checkpoint HF_DIR --out {run.init_from}`")
+    cfg, sd = load_init_state(d)
+    want, got = run.model_config().to_dict(), cfg.to_dict()
+    if want != got:
+        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)}
+        raise ValueError(f"init_from={run.init_from}: its model_config.yaml differs from this run's model config in "
+                         f"{diff} (init value, run value); set `model: {d / 'model_config.yaml'}` and no model overrides")
+    return sd
+
+
 def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     """-> (engine, optimizer, scheduler, ds_config). torch.distributed must be initialised."""
     import deepspeed
@@ -317,7 +336,7 @@ def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
     dist.barrier()
     sig = _Signals()
     dcfg = run.data_config()  # fail on a missing data prefix / tokenizer before building anything
-    engine, opt, sched, ds = initialize(run, ds_json)
+    engine, opt, sched, ds = initialize(run, ds_json, init_state=load_init_from(run))
     mcfg = run.model_config()
     info = run_info(run, ds)
     if rank == 0:

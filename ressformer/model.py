@@ -40,10 +40,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ressformer.config import ModelConfig
-from ressformer.output import ModelOutput
+from ressformer.output import ModelOutput, lm_loss
 from ressformer.recurrence import SegmentMemory, moe_aux_from_logits
 
 
@@ -186,7 +185,7 @@ class ReSSFormerForCausalLM(nn.Module):
         summary, gate, memory = None, None, None
         if mem is not None:
             if need_summary:
-                summary, gate = mem.update(s_prev, mem.pool(h))
+                summary, gate = mem(h, s_prev)
             if h_prev is not None:
                 memory = mem.memory_keys(h_prev, summary)
         h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory)
@@ -273,18 +272,7 @@ class ReSSFormerForCausalLM(nn.Module):
 
         loss = lm = None
         if labels is not None:
-            lm = _lm_loss(logits, labels)
+            lm = lm_loss(logits, labels)
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
 
-
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF convention: labels == input_ids, shifted here; -100 ignored. Uses output.lm_loss when present."""
-    try:
-        from ressformer.output import lm_loss
-    except ImportError:
-        lm_loss = None
-    if lm_loss is not None:
-        return lm_loss(logits, labels)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)

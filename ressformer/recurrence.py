@@ -72,7 +72,7 @@ def sample_num_steps(cfg: ModelConfig, step: int, seed: int) -> int:
         return rng.randint(r.min_steps, r.max_steps)
     if r.step_sampling == "poisson":
         # Knuth's multiplicative method (means are small, ~1-32).
-        lam, k, p, limit = float(r.steps), 0, 1.0, math.exp(-float(r.steps))
+        k, p, limit = 0, 1.0, math.exp(-float(r.steps))
         while True:
             p *= rng.random()
             if p <= limit:
@@ -132,6 +132,14 @@ class SegmentMemory(nn.Module):
             return s_hat, None  # S^(0) = S_hat^(0)
         a = torch.sigmoid(self.gate(torch.cat([s_prev, s_hat], dim=-1)))  # (B, S, m, 1)
         return a * s_prev + (1.0 - a) * s_hat, a.detach().mean()
+
+    def forward(self, h: torch.Tensor, s_prev: torch.Tensor | None):
+        """S^(t) from H^(t) and S^(t-1): pool, then gate. Returns (S^(t) or None, mean gate or None).
+
+        Pooling and gating run inside this module's forward (not as bare method calls from the
+        model) so that ZeRO-3's pre-forward hook gathers `slot_queries` before it is read.
+        """
+        return self.update(s_prev, self.pool(h))
 
     def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None):
         """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)]."""

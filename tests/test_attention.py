@@ -1,6 +1,5 @@
 """ASAM attention (ressformer/attention.py): every fast path equals the reference, causality, memory."""
 
-import math
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 Fast tests export a seeded debug model directly. The slow tests train the debug model for 2 steps on 2 gloo CPU
 ranks with the trainer CLI under ZeRO-1, ZeRO-3, ZeRO-3 + AutoEP and ZeRO-2 + native MoE (one session
-fixture; r2mu.memory=false because the ZeRO-3 runs of the current model fail with memory on), convert each,
+fixture), convert each,
 and check: logits of the transformers model == our training model rebuilt from the gathered weights; each
 expert-parallel backend gives the weights of its plain ZeRO counterpart trained from the same seed and data
 (a misplaced expert would not); every
@@ -143,6 +143,27 @@ def test_roundtrip_hf_ours_hf_is_bitwise_and_init_state_loads(tmp_path, tok_dir)
             hf(x, attention_mask=torch.cat([torch.zeros(1, 2), torch.ones(1, 18)], 1).long())
 
 
+def test_init_from_starts_continued_pretraining_from_the_export(tmp_path, tok_dir):
+    """HF -> --to-ressformer folder -> run config `init_from` -> the trainer's model holds those weights."""
+    from pretrain.config import RunConfig
+    from pretrain.trainer import build_model_for, load_init_from
+
+    model = seeded_model(seed=3)
+    hf = export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_dir=tok_dir)
+    init = import_hf(hf, tmp_path / "init")
+    run = RunConfig(model=str(init / "model_config.yaml"), init_from=str(init))
+    sd = load_init_from(run)
+    built = build_model_for(run, {"zero_optimization": {"stage": 1}}, sd)
+    got = built.state_dict()
+    assert got.keys() == model.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    assert load_init_from(RunConfig()) is None
+    with pytest.raises(ValueError, match=r"differs from this run's model config.*d_model"):
+        load_init_from(RunConfig(model="debug", model_overrides={"d_model": 32}, init_from=str(init)))
+    with pytest.raises(FileNotFoundError, match="--to-ressformer"):
+        load_init_from(RunConfig(init_from=str(tmp_path / "missing")))
+
+
 def test_damaged_hf_folder_and_incomplete_state_dict(tmp_path):
     model = seeded_model()
     hf = export_hf(model.state_dict(), model.config, tmp_path / "hf", max_shard_size="200KB")
@@ -183,7 +204,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                "--ds_config", f"ds_configs/{name}.json", "--config", "pretrain/configs/debug.yaml",
                "--set", f"run_dir={run_dir}", "--set", "steps=2", "--set", "save_every=2", "--set", "eval_every=1000",
                "--set", "seq_len=64", "--set", "micro_batch=2", "--set", "wandb.mode=disabled",
-               "--set", "model.r2mu.memory=false",
                "--set", f"data.blend=[[1.0, {art}/data/shakespeare]]", "--set", f"data.tokenizer={art}/tokenizer"]
         p = subprocess.run(cmd, cwd=REPO, env=base_env(), timeout=400, capture_output=True, text=True)
         assert p.returncode == 0, f"{name}:\n" + (p.stdout + p.stderr)[-5000:]

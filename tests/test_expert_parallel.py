@@ -240,9 +240,5 @@ def test_engine_native_moe_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="ZeRO-3 backward of the real model: SegmentMemory.pool (ressformer/recurrence.py) "
-                   "reads the parameter slot_queries outside a module forward, so ZeRO-3 has released it (size 0) "
-                   "when the einsum's backward needs it; fails the same with ds_configs/zero3.json. Remove this "
-                   "marker once that is fixed.")
 def test_engine_autoep_matches_single_process(tmp_path):
     _engine_parity(tmp_path, "autoep_k3", "zero3_autoep", ac=False)

@@ -217,21 +217,6 @@ def test_debug_model_overfits_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_debug_train_step_is_fast():
-    cfg = ModelConfig.from_preset("debug")
-    model = build(cfg)
-    x = tokens(8, 128, cfg.vocab_size)
-    model(x, labels=x).loss.backward()  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model(x, labels=x).loss.backward()
-        times.append(time.perf_counter() - t0)
-    dt = min(times)  # the minimum is robust to other processes sharing the cores
-    print(f"debug fwd+bwd at B=8, T=128: {dt * 1000:.0f} ms (runs: {[round(t, 3) for t in times]})")
-    assert dt < 2.0  # ~0.25 s on an idle core; slack for a loaded CI machine
-
-
 def test_checkpointing_gives_identical_loss_and_grads():
     cfg = tiny()
     model = build(cfg)

@@ -265,7 +265,7 @@ def test_pretrain_debug_script(cluster, trainer, tmp_path):
 def test_pretrain_1b_script_scaled_to_debug(cluster, trainer, tmp_path):
     """The 1B script itself, with its GPU defaults overridden the documented way (variables + sbatch options)."""
     run_dir, log, steps = tmp_path / "run", tmp_path / "1b.out", 20
-    job = _sbatch(cluster, "slurm/pretrain_1b.sh", log, "--ntasks-per-node=1", "--gpus-per-node=0",
+    job = _sbatch(cluster, "slurm/pretrain_1b.sh", log, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                   "--cpus-per-task=1", "--time=00:10:00",
                   RUN_DIR=run_dir, GPUS_PER_NODE=1, CONFIG="pretrain/configs/debug.yaml", DATA=trainer["prefix"],
                   WANDB_PROJECT="", EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
