@@ -24,6 +24,8 @@ bash scripts/setup.sh
 export WANDB_MODE=${WANDB_MODE:-offline} HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_OFFLINE=1
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu
+  # one rank per core share: torch's default (all cores per rank) oversubscribes the CPU
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 t0=$SECONDS
 step() { echo; echo "=== [$((SECONDS - t0))s] $*"; }
