@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare" / "input.txt"
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n  It is the east, 12345 \u00e9\u2713\U0001F642\t<s>x"
 
-# Runs with `python -I` (no PYTHONPATH, no cwd on sys.path): only the export folder provides model code.
+# Runs with `python -I -S` (no PYTHONPATH, no cwd on sys.path, no .pth files, so not the editable install of
+# ressformer either): site-packages is added back by hand and only the export folder provides model code.
 CLEAN_SCRIPT = r"""
-import sys, json, torch
+import os, sys
+sys.path += os.environ["CLEAN_SITE_PACKAGES"].split(os.pathsep)
+import json, torch
 hf, out = sys.argv[1], sys.argv[2]
 assert not any(p.rstrip('/').endswith('main') for p in sys.path), sys.path
 import importlib.util
@@ -56,7 +60,7 @@ torch.save(res, out)
 def clean_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_MODULES_CACHE=str(tmp / "hf_modules"))
+               HF_MODULES_CACHE=str(tmp / "hf_modules"), CLEAN_SITE_PACKAGES=os.pathsep.join(site.getsitepackages()))
     return env
 
 
@@ -88,7 +92,7 @@ def check_clean_load(hf: Path, model, tok_dir: Path, tmp: Path) -> None:
 
     x = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
     out = tmp / "clean.pt"
-    p = subprocess.run([sys.executable, "-I", "-c", CLEAN_SCRIPT, str(hf), str(out), json.dumps(x.tolist()), TEXT],
+    p = subprocess.run([sys.executable, "-I", "-S", "-c", CLEAN_SCRIPT, str(hf), str(out), json.dumps(x.tolist()), TEXT],
                        cwd=tmp, env=clean_env(tmp), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     res = torch.load(out, weights_only=False)

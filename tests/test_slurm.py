@@ -9,8 +9,9 @@ per node, gloo.
   is no slurmdbd for sacct).
 * The preemption test sends USR1 to the batch shell (`scancel --signal=USR1 --batch`), as
   `#SBATCH --signal=B:USR1@N` does before the time limit. Slurm 22.05 holds a requeued batch job for ~2
-  minutes (Reason=BeginTime); the test releases it at once with `scontrol update StartTime=now`, which
-  only shortens that wait.
+  minutes (Reason=BeginTime); the test shortens that wait (`_release_requeue_hold`): once both nodes are
+  idle again it sets the start a few seconds ahead. Releasing it at once raced with slurmd, which refuses
+  a relaunch of the same job id in the second its old credential was revoked (the job then ends FAILED).
 """
 
 from __future__ import annotations
@@ -151,12 +152,38 @@ def _wait(cluster, job_id: str, log: Path, until, timeout: float, what: str) -> 
         if until(info):
             return info
         if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
-            pytest.fail(f"job {job_id} ended {info.get('JobState')} waiting for {what}; log:\n{_tail(log)}")
+            pytest.fail(f"job {job_id} ended {info.get('JobState')} waiting for {what}; log:\n{_tail(log)}"
+                        f"{_daemon_logs(cluster, job_id, info)}")
         if time.time() - t0 > timeout:
             subprocess.run(["scancel", job_id], env=_slurm_env(cluster), timeout=30)
             pytest.fail(f"job {job_id} not {what} within {timeout:.0f} s (state {info.get('JobState')}, "
-                        f"reason {info.get('Reason')}); log:\n{_tail(log)}")
+                        f"reason {info.get('Reason')}); log:\n{_tail(log)}{_daemon_logs(cluster, job_id, info)}")
         time.sleep(1.0)
+
+
+def _daemon_logs(cluster, job_id: str, info: dict) -> str:
+    """What the controller and the node daemons said about a job (for failure messages)."""
+    keys = ("JobState", "Reason", "ExitCode", "DerivedExitCode", "Restarts", "NodeList", "BatchHost")
+    out = ["", "job: " + " ".join(f"{k}={info.get(k)}" for k in keys)]
+    pat = re.compile(rf"\b(JobId=|job_?id[ =]|StepId=|job ){job_id}\b|\b{job_id}\.(batch|\d+)", re.I)
+    for f in sorted((Path(cluster["dir"]) / "log").glob("slurm*.log")):
+        lines = [ln for ln in f.read_text(errors="replace").splitlines() if pat.search(ln)]
+        out.append(f"--- {f.name} ({len(lines)} lines about job {job_id}, last 25):")
+        out += lines[-25:]
+    return "\n".join(out)
+
+
+def _release_requeue_hold(cluster, job_id: str) -> None:
+    """Start a requeued job soon instead of after Slurm's ~2 min hold, once its old instance has left the nodes."""
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                           env=_slurm_env(cluster), timeout=30)
+        if r.stdout.count(" idle") == 2:
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # a relaunch in the same second as the old credential's revocation is refused by slurmd
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], env=_slurm_env(cluster), timeout=30)
 
 
 def _tail(log: Path, n: int = 60) -> str:
@@ -299,8 +326,8 @@ def test_usr1_saves_requeues_and_resumes(cluster, trainer, tmp_path):
     assert saved is not None and 5 <= saved < steps, f"checkpoint step {saved} after USR1; log:\n{_tail(log)}"
     assert not (run_dir / FINISHED).exists()
     assert before[-1]["step"] >= saved
-    if info.get("JobState") == "PENDING":  # Slurm's requeue hold (BeginTime, ~2 min): release it now
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=_slurm_env(cluster), timeout=30)
+    if info.get("JobState") == "PENDING":  # Slurm's requeue hold (BeginTime, ~2 min): shorten it
+        _release_requeue_hold(cluster, job)
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED after the requeue")
     assert info.get("Restarts") == "1", f"requeued more than once: {info.get('Restarts')}"
     text = log.read_text()
@@ -367,7 +394,7 @@ def test_launcher_requeue_contract_with_stand_in_trainer(cluster, tmp_path):
     n_before = len(_metrics(run_dir))
     assert saved[0] == n_before < steps and 1 <= saved[1] < steps, (saved, n_before)
     if info.get("JobState") == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=_slurm_env(cluster), timeout=30)
+        _release_requeue_hold(cluster, job)
     info = _wait(cluster, job, log, _completed, 90, "COMPLETED after the requeue")
     assert info.get("Restarts") == "1"
     assert [m["step"] for m in _metrics(run_dir)] == list(range(1, steps + 1))  # resumed at saved + 1, no gap

@@ -77,7 +77,10 @@ def test_resume_picks_newest_complete_tag(tmp_path):
 
 
 def test_missing_data_prefix_names_file_and_command(tmp_path):
-    run = load_run_config(REPO / "pretrain/configs/debug.yaml", [f"data.blend=[[1.0, {tmp_path}/nope]]"])
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"")  # only the data prefix is missing
+    run = load_run_config(REPO / "pretrain/configs/debug.yaml",
+                          [f"data.blend=[[1.0, {tmp_path}/nope]]", f"data.tokenizer={tmp_path}/tok"])
     with pytest.raises(ValueError) as e:
         run.data_config()
     assert f"{tmp_path}/nope.bin" in str(e.value) and "tokenizer.preprocess" in str(e.value)
