@@ -172,10 +172,30 @@ def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
 
 
 # --- distributed helpers --------------------------------------------------------------------------
+def skip_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed from JIT-building and mapping its CPU shared-memory all-reduce op at init.
+
+    On the CPU accelerator `deepspeed.comm.TorchBackend.__init__` compiles `deepspeed_shm_comm` (about 50 s with
+    gcc on 2 cores, again for every venv path) and each rank then writes a 66 MiB file to /dev/shm that is never
+    unlinked. The op serves only `inference_all_reduce`, which training never calls (gradients go through
+    torch.distributed), and it costs three ways: a build killed midway leaves a `lock` file in
+    ~/.cache/torch_extensions on which every later run waits forever; the leaked files fill /dev/shm run after
+    run; and where /dev/shm is small (containers default to 64 MiB) a rank's segment cannot be created while its
+    peer spins on `shm_open` waiting for it, a silent hang. Marking the op incompatible in DeepSpeed's cached
+    compatibility table (`deepspeed.ops.__compatible_ops__`, which it documents as editable) makes
+    `build_shm_op()` return None and the backend use plain torch.distributed for everything.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed() -> None:
     """Single process without a launcher: world size 1 on a free local port. srun/deepspeed set the env."""
     import deepspeed
 
+    skip_deepspeed_shm_allreduce()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")

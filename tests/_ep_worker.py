@@ -105,7 +105,10 @@ def main(inp: str, outp: str) -> None:
 
     from pretrain import expert_parallel as xp
 
+    from pretrain.trainer import skip_deepspeed_shm_allreduce
+
     spec = torch.load(inp, weights_only=False)
+    skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ModelConfig.from_dict(spec["cfg"])

@@ -11,15 +11,13 @@ keeps Adam's first update sensitive to the gradient's scale (a 2x expert-gradien
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pretrain import expert_parallel as xp
 from ressformer.config import ModelConfig
-from tests.helpers.dist import REPO, base_env, free_port
+from tests.helpers.dist import REPO, base_env, launch_ranks
 
 WORLD, B, T, TOL = 2, 4, 16, 2e-6
 
@@ -118,24 +116,10 @@ def test_autoep_layout_to_fused():
 
 # --- parity on 2 gloo ranks ----------------------------------------------------------------------------------
 def _launch(inp, out, timeout: float) -> None:
-    port = free_port()
-    env0 = base_env()
+    env = base_env()
     # a PYTHONPATH the caller set comes first, then the repository
-    env0["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p)
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_ep_worker.py"), str(inp), str(out)], cwd=REPO,
-                              env=dict(env0, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append((p.communicate(timeout=timeout)[0], p.returncode))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(rc != 0 for _, rc in logs):
-        raise AssertionError("rank failed:\n" + "\n----\n".join(o[-5000:] for o, rc in logs if rc))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p)
+    launch_ranks([str(REPO / "tests" / "_ep_worker.py"), str(inp), str(out)], WORLD, timeout, env=env)
 
 
 def _forced(state: dict, cfg: ModelConfig) -> dict:

@@ -121,6 +121,26 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(SETUP), "down", str(d)], capture_output=True, timeout=120)
 
 
+@pytest.fixture(autouse=True)
+def _empty_queue_after(request):
+    """A test that fails mid-job must not leave its job on the nodes for the next test to queue behind."""
+    yield
+    if "cluster" not in request.fixturenames:
+        return
+    cluster = request.getfixturevalue("cluster")
+    env = _slurm_env(cluster)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env, timeout=30).stdout.split()
+    if not jobs:
+        return
+    subprocess.run(["scancel", *jobs], env=env, timeout=30)
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        if not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env,
+                              timeout=30).stdout.split():
+            break
+        time.sleep(0.5)
+
+
 def _slurm_env(cluster, **extra) -> dict:
     env = dict(os.environ)
     for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))]:

@@ -25,24 +25,36 @@ def base_env() -> dict:
     return env
 
 
-def launch_ranks(argv: list[str], world_size: int, timeout: float) -> list[subprocess.CompletedProcess]:
-    """Run `python argv...` as `world_size` ranks with srun-style env vars; raise with the logs on failure."""
+def launch_ranks(argv: list[str], world_size: int, timeout: float, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Run `python argv...` as `world_size` ranks with srun-style env vars; raise with the logs on failure.
+
+    A rank still running after `timeout` s is killed and the error carries every rank's output so far (a hang
+    is then diagnosable from a CI log, not just a TimeoutExpired)."""
     port = free_port()
     procs = []
     for r in range(world_size):
-        env = dict(base_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+        renv = dict(env or base_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=renv, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outs = []
+    outs, hung = [], False
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                hung = True
+                for q in procs:
+                    q.kill()
+                out, _ = p.communicate()
             outs.append(subprocess.CompletedProcess(p.args, p.returncode, out))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    if hung:
+        raise AssertionError(f"ranks still running after {timeout:.0f} s, killed; output per rank:\n" +
+                             "\n----\n".join(f"rank {r}:\n{o.stdout[-3000:]}" for r, o in enumerate(outs)))
     bad = [o for o in outs if o.returncode != 0]
     if bad:
         raise AssertionError("rank failed:\n" + "\n----\n".join(o.stdout[-4000:] for o in bad))
