@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +24,8 @@ EPILOG = """run folder (RUN_DIR = run_dir):
   step_XXXXXXXX/        DeepSpeed checkpoints; COMPLETE inside marks a finished save; `latest` names the newest
   FINISHED              written only when all `steps` are done
 exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1 (checkpoint saved, no FINISHED):
-  a wrapper requeues when FINISHED is absent. --resume auto continues from the newest complete checkpoint."""
+  a wrapper requeues when FINISHED is absent. --resume auto continues from the newest complete checkpoint.
+a hung rank: `kill -USR2 PID` prints every thread's Python stack to its stderr; the run goes on."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = ap.parse_args(argv)
 
+    # `kill -USR2 <pid>` prints every thread's Python stack to stderr and the run goes on: for a hung rank.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     from pretrain.config import load_run_config
     from pretrain import trainer
 

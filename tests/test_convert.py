@@ -194,7 +194,7 @@ BACKENDS = ("zero1", "zero3", "zero3_autoep", "zero2_moe")
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    from tests.helpers.dist import base_env, free_port
+    from tests.helpers.dist import base_env, free_port, run_group
 
     root = tmp_path_factory.mktemp("convert_runs")
     art = root / "art"
@@ -209,7 +209,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                "--set", f"run_dir={run_dir}", "--set", "steps=2", "--set", "save_every=2", "--set", "eval_every=1000",
                "--set", "seq_len=64", "--set", "micro_batch=2", "--set", "wandb.mode=disabled",
                "--set", f"data.blend=[[1.0, {art}/data/shakespeare]]", "--set", f"data.tokenizer={art}/tokenizer"]
-        p = subprocess.run(cmd, cwd=REPO, env=base_env(), timeout=400, capture_output=True, text=True)
+        p = run_group(cmd, timeout=400, cwd=REPO, env=base_env())
         assert p.returncode == 0, f"{name}:\n" + (p.stdout + p.stderr)[-5000:]
         out[name] = run_dir
     return out

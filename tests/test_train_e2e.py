@@ -6,11 +6,10 @@ start, and every stage must leave its output."""
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from tests.helpers.dist import REPO, base_env
+from tests.helpers.dist import REPO, base_env, run_group
 
 
 @pytest.mark.slow
@@ -20,7 +19,7 @@ def test_main_script_end_to_end_shortened(tmp_path):
     env = {**base_env(), "RUN_DIR": str(run_dir), "STEPS": "30", "EVAL_LIMIT": "4", "WANDB_MODE": "disabled"}
     env.pop("VIRTUAL_ENV", None)
     cmd = ["bash", "scripts/main.sh", "--set", "eval_every=30", "--set", "log_every=10", "--set", "save_every=30"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, timeout=840, capture_output=True, text=True)
+    p = run_group(cmd, timeout=840, cwd=REPO, env=env)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
 
@@ -43,8 +42,7 @@ def test_main_script_end_to_end_shortened(tmp_path):
     assert "validation perplexity by step: 0:" in out and "ROMEO:" in out
 
     # Re-running finds the finished run and only re-does conversion and evaluation.
-    p2 = subprocess.run(["bash", "scripts/main.sh"], cwd=REPO, env={**env, "EVAL_LIMIT": "1"}, timeout=600,
-                        capture_output=True, text=True)
+    p2 = run_group(["bash", "scripts/main.sh"], timeout=600, cwd=REPO, env={**env, "EVAL_LIMIT": "1"})
     assert p2.returncode == 0, (p2.stdout + p2.stderr)[-4000:]
     assert "pretraining already done" in p2.stdout
     assert os.path.getmtime(run_dir / "FINISHED") < os.path.getmtime(run_dir / "eval_ppl.json")

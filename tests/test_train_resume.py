@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers.dist import REPO, base_env
+from tests.helpers.dist import REPO, base_env, run_group
 
 ARGS = ["--ds_config", "ds_configs/zero3.json", "--config", "pretrain/configs/debug.yaml",
         "--set", "log_every=1", "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled",
@@ -30,6 +30,11 @@ def default_data():
 
 def _cmd(run_dir, steps, *extra):
     return [sys.executable, "pretrain/main.py", *ARGS, "--set", f"steps={steps}", "--set", f"run_dir={run_dir}", *extra]
+
+
+def _run(cmd):
+    p = run_group(cmd, timeout=200, cwd=REPO, env=base_env())
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
 
 
 def _losses(run_dir):
@@ -54,7 +59,7 @@ def _wait_for(proc, path, timeout):
 @pytest.mark.timeout(300)
 def test_sigkill_resume_matches_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    subprocess.run(_cmd(a, 8), cwd=REPO, env=base_env(), check=True, timeout=200, capture_output=True)
+    _run(_cmd(a, 8))
     ref = _losses(a)
     assert sorted(ref) == list(range(1, 9)) and (a / "FINISHED").exists()
 
@@ -64,8 +69,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (b / "FINISHED").exists()
-    subprocess.run(_cmd(b, 8, "--resume", "auto"), cwd=REPO, env=base_env(), check=True, timeout=200,
-                   capture_output=True)
+    _run(_cmd(b, 8, "--resume", "auto"))
     got = _losses(b)
     for s in range(4, 9):
         assert got[s] == ref[s], (s, got[s], ref[s])

@@ -61,4 +61,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests.helpers.dist dumps stacks of a hung rank
     main()

@@ -49,4 +49,8 @@ class _null:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests.helpers.dist dumps stacks of a hung rank
     main(sys.argv[1], sys.argv[2])
