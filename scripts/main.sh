@@ -8,7 +8,7 @@
 #   4. convert the final checkpoint to a Hugging Face folder (safetensors + transformers class)
 #   5. evaluate: held-out perplexity (pretrain.evaluate), lm-eval on the local tasks, a greedy sample
 #
-# Environment overrides: RUN_DIR (runs/debug), STEPS (the config's 300), NPROC (2 ranks),
+# Environment overrides: RUN_DIR (runs/debug), STEPS (the config's 200), NPROC (2 ranks),
 # DS_CONFIG (ds_configs/zero3.json), EVAL_LIMIT (lm-eval --limit; empty = full tasks).
 # Extra arguments go to pretrain/main.py, e.g. `bash scripts/main.sh --set model.asam.topk=0`.
 set -euo pipefail
