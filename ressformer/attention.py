@@ -154,59 +154,90 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
     q_c (B, H, c, D); k, v (B, H, Tk, D); cand None (all Tk keys) or (B, H, n) key indices with cand_valid
     (B, H, n) bool; qp_c (c,); epos (B, H, c, m) candidate position of each graph edge (-1: absent) or None;
     gval (B, H, c, m) gamma_h * val or None.
-    Returns (out (B, H, c, D), nnz, visible) with nnz / visible detached float scalars.
+
+    Dense over the candidates (topk == 0 or topk >= n): returns ("dense", out (B, H, c, D), nnz, visible).
+    Otherwise only the no-grad selection runs here and ("topk", Selection, visible) comes back; the caller
+    gathers the selected keys of all chunks at once (`_gathered_attend`). nnz / visible: detached floats.
     """
     B, H, c, D = q_c.shape
     if cand is None:
-        k_c, v_c = k, v  # (B, H, n=Tk, D)
+        n = k.shape[2]
         mask = _visible(qp_c, k_pos, k_window, causal)[None, None]  # (1, 1, c, n)
     else:
         n = cand.shape[-1]
-        gi = cand[..., None].expand(B, H, n, D)
-        k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
         kw = None if k_window is None else k_window[cand]
         mask = _visible(qp_c, k_pos[cand], kw, causal) & cand_valid[:, :, None, :]  # (B, H, c, n)
-    n = k_c.shape[2]
     visible = mask.sum().float() * (B * H if mask.shape[0] == 1 else 1)
 
     if topk == 0 or topk >= n:
+        if cand is None:
+            k_c, v_c = k, v  # (B, H, n=Tk, D)
+        else:
+            gi = cand[..., None].expand(B, H, n, D)
+            k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
         if use_ckpt:
             out, nnz = torch.utils.checkpoint.checkpoint(_dense_chunk, q_c, k_c, v_c, mask, epos, gval, activation,
                                                          use_reentrant=False)
         else:
             out, nnz = _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation)
-        return out, nnz, visible
+        return "dense", out, nnz, visible
 
     # Selection pass: scores of every candidate, no autograd graph (chunk x n floats, freed at once).
     with torch.no_grad():
+        k_c = k if cand is None else k.gather(2, cand[..., None].expand(B, H, n, D))
         s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(D)  # (B, H, c, n)
         if epos is not None:
             s = s + _edge_bias(epos, gval.to(s.dtype), n)
         s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
         sel = s.topk(topk, dim=-1).indices  # (B, H, c, topk) candidate positions
-        del s
+        del s, k_c
         sel_mask = mask.expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
+        epos_sel = None
         if epos is not None:
             # slot (0..topk-1) each graph edge lands on, -1 if its key was not selected
             hit = (sel[..., :, None] == epos[..., None, :]) & (epos[..., None, :] >= 0)  # (B, H, c, topk, m)
             epos_sel = torch.where(hit.any(-2), hit.to(torch.uint8).argmax(-2), torch.full_like(epos, -1))
         key_idx = sel if cand is None else cand[:, :, None, :].expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
+    return "topk", (key_idx, sel_mask, epos_sel), visible
 
-    # Gradient pass over the topk gathered keys only: autograd keeps O(c * topk * D) per chunk.
-    gi = key_idx.reshape(B, H, c * topk, 1).expand(B, H, c * topk, D)
-    k_g = k.gather(2, gi).view(B, H, c, topk, D)
-    v_g = v.gather(2, gi).view(B, H, c, topk, D)
-    s = torch.einsum("bhid,bhikd->bhik", q_c, k_g) / math.sqrt(D)  # (B, H, c, topk)
-    if epos is not None:
+
+def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation):
+    """Gradient pass over the selected keys of many query chunks at once.
+
+    q_s (B, H, Q, D); key_idx / sel_mask (B, H, Q, topk); epos_sel / gval (B, H, Q, m) or None.
+    One gather of k and v for all Q queries: its backward is one scatter into a (B, H, Tk, D) gradient, where
+    a gather per chunk would zero-fill a full-size gradient per chunk (O(T^2 D / chunk) time). Autograd keeps
+    O(Q * topk * D), as the per-chunk form did. Returns (out (B, H, Q, D), nnz detached float).
+    """
+    B, H, Q, topk = key_idx.shape
+    D = q_s.shape[-1]
+    gi = key_idx.reshape(B, H, Q * topk, 1).expand(B, H, Q * topk, D)
+    k_g = k.gather(2, gi).view(B, H, Q, topk, D)
+    v_g = v.gather(2, gi).view(B, H, Q, topk, D)
+    s = torch.einsum("bhid,bhikd->bhik", q_s, k_g) / math.sqrt(D)  # (B, H, Q, topk)
+    if epos_sel is not None:
         s = s + _edge_bias(epos_sel, gval.to(s.dtype), topk)
     s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     p = normalize(s, activation)
     out = torch.einsum("bhik,bhikd->bhid", p, v_g)
-    return out, (p.detach() > 0).sum().float(), visible
+    return out, (p.detach() > 0).sum().float()
+
+
+def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Candidate position of each graph edge's key, -1 if its block was not kept.
+
+    e (B, H, c, m) key index of each edge; blocks (B, H, n_sel) distinct kept block ids, the candidates being
+    cand[..., j * block_size + o] = blocks[..., j] * block_size + o. Matching the edge's block costs
+    O(c * m * n_sel) per chunk, independent of the number of keys.
+    """
+    hit = (e // block_size)[..., None] == blocks[:, :, None, None, :]  # (B, H, c, m, n_sel)
+    slot = hit.to(torch.uint8).argmax(-1) * block_size + e % block_size
+    return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
 def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
-    """Kept key blocks of one query chunk -> (cand (B, H, n) key indices, cand_valid (B, H, n) bool)."""
+    """Kept key blocks of one query chunk -> (cand (B, H, n) key indices, cand_valid (B, H, n) bool,
+    blocks (B, H, n_sel) the kept block ids, distinct; cand[..., j * block_size + o] = blocks[..., j] * block_size + o)."""
     B, H, c, D = q_c.shape
     nb = kbar.shape[2]
     qp = qp_c[:, None]  # (c, 1)
@@ -223,7 +254,7 @@ def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal,
     blocks = sb.topk(n_sel, dim=-1).indices  # (B, H, n_sel)
     cand = (blocks[..., None] * block_size + torch.arange(block_size, device=q_c.device)).flatten(2)  # (B, H, n)
     cand_valid = cand < Tk
-    return cand.clamp(max=Tk - 1), cand_valid
+    return cand.clamp(max=Tk - 1), cand_valid, blocks
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor,
@@ -270,7 +301,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     if graph is not None:
         g_idx, g_val = graph
         gval_all = graph_scale.to(q.dtype)[None, :, None, None] * g_val.to(q.dtype)[:, None]  # (B, H, Tq, m)
-    outs, nnz, visible = [], q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
+    outs, sel_parts = [], []  # sel_parts: (s0, s1, (key_idx, sel_mask, epos_sel), gval) of the top-k chunks
+    nnz, visible = q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
         q_c, qp_c = q[:, :, s0:s1], q_pos[s0:s1]
@@ -279,24 +311,36 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         epos = gval = None
         if impl == "block":
             with torch.no_grad():
-                cand, cand_valid = _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal,
-                                                     blocks_per_query, block_size, Tk)
+                cand, cand_valid, blocks = _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c,
+                                                             causal, blocks_per_query, block_size, Tk)
         if graph is not None:
             gval = gval_all[:, :, s0:s1]  # (B, H, c, m)
             e = g_idx[:, None, s0:s1].expand(B, H, c, g_idx.shape[-1])  # (B, H, c, m) key index of each edge
             if cand is None:
                 epos = e
             else:
-                with torch.no_grad():  # candidate position of each edge's key, -1 if not a candidate
-                    n = cand.shape[-1]
-                    inv = torch.full((B, H, Tk + 1), -1, dtype=torch.long, device=q.device)
-                    slot = torch.where(cand_valid, cand, torch.full_like(cand, Tk))
-                    inv.scatter_(-1, slot, torch.arange(n, device=q.device).expand(B, H, n))
-                    epos = inv.gather(-1, e.reshape(B, H, -1)).view(B, H, c, -1)
-        o, nz, vis = _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk,
-                                   epos, gval, use_ckpt)
-        outs.append(o)
-        nnz, visible = nnz + nz, visible + vis
+                with torch.no_grad():
+                    epos = _edge_slots(e, blocks, block_size)
+        r = _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk, epos, gval,
+                          use_ckpt)
+        visible = visible + r[-1]
+        if r[0] == "dense":
+            outs.append(r[1])
+            nnz = nnz + r[2]
+        else:
+            outs.append(None)
+            sel_parts.append((s0, s1, r[1], gval))
+    if sel_parts:  # the top-k chunks' gradient pass, all at once
+        sizes = [s1 - s0 for s0, s1, _, _ in sel_parts]
+        q_s = q if sum(sizes) == Tq else q[:, :, torch.cat([torch.arange(s0, s1, device=q.device)
+                                                             for s0, s1, _, _ in sel_parts])]
+        key_idx, sel_mask, epos_sel = (torch.cat(t, dim=2) if t[0] is not None else None
+                                       for t in zip(*(sel for _, _, sel, _ in sel_parts)))
+        gval_s = None if epos_sel is None else torch.cat([g for _, _, _, g in sel_parts], dim=2)
+        o_s, nz = _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval_s, activation)
+        nnz = nnz + nz
+        pieces = iter(o_s.split(sizes, dim=2))
+        outs = [o if o is not None else next(pieces) for o in outs]
     return torch.cat(outs, dim=2), _finish_stats(nnz, visible, float(B * H * Tq))
 
 

@@ -61,6 +61,50 @@ def test_fast_paths_equal_reference(activation, causal, topk, Tm):
         assert float(ref_stats["density"]) < 1
 
 
+def test_edge_slots_match_brute_force_candidate_lookup():
+    from ressformer.attention import _edge_slots
+
+    g = torch.Generator().manual_seed(3)
+    B, H, c, m, bs, nb, n_sel = 2, 3, 5, 4, 4, 9, 3
+    Tk = nb * bs - 2  # a partial last block
+    blocks = torch.stack([torch.stack([torch.randperm(nb, generator=g)[:n_sel] for _ in range(H)]) for _ in range(B)])
+    e = torch.randint(0, Tk, (B, H, c, m), generator=g)
+    cand = (blocks[..., None] * bs + torch.arange(bs)).flatten(2)  # (B, H, n_sel * bs)
+    got = _edge_slots(e, blocks, bs)
+    for b, h, i, j in torch.cartesian_prod(*(torch.arange(n) for n in (B, H, c, m))).tolist():
+        where = (cand[b, h] == e[b, h, i, j]).nonzero().flatten().tolist()
+        assert got[b, h, i, j].item() == (where[0] if where else -1)
+    assert (got >= 0).any() and (got == -1).any()
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_block_mixed_dense_and_topk_chunks_equal_per_chunk_calls(activation, monkeypatch):
+    """Chunks whose candidate set is <= topk run dense, the others' top-k gradient pass is batched after the loop:
+    the assembled output and every gradient equal calling sparse_attention on one query chunk at a time."""
+    import ressformer.attention as attn
+
+    p = _problem(seed=21, T=23, Tm=0)
+    idx, val = p["graph"]
+    kw = dict(k_pos=p["k_pos"], activation=activation, topk=8, impl="block", chunk_size=3, block_size=4,
+              blocks_per_query=1, graph_scale=p["graph_scale"])  # chunks see 2 or 3 blocks: 8 (dense) or 12 keys
+    calls = {"dense": 0, "gathered": 0}
+    for name, key in (("_dense_chunk", "dense"), ("_gathered_attend", "gathered")):
+        f = getattr(attn, name)
+        monkeypatch.setattr(attn, name, lambda *a, _f=f, _k=key: (calls.__setitem__(_k, calls[_k] + 1), _f(*a))[1])
+    leaves = [p["q"], p["k"], p["v"], val, p["graph_scale"]]
+    out, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], graph=(idx, val), **kw)
+    assert calls["dense"] > 0 and calls["gathered"] == 1, calls
+    w = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    parts = [sparse_attention(p["q"][:, :, s0:s0 + 3], p["k"], p["v"], q_pos=p["q_pos"][s0:s0 + 3],
+                              graph=(idx[:, s0:s0 + 3], val[:, s0:s0 + 3]), **kw)[0] for s0 in range(0, 23, 3)]
+    ref = torch.cat(parts, dim=2)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(grads, ref_grads):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
+
+
 def test_graph_bias_changes_output_and_gets_gradient():
     p = _problem(seed=3)
     a, grads, _ = _run(p, impl="chunked", chunk_size=4, topk=5)
