@@ -327,7 +327,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         if r[0] == "dense":
             outs.append(r[1])
             nnz = nnz + r[2]
-        else:
+        elif not use_ckpt:  # no gradient wanted: gather per chunk, peak memory O(chunk * topk * D)
+            o, nz = _gathered_attend(q_c, k, v, *r[1], gval, activation)
+            outs.append(o)
+            nnz = nnz + nz
+        else:  # with gradient: autograd keeps every chunk's gathered keys anyway; gather them all at once
             outs.append(None)
             sel_parts.append((s0, s1, r[1], gval))
     if sel_parts:  # the top-k chunks' gradient pass, all at once
