@@ -21,12 +21,15 @@ Three implementations of the same function (`impl`):
              time), then only those keys / values are gathered and their scores recomputed WITH grad, so
              autograd saves O(T * topk * D) instead of O(T * Tk). With topk == 0 each chunk's dense
              attention runs inside a (non-reentrant) torch.utils.checkpoint, so only its inputs are kept.
-* block:     sub-quadratic. Keys are cut into blocks of block_size summarised by their mean key; each
-             query chunk scores the summaries (no grad, max over the chunk's queries of q_i . kbar_b over
-             the blocks that may be visible to q_i), keeps its blocks_per_query best plus every block whose
-             key positions overlap the chunk's query positions (local blocks), then runs the chunked
-             computation on the keys of the kept blocks only. Time O(T * (T / block_size +
-             (blocks_per_query + local) * block_size)). Equal to `chunked` when blocks_per_query covers
+* block:     block-sparse. Keys are cut into blocks of block_size summarised by their mean key; each
+             query scores the summaries of the blocks that may be visible to it (no grad, q_i . kbar_b) and
+             keeps its blocks_per_query best plus the visible blocks overlapping its chunk's positions (local
+             blocks, kept by position alone). A kept non-local block lies wholly before the chunk, so the
+             choice depends on q_i and past keys only: causal (a chunk-wide choice, max over the chunk's
+             queries, would let a later query of the chunk steer an earlier one's keys). The chunk then runs
+             the chunked computation over the union of its queries' blocks, each query masked to its own.
+             Time O(T * (T / block_size + union * block_size)); the union is blocks_per_query + local when
+             a chunk's queries agree and at most all blocks. Equal to `chunked` when blocks_per_query covers
              all blocks. Block visibility is a superset test (min position, max position + window), the
              exact key-level mask is applied afterwards.
 
@@ -152,8 +155,8 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
     """Attention of one query chunk over a candidate key set shared by the chunk's queries.
 
     q_c (B, H, c, D); k, v (B, H, Tk, D); cand None (all Tk keys) or (B, H, n) key indices with cand_valid
-    (B, H, n) bool; qp_c (c,); epos (B, H, c, m) candidate position of each graph edge (-1: absent) or None;
-    gval (B, H, c, m) gamma_h * val or None.
+    (B, H, c, n) bool (per query: the candidates it may use); qp_c (c,); epos (B, H, c, m) candidate position
+    of each graph edge (-1: absent) or None; gval (B, H, c, m) gamma_h * val or None.
 
     Dense over the candidates (topk == 0 or topk >= n): returns ("dense", out (B, H, c, D), nnz, visible).
     Otherwise only the no-grad selection runs here and ("topk", Selection, visible) comes back; the caller
@@ -166,7 +169,7 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
     else:
         n = cand.shape[-1]
         kw = None if k_window is None else k_window[cand]
-        mask = _visible(qp_c, k_pos[cand], kw, causal) & cand_valid[:, :, None, :]  # (B, H, c, n)
+        mask = _visible(qp_c, k_pos[cand], kw, causal) & cand_valid  # (B, H, c, n)
     visible = mask.sum().float() * (B * H if mask.shape[0] == 1 else 1)
 
     if topk == 0 or topk >= n:
@@ -223,6 +226,29 @@ def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation):
     return out, (p.detach() > 0).sum().float()
 
 
+def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None, block_size: int):
+    """Key blocks of block_size consecutive keys: k (B, H, Tk, D) -> kbar (B, H, nb, D) the mean key of each block,
+    and per block (nb,): blk_lo / blk_hi the reach of its keys' windows (min k_pos - w, max k_pos + w),
+    blk_min / blk_max its key position range. The last block may be partial (mean over its real keys)."""
+    B, H, Tk, D = k.shape
+    nb = -(-Tk // block_size)
+    pad = nb * block_size - Tk
+    kpad = torch.nn.functional.pad(k, (0, 0, 0, pad))  # (B, H, nb * bs, D)
+    cnt = torch.full((nb,), float(block_size), dtype=k.dtype, device=k.device)
+    cnt[-1] = block_size - pad
+    kbar = kpad.view(B, H, nb, block_size, D).sum(3) / cnt[:, None]  # (B, H, nb, D) mean key
+    w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
+
+    def per_block(x: torch.Tensor, largest: bool) -> torch.Tensor:  # (Tk,) -> (nb,) max or min
+        fill = int(x.min()) if largest else int(x.max())  # padding never wins the reduction
+        xb = torch.nn.functional.pad(x, (0, pad), value=fill).view(nb, block_size)
+        return xb.amax(1) if largest else xb.amin(1)
+
+    blk_min, blk_max = per_block(k_pos, False), per_block(k_pos, True)  # key position range
+    blk_hi, blk_lo = per_block(k_pos + w, True), per_block(k_pos - w, False)  # window reach
+    return kbar, blk_lo, blk_hi, blk_min, blk_max
+
+
 def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """Candidate position of each graph edge's key, -1 if its block was not kept.
 
@@ -236,8 +262,16 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
 
 
 def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
-    """Kept key blocks of one query chunk -> (cand (B, H, n) key indices, cand_valid (B, H, n) bool,
-    blocks (B, H, n_sel) the kept block ids, distinct; cand[..., j * block_size + o] = blocks[..., j] * block_size + o)."""
+    """Key blocks of one query chunk, chosen per query so that causality holds.
+
+    Query i keeps its blocks_per_query best blocks by q_i . kbar_b among the blocks that may be visible to it,
+    plus every visible block overlapping the chunk's positions (local blocks, kept by position alone). A kept
+    non-local block lies entirely before the chunk, so its summary holds past keys only; nothing query i keeps
+    depends on a later query. The chunk computes over the union of its queries' blocks and masks each query to
+    its own. Returns cand (B, H, n) key indices of the union (n = union blocks x block_size), cand_valid
+    (B, H, c, n) bool (the key exists and its block is one query i kept), blocks (B, H, n_sel) the union's
+    distinct block ids, cand[..., j * block_size + o] = blocks[..., j] * block_size + o.
+    """
     B, H, c, D = q_c.shape
     nb = kbar.shape[2]
     qp = qp_c[:, None]  # (c, 1)
@@ -245,15 +279,22 @@ def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal,
         bvis = (blk_min[None] <= qp) & (qp < blk_hi[None])  # (c, nb) some key of the block may be visible
     else:
         bvis = (blk_lo[None] < qp) & (qp < blk_hi[None])
-    local = (blk_min <= qp_c.max()) & (blk_max >= qp_c.min()) & bvis.any(0)  # (nb,)
-    n_local = int(local.sum())
-    n_sel = min(nb, blocks_per_query + n_local)
+    local = bvis & ((blk_min <= qp_c.max()) & (blk_max >= qp_c.min()))[None]  # (c, nb)
+    n_pick = min(nb, blocks_per_query + int(local.sum(1).max()))
     sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
-    sb = torch.where(bvis, sb, torch.full((), float("-inf"), dtype=sb.dtype, device=sb.device)).amax(2)  # (B, H, nb)
+    sb = torch.where(bvis, sb, torch.full((), float("-inf"), dtype=sb.dtype, device=sb.device))
     sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
-    blocks = sb.topk(n_sel, dim=-1).indices  # (B, H, n_sel)
-    cand = (blocks[..., None] * block_size + torch.arange(block_size, device=q_c.device)).flatten(2)  # (B, H, n)
-    cand_valid = cand < Tk
+    top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick)
+    kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
+    kept.scatter_(-1, top.indices, top.values > float("-inf"))  # (B, H, c, nb) blocks query i kept
+    union = kept.any(2)  # (B, H, nb)
+    n_sel = max(int(union.sum(-1).max()), 1)
+    # ascending block ids, so candidates are in key order whatever else the union holds (ties then break alike)
+    blocks = union.to(torch.uint8).topk(n_sel, dim=-1).indices.sort(-1).values  # (B, H, n_sel); pads: unkept
+    keep = kept.gather(-1, blocks[:, :, None, :].expand(B, H, c, n_sel))  # (B, H, c, n_sel)
+    offs = torch.arange(block_size, device=q_c.device)
+    cand = (blocks[..., None] * block_size + offs).flatten(2)  # (B, H, n)
+    cand_valid = keep.repeat_interleave(block_size, dim=-1) & (cand < Tk)[:, :, None, :]  # (B, H, c, n)
     return cand.clamp(max=Tk - 1), cand_valid, blocks
 
 
@@ -279,21 +320,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
                              f"{chunk_size}, {block_size}, {blocks_per_query}")
         with torch.no_grad():
-            nb = -(-Tk // block_size)
-            pad = nb * block_size - Tk
-            kpad = torch.nn.functional.pad(k, (0, 0, 0, pad))  # (B, H, nb * bs, D)
-            cnt = torch.full((nb,), float(block_size), dtype=k.dtype, device=k.device)
-            cnt[-1] = block_size - pad
-            kbar = kpad.view(B, H, nb, block_size, D).sum(3) / cnt[:, None]  # (B, H, nb, D) mean key
-            w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
-
-            def per_block(x: torch.Tensor, largest: bool) -> torch.Tensor:  # (Tk,) -> (nb,) max or min
-                fill = int(x.min()) if largest else int(x.max())  # padding never wins the reduction
-                xb = torch.nn.functional.pad(x, (0, pad), value=fill).view(nb, block_size)
-                return xb.amax(1) if largest else xb.amin(1)
-
-            blk_min, blk_max = per_block(k_pos, False), per_block(k_pos, True)  # key position range
-            blk_hi, blk_lo = per_block(k_pos + w, True), per_block(k_pos - w, False)  # window reach
+            kbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(k, k_pos, k_window, block_size)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
 

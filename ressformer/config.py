@@ -71,10 +71,10 @@ class ASAMConfig:
 
     activation: str = "softmax"  # softmax | sparsemax | entmax15
     topk: int = 32  # keys per query; 0 = every visible key
-    impl: str = "chunked"  # reference (T x T, for tests) | chunked (exact, memory linear in T) | block (sub-quadratic)
+    impl: str = "chunked"  # reference (T x T, for tests) | chunked (exact, memory linear in T) | block (block-sparse)
     chunk_size: int = 128  # queries per chunk in the chunked / block paths
     block_size: int = 64  # key block size for block selection
-    blocks_per_query: int = 8  # key blocks each query chunk selects (plus its own local blocks)
+    blocks_per_query: int = 8  # key blocks each query selects (plus the local blocks of its chunk); SOES too
 
     def validate(self, p: str = "asam") -> None:
         _check(self.activation in ACTIVATIONS, f"{p}.activation", self.activation, f"one of {ACTIVATIONS}")
@@ -306,7 +306,7 @@ def _1b_moe() -> ModelConfig:
 
 
 def _1b_long() -> ModelConfig:
-    """1B at 32k context: block-selected ASAM keeps attention sub-quadratic."""
+    """1B at 32k context: block-selected ASAM and SOES keep attention memory linear in T."""
     return _1b().replace(**{"max_seq_len": 32768, "asam.impl": "block", "asam.chunk_size": 1024,
                             "asam.block_size": 256, "asam.blocks_per_query": 16})
 

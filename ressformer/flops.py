@@ -100,6 +100,10 @@ def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:
     if not cfg.soes.enabled or cfg.arch != "ressformer":
         return 0.0, 0.0
     r, m = cfg.soes.rank, min(cfg.soes.degree, T)
+    a = cfg.asam
+    if a.impl == "block":  # neighbours chosen inside kept token blocks, like ASAM's block path
+        kept = min(T, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
+        return 2.0 * cfg.d_model * r + m * r, float((math.ceil(T / a.block_size) + kept) * r)
     return 2.0 * cfg.d_model * r + m * r, float(T * r)
 
 

@@ -18,6 +18,13 @@ Design choices:
 * Neighbour selection runs under torch.no_grad in query chunks (chunk x T scores at a time, memory linear
   in T); the kept edges' scores are then recomputed with gradient from the gathered (B, T, m, r) dst
   vectors, so the projections learn through A (the top-m choice itself is not differentiable).
+* With asam.impl == "block" (the long-context setting) the selection is block-sparse like ASAM's: the dst
+  vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
+  asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
+  (attention._block_candidates, causal by construction), and N_i is the exact top-m over the visible tokens
+  of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of
+  O(T^2 r); equal to the exact graph when the kept blocks cover every visible token (tested). Blocks are
+  contiguous positions, so this mode is not permutation-equivariant in encoder mode (the exact one is).
 * Graph indices address the key axis of ASAM, whose first T keys are the tokens, so they apply unchanged
   when R2MU memory keys are appended after the tokens.
 * smoothness_penalty works on the sparse rows: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>, the overlap
@@ -32,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ressformer.attention import _block_candidates, block_summaries
 from ressformer.config import ModelConfig
 from ressformer.sparse import masked_softmax
 
@@ -53,6 +61,9 @@ class LatentGraph(nn.Module):
         self.degree = cfg.soes.degree
         self.causal = cfg.causal
         self.chunk_size = cfg.asam.chunk_size
+        self.block = cfg.asam.impl == "block"
+        self.block_size = cfg.asam.block_size
+        self.blocks_per_query = cfg.asam.blocks_per_query
         self.src_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.dst_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.init_weights()
@@ -74,19 +85,40 @@ class LatentGraph(nn.Module):
         dst = self.dst_proj(h)  # (B, T, r)
         pos = torch.arange(T, device=h.device)
 
-        # Neighbour selection, no autograd graph, chunk x T scores at a time.
+        # Neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time.
         idx_parts, valid_parts = [], []
         with torch.no_grad():
+            if self.block:
+                dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos, None, self.block_size)
             for s0 in range(0, T, self.chunk_size):
                 s1 = min(T, s0 + self.chunk_size)
-                s = torch.einsum("bir,bjr->bij", src[:, s0:s1], dst) * scale  # (B, c, T)
-                if self.causal:
-                    vis = pos[None, :] <= pos[s0:s1, None]  # (c, T)
+                if self.block:
+                    cand, cand_valid, _ = _block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
+                                                            blk_max, pos[s0:s1], self.causal, self.blocks_per_query,
+                                                            self.block_size, T)
+                    cand, vis = cand[:, 0], cand_valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
+                    d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
+                    if self.causal:
+                        vis = vis & (cand[:, None, :] <= pos[s0:s1, None])  # (B, c, n)
+                else:
+                    cand, d_c = None, dst
+                    vis = (pos[None, :] <= pos[s0:s1, None])[None] if self.causal else None  # (1, c, T)
+                s = torch.einsum("bir,bjr->bij", src[:, s0:s1], d_c) * scale  # (B, c, n)
+                if vis is not None:
                     s = s.masked_fill(~vis, float("-inf"))
-                sel = s.topk(m, dim=-1)  # (B, c, m)
-                valid = sel.values > float("-inf")
-                own = pos[s0:s1].view(1, -1, 1).expand_as(sel.indices)
-                idx_parts.append(torch.where(valid, sel.indices, own))  # spare slots point at the token itself
+                if cand is None:
+                    values, indices = s.topk(m, dim=-1)  # (B, c, m)
+                else:  # stable: equal scores (repeated tokens) break by position, not by the union's layout
+                    values, indices = (x[..., :m] for x in s.sort(dim=-1, descending=True, stable=True))
+                if cand is not None:
+                    indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)
+                if values.shape[-1] < m:  # fewer candidates than m: pad with spare slots
+                    short = m - values.shape[-1]
+                    values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
+                    indices = torch.nn.functional.pad(indices, (0, short))
+                valid = values > float("-inf")
+                own = pos[s0:s1].view(1, -1, 1).expand_as(indices)
+                idx_parts.append(torch.where(valid, indices, own))  # spare slots point at the token itself
                 valid_parts.append(valid)
         idx = torch.cat(idx_parts, dim=1)  # (B, T, m)
         valid = torch.cat(valid_parts, dim=1)

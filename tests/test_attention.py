@@ -151,6 +151,27 @@ def test_causality(activation, impl, extra, topk):
 
 
 @pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("topk", [0, 3])
+def test_block_selection_is_causal_in_queries_and_keys(activation, topk):
+    """Few blocks over a long context: the blocks a query keeps depend on its own query and on past keys only,
+    never on a later query of the same chunk (a chunk-wide block choice would leak the future)."""
+    p = _problem(seed=17, T=40, Tm=0)
+    kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], activation=activation, topk=topk, impl="block", chunk_size=8,
+              block_size=4, blocks_per_query=1, graph=p["graph"], graph_scale=p["graph_scale"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base, _ = sparse_attention(p["q"], p["k"], p["v"], **kw)
+        full, _ = sparse_attention(p["q"], p["k"], p["v"], **{**kw, "impl": "reference"})
+        assert (base - full).abs().max() > 1e-3  # the selection really drops blocks
+        for t in (3, 9, 17, 30):
+            q2, k2, v2 = (x.clone() for x in (p["q"], p["k"], p["v"]))
+            for x in (q2, k2, v2):
+                x[:, :, t + 1:] = 10 * torch.randn(x[:, :, t + 1:].shape, generator=g, dtype=x.dtype)
+            out, _ = sparse_attention(q2, k2, v2, **kw)
+            torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("impl", ["reference", "chunked", "block"])
 @pytest.mark.parametrize("topk", [0, 3])
 def test_no_visible_key_gives_zeros_and_finite_grads(activation, impl, topk):

@@ -51,6 +51,24 @@ def test_causality_every_attention_variant(activation, topk, impl):
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])  # the change is seen downstream
 
 
+@pytest.mark.parametrize("topk", [0, 4])
+def test_causality_block_selection_over_a_long_context(topk):
+    """Block ASAM and the block-restricted SOES graph with few kept blocks: token t+1 must not reach t through
+    which blocks the query chunk of t selects (T = 40, chunks of 8 queries, blocks of 4 keys, 1 block kept)."""
+    cfg = tiny(**{"max_seq_len": 48, "asam.impl": "block", "asam.topk": topk, "asam.chunk_size": 8,
+                  "asam.block_size": 4, "asam.blocks_per_query": 1})
+    model = build(cfg, dtype=torch.float64).eval()
+    x = tokens(2, 40)
+    with torch.no_grad():
+        a = model(x).logits
+        for t in (5, 12, 26):
+            y = x.clone()
+            y[:, t + 1:] = (y[:, t + 1:] + 7) % cfg.vocab_size
+            b = model(y).logits
+            torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-12)
+            assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
 # --- efficient == reference ---------------------------------------------------------------------
 @pytest.mark.parametrize("activation,topk", [("softmax", 4), ("softmax", 0), ("sparsemax", 4), ("entmax15", 0)])
 def test_chunked_equals_reference_logits_and_grads(activation, topk):

@@ -49,6 +49,50 @@ def test_graph_matches_dense_reference(causal):
     torch.testing.assert_close(g.val.sum(-1), torch.ones(2, 13, dtype=torch.float64))
 
 
+def _block_cfg(causal=True, degree=4, chunk=5, block=3, bpq=100):
+    return _cfg(causal, degree, chunk).replace(**{"asam.impl": "block", "asam.block_size": block,
+                                                  "asam.blocks_per_query": bpq})
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_graph_equals_exact_when_blocks_cover_everything(causal):
+    torch.manual_seed(4)
+    exact = LatentGraph(_cfg(causal)).double()
+    block = LatentGraph(_block_cfg(causal)).double()
+    block.load_state_dict(exact.state_dict())
+    h = torch.randn(2, 13, 64, dtype=torch.float64, requires_grad=True)
+    a, b = _dense(exact(h), 13), _dense(block(h), 13)
+    torch.testing.assert_close(b, a)
+    w = torch.randn(2, 13, 13, dtype=torch.float64)
+    for ga, gb in zip(torch.autograd.grad((a * w).sum(), [h, exact.src_proj.weight]),
+                      torch.autograd.grad((b * w).sum(), [h, block.src_proj.weight])):
+        torch.testing.assert_close(gb, ga)
+
+
+def test_block_graph_with_few_blocks_is_sparse_causal_and_well_formed():
+    torch.manual_seed(5)
+    T = 40
+    exact, block = LatentGraph(_cfg(True, chunk=8)), LatentGraph(_block_cfg(True, chunk=8, block=4, bpq=1))
+    block.load_state_dict(exact.state_dict())
+    h = torch.randn(2, T, 64)
+    g = block(h)
+    assert not torch.equal(_dense(g, T), _dense(exact(h), T))  # some best neighbours lie in dropped blocks
+    i = torch.arange(T).view(1, T, 1)
+    assert (g.idx <= i).all() and (g.idx >= 0).all()
+    torch.testing.assert_close(g.val.sum(-1), torch.ones(2, T))
+    assert ((g.val > 0).sum(-1) == torch.tensor([1, 2, 3] + [4] * (T - 3))).all()  # own block has >= 4 visible
+    for b in range(2):
+        for row in range(T):
+            kept = g.idx[b, row][g.val[b, row] > 0]
+            assert kept.unique().numel() == kept.numel()
+    for t in (6, 13, 29):  # tokens after t change: rows <= t keep their edges and values
+        h2 = h.clone()
+        h2[:, t + 1:] = torch.randn(2, T - t - 1, 64)
+        g2 = block(h2)
+        assert torch.equal(g2.idx[:, :t + 1], g.idx[:, :t + 1])
+        torch.testing.assert_close(g2.val[:, :t + 1], g.val[:, :t + 1], rtol=0, atol=0)
+
+
 def test_causal_spare_slots_and_visibility():
     torch.manual_seed(1)
     lg = LatentGraph(_cfg(True, degree=4))
