@@ -261,7 +261,7 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
-def _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
+def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
     """Key blocks of one query chunk, chosen per query so that causality holds.
 
     Query i keeps its blocks_per_query best blocks by q_i . kbar_b among the blocks that may be visible to it,
@@ -338,7 +338,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         epos = gval = None
         if impl == "block":
             with torch.no_grad():
-                cand, cand_valid, blocks = _block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c,
+                cand, cand_valid, blocks = block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c,
                                                              causal, blocks_per_query, block_size, Tk)
         if graph is not None:
             gval = gval_all[:, :, s0:s1]  # (B, H, c, m)

@@ -21,10 +21,10 @@ Design choices:
 * With asam.impl == "block" (the long-context setting) the selection is block-sparse like ASAM's: the dst
   vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
   asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
-  (attention._block_candidates, causal by construction), and N_i is the exact top-m over the visible tokens
-  of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of
-  O(T^2 r); equal to the exact graph when the kept blocks cover every visible token (tested). Blocks are
-  contiguous positions, so this mode is not permutation-equivariant in encoder mode (the exact one is).
+  (attention.block_candidates, causal by construction), and N_i is the exact top-m over the visible tokens
+  of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of O(T^2 r); equal to the exact
+  graph when the kept blocks cover every visible token (tested). Blocks are contiguous positions, so this
+  mode is not permutation-equivariant in encoder mode (the exact one is).
 * Graph indices address the key axis of ASAM, whose first T keys are the tokens, so they apply unchanged
   when R2MU memory keys are appended after the tokens.
 * smoothness_penalty works on the sparse rows: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>, the overlap
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ressformer.attention import _block_candidates, block_summaries
+from ressformer.attention import block_candidates, block_summaries
 from ressformer.config import ModelConfig
 from ressformer.sparse import masked_softmax
 
@@ -93,7 +93,7 @@ class LatentGraph(nn.Module):
             for s0 in range(0, T, self.chunk_size):
                 s1 = min(T, s0 + self.chunk_size)
                 if self.block:
-                    cand, cand_valid, _ = _block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
+                    cand, cand_valid, _ = block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
                                                             blk_max, pos[s0:s1], self.causal, self.blocks_per_query,
                                                             self.block_size, T)
                     cand, vis = cand[:, 0], cand_valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
@@ -110,8 +110,7 @@ class LatentGraph(nn.Module):
                     values, indices = s.topk(m, dim=-1)  # (B, c, m)
                 else:  # stable: equal scores (repeated tokens) break by position, not by the union's layout
                     values, indices = (x[..., :m] for x in s.sort(dim=-1, descending=True, stable=True))
-                if cand is not None:
-                    indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)
+                    indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)  # token indices
                 if values.shape[-1] < m:  # fewer candidates than m: pad with spare slots
                     short = m - values.shape[-1]
                     values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
