@@ -2,9 +2,10 @@
 
 Design choices
 - The model package stays single-device; this file applies DeepSpeed from outside. ZeRO-3 builds the
-  model under `deepspeed.zero.Init` and then (re)initialises it with `init_weights()` inside
-  `GatheredParameters(modifier_rank=0)` (parameters partitioned after each submodule's constructor
-  would otherwise be initialised as empty shards). Expert parallelism: `pretrain.expert_parallel.
+  model under `deepspeed.zero.Init`, then `initialise_parameters` runs the model's `init_plan()` one
+  parameter at a time, each gathered alone and set on rank 0 (no rank ever holds the whole model; the
+  constructors' own initialisation ran on partitions). Every stage initialises this way, so a seed gives
+  the same weights under ZeRO-1/2/3 and any world size. Expert parallelism: `pretrain.expert_parallel.
   prepare_expert_parallel` (engineer E2) is called right before `deepspeed.initialize`.
 - Optimizer = torch AdamW (decay on >= 2-D weights except embeddings) + LambdaLR (linear warmup, cosine
   or linear decay to min_lr), handed to `deepspeed.initialize`: a plain torch run with the same objects
@@ -26,6 +27,7 @@ Design choices
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -114,27 +116,64 @@ def zero_stage(ds: dict) -> int:
 
 def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
     """Build the model (under zero.Init for ZeRO-3), initialise it from the seed (or `init_state`)."""
-    import deepspeed
     from ressformer import build_model
 
     cfg = run.model_config()
-    torch.manual_seed(run.seed)
-    if zero_stage(ds) == 3:
+    zero3 = zero_stage(ds) == 3
+    if zero3:
+        import deepspeed
+
         with deepspeed.zero.Init(config_dict_or_path=ds):
             model = build_model(cfg)
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            if dist.get_rank() == 0:
-                torch.manual_seed(run.seed)
-                model.init_weights()
-                if init_state is not None:
-                    model.load_state_dict(init_state)
     else:
         model = build_model(cfg)
-        if init_state is not None:
-            model.load_state_dict(init_state)
+    initialise_parameters(model, run.seed, init_state, partitioned=zero3)
     if run.activation_checkpointing["enabled"]:
         model.set_checkpointing(checkpoint_fn, every=run.activation_checkpointing["every"])
     return model
+
+
+@torch.no_grad()
+def initialise_parameters(model: torch.nn.Module, seed: int, init_state: dict | None = None,
+                          partitioned: bool = False) -> None:
+    """Set every parameter from the seed (`model.init_plan()`, drawn in plan order) or from `init_state`.
+
+    The same seed gives the same weights whatever the ZeRO stage or world size. `partitioned` (ZeRO-3, the
+    model built under zero.Init): each parameter is gathered alone (`GatheredParameters([p], modifier_rank=0)`),
+    set on rank 0 and re-partitioned on leaving, so no rank holds more than one full parameter at a time
+    (the constructor's own initialisation ran on partitions and is overwritten here).
+    """
+    from ressformer.initialization import check_plan
+
+    params = dict(model.named_parameters())
+    if init_state is None:
+        plan = model.init_plan()
+        check_plan(model, plan)
+        steps = plan
+    else:
+        keys = set(model.state_dict().keys())  # names of tied parameters included, as load_state_dict expects
+        missing, unexpected = sorted(keys - set(init_state)), sorted(set(init_state) - keys)
+        if missing or unexpected:
+            raise ValueError(f"init state does not fit the model: missing {missing}, unexpected {unexpected}; "
+                             "it was written for another model config (check init_from and the model overrides)")
+        for name, p in params.items():
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(init_state[name].shape) != shape:
+                raise ValueError(f"init state: {name} has shape {tuple(init_state[name].shape)}, the model's is "
+                                 f"{shape}; it was written for another model config")
+        for name, buf in model.named_buffers():  # buffers are never partitioned: every rank sets its own
+            if name in init_state:
+                buf.copy_(init_state[name])
+        steps = [(name, lambda p, name=name: p.copy_(init_state[name])) for name in params]
+    writer = not partitioned or dist.get_rank() == 0
+    if partitioned:
+        import deepspeed
+    torch.manual_seed(seed)
+    for name, fn in steps:
+        p = params[name]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if partitioned else contextlib.nullcontext():
+            if writer:
+                fn(p)
 
 
 def load_init_from(run: RunConfig) -> dict | None:

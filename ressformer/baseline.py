@@ -14,8 +14,8 @@ Design choices:
   self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp}, model.norm, lm_head.
 * RoPE cos/sin are non-persistent buffers for cfg.max_seq_len positions, (re)computed in init_weights (so a
   meta-device build followed by to_empty + init_weights is correct) and extended when a longer input arrives.
-* Initialisation in one place (`init_weights`), in-place only: N(0, init_std) for linears / embeddings / expert
-  weights, output projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers), norms ones.
+* Initialisation in one place (`init_plan`, run by `init_weights`), in-place only: N(0, init_std) for linears /
+  embeddings / expert weights, output projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers), norms ones.
 * Activation checkpointing from outside: `set_checkpointing(fn, every)` routes every `every`-th layer call
   through fn(layer, *args) (torch.utils.checkpoint.checkpoint's calling convention).
 """
@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressformer.config import ModelConfig
+from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.moe import make_mlp, moe_aux_losses
 from ressformer.output import ModelOutput, lm_loss
 
@@ -130,25 +131,25 @@ class TransformerForCausalLM(nn.Module):
             raise ValueError(f"set_checkpointing: every={every} must be >= 1")
         self._ckpt_fn, self._ckpt_every = fn, every
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_plan(self) -> Plan:
+        """Ordered (parameter name, in-place init) steps covering every parameter (ressformer.initialization)."""
         cfg = self.config
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)
-        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=std)
+        plan = [("model.embed_tokens.weight", normal(std))]
+        if not cfg.tie_embeddings:
+            plan.append(("lm_head.weight", normal(std)))
+        plan.append(("model.norm.weight", ones))
+        for i, layer in enumerate(self.model.layers):
+            plan += layer_rules(f"model.layers.{i}.", layer, std, out_std)
+        return plan
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.config
         if cfg.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
             self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
-        nn.init.ones_(self.model.norm.weight)
-        for layer in self.model.layers:
-            nn.init.ones_(layer.input_layernorm.weight)
-            nn.init.ones_(layer.post_attention_layernorm.weight)
-            a = layer.self_attn
-            for p in (a.q_proj, a.k_proj, a.v_proj):
-                nn.init.normal_(p.weight, mean=0.0, std=std)
-            nn.init.normal_(a.o_proj.weight, mean=0.0, std=out_std)
-            layer.mlp.init_weights(std, out_std)
+        run_plan(self, self.init_plan())
         cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

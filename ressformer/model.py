@@ -28,7 +28,8 @@ Design choices:
   prelude block, one whole recurrent step (memory pooling + gate + graph + block) or one coda block;
   every `every`-th unit is run through fn. The forward keeps no tensors on `self`, so the shared block
   may be called K times under ZeRO-3 / recomputation.
-* Initialisation in one place (`init_weights`), in-place only, so it runs on the meta device:
+* Initialisation in one place (`init_plan`, run by `init_weights`; one parameter at a time under ZeRO-3),
+  in-place only, so it runs on the meta device:
   N(0, init_std) for linears / embeddings / slot queries, output projections (o_proj, down_proj)
   scaled by 1/sqrt(2 * (n_prelude + steps + n_coda)), norms ones, gate biases zero.
 """
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ressformer.config import ModelConfig
+from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.output import ModelOutput, lm_loss
 from ressformer.recurrence import SegmentMemory, moe_aux_from_logits
 
@@ -139,34 +141,27 @@ class ReSSFormerForCausalLM(nn.Module):
         self._ckpt_fn, self._ckpt_every = fn, every
 
     # --- initialisation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_plan(self) -> Plan:
+        """Ordered (parameter name, in-place init) steps covering every parameter (ressformer.initialization)."""
         cfg = self.config
         std = cfg.init_std
         depth = cfg.r2mu.n_prelude + cfg.r2mu.steps + cfg.r2mu.n_coda
         out_std = std / math.sqrt(2 * depth)
-        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=std)
-        if cfg.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
-            self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
-        nn.init.ones_(self.model.norm.weight)
+        plan = [("model.embed_tokens.weight", normal(std))]
+        if not cfg.tie_embeddings:
+            plan.append(("lm_head.weight", normal(std)))
+        plan.append(("model.norm.weight", ones))
         if self.model.memory is not None:
-            self.model.memory.init_weights(std)
-        for layer in self.model.layers:
-            for name, p in layer.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if "layernorm" in name:
-                    nn.init.ones_(p)
-                elif leaf == "graph_scale":
-                    pass  # owned and initialised by ASAMAttention below
-                elif "o_proj" in name or "down_proj" in name:
-                    nn.init.normal_(p, mean=0.0, std=out_std)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=std)
-            attn_init = getattr(layer.self_attn, "init_graph_scale", None)
-            if attn_init is not None:
-                attn_init()
+            plan += [("model.memory." + n, fn) for n, fn in self.model.memory.init_plan(std)]
+        for i, layer in enumerate(self.model.layers):
+            plan += layer_rules(f"model.layers.{i}.", layer, std, out_std)
+        return plan
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        if self.config.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
+            self.lm_head.weight = self.model.embed_tokens.weight
+        run_plan(self, self.init_plan())
 
     # --- forward ------------------------------------------------------------------------------
     def _maybe_ckpt(self, unit: int, fn: Callable, *args):

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from ressformer.config import ModelConfig
+from ressformer.initialization import Plan, normal, ones, run_plan, zeros
 
 # Window given to keys that every (causally allowed) query may read: larger than any position.
 UNBOUNDED_WINDOW = 1 << 40
@@ -102,11 +103,12 @@ class SegmentMemory(nn.Module):
         self.pool_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.gate = nn.Linear(2 * d, 1, bias=True)
 
+    def init_plan(self, std: float) -> Plan:
+        return [("slot_queries", normal(std)), ("pool_norm.weight", ones), ("gate.weight", normal(std)),
+                ("gate.bias", zeros)]  # zero bias: a = 1/2 at init, an equal blend of old and new summary
+
     def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.slot_queries, mean=0.0, std=std)
-        nn.init.ones_(self.pool_norm.weight)
-        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.gate.bias)  # a = 1/2 at init: equal blend of old and new summary
+        run_plan(self, self.init_plan(std))
 
     def num_segments(self, T: int) -> int:
         """Complete segments of a length-T sequence (encoder mode: the whole sequence is one)."""

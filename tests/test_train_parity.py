@@ -7,6 +7,8 @@ give the same loss and the same updated weights as the reference within fp32 tol
 Adam's first step is
 lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is ~1e-8 flips sign under fp32 reduction-order
 noise and moves by 2 lr, so the test uses eps = 1e-4, which keeps the update a smooth function of the gradient.
+The same launch builds the full debug model from its seed under ZeRO-3: the weights equal init_weights() in one
+process, and no rank ever gathered more than one parameter while building.
 """
 
 
@@ -58,7 +60,9 @@ def test_zero3_two_ranks_match_single_process(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (WORLD * MB, T))
     ds_json = (REPO / "ds_configs" / "zero3.json").read_text()
     cases = [{"name": n, "run": _run_cfg(ac), "num_steps": k, "ds_json": ds_json} for n, ac, k in CASES]
-    torch.save({"state": state, "input_ids": ids, "cases": cases}, tmp_path / "in.pt")
+    seed_run = RunConfig(model="debug", seq_len=T, micro_batch=MB, seed=11, wandb={"mode": "disabled"}).to_dict()
+    torch.save({"state": state, "input_ids": ids, "cases": cases, "seed_init": {"run": seed_run, "ds_json": ds_json}},
+               tmp_path / "in.pt")
     launch_ranks(["tests/helpers/parity_worker.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                  WORLD, timeout=540)
     got = torch.load(tmp_path / "out.pt", weights_only=False)
@@ -70,3 +74,18 @@ def test_zero3_two_ranks_match_single_process(tmp_path):
             torch.testing.assert_close(got[name]["state"][key], ref, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
             moved = max(moved, (ref - state[key]).abs().max().item())
         assert moved > 1e-4, f"{name}: the step did not change the weights (max change {moved})"
+
+    # Seeded initialisation under ZeRO-3 (full debug model: MoE, R2MU memory, SOES) == the plain model API, and
+    # built one parameter at a time: no GatheredParameters call during the build held more than one parameter.
+    seed_cfg = RunConfig.from_dict(seed_run).model_config()
+    torch.manual_seed(11)
+    ref = build_model(seed_cfg)
+    torch.manual_seed(11)
+    ref.init_weights()
+    init = got["seed_init"]
+    assert init["state"].keys() == ref.state_dict().keys()
+    for key, want in ref.state_dict().items():
+        assert torch.equal(init["state"][key], want), f"seeded ZeRO-3 init differs from init_weights() at {key}"
+    sizes = [p.numel() for p in ref.parameters()]
+    assert len(init["gathered"]) == len(sizes), init["gathered"]
+    assert max(init["gathered"]) == max(sizes) < sum(sizes) / 4, (max(init["gathered"]), max(sizes), sum(sizes))

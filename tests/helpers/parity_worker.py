@@ -1,6 +1,9 @@
 """One rank of the ZeRO parity check (tests/test_train_parity.py). Reads a torch file with the initial
 state, the global batch and a list of cases; for each case runs one DeepSpeed step on this rank's slice and
-rank 0 writes {case: {"loss", "state"}} (gathered full parameters after the step) to OUT."""
+rank 0 writes {case: {"loss", "state"}} (gathered full parameters after the step) to OUT. With "seed_init"
+(a run config and a DeepSpeed config) it also builds that model from its seed the trainer's way and writes
+{"seed_init": {"state", "gathered"}}: the full initial parameters and the numel of every GatheredParameters
+call made while building."""
 
 import json
 import sys
@@ -22,6 +25,23 @@ def main(inp: str, out: str) -> None:
     trainer.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
+    if spec.get("seed_init"):
+        run = RunConfig.from_dict(spec["seed_init"]["run"])
+        ds = trainer.build_ds_config(json.loads(spec["seed_init"]["ds_json"]), run, world)
+        gathered, real = [], deepspeed.zero.GatheredParameters
+
+        def counting(params, *a, **kw):
+            gathered.append(sum(p.ds_numel for p in params))
+            return real(params, *a, **kw)
+
+        deepspeed.zero.GatheredParameters = counting
+        try:
+            model = trainer.build_model_for(run, ds)
+        finally:
+            deepspeed.zero.GatheredParameters = real
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        results["seed_init"] = {"state": state, "gathered": gathered}
     for case in spec["cases"]:
         run = RunConfig.from_dict(case["run"])
         engine, _, _, ds = trainer.initialize(run, json.loads(case["ds_json"]), init_state=spec["state"])
