@@ -1,6 +1,8 @@
 """Long context on CPU: peak memory and time of one forward+backward of the debug model vs sequence length.
 
-    python bench/long_context.py [--lengths 1024 2048 4096 8192 16384] [--impls reference chunked block]
+    python bench/long_context.py [--lengths 1024 2048 4096 8192 16384] [--impls reference chunked block block-chunk]
+
+`block-chunk` is impl block with asam.block_select chunk (the chunk's earliest query picks its blocks).
 
 Each (impl, T) runs in a fresh subprocess (batch 1, the debug preset with max_seq_len = T) and reports the
 process's peak resident memory (ru_maxrss, so the model, the allocator and Python are included) and its
@@ -30,7 +32,8 @@ sys.path.insert(0, sys.argv[3])
 from ressformer import ModelConfig, build_model
 T, impl = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
-cfg = ModelConfig.from_preset("debug", max_seq_len=T, **{"asam.impl": impl})
+over = {"asam.impl": "block", "asam.block_select": "chunk"} if impl == "block-chunk" else {"asam.impl": impl}
+cfg = ModelConfig.from_preset("debug", max_seq_len=T, **over)
 model = build_model(cfg)
 x = torch.randint(0, cfg.vocab_size, (1, T))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,7 +58,7 @@ def measure(T: int, impl: str, system_malloc: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--impls", nargs="+", default=["reference", "chunked", "block"])
+    ap.add_argument("--impls", nargs="+", default=["reference", "chunked", "block", "block-chunk"])
     ap.add_argument("--reference-max", type=int, default=4096)
     ap.add_argument("--chunked-max", type=int, default=8192, help="chunked is exact top-k: O(T^2) time")
     ap.add_argument("--system-malloc", action="store_true", help="keep glibc's adaptive mmap threshold")
@@ -64,23 +67,23 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, debug preset, batch 1, fwd+bwd, "
           f"{'system malloc' if a.system_malloc else 'MALLOC_MMAP_THRESHOLD_=1048576'}")
-    print(f"{'impl':10} {'T':>6} {'peak MiB':>9} {'above start':>11} {'s':>7} {'T x':>5} {'mem x':>6} {'time x':>7}")
+    print(f"{'impl':11} {'T':>6} {'peak MiB':>9} {'above start':>11} {'s':>7} {'T x':>5} {'mem x':>6} {'time x':>7}")
     for impl in a.impls:
         first = None
         for T in a.lengths:
             if impl == "reference" and T > a.reference_max:
-                print(f"{impl:10} {T:>6}   skipped (quadratic scores; raise --reference-max to try)")
+                print(f"{impl:11} {T:>6}   skipped (quadratic scores; raise --reference-max to try)")
                 continue
             if impl == "chunked" and T > a.chunked_max:
-                print(f"{impl:10} {T:>6}   skipped (quadratic time; raise --chunked-max to try)")
+                print(f"{impl:11} {T:>6}   skipped (quadratic time; raise --chunked-max to try)")
                 continue
             r = measure(T, impl, a.system_malloc)
             if "error" in r:
-                print(f"{impl:10} {T:>6}   failed: {r['error']}")
+                print(f"{impl:11} {T:>6}   failed: {r['error']}")
                 continue
             used = r["peak_mib"] - r["base_mib"]
             first = first or (T, used, r["seconds"])
-            print(f"{impl:10} {T:>6} {r['peak_mib']:>9.0f} {used:>11.0f} {r['seconds']:>7.2f} {T / first[0]:>5.0f} "
+            print(f"{impl:11} {T:>6} {r['peak_mib']:>9.0f} {used:>11.0f} {r['seconds']:>7.2f} {T / first[0]:>5.0f} "
                   f"{used / first[1]:>6.1f} {r['seconds'] / first[2]:>7.1f}")
 
 

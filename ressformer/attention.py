@@ -29,8 +29,11 @@ Three implementations of the same function (`impl`):
              queries, would let a later query of the chunk steer an earlier one's keys). The chunk then runs
              the chunked computation over the union of its queries' blocks, each query masked to its own.
              Time O(T * (T / block_size + union * block_size)); the union is blocks_per_query + local when
-             a chunk's queries agree and at most all blocks. Equal to `chunked` when blocks_per_query covers
-             all blocks. Block visibility is a superset test (min position, max position + window), the
+             a chunk's queries agree and at most all blocks. block_select="chunk" bounds it: the chunk's
+             earliest query (which every query of the chunk may see) chooses the non-local blocks for the
+             whole chunk, still causal, union = blocks_per_query + local always, at the price of staleness
+             (a later query uses blocks chosen up to chunk_size - 1 positions earlier). Equal to `chunked`
+             when blocks_per_query covers all blocks. Block visibility is a superset test (min position, max position + window), the
              exact key-level mask is applied afterwards.
 
 The graph bias is matched to the gathered keys by index (the selection pass records which of the kept
@@ -261,7 +264,8 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
-def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk):
+def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk,
+                     select: str = "query"):
     """Key blocks of one query chunk, chosen per query so that causality holds.
 
     Query i keeps its blocks_per_query best blocks by q_i . kbar_b among the blocks that may be visible to it,
@@ -271,6 +275,10 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
     its own. Returns cand (B, H, n) key indices of the union (n = union blocks x block_size), cand_valid
     (B, H, c, n) bool (the key exists and its block is one query i kept), blocks (B, H, n_sel) the union's
     distinct block ids, cand[..., j * block_size + o] = blocks[..., j] * block_size + o.
+
+    select="chunk": the chunk's non-local blocks are chosen once, by its earliest query (the lowest position,
+    which every query of the chunk may see), and shared by all its queries: still causal, and the union is
+    bounded by blocks_per_query + local blocks however much the queries would disagree.
     """
     B, H, c, D = q_c.shape
     nb = kbar.shape[2]
@@ -280,13 +288,26 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
     else:
         bvis = (blk_lo[None] < qp) & (qp < blk_hi[None])
     local = bvis & ((blk_min <= qp_c.max()) & (blk_max >= qp_c.min()))[None]  # (c, nb)
-    n_pick = min(nb, blocks_per_query + int(local.sum(1).max()))
-    sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
-    sb = torch.where(bvis, sb, torch.full((), float("-inf"), dtype=sb.dtype, device=sb.device))
-    sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
-    top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick)
-    kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
-    kept.scatter_(-1, top.indices, top.values > float("-inf"))  # (B, H, c, nb) blocks query i kept
+    neg_inf = torch.full((), float("-inf"), dtype=q_c.dtype, device=q_c.device)
+    if select == "query":
+        n_pick = min(nb, blocks_per_query + int(local.sum(1).max()))
+        sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
+        sb = torch.where(bvis, sb, neg_inf)
+        sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
+        top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick)
+        kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
+        kept.scatter_(-1, top.indices, top.values > float("-inf"))  # (B, H, c, nb) blocks query i kept
+    elif select == "chunk":
+        i0 = int(qp_c.argmin())
+        any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them
+        sb = torch.einsum("bhd,bhnd->bhn", q_c[:, :, i0], kbar)  # (B, H, nb) the earliest query's scores
+        sb = torch.where(bvis[i0] & ~any_local, sb, neg_inf)
+        top = sb.topk(min(nb, blocks_per_query), dim=-1)  # (B, H, blocks_per_query)
+        shared = torch.zeros(B, H, nb, dtype=torch.bool, device=q_c.device)
+        shared.scatter_(-1, top.indices, top.values > float("-inf"))
+        kept = (shared | any_local)[:, :, None, :] & bvis  # (B, H, c, nb)
+    else:
+        raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
     union = kept.any(2)  # (B, H, nb)
     n_sel = max(int(union.sum(-1).max()), 1)
     # ascending block ids, so candidates are in key order whatever else the union holds (ties then break alike)
@@ -302,7 +323,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      k_pos: torch.Tensor, k_window: torch.Tensor | None = None, causal: bool = True,
                      activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
-                     blocks_per_query: int = 8) -> tuple[torch.Tensor, dict]:
+                     blocks_per_query: int = 8, block_select: str = "query") -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
 
@@ -339,7 +360,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         if impl == "block":
             with torch.no_grad():
                 cand, cand_valid, blocks = block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c,
-                                                             causal, blocks_per_query, block_size, Tk)
+                                                             causal, blocks_per_query, block_size, Tk, block_select)
         if graph is not None:
             gval = gval_all[:, :, s0:s1]  # (B, H, c, m)
             e = g_idx[:, None, s0:s1].expand(B, H, c, g_idx.shape[-1])  # (B, H, c, m) key index of each edge
@@ -439,6 +460,6 @@ class ASAMAttention(nn.Module):
         out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, causal=self.cfg.causal,
                                       activation=a.activation, topk=a.topk, graph=g, graph_scale=self.graph_scale,
                                       impl=a.impl, chunk_size=a.chunk_size, block_size=a.block_size,
-                                      blocks_per_query=a.blocks_per_query)
+                                      blocks_per_query=a.blocks_per_query, block_select=a.block_select)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats

@@ -29,6 +29,7 @@ from typing import Any
 ARCHS = ("ressformer", "transformer")
 ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
 ATTN_IMPLS = ("reference", "chunked", "block")
+BLOCK_SELECT = ("query", "chunk")
 K_SAMPLING = ("fixed", "uniform", "poisson")
 
 
@@ -75,6 +76,8 @@ class ASAMConfig:
     chunk_size: int = 128  # queries per chunk in the chunked / block paths
     block_size: int = 64  # key block size for block selection
     blocks_per_query: int = 8  # key blocks each query selects (plus the local blocks of its chunk); SOES too
+    block_select: str = "query"  # query: each query picks its own blocks | chunk: a chunk's earliest query picks
+    #                              for the whole chunk (bounded union, for long context; see attention.py)
 
     def validate(self, p: str = "asam") -> None:
         _check(self.activation in ACTIVATIONS, f"{p}.activation", self.activation, f"one of {ACTIVATIONS}")
@@ -83,6 +86,7 @@ class ASAMConfig:
         _check(self.chunk_size >= 1, f"{p}.chunk_size", self.chunk_size, "must be >= 1")
         _check(self.block_size >= 1, f"{p}.block_size", self.block_size, "must be >= 1")
         _check(self.blocks_per_query >= 1, f"{p}.blocks_per_query", self.blocks_per_query, "must be >= 1")
+        _check(self.block_select in BLOCK_SELECT, f"{p}.block_select", self.block_select, f"one of {BLOCK_SELECT}")
 
 
 @dataclass
@@ -308,7 +312,7 @@ def _1b_moe() -> ModelConfig:
 def _1b_long() -> ModelConfig:
     """1B at 32k context: block-selected ASAM and SOES keep attention memory linear in T."""
     return _1b().replace(**{"max_seq_len": 32768, "asam.impl": "block", "asam.chunk_size": 1024,
-                            "asam.block_size": 256, "asam.blocks_per_query": 16})
+                            "asam.block_size": 256, "asam.blocks_per_query": 16, "asam.block_select": "chunk"})
 
 
 def _1b_transformer() -> ModelConfig:

@@ -89,7 +89,8 @@ def _attention_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]
         if k:
             return 2.0 * k * d, 1.0 * tk * d  # no-grad selection over all keys, then k gathered keys
         return 2.0 * tk * d, 0.0
-    # block: block summaries (mean keys) scored without grad, then selection inside the kept blocks
+    # block: block summaries (mean keys) scored without grad, then selection inside the kept blocks. Exact for
+    # block_select=chunk; for =query this counts each query's own blocks, the computed union may be larger.
     n_blocks = math.ceil(tk / a.block_size)
     kept = min(tk, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
     sel = n_blocks * d + (kept * d if k else 0)

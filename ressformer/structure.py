@@ -21,8 +21,8 @@ Design choices:
 * With asam.impl == "block" (the long-context setting) the selection is block-sparse like ASAM's: the dst
   vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
   asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
-  (attention.block_candidates, causal by construction), and N_i is the exact top-m over the visible tokens
-  of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of O(T^2 r); equal to the exact
+  (attention.block_candidates, causal by construction; asam.block_select applies too), and N_i is the exact
+  top-m over the visible tokens of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of O(T^2 r); equal to the exact
   graph when the kept blocks cover every visible token (tested). Blocks are contiguous positions, so this
   mode is not permutation-equivariant in encoder mode (the exact one is).
 * Graph indices address the key axis of ASAM, whose first T keys are the tokens, so they apply unchanged
@@ -64,6 +64,7 @@ class LatentGraph(nn.Module):
         self.block = cfg.asam.impl == "block"
         self.block_size = cfg.asam.block_size
         self.blocks_per_query = cfg.asam.blocks_per_query
+        self.block_select = cfg.asam.block_select
         self.src_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.dst_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.init_weights()
@@ -95,7 +96,7 @@ class LatentGraph(nn.Module):
                 if self.block:
                     cand, cand_valid, _ = block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
                                                             blk_max, pos[s0:s1], self.causal, self.blocks_per_query,
-                                                            self.block_size, T)
+                                                            self.block_size, T, self.block_select)
                     cand, vis = cand[:, 0], cand_valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
                     d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
                     if self.causal:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ressformer.attention import ASAMAttention, UNBOUNDED_WINDOW, sparse_attention
+from ressformer.attention import ASAMAttention, UNBOUNDED_WINDOW, block_candidates, sparse_attention
 from ressformer.config import ModelConfig
 
 ACTS = ("softmax", "sparsemax", "entmax15")
@@ -152,12 +152,14 @@ def test_causality(activation, impl, extra, topk):
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("topk", [0, 3])
-def test_block_selection_is_causal_in_queries_and_keys(activation, topk):
-    """Few blocks over a long context: the blocks a query keeps depend on its own query and on past keys only,
-    never on a later query of the same chunk (a chunk-wide block choice would leak the future)."""
+@pytest.mark.parametrize("select", ["query", "chunk"])
+def test_block_selection_is_causal_in_queries_and_keys(activation, topk, select):
+    """Few blocks over a long context: the blocks a query keeps depend on its own query (select=query) or the
+    chunk's earliest query (select=chunk) and on past keys only, never on a later query of the same chunk (a
+    choice by the max over the chunk's queries would leak the future)."""
     p = _problem(seed=17, T=40, Tm=0)
     kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], activation=activation, topk=topk, impl="block", chunk_size=8,
-              block_size=4, blocks_per_query=1, graph=p["graph"], graph_scale=p["graph_scale"])
+              block_size=4, blocks_per_query=1, block_select=select, graph=p["graph"], graph_scale=p["graph_scale"])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         base, _ = sparse_attention(p["q"], p["k"], p["v"], **kw)
@@ -169,6 +171,36 @@ def test_block_selection_is_causal_in_queries_and_keys(activation, topk):
                 x[:, :, t + 1:] = 10 * torch.randn(x[:, :, t + 1:].shape, generator=g, dtype=x.dtype)
             out, _ = sparse_attention(q2, k2, v2, **kw)
             torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
+
+
+def test_block_select_chunk_bounds_the_union_and_equals_query_for_one_query_chunks():
+    """select=chunk: one choice per chunk, so the candidate union is blocks_per_query + local blocks, where
+    per-query choices over a long context spread over many more; with one-query chunks the two are the same."""
+    from ressformer.attention import block_summaries
+
+    p = _problem(seed=23, T=256, Tm=0)
+    q, k, pos = p["q"], p["k"], p["q_pos"]
+    bs, bpq, c = 4, 2, 16
+    kbar, lo, hi, bmin, bmax = block_summaries(k.detach(), pos, None, bs)
+    unions = {}
+    for select in ("query", "chunk"):
+        sizes = []
+        for s0 in range(0, 256, c):
+            _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], kbar, lo, hi, bmin, bmax,
+                                                pos[s0:s0 + c], True, bpq, bs, 256, select)
+            sizes.append(blocks.shape[-1])
+            per_query = valid.view(*valid.shape[:3], -1, bs).any(-1).sum(-1)  # (B, H, c) blocks each query uses
+            assert int(per_query.max()) <= bpq + c // bs + 1
+        unions[select] = sizes
+    local = c // bs  # chunk-aligned blocks: the chunk's own positions cover c / bs blocks
+    assert max(unions["chunk"]) <= bpq + local
+    assert max(unions["query"]) > bpq + local  # the queries of a chunk disagree on this random problem
+    kw = dict(q_pos=pos, k_pos=pos, impl="block", chunk_size=1, block_size=bs, blocks_per_query=bpq, topk=3,
+              graph=p["graph"], graph_scale=p["graph_scale"])
+    with torch.no_grad():
+        a, _ = sparse_attention(p["q"], p["k"], p["v"], block_select="query", **kw)
+        b, _ = sparse_attention(p["q"], p["k"], p["v"], block_select="chunk", **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("activation", ACTS)

@@ -29,6 +29,7 @@ def test_yaml_round_trip_every_preset(name, tmp_path):
     ("r2mu.steps", 0), ("r2mu.step_sampling", "geometric"), ("r2mu.min_steps", 9), ("r2mu.cache_window", 0),
     ("r2mu.segment_len", 0), ("r2mu.summary_slots", 0),
     ("asam.activation", "relu"), ("asam.topk", -1), ("asam.impl", "flash"), ("asam.chunk_size", 0),
+    ("asam.block_select", "head"),
     ("moe.num_experts", 0), ("moe.experts_per_token", 5), ("moe.aux_loss_coef", -1.0),
     ("soes.rank", 0), ("soes.degree", 0), ("soes.smooth_coef", -0.5),
 ])

@@ -52,11 +52,12 @@ def test_causality_every_attention_variant(activation, topk, impl):
 
 
 @pytest.mark.parametrize("topk", [0, 4])
-def test_causality_block_selection_over_a_long_context(topk):
+@pytest.mark.parametrize("select", ["query", "chunk"])
+def test_causality_block_selection_over_a_long_context(topk, select):
     """Block ASAM and the block-restricted SOES graph with few kept blocks: token t+1 must not reach t through
     which blocks the query chunk of t selects (T = 40, chunks of 8 queries, blocks of 4 keys, 1 block kept)."""
     cfg = tiny(**{"max_seq_len": 48, "asam.impl": "block", "asam.topk": topk, "asam.chunk_size": 8,
-                  "asam.block_size": 4, "asam.blocks_per_query": 1})
+                  "asam.block_size": 4, "asam.blocks_per_query": 1, "asam.block_select": select})
     model = build(cfg, dtype=torch.float64).eval()
     x = tokens(2, 40)
     with torch.no_grad():

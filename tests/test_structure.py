@@ -49,16 +49,17 @@ def test_graph_matches_dense_reference(causal):
     torch.testing.assert_close(g.val.sum(-1), torch.ones(2, 13, dtype=torch.float64))
 
 
-def _block_cfg(causal=True, degree=4, chunk=5, block=3, bpq=100):
+def _block_cfg(causal=True, degree=4, chunk=5, block=3, bpq=100, select="query"):
     return _cfg(causal, degree, chunk).replace(**{"asam.impl": "block", "asam.block_size": block,
-                                                  "asam.blocks_per_query": bpq})
+                                                  "asam.blocks_per_query": bpq, "asam.block_select": select})
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_graph_equals_exact_when_blocks_cover_everything(causal):
+@pytest.mark.parametrize("select", ["query", "chunk"])
+def test_block_graph_equals_exact_when_blocks_cover_everything(causal, select):
     torch.manual_seed(4)
     exact = LatentGraph(_cfg(causal)).double()
-    block = LatentGraph(_block_cfg(causal)).double()
+    block = LatentGraph(_block_cfg(causal, select=select)).double()
     block.load_state_dict(exact.state_dict())
     h = torch.randn(2, 13, 64, dtype=torch.float64, requires_grad=True)
     a, b = _dense(exact(h), 13), _dense(block(h), 13)
@@ -69,10 +70,12 @@ def test_block_graph_equals_exact_when_blocks_cover_everything(causal):
         torch.testing.assert_close(gb, ga)
 
 
-def test_block_graph_with_few_blocks_is_sparse_causal_and_well_formed():
+@pytest.mark.parametrize("select", ["query", "chunk"])
+def test_block_graph_with_few_blocks_is_sparse_causal_and_well_formed(select):
     torch.manual_seed(5)
     T = 40
-    exact, block = LatentGraph(_cfg(True, chunk=8)), LatentGraph(_block_cfg(True, chunk=8, block=4, bpq=1))
+    exact = LatentGraph(_cfg(True, chunk=8))
+    block = LatentGraph(_block_cfg(True, chunk=8, block=4, bpq=1, select=select))
     block.load_state_dict(exact.state_dict())
     h = torch.randn(2, T, 64)
     g = block(h)
