@@ -73,6 +73,8 @@ def measured_flops_per_token(cfg: ModelConfig, B: int = 1, T: int = 64) -> float
     {"asam.impl": "chunked", "asam.topk": 8},
     {"asam.impl": "chunked", "asam.topk": 0},
     {"asam.impl": "block", "asam.topk": 8},
+    {"asam.impl": "block", "asam.topk": 8, "asam.block_select": "chunk"},
+    {"asam.impl": "block", "asam.topk": 0, "asam.block_select": "chunk"},
     {"asam.impl": "chunked", "asam.topk": 8, "moe.num_experts": 1, "soes.enabled": False},
     {"asam.impl": "chunked", "asam.topk": 8, "r2mu.memory": False},
     {"asam.impl": "chunked", "asam.topk": 8, "r2mu.enabled": False},
