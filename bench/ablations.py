@@ -1,7 +1,7 @@
 """The paper's component ablations at debug scale: train each variant with the real trainer and compare.
 
     python bench/ablations.py [--steps 200] [--nproc 2] [--variants full soes_off ...] [--out runs/ablations]
-                              [--ds-config ds_configs/zero1.json] [--artifacts artifacts]
+                              [--ds-config ds_configs/zero1.json] [--artifacts artifacts] [--set seq_len=512]
 
 Every variant is the debug run config (pretrain/configs/debug.yaml: embedded corpus, seed, schedule) with one
 component switched off or replaced, trained by `deepspeed pretrain/main.py` on CPU ranks (GPUs when present)
@@ -36,7 +36,13 @@ VARIANTS: dict[str, list[str]] = {
     "moe_off": ["model.moe.num_experts=1"],  # dense SwiGLU FFN
     "soes_off": ["model.soes.enabled=false"],  # no latent graph, no smoothness loss
     "transformer": ["model=debug-transformer"],  # the dense RoPE baseline
+    # long-context attention paths, opt-in (at the default T=128 the kept blocks cover nearly every key):
+    #   python bench/ablations.py --variants block block_chunk --set seq_len=512 --set model.max_seq_len=512 \
+    #       --set micro_batch=4 --set data.split=949,50,0   (the 0.1 % test split is shorter than 513 tokens)
+    "block": ["model.asam.impl=block"],  # key blocks chosen per query, then top-k inside them
+    "block_chunk": ["model.asam.impl=block", "model.asam.block_select=chunk"],  # chosen per query chunk
 }
+DEFAULT = [v for v in VARIANTS if not v.startswith("block")]
 
 
 def free_port() -> int:
@@ -69,9 +75,16 @@ def read_metrics(run_dir: Path) -> dict:
 
 def train(name: str, sets: list[str], a: argparse.Namespace, env: dict) -> dict:
     run_dir = Path(a.out) / name
+    spec = {"sets": sets, "steps": a.steps, "eval_every": a.eval_every, "nproc": a.nproc, "ds_config": a.ds_config,
+            "config": a.config, "artifacts": a.artifacts}
     if a.force and run_dir.exists():
         shutil.rmtree(run_dir)
-    if not (run_dir / "FINISHED").is_file():
+    if (run_dir / "FINISHED").is_file():
+        old = json.loads((run_dir / "ablation.json").read_text()) if (run_dir / "ablation.json").is_file() else None
+        if old != spec:
+            raise SystemExit(f"[ablations] {run_dir} holds a finished run of other settings ({old}, now {spec}): "
+                             "pass --force to retrain it or --out for a new folder")
+    else:
         launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
         if launcher is None:
             raise SystemExit("deepspeed launcher not found: run scripts/setup.sh and use .venv/bin/python")
@@ -88,6 +101,7 @@ def train(name: str, sets: list[str], a: argparse.Namespace, env: dict) -> dict:
         if p.returncode != 0 or not (run_dir / "FINISHED").is_file():
             tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-25:])
             raise SystemExit(f"[ablations] {name} failed (exit {p.returncode}); last lines:\n{tail}")
+        (run_dir / "ablation.json").write_text(json.dumps(spec))
     return read_metrics(run_dir)
 
 
@@ -96,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="variants:\n" + "\n".join(f"  {k:12} {' '.join(v) or '(full model)'}"
                                                                  for k, v in VARIANTS.items()))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override applied to every variant (seq_len=512, micro_batch=4, ...)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--nproc", type=int, default=2)
@@ -118,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc)))
     subprocess.run([sys.executable, "-m", "pretrain.data", "prepare", "--out", a.artifacts], cwd=REPO, env=env,
                    check=True, capture_output=True)
-    results = {name: train(name, VARIANTS[name], a, env) for name in a.variants}
+    results = {name: train(name, [*a.set, *VARIANTS[name]], a, env) for name in a.variants}
 
     ref = results["full"]["final_ppl"]
     steps = [s for s, _ in results["full"]["evals"]]
-    print(f"\n{a.steps} steps, {a.nproc} ranks, {a.ds_config}, {a.config}; val ppl at steps {steps}")
+    print(f"\n{a.steps} steps, {a.nproc} ranks, {a.ds_config}, {a.config} {' '.join(a.set)}; "
+          f"val ppl at steps {steps}")
     print(f"{'variant':12} {'params':>9} {'active':>9} {'GFLOP/tok':>9} {'final ppl':>9} {'x full':>7} "
           f"{'tok/s':>7}  val ppl by step")
     for name, r in results.items():
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"steps": a.steps, "nproc": a.nproc, "ds_config": a.ds_config,
-                                                  "results": results}, indent=1))
+                                                  "set": a.set, "results": results}, indent=1))
     return 0
 
 
