@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ds-config", default="ds_configs/zero1.json")
     ap.add_argument("--config", default="pretrain/configs/debug.yaml")
     ap.add_argument("--out", default="runs/ablations")
-    ap.add_argument("--artifacts", default="artifacts", help="tokenizer + indexed data (python -m pretrain.data prepare)")
+    ap.add_argument("--artifacts", default="artifacts",
+                    help="tokenizer + indexed data (python -m pretrain.data prepare)")
     ap.add_argument("--force", action="store_true", help="retrain variants whose run folder is finished")
     a = ap.parse_args(argv)
     if "full" not in a.variants:

@@ -147,9 +147,8 @@ def initialise_parameters(model: torch.nn.Module, seed: int, init_state: dict | 
 
     params = dict(model.named_parameters())
     if init_state is None:
-        plan = model.init_plan()
-        check_plan(model, plan)
-        steps = plan
+        steps = model.init_plan()
+        check_plan(model, steps)
     else:
         keys = set(model.state_dict().keys())  # names of tied parameters included, as load_state_dict expects
         missing, unexpected = sorted(keys - set(init_state)), sorted(set(init_state) - keys)

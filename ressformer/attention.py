@@ -33,8 +33,8 @@ Three implementations of the same function (`impl`):
              earliest query (which every query of the chunk may see) chooses the non-local blocks for the
              whole chunk, still causal, union = blocks_per_query + local always, at the price of staleness
              (a later query uses blocks chosen up to chunk_size - 1 positions earlier). Equal to `chunked`
-             when blocks_per_query covers all blocks. Block visibility is a superset test (min position, max position + window), the
-             exact key-level mask is applied afterwards.
+             when blocks_per_query covers all blocks. Block visibility is a superset test (min position,
+             max position + window), the exact key-level mask is applied afterwards.
 
 The graph bias is matched to the gathered keys by index (the selection pass records which of the kept
 slots each graph edge lands on), so gradients reach the graph values and gamma without a T x T tensor.

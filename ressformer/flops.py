@@ -92,9 +92,15 @@ def _attention_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]
     # block: block summaries (mean keys) scored without grad, then selection inside the kept blocks. Exact for
     # block_select=chunk; for =query this counts each query's own blocks, the computed union may be larger.
     n_blocks = math.ceil(tk / a.block_size)
-    kept = min(tk, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
+    kept = _block_kept_keys(cfg, tk)
     sel = n_blocks * d + (kept * d if k else 0)
     return 2.0 * (k if k else kept) * d, float(sel)
+
+
+def _block_kept_keys(cfg: ModelConfig, tk: int) -> int:
+    """Keys a query chunk keeps in block mode: blocks_per_query chosen blocks + the blocks its positions span."""
+    a = cfg.asam
+    return min(tk, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
 
 
 def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:
@@ -103,8 +109,7 @@ def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:
     r, m = cfg.soes.rank, min(cfg.soes.degree, T)
     a = cfg.asam
     if a.impl == "block":  # neighbours chosen inside kept token blocks, like ASAM's block path
-        kept = min(T, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
-        return 2.0 * cfg.d_model * r + m * r, float((math.ceil(T / a.block_size) + kept) * r)
+        return 2.0 * cfg.d_model * r + m * r, float((math.ceil(T / a.block_size) + _block_kept_keys(cfg, T)) * r)
     return 2.0 * cfg.d_model * r + m * r, float(T * r)
 
 

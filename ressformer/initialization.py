@@ -8,8 +8,9 @@ Why a list and not one function: under ZeRO-3 the parameters are partitioned acr
 so no rank ever holds the whole model. The plan's order is the order random numbers are drawn in, so a
 seeded plan gives the same weights however it is run (one process, ZeRO-1/2/3, any world size).
 
-Rules shared by both architectures' blocks (`layer_rules`): norms (names containing "layernorm") ones, ASAM's graph_scale (gamma_h) ones, output projections (o_proj, down_proj) N(0, out_std), everything
-else N(0, std); bias vectors are named by their module's own plan (R2MU memory's gate bias: zeros).
+Rules shared by both architectures' blocks (`layer_rules`): norms (names containing "layernorm") ones,
+ASAM's graph_scale (gamma_h) ones, output projections (o_proj, down_proj) N(0, out_std), everything else
+N(0, std); bias vectors are named by their module's own plan (R2MU memory's gate bias: zeros).
 """
 
 from __future__ import annotations

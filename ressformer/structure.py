@@ -22,9 +22,9 @@ Design choices:
   vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
   asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
   (attention.block_candidates, causal by construction; asam.block_select applies too), and N_i is the exact
-  top-m over the visible tokens of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of O(T^2 r); equal to the exact
-  graph when the kept blocks cover every visible token (tested). Blocks are contiguous positions, so this
-  mode is not permutation-equivariant in encoder mode (the exact one is).
+  top-m over the visible tokens of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of
+  O(T^2 r); equal to the exact graph when the kept blocks cover every visible token (tested). Blocks are
+  contiguous positions, so this mode is not permutation-equivariant in encoder mode (the exact one is).
 * Graph indices address the key axis of ASAM, whose first T keys are the tokens, so they apply unchanged
   when R2MU memory keys are appended after the tokens.
 * smoothness_penalty works on the sparse rows: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>, the overlap
@@ -61,10 +61,6 @@ class LatentGraph(nn.Module):
         self.degree = cfg.soes.degree
         self.causal = cfg.causal
         self.chunk_size = cfg.asam.chunk_size
-        self.block = cfg.asam.impl == "block"
-        self.block_size = cfg.asam.block_size
-        self.blocks_per_query = cfg.asam.blocks_per_query
-        self.block_select = cfg.asam.block_select
         self.src_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.dst_proj = nn.Linear(cfg.d_model, self.rank, bias=False)
         self.init_weights()
@@ -89,14 +85,16 @@ class LatentGraph(nn.Module):
         # Neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time.
         idx_parts, valid_parts = [], []
         with torch.no_grad():
-            if self.block:
-                dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos, None, self.block_size)
+            a = self.cfg.asam
+            block = a.impl == "block"
+            if block:
+                dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos, None, a.block_size)
             for s0 in range(0, T, self.chunk_size):
                 s1 = min(T, s0 + self.chunk_size)
-                if self.block:
+                if block:
                     cand, cand_valid, _ = block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
-                                                            blk_max, pos[s0:s1], self.causal, self.blocks_per_query,
-                                                            self.block_size, T, self.block_select)
+                                                            blk_max, pos[s0:s1], self.causal, a.blocks_per_query,
+                                                            a.block_size, T, a.block_select)
                     cand, vis = cand[:, 0], cand_valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
                     d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
                     if self.causal:
