@@ -101,6 +101,50 @@ def _check_inputs(q, k, v, q_pos, k_pos, k_window, activation, topk, graph, grap
                              f"{None if graph_scale is None else tuple(graph_scale.shape)}")
 
 
+def _pad_edges(idx: torch.Tensor, val: torch.Tensor, m: int, own: torch.Tensor):
+    """Keep the m largest positive entries of each row as a Graph row; spare slots get val 0 and idx = own.
+
+    idx (B, Q, n) key indices with distinct valid entries per row, val (B, Q, n) >= 0, own (Q,) -> (B, Q, m) x 2.
+    """
+    if idx.shape[-1] < m:
+        short = m - idx.shape[-1]
+        idx = torch.nn.functional.pad(idx, (0, short))
+        val = torch.nn.functional.pad(val, (0, short))
+    top, slot = val.topk(m, dim=-1)  # (B, Q, m)
+    valid = top > 0
+    idx = torch.where(valid, idx.gather(-1, slot), own.view(1, -1, 1).to(idx.dtype))
+    return idx, torch.where(valid, top, torch.zeros((), dtype=top.dtype, device=top.device))
+
+
+def pattern_edges(key_idx: torch.Tensor, prob: torch.Tensor, n_tokens: int, m: int, own: torch.Tensor):
+    """The SOES graph rows of an attention pattern: A_ij = mean_h p_hij over token keys, its m largest entries.
+
+    key_idx (B, H, Q, n) key index of each probability, prob (B, H, Q, n) (exact zeros allowed); keys at index
+    >= n_tokens (R2MU memory) are not tokens and are dropped; own (Q,) the queries' own token index. Equal key
+    indices of different heads are summed (sort, then a segment sum), so valid slots hold distinct indices.
+    Returns (idx (B, Q, m) int64, val (B, Q, m)), differentiable in prob.
+    """
+    B, H, Q, n = key_idx.shape
+    idx = key_idx.permute(0, 2, 1, 3).reshape(B, Q, H * n)  # (B, Q, H*n)
+    val = prob.permute(0, 2, 1, 3).reshape(B, Q, H * n) / H
+    val = torch.where(idx < n_tokens, val, torch.zeros((), dtype=val.dtype, device=val.device))
+    s_idx, order = idx.sort(dim=-1)
+    s_val = val.gather(-1, order)
+    start = torch.ones_like(s_idx, dtype=torch.bool)
+    start[..., 1:] = s_idx[..., 1:] != s_idx[..., :-1]
+    group = start.long().cumsum(-1) - 1  # (B, Q, H*n) run of equal indices each entry belongs to
+    summed = torch.zeros_like(s_val).scatter_add(-1, group, s_val)  # per run (runs 0..G-1, the rest 0)
+    g_idx = torch.zeros_like(s_idx).scatter(-1, group, s_idx)  # the run's key index
+    return _pad_edges(g_idx, summed, m, own)
+
+
+def _dense_pattern(p: torch.Tensor, n_tokens: int, m: int, own: torch.Tensor):
+    """pattern_edges for probabilities over all keys in key order: p (B, H, Q, Tk) -> head mean, top-m."""
+    pm = p[..., :n_tokens].mean(1)  # (B, Q, n_tokens)
+    idx = torch.arange(pm.shape[-1], device=p.device).expand_as(pm)
+    return _pad_edges(idx, pm, m, own)
+
+
 def _graph_bias_dense(graph, graph_scale, Tk: int, H: int, dtype) -> torch.Tensor:
     """(B, H, Tq, Tk): gamma_h * sum_r val[b,i,r] [idx[b,i,r] == j] (reference path only)."""
     idx, val = graph
@@ -109,7 +153,7 @@ def _graph_bias_dense(graph, graph_scale, Tk: int, H: int, dtype) -> torch.Tenso
     return graph_scale.to(dtype)[None, :, None, None] * a[:, None]
 
 
-def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale):
+def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale, pattern):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, Tq, Tk)
@@ -127,6 +171,8 @@ def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph,
     out = torch.einsum("bhij,bhjd->bhid", p, v)
     pd = p.detach()
     stats = {"nnz": (pd > 0).sum().float(), "visible": vis.sum().float() * B * H, "rows": float(B * H * Tq)}
+    if pattern is not None:
+        stats["pattern"] = _dense_pattern(p, pattern[0], pattern[1], q_pos)
     return out, stats
 
 
@@ -139,29 +185,38 @@ def _edge_bias(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
     return out.scatter_add(-1, epos.clamp(min=0), src)
 
 
-def _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation):
+def _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation, cand=None, qp_c=None, pattern=None):
     """Dense attention of a query chunk over candidate keys.
 
-    q_c (B, H, c, D); k_c, v_c (B, H, n, D); mask (B|1, H|1, c, n) bool; epos/gval (B, H, c, m) or None.
-    Returns (out (B, H, c, D), nnz () float, detached).
+    q_c (B, H, c, D); k_c, v_c (B, H, n, D); mask (B|1, H|1, c, n) bool; epos/gval (B, H, c, m) or None;
+    cand (B, H, n) key index of each candidate or None (candidates = all keys in order); pattern
+    (n_tokens, degree) or None. Returns (out (B, H, c, D), nnz () float detached, pattern idx, pattern val).
     """
     s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(q_c.shape[-1])  # (B, H, c, n)
     if epos is not None:
         s = s + _edge_bias(epos, gval.to(s.dtype), s.shape[-1])
     s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     p = normalize(s, activation)
-    return torch.einsum("bhij,bhjd->bhid", p, v_c), (p.detach() > 0).sum().float()
+    p_idx = p_val = None
+    if pattern is not None:
+        if cand is None:
+            p_idx, p_val = _dense_pattern(p, pattern[0], pattern[1], qp_c)
+        else:
+            B, H, c, n = p.shape
+            p_idx, p_val = pattern_edges(cand[:, :, None, :].expand(B, H, c, n), p, pattern[0], pattern[1], qp_c)
+    return torch.einsum("bhij,bhjd->bhid", p, v_c), (p.detach() > 0).sum().float(), p_idx, p_val
 
 
 def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk, epos, gval,
-                  use_ckpt):
+                  use_ckpt, pattern):
     """Attention of one query chunk over a candidate key set shared by the chunk's queries.
 
     q_c (B, H, c, D); k, v (B, H, Tk, D); cand None (all Tk keys) or (B, H, n) key indices with cand_valid
     (B, H, c, n) bool (per query: the candidates it may use); qp_c (c,); epos (B, H, c, m) candidate position
     of each graph edge (-1: absent) or None; gval (B, H, c, m) gamma_h * val or None.
 
-    Dense over the candidates (topk == 0 or topk >= n): returns ("dense", out (B, H, c, D), nnz, visible).
+    Dense over the candidates (topk == 0 or topk >= n): returns ("dense", (out (B, H, c, D), nnz, pattern idx,
+    pattern val), visible).
     Otherwise only the no-grad selection runs here and ("topk", Selection, visible) comes back; the caller
     gathers the selected keys of all chunks at once (`_gathered_attend`). nnz / visible: detached floats.
     """
@@ -181,12 +236,12 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
         else:
             gi = cand[..., None].expand(B, H, n, D)
             k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
+        args = (q_c, k_c, v_c, mask, epos, gval, activation, cand, qp_c, pattern)
         if use_ckpt:
-            out, nnz = torch.utils.checkpoint.checkpoint(_dense_chunk, q_c, k_c, v_c, mask, epos, gval, activation,
-                                                         use_reentrant=False)
+            res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False)
         else:
-            out, nnz = _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation)
-        return "dense", out, nnz, visible
+            res = _dense_chunk(*args)
+        return "dense", res, visible
 
     # Selection pass: scores of every candidate, no autograd graph (chunk x n floats, freed at once).
     with torch.no_grad():
@@ -207,7 +262,7 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
     return "topk", (key_idx, sel_mask, epos_sel), visible
 
 
-def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation):
+def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation, qp_s=None, pattern=None):
     """Gradient pass over the selected keys of many query chunks at once.
 
     q_s (B, H, Q, D); key_idx / sel_mask (B, H, Q, topk); epos_sel / gval (B, H, Q, m) or None.
@@ -226,7 +281,10 @@ def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation):
     s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     p = normalize(s, activation)
     out = torch.einsum("bhik,bhikd->bhid", p, v_g)
-    return out, (p.detach() > 0).sum().float()
+    p_idx = p_val = None
+    if pattern is not None:
+        p_idx, p_val = pattern_edges(key_idx, p, pattern[0], pattern[1], qp_s)
+    return out, (p.detach() > 0).sum().float(), p_idx, p_val
 
 
 def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None, block_size: int):
@@ -323,18 +381,25 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      k_pos: torch.Tensor, k_window: torch.Tensor | None = None, causal: bool = True,
                      activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
-                     blocks_per_query: int = 8, block_select: str = "query") -> tuple[torch.Tensor, dict]:
+                     blocks_per_query: int = 8, block_select: str = "query",
+                     pattern_degree: int = 0, pattern_keys: int | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
 
-    Returns (out (B, H, Tq, D), stats {density, keys_per_query} detached float tensors).
+    Returns (out (B, H, Tq, D), stats {density, keys_per_query} detached float tensors). With pattern_degree > 0
+    stats also holds "pattern": the SOES graph of this attention (`pattern_edges`: head-averaged probabilities
+    over the first pattern_keys keys (default Tq: the tokens), their pattern_degree largest), with gradient.
     """
     _check_inputs(q, k, v, q_pos, k_pos, k_window, activation, topk, graph, graph_scale, impl)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    pattern = (Tq if pattern_keys is None else pattern_keys, pattern_degree) if pattern_degree > 0 else None
     if impl == "reference":
-        out, st = _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale)
-        return out, _finish_stats(st["nnz"], st["visible"], st["rows"])
+        out, st = _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale, pattern)
+        stats = _finish_stats(st["nnz"], st["visible"], st["rows"])
+        if pattern is not None:
+            stats["pattern"] = st["pattern"]
+        return out, stats
 
     if impl == "block":
         if chunk_size < 1 or block_size < 1 or blocks_per_query < 1:
@@ -349,7 +414,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     if graph is not None:
         g_idx, g_val = graph
         gval_all = graph_scale.to(q.dtype)[None, :, None, None] * g_val.to(q.dtype)[:, None]  # (B, H, Tq, m)
-    outs, sel_parts = [], []  # sel_parts: (s0, s1, (key_idx, sel_mask, epos_sel), gval) of the top-k chunks
+    # outs: per chunk (out, nnz, pattern idx, pattern val), None for a top-k chunk until its gradient pass;
+    # sel_parts: (s0, s1, (key_idx, sel_mask, epos_sel), gval) of those chunks
+    outs, sel_parts = [], []
     nnz, visible = q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
@@ -369,31 +436,39 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             else:
                 with torch.no_grad():
                     epos = _edge_slots(e, blocks, block_size)
-        r = _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk, epos, gval,
-                          use_ckpt)
-        visible = visible + r[-1]
-        if r[0] == "dense":
-            outs.append(r[1])
-            nnz = nnz + r[2]
+        kind, res, vis_c = _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation,
+                                         topk, epos, gval, use_ckpt, pattern)
+        visible = visible + vis_c
+        if kind == "dense":
+            outs.append(res)
         elif not use_ckpt:  # no gradient wanted: gather per chunk, peak memory O(chunk * topk * D)
-            o, nz = _gathered_attend(q_c, k, v, *r[1], gval, activation)
-            outs.append(o)
-            nnz = nnz + nz
+            outs.append(_gathered_attend(q_c, k, v, *res, gval, activation, qp_c, pattern))
         else:  # with gradient: autograd keeps every chunk's gathered keys anyway; gather them all at once
             outs.append(None)
-            sel_parts.append((s0, s1, r[1], gval))
+            sel_parts.append((s0, s1, res, gval))
     if sel_parts:  # the top-k chunks' gradient pass, all at once
         sizes = [s1 - s0 for s0, s1, _, _ in sel_parts]
-        q_s = q if sum(sizes) == Tq else q[:, :, torch.cat([torch.arange(s0, s1, device=q.device)
-                                                             for s0, s1, _, _ in sel_parts])]
+        rows = torch.cat([torch.arange(s0, s1, device=q.device) for s0, s1, _, _ in sel_parts])
+        q_s = q if sum(sizes) == Tq else q[:, :, rows]
         key_idx, sel_mask, epos_sel = (torch.cat(t, dim=2) if t[0] is not None else None
                                        for t in zip(*(sel for _, _, sel, _ in sel_parts)))
         gval_s = None if epos_sel is None else torch.cat([g for _, _, _, g in sel_parts], dim=2)
-        o_s, nz = _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval_s, activation)
+        o_s, nz, pi_s, pv_s = _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval_s, activation,
+                                               q_pos[rows], pattern)
         nnz = nnz + nz
-        pieces = iter(o_s.split(sizes, dim=2))
-        outs = [o if o is not None else next(pieces) for o in outs]
-    return torch.cat(outs, dim=2), _finish_stats(nnz, visible, float(B * H * Tq))
+        split = [o_s.split(sizes, dim=2)] + [x.split(sizes, dim=1) if x is not None else [None] * len(sizes)
+                                             for x in (pi_s, pv_s)]
+        pieces = iter(zip(*split))
+        for i, r in enumerate(outs):
+            if r is None:
+                o, pi, pv = next(pieces)
+                outs[i] = (o, 0.0, pi, pv)  # this part's nnz is in nz
+    out = torch.cat([r[0] for r in outs], dim=2)
+    nnz = nnz + sum(r[1] for r in outs)
+    stats = _finish_stats(nnz, visible, float(B * H * Tq))
+    if pattern is not None:
+        stats["pattern"] = (torch.cat([r[2] for r in outs], dim=1), torch.cat([r[3] for r in outs], dim=1))
+    return out, stats
 
 
 def _finish_stats(nnz, visible, rows) -> dict:
@@ -406,10 +481,11 @@ class ASAMAttention(nn.Module):
     """Multi-head ASAM self-attention over the tokens (+ appended R2MU memory keys), no positional encoding.
 
     forward(x (B, T, D), pos (T,), memory=None | (states (B, Tm, D), pos (Tm,), window (Tm,)),
-            graph=None | (idx (B, T, m), val (B, T, m))) -> (y (B, T, D), stats dict)
+            graph=None | (idx (B, T, m), val (B, T, m)), pattern=False) -> (y (B, T, D), stats dict)
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, graph: bool | None = None):
+        """graph: whether a SOES graph biases this attention (default: soes.enabled)."""
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
@@ -419,7 +495,7 @@ class ASAMAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
-        if cfg.soes.enabled:
+        if cfg.soes.enabled if graph is None else graph:
             self.graph_scale = nn.Parameter(torch.empty(cfg.n_heads))
         else:
             self.register_parameter("graph_scale", None)
@@ -439,7 +515,8 @@ class ASAMAttention(nn.Module):
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=std if out_std is None else out_std)
         self.init_graph_scale()
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None, graph=None):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None, graph=None, pattern: bool = False):
+        """pattern=True: stats["pattern"] is this call's attention pattern as a SOES graph over the T tokens."""
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         a = self.cfg.asam
@@ -451,7 +528,7 @@ class ASAMAttention(nn.Module):
             k_window = torch.cat([torch.full_like(pos, UNBOUNDED_WINDOW), m_win.to(pos.dtype)])
         if graph is not None and self.graph_scale is None:
             raise ValueError("ASAMAttention got a graph but has no graph_scale: build it with soes.enabled=True "
-                             "or pass graph=None")
+                             "(and graph=True) or pass graph=None")
         Tk = kv_in.shape[1]
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)  # (B, H, Tk, hd)
@@ -460,6 +537,7 @@ class ASAMAttention(nn.Module):
         out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, causal=self.cfg.causal,
                                       activation=a.activation, topk=a.topk, graph=g, graph_scale=self.graph_scale,
                                       impl=a.impl, chunk_size=a.chunk_size, block_size=a.block_size,
-                                      blocks_per_query=a.blocks_per_query, block_select=a.block_select)
+                                      blocks_per_query=a.blocks_per_query, block_select=a.block_select,
+                                      pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats

@@ -4,6 +4,8 @@
                  -> norm -> lm_head
 
 Design choices:
+* cfg.position="none": the same network without RoPE (NoPE: causal masking is its only position signal), the
+  baseline that separates "no positional encoding" from the rest of ReSSFormer.
 * Llama-style: RMSNorm (torch.nn.RMSNorm, eps cfg.norm_eps), rotary position embedding (RoPE, theta
   cfg.rope_theta, rotate-half convention) on q and k, F.scaled_dot_product_attention (causal unless
   cfg.causal is False), no biases. The FFN comes from moe.make_mlp(cfg), so an MoE baseline is one config field
@@ -60,6 +62,7 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.head_dim, cfg.causal
+        self.rope = cfg.position == "rope"
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
@@ -69,7 +72,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, hd)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
@@ -150,11 +154,15 @@ class TransformerForCausalLM(nn.Module):
         if cfg.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
             self.lm_head.weight = self.model.embed_tokens.weight
         run_plan(self, self.init_plan())
+        if cfg.position != "rope":
+            return
         cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.position != "rope":
+            return self.rope_cos[:0], self.rope_sin[:0]  # NoPE: unused
         if T > self.rope_cos.shape[0]:  # longer than max_seq_len: extend the cache
             cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin  # stays a non-persistent buffer

@@ -31,6 +31,8 @@ ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
 ATTN_IMPLS = ("reference", "chunked", "block")
 BLOCK_SELECT = ("query", "chunk")
 K_SAMPLING = ("fixed", "uniform", "poisson")
+SOES_GRAPHS = ("attention", "bilinear")
+POSITIONS = ("rope", "none")
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -44,9 +46,10 @@ class R2MUConfig:
 
     enabled: bool = True  # False: `steps` distinct blocks instead of one shared block (ablation)
     steps: int = 4  # K, recurrent applications of the shared block at training time
-    n_prelude: int = 1  # non-shared blocks before the loop
-    n_coda: int = 1  # non-shared blocks after the loop
-    step_sampling: str = "fixed"  # fixed | uniform (K ~ U[min_steps, max_steps]) | poisson (mean `steps`, clipped)
+    n_prelude: int = 0  # extension (not in the paper): non-shared blocks before the loop
+    n_coda: int = 0  # extension (not in the paper): non-shared blocks after the loop
+    step_sampling: str = "fixed"  # fixed (paper) | extension: uniform (K ~ U[min_steps, max_steps]) |
+    #                               poisson (mean `steps`, clipped to [min_steps, max_steps])
     min_steps: int = 1
     max_steps: int = 8
     memory: bool = True  # token-level cache + segment-level summary
@@ -70,14 +73,15 @@ class R2MUConfig:
 class ASAMConfig:
     """Adaptive Sparse Attention Module (paper sec. 3.2), token- and activation-level sparsity."""
 
-    activation: str = "softmax"  # softmax | sparsemax | entmax15
+    activation: str = "sparsemax"  # sparsemax (paper) | extension: softmax | entmax15
     topk: int = 32  # keys per query; 0 = every visible key
-    impl: str = "chunked"  # reference (T x T, for tests) | chunked (exact, memory linear in T) | block (block-sparse)
+    impl: str = "chunked"  # reference (T x T, for tests) | chunked (exact, memory linear in T) |
+    #                        block (extension: block pre-selection, then exact top-k inside the kept blocks)
     chunk_size: int = 128  # queries per chunk in the chunked / block paths
     block_size: int = 64  # key block size for block selection
     blocks_per_query: int = 8  # key blocks each query selects (plus the local blocks of its chunk); SOES too
-    block_select: str = "query"  # query: each query picks its own blocks | chunk: a chunk's earliest query picks
-    #                              for the whole chunk (bounded union, for long context; see attention.py)
+    block_select: str = "query"  # query: each query picks its own blocks | chunk (extension): a chunk's earliest
+    #                              query picks for the whole chunk (bounded union, long context; see attention.py)
 
     def validate(self, p: str = "asam") -> None:
         _check(self.activation in ACTIVATIONS, f"{p}.activation", self.activation, f"one of {ACTIVATIONS}")
@@ -93,7 +97,7 @@ class ASAMConfig:
 class MoEConfig:
     """Expert-level sparsity (paper sec. 3.2): top-k routed SwiGLU experts."""
 
-    num_experts: int = 1  # 1 = dense SwiGLU FFN
+    num_experts: int = 4  # 1 = dense SwiGLU FFN (ablation)
     experts_per_token: int = 2
     shared_experts: int = 0  # always-on dense SwiGLU experts added to the routed output
     aux_loss_coef: float = 0.01  # switch-style load-balancing loss weight
@@ -117,11 +121,14 @@ class SOESConfig:
     """Self-Organizing Encoder Structure (paper sec. 3.3): content-induced latent token graph."""
 
     enabled: bool = True
-    rank: int = 16  # low-rank dimension of the bilinear edge score
-    degree: int = 8  # m, out-edges kept per token (top-m over visible tokens)
+    graph: str = "attention"  # attention: A^(t) = the head-averaged sparse attention pattern of step t-1 (paper's
+    #                           reading, structure.py) | bilinear: a separate low-rank content scorer
+    rank: int = 16  # bilinear only: low-rank dimension of the edge score
+    degree: int = 8  # m, out-edges kept per token
     smooth_coef: float = 0.01  # weight of L_smooth = sum_t ||A_t - A_{t-1}||_F^2 (mean over tokens)
 
     def validate(self, p: str = "soes") -> None:
+        _check(self.graph in SOES_GRAPHS, f"{p}.graph", self.graph, f"one of {SOES_GRAPHS}")
         _check(self.rank >= 1, f"{p}.rank", self.rank, "must be >= 1")
         _check(self.degree >= 1, f"{p}.degree", self.degree, "must be >= 1")
         _check(self.smooth_coef >= 0, f"{p}.smooth_coef", self.smooth_coef, "must be >= 0")
@@ -140,7 +147,8 @@ class ModelConfig:
     n_layers: int = 4  # transformer only: distinct layers
     causal: bool = True  # False = bidirectional encoder mode (no causal mask)
     max_seq_len: int = 256  # transformer: RoPE cache size; both: the training length the presets were made for
-    rope_theta: float = 10000.0  # transformer only; ReSSFormer has no positional encoding
+    position: str = "rope"  # transformer only: rope | none (NoPE baseline); ReSSFormer has no positional encoding
+    rope_theta: float = 10000.0  # transformer only
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -168,9 +176,10 @@ class ModelConfig:
         _check(self.ffn_hidden >= 1, "ffn_hidden", self.ffn_hidden, "must be >= 1 (0 = auto)")
         _check(self.n_layers >= 1, "n_layers", self.n_layers, "must be >= 1")
         _check(self.max_seq_len >= 1, "max_seq_len", self.max_seq_len, "must be >= 1")
+        _check(self.position in POSITIONS, "position", self.position, f"one of {POSITIONS}")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
         _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
-        if self.arch == "transformer":
+        if self.arch == "transformer" and self.position == "rope":
             _check(self.head_dim % 2 == 0, "d_model/n_heads", self.head_dim, "RoPE needs an even head dim")
         for name in _SUB:
             getattr(self, name).validate(name)
@@ -255,19 +264,20 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 
 
 # --- presets ------------------------------------------------------------------------------------
-# Sizes: ReSSFormer presets are matched in *per-token compute* to a dense Transformer of
-# n_prelude + K + n_coda layers of the same width; their parameters are those of n_prelude + 1 + n_coda
-# layers (+ experts). `python -m ressformer.config NAME` prints the counts.
+# The paper's network (sec. 3): embeddings -> one shared block x K with the R2MU memory -> norm -> head, ASAM =
+# per-query top-k + sparsemax + routed MoE experts, SOES graph from the attention pattern, no prelude / coda.
+# Names give *total* parameters (embeddings and every expert included); `python -m ressformer.config NAME`
+# prints total, active-per-token and FLOPs. Per-token compute is that of K applications of the active block.
 
 
 def _debug() -> ModelConfig:
     return ModelConfig(
         arch="ressformer", vocab_size=512, d_model=64, n_heads=4, ffn_hidden=128, max_seq_len=128,
-        r2mu=R2MUConfig(steps=3, n_prelude=1, n_coda=1, cache_window=16, segment_len=16, summary_slots=2),
-        asam=ASAMConfig(activation="softmax", topk=16, impl="chunked", chunk_size=32, block_size=16,
+        r2mu=R2MUConfig(steps=4, cache_window=16, segment_len=16, summary_slots=2),
+        asam=ASAMConfig(activation="sparsemax", topk=16, impl="chunked", chunk_size=32, block_size=16,
                         blocks_per_query=4),
         moe=MoEConfig(num_experts=4, experts_per_token=2),
-        soes=SOESConfig(rank=8, degree=4),
+        soes=SOESConfig(graph="attention", rank=8, degree=4),
     )
 
 
@@ -279,45 +289,38 @@ def _debug_transformer() -> ModelConfig:
 def _125m() -> ModelConfig:
     return ModelConfig(
         arch="ressformer", vocab_size=32000, d_model=768, n_heads=12, ffn_hidden=2048, max_seq_len=2048,
-        r2mu=R2MUConfig(steps=10, n_prelude=1, n_coda=1, cache_window=256, segment_len=256, summary_slots=8),
+        r2mu=R2MUConfig(steps=12, cache_window=256, segment_len=256, summary_slots=8),
         asam=ASAMConfig(topk=128, chunk_size=256, block_size=128, blocks_per_query=8),
-        moe=MoEConfig(num_experts=1), soes=SOESConfig(rank=32, degree=16),
+        moe=MoEConfig(num_experts=16, experts_per_token=2), soes=SOESConfig(degree=16),
     )
 
 
 def _350m() -> ModelConfig:
     return ModelConfig(
         arch="ressformer", vocab_size=32000, d_model=1024, n_heads=16, ffn_hidden=2816, max_seq_len=2048,
-        r2mu=R2MUConfig(steps=16, n_prelude=2, n_coda=2, cache_window=256, segment_len=256, summary_slots=8),
+        r2mu=R2MUConfig(steps=16, cache_window=256, segment_len=256, summary_slots=8),
         asam=ASAMConfig(topk=128, chunk_size=256, block_size=128, blocks_per_query=8),
-        moe=MoEConfig(num_experts=1), soes=SOESConfig(rank=32, degree=16),
+        moe=MoEConfig(num_experts=32, experts_per_token=2), soes=SOESConfig(degree=16),
     )
 
 
 def _1b() -> ModelConfig:
     return ModelConfig(
-        arch="ressformer", vocab_size=32000, d_model=2048, n_heads=16, ffn_hidden=5632, max_seq_len=4096,
-        r2mu=R2MUConfig(steps=8, n_prelude=8, n_coda=8, cache_window=512, segment_len=512, summary_slots=16),
+        arch="ressformer", vocab_size=32000, d_model=2048, n_heads=16, ffn_hidden=2816, max_seq_len=4096,
+        r2mu=R2MUConfig(steps=16, cache_window=512, segment_len=512, summary_slots=16),
         asam=ASAMConfig(topk=256, chunk_size=512, block_size=128, blocks_per_query=16),
-        moe=MoEConfig(num_experts=1), soes=SOESConfig(rank=64, degree=16),
+        moe=MoEConfig(num_experts=48, experts_per_token=2), soes=SOESConfig(degree=16),
     )
 
 
-def _1b_moe() -> ModelConfig:
-    c = _1b()
-    return c.replace(**{"n_heads": 16, "r2mu.n_prelude": 1, "r2mu.n_coda": 1, "ffn_hidden": 2816,
-                        "moe.num_experts": 16, "moe.experts_per_token": 2, "moe.shared_experts": 1})
-
-
 def _1b_long() -> ModelConfig:
-    """1B at 32k context: block-selected ASAM and SOES keep attention memory linear in T."""
-    return _1b().replace(**{"max_seq_len": 32768, "asam.impl": "block", "asam.chunk_size": 1024,
-                            "asam.block_size": 256, "asam.blocks_per_query": 16, "asam.block_select": "chunk"})
+    """The 1B paper model at 32k context (exact per-query top-k, chunked: attention memory linear in T)."""
+    return _1b().replace(**{"max_seq_len": 32768, "asam.chunk_size": 1024})
 
 
 def _1b_transformer() -> ModelConfig:
     return ModelConfig(arch="transformer", vocab_size=32000, d_model=2048, n_heads=16, ffn_hidden=5632,
-                       n_layers=24, max_seq_len=4096)
+                       n_layers=16, max_seq_len=4096, moe=MoEConfig(num_experts=1))
 
 
 PRESETS = {
@@ -326,7 +329,6 @@ PRESETS = {
     "125m": _125m,
     "350m": _350m,
     "1b": _1b,
-    "1b-moe": _1b_moe,
     "1b-long": _1b_long,
     "1b-transformer": _1b_transformer,
 }

@@ -39,12 +39,15 @@ def _mlp_params(cfg: ModelConfig, active: bool) -> int:
     return d * m.num_experts + n_exp * 3 * d * f + shared
 
 
-def _block_params(cfg: ModelConfig, active: bool) -> int:
+def _block_params(cfg: ModelConfig, active: bool, recurrent: bool = True) -> int:
     d = cfg.d_model
     n = 2 * d + 4 * d * d + _mlp_params(cfg, active)  # two RMSNorms, q/k/v/o
     if cfg.arch == "ressformer" and cfg.soes.enabled:
-        n += 2 * d * cfg.soes.rank  # LatentGraph src_proj, dst_proj
-        n += cfg.n_heads  # ASAMAttention.graph_scale (H,)
+        bilinear = cfg.soes.graph == "bilinear"
+        if bilinear:
+            n += 2 * d * cfg.soes.rank  # LatentGraph src_proj, dst_proj
+        if bilinear or recurrent:
+            n += cfg.n_heads  # ASAMAttention.graph_scale (H,): the attention graph reaches loop blocks only
     return n
 
 
@@ -53,11 +56,12 @@ def _memory_params(cfg: ModelConfig) -> int:
     return m * d + d + (2 * d + 1)  # slot_queries, pool_norm, gate (weight + bias)
 
 
-def _n_blocks(cfg: ModelConfig) -> int:
+def _n_blocks(cfg: ModelConfig) -> tuple[int, int]:
+    """(blocks of the recurrence, other blocks): the transformer's layers count as the latter."""
     if cfg.arch == "transformer":
-        return cfg.n_layers
+        return 0, cfg.n_layers
     r = cfg.r2mu
-    return r.n_prelude + (1 if r.enabled else r.steps) + r.n_coda
+    return (1 if r.enabled else r.steps), r.n_prelude + r.n_coda
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -66,7 +70,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     head = 0 if cfg.tie_embeddings else v * d
     out = {}
     for key, active in (("total", False), ("active", True)):
-        n = emb + head + d + _n_blocks(cfg) * _block_params(cfg, active)  # + final norm
+        n_loop, n_plain = _n_blocks(cfg)
+        n = emb + head + d + n_loop * _block_params(cfg, active) + n_plain * _block_params(cfg, active, False)
         if cfg.arch == "ressformer" and cfg.r2mu.enabled and cfg.r2mu.memory:
             n += _memory_params(cfg)
         out[key] = n
@@ -104,8 +109,8 @@ def _block_kept_keys(cfg: ModelConfig, tk: int) -> int:
 
 
 def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:
-    if not cfg.soes.enabled or cfg.arch != "ressformer":
-        return 0.0, 0.0
+    if not cfg.soes.enabled or cfg.arch != "ressformer" or cfg.soes.graph == "attention":
+        return 0.0, 0.0  # the attention-pattern graph reuses ASAM's probabilities: no matmul of its own
     r, m = cfg.soes.rank, min(cfg.soes.degree, T)
     a = cfg.asam
     if a.impl == "block":  # neighbours chosen inside kept token blocks, like ASAM's block path
@@ -125,15 +130,19 @@ def _block_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]:
     return g + ag + gg + _mlp_macs(cfg), an + gn
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None) -> float:
-    """Training (fwd + bwd) FLOPs per token at sequence length seq_len (K = num_steps or r2mu.steps)."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None, causal_skip: bool = False) -> float:
+    """Training (fwd + bwd) FLOPs per token at sequence length seq_len (K = num_steps or r2mu.steps).
+
+    The dense baseline's causal attention: the full T x T product (what SDPA computes on CPU), or with
+    causal_skip=True the (T + 1) / 2 keys per query a FlashAttention-style kernel computes on a GPU.
+    """
     if seq_len < 1:
         raise ValueError(f"flops_per_token: seq_len={seq_len} must be >= 1")
     T, d = seq_len, cfg.d_model
     grad, nograd = float(cfg.vocab_size * d), 0.0  # lm_head
     if cfg.arch == "transformer":
-        # causal SDPA computes the full T x T product (masking does not skip work on CPU)
-        bg = 2.0 * d * d * 2 + 2.0 * T * d + _mlp_macs(cfg)
+        keys = (T + 1) / 2 if causal_skip and cfg.causal else T
+        bg = 2.0 * d * d * 2 + 2.0 * keys * d + _mlp_macs(cfg)
         return 6.0 * (grad + cfg.n_layers * bg)
     r = cfg.r2mu
     K = r.steps if num_steps is None else num_steps

@@ -1,24 +1,26 @@
 """ReSSFormerForCausalLM: the whole ReSSFormer network (You & Liu 2025, sec. 3.1-3.4).
 
-    embed_tokens -> prelude blocks -> [R2MU: one shared core block, K steps, with memory] -> coda blocks
-                 -> norm -> lm_head
+    embed_tokens -> [R2MU: one shared block, K steps, with memory] -> norm -> lm_head        (the paper)
+    embed_tokens -> prelude blocks -> [R2MU loop] -> coda blocks -> norm -> lm_head         (r2mu.n_prelude /
+                                                                                             n_coda > 0: extension)
 
 Every block is a pre-norm residual block whose attention is ASAM (sec. 3.2, top-k + sparse activation)
 and whose FFN is a dense SwiGLU or a routed MoE (expert-level sparsity):
 
     xn        = input_layernorm(x)                                    (B, T, D)
-    A         = LatentGraph(xn)                      if soes.enabled  (B, T, m) sparse rows (sec. 3.3)
-    x         = x + self_attn(xn, pos, memory=norm(M^(t)), graph=A)
+    x         = x + self_attn(xn, pos, memory=norm(M^(t)), graph=A^(t-1))
     x         = x + mlp(post_attention_layernorm(x))
 
 Design choices:
 * No positional encoding of any kind (sec. 3.3). Token positions are used only for masks: causality,
   the cache window and the visibility of segment summaries. In encoder mode (causal=False) with
   unbounded windows the network is permutation equivariant.
-* SOES: each block owns its `graph` (LatentGraph, `model.layers.N.graph`), so the shared core block's
-  graph is re-induced from the current states inside every recurrent iteration (sec. 3.4), and the
-  prelude / coda blocks induce their own. The smoothness loss is applied across consecutive core
-  steps: L_soes = smooth_coef * sum_{t=1}^{K-1} smoothness_penalty(A^(t-1), A^(t)).
+* SOES, soes.graph=attention (paper's reading, "edges are induced by learned attention patterns"): the graph
+  A^(t) is step t's own sparse attention pattern (head-averaged probabilities, top-`degree` per token,
+  attention.pattern_edges); it biases the attention of step t+1 (step 0 has none). soes.graph=bilinear: each
+  block owns a LatentGraph scorer (structure.py) that induces A from the block's input states at every call.
+  The smoothness loss is applied across consecutive core steps:
+  L_soes = smooth_coef * sum_{t=1}^{K-1} smoothness_penalty(A^(t-1), A^(t)).
 * R2MU memory (recurrence.py): `model.memory` (SegmentMemory) exists when r2mu.enabled and r2mu.memory.
   r2mu.enabled=False (ablation): the core is `steps` distinct blocks, no memory, no sharing.
 * Aux losses (weighted, part of `loss`): moe_balance = aux_loss_coef * mean over MoE calls of the
@@ -51,34 +53,46 @@ from ressformer.recurrence import SegmentMemory, moe_aux_from_logits
 class ReSSFormerBlock(nn.Module):
     """Pre-norm block: ASAM attention (+ SOES graph bias, + R2MU memory keys) and a SwiGLU / MoE FFN."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, recurrent: bool = True):
+        """recurrent: a block of the R2MU loop (False: a prelude / coda block, which an attention-pattern graph,
+        made and read only inside the loop, never reaches)."""
         super().__init__()
         from ressformer.attention import ASAMAttention
         from ressformer.moe import make_mlp
 
         d = cfg.d_model
         self.input_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.self_attn = ASAMAttention(cfg)
+        self.graph_from_attention = cfg.soes.enabled and cfg.soes.graph == "attention"
+        self.self_attn = ASAMAttention(cfg, graph=cfg.soes.enabled and (recurrent or not self.graph_from_attention))
         self.post_attention_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.mlp = make_mlp(cfg)
-        if cfg.soes.enabled:
+        if cfg.soes.enabled and cfg.soes.graph == "bilinear":
             from ressformer.structure import LatentGraph
 
             self.graph = LatentGraph(cfg)
         else:
             self.graph = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None):
-        """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)).
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None, graph=None, recurrent: bool = False):
+        """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)), graph None |
+        (idx, val) the previous recurrent step's graph (soes.graph=attention: it biases this call's attention).
 
-        Returns (x (B, T, D), graph | None, router_logits (B*T, E) | None, attention stats dict).
+        Returns (x (B, T, D), graph | None, router_logits (B*T, E) | None, attention stats dict). The graph is
+        this call's: bilinear, induced from its input states; attention, its attention pattern, made only inside
+        the recurrence (recurrent=True), where the next step reads it.
         """
         xn = self.input_layernorm(x)
-        graph = self.graph(xn) if self.graph is not None else None
+        if self.graph is not None:
+            graph = self.graph(xn)
         if memory is not None:
             m_states, m_pos, m_win = memory
             memory = (self.input_layernorm(m_states), m_pos, m_win)
-        a, stats = self.self_attn(xn, pos, memory=memory, graph=graph)
+        pattern = self.graph_from_attention and recurrent
+        a, stats = self.self_attn(xn, pos, memory=memory, graph=graph, pattern=pattern)
+        if pattern:
+            graph = stats.pop("pattern")
+        elif self.graph is None:
+            graph = None
         x = x + a
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, graph, router_logits, stats
@@ -93,7 +107,8 @@ class ReSSFormerModel(nn.Module):
         n_core = 1 if r.enabled else r.steps
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # [prelude..., core (1 shared, or `steps` distinct), coda...]
-        self.layers = nn.ModuleList(ReSSFormerBlock(cfg) for _ in range(r.n_prelude + n_core + r.n_coda))
+        self.layers = nn.ModuleList(ReSSFormerBlock(cfg, recurrent=r.n_prelude <= i < r.n_prelude + n_core)
+                                    for i in range(r.n_prelude + n_core + r.n_coda))
         self.memory = SegmentMemory(cfg) if (r.enabled and r.memory) else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
@@ -174,8 +189,10 @@ class ReSSFormerForCausalLM(nn.Module):
         return h, router_logits, stats.get("density") if isinstance(stats, dict) else None
 
     def _step(self, t: int, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
-              pos: torch.Tensor, need_summary: bool):
-        """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t))."""
+              pos: torch.Tensor, need_summary: bool, g_idx: torch.Tensor | None, g_val: torch.Tensor | None):
+        """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t)).
+
+        g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise."""
         mem = self.model.memory
         summary, gate, memory = None, None, None
         if mem is not None:
@@ -183,7 +200,8 @@ class ReSSFormerForCausalLM(nn.Module):
                 summary, gate = mem(h, s_prev)
             if h_prev is not None:
                 memory = mem.memory_keys(h_prev, summary)
-        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory)
+        g_in = None if g_idx is None else (g_idx, g_val)
+        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory, graph=g_in, recurrent=True)
         g_idx, g_val = (graph[0], graph[1]) if graph is not None else (None, None)
         density = stats.get("density") if isinstance(stats, dict) else None
         return h_new, summary, g_idx, g_val, router_logits, density, gate
@@ -222,12 +240,13 @@ class ReSSFormerForCausalLM(nn.Module):
 
         # R2MU recurrence: H^(0) = prelude output.
         h_prev, summary, prev_graph = None, None, None
+        g_idx = g_val = None
         smooth = []
         for t in range(K):
             # S^(t) is needed at step t >= 1 (read by the block) and at t = 0 only to seed S^(1).
             need_summary = self.model.memory is not None and K > 1
             h_new, summary, g_idx, g_val, rl, dens, gate = self._maybe_ckpt(
-                unit, self._step, t, h, h_prev, summary, pos, need_summary)
+                unit, self._step, t, h, h_prev, summary, pos, need_summary, g_idx, g_val)
             unit += 1
             h_prev, h = h, h_new
             collect(rl, dens)

@@ -1,8 +1,14 @@
 """SOES, the Self-Organizing Encoder Structure (paper sec. 3.3): a content-induced latent token graph.
 
-ReSSFormer has no positional encoding; token topology comes from content instead. At every block call
-(inside every recurrent step, sec. 3.4) a directed sparse graph is induced from the current token
-states H^(t) (B, T, D). The paper's edge formula (its Eq. 7) was not recovered; the chosen equations:
+ReSSFormer has no positional encoding; token topology comes from content instead. The paper's edge formula
+(its Eq. 7, "edges are induced by learned attention patterns") was not recovered. Two readings (soes.graph):
+
+* attention (default, the paper presets): A^(t)_ij = mean_h p^(t)_hij, the sparse attention probabilities of
+  recurrent step t (sparsemax gives exact zeros, so the pattern is a sparse directed graph), its `degree`
+  largest entries per token (attention.pattern_edges; memory keys dropped); it biases step t+1's attention
+  and L_smooth compares consecutive steps' graphs. Gradients reach the attention through the kept values.
+* bilinear (LatentGraph below): a separate low-rank scorer induces the graph from the block's input states
+  H^(t) (B, T, D) at every block call (inside every recurrent step, sec. 3.4):
 
     s_ij      = (W_s h_i)^T (W_d h_j) / sqrt(r)                    W_s = src_proj, W_d = dst_proj: D -> r
     N_i       = top-m_i { s_ij : j visible to i }                  causal: j <= i (itself included);

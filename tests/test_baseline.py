@@ -195,3 +195,20 @@ def test_meta_device_build_then_init(tie):
 def test_wrong_arch_rejected():
     with pytest.raises(ValueError, match="arch"):
         TransformerForCausalLM(ModelConfig())
+
+
+def test_nope_baseline_is_the_same_network_without_rope():
+    """position=none drops RoPE and nothing else: with RoPE at angle 0 (position 0 only) both agree."""
+    cfg = ModelConfig.from_preset("debug-transformer")
+    torch.manual_seed(0)
+    rope = build_model(cfg).eval()
+    nope = build_model(cfg.replace(position="none")).eval()
+    nope.load_state_dict(rope.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(nope(x[:, :1]).logits, rope(x[:, :1]).logits)  # one token: RoPE is the identity
+        assert (nope(x).logits - rope(x).logits).abs().max() > 1e-4
+        # NoPE is permutation-equivariant in encoder mode: the only position signal is the causal mask
+        enc = build_model(cfg.replace(position="none", causal=False)).eval()
+        perm = torch.randperm(10)
+        torch.testing.assert_close(enc(x[:, perm]).logits, enc(x).logits[:, perm], atol=1e-5, rtol=1e-5)

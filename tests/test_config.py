@@ -72,10 +72,26 @@ def test_cli_prints_1b_with_param_counts():
     assert "FLOPs/token" in out
 
 
-def test_preset_sizes_are_sensible():
+PAPER_PRESETS = ("debug", "125m", "350m", "1b", "1b-long")
+
+
+def test_preset_names_give_total_parameters():
     sizes = {n: count_params(ModelConfig.from_preset(n)) for n in PRESETS}
-    assert 0.9e9 <= sizes["1b"]["total"] <= 1.4e9
-    assert 0.9e9 <= sizes["1b-moe"]["total"] <= 1.4e9 and sizes["1b-moe"]["active"] < sizes["1b-moe"]["total"] / 2
-    assert sizes["1b-long"]["total"] == sizes["1b"]["total"]
-    assert sizes["125m"]["total"] < sizes["350m"]["total"] < sizes["1b"]["total"]
+    for name, total in (("125m", 125e6), ("350m", 350e6), ("1b", 1e9), ("1b-long", 1e9), ("1b-transformer", 1e9)):
+        assert 0.9 * total <= sizes[name]["total"] <= 1.1 * total, (name, sizes[name])
+    for name in ("125m", "350m", "1b"):
+        assert sizes[name]["active"] < sizes[name]["total"] / 2, (name, sizes[name])  # routed experts
     assert sizes["debug"]["total"] < 2e6
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_build_the_papers_network(name):
+    """Embeddings -> one shared block x K with memory -> head; top-k + sparsemax + routed MoE; SOES from attention."""
+    cfg = ModelConfig.from_preset(name)
+    r, a = cfg.r2mu, cfg.asam
+    assert cfg.arch == "ressformer" and r.enabled and r.memory
+    assert (r.n_prelude, r.n_coda, r.step_sampling) == (0, 0, "fixed")  # prelude / coda / sampled K: extensions
+    assert a.activation == "sparsemax" and a.topk > 0 and a.impl != "block" and a.block_select == "query"
+    assert cfg.moe.num_experts > 1 and cfg.moe.experts_per_token < cfg.moe.num_experts
+    assert cfg.soes.enabled and cfg.soes.graph == "attention"
+    assert ModelConfig().r2mu.n_prelude == 0 and ModelConfig().asam.activation == "sparsemax"  # dataclass defaults

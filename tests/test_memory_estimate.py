@@ -37,16 +37,20 @@ def test_checkpoint_units_and_logits():
     assert k6.terms["model_states"] == est.terms["model_states"]
 
 
+# The block-selection extension pretrain/configs/1b_long.yaml turns on (no gathered top-k keys to keep).
+BLOCK_DENSE = {"asam.impl": "block", "asam.block_select": "chunk", "asam.block_size": 256, "asam.topk": 0}
+
+
 def test_checkpointing_and_sparsity_are_what_make_32k_fit():
     cfg = ModelConfig.from_preset("1b-long")
     kw = dict(seq_len=32768, micro_batch=1, world_size=32, zero_stage=3)
     full = estimate_memory(cfg, ckpt_every=None, **kw)
     every = estimate_memory(cfg, ckpt_every=1, **kw)
-    sparse = estimate_memory(cfg.replace(**{"asam.topk": 0}), ckpt_every=1, **kw)
+    sparse = estimate_memory(cfg.replace(**BLOCK_DENSE), ckpt_every=1, **kw)
     assert full.total > 5 * every.total  # no checkpointing: hundreds of GiB
     assert every.total > sparse.total  # gathered top-k keys/values dominate the recomputed unit
     # Activation memory scales linearly in T with block-sparse attention (no T^2 term).
-    half = estimate_memory(cfg.replace(**{"asam.topk": 0}), ckpt_every=1, **dict(kw, seq_len=16384))
+    half = estimate_memory(cfg.replace(**BLOCK_DENSE), ckpt_every=1, **dict(kw, seq_len=16384))
     act = lambda e: e.terms["checkpoints"] + e.terms["unit_recompute"] + e.terms["logits"]  # noqa: E731
     assert act(sparse) / act(half) == pytest.approx(2.0, rel=0.1)
     assert math.isfinite(sparse.with_slack) and sparse.with_slack > sparse.total
@@ -61,7 +65,8 @@ def test_bad_values_name_themselves():
 
 
 def test_cli_prints_a_table(capsys):
-    assert main(["--preset", "1b-long", "--seq-len", "32768", "--set", "asam.topk=0", "--world-size", "32"]) == 0
+    sets = [a for k, v in BLOCK_DENSE.items() for a in ("--set", f"{k}={v}")]
+    assert main(["--preset", "1b-long", "--seq-len", "32768", *sets, "--world-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "model_states" in out and "total" in out and "GiB" in out
     assert float(out.split("total")[1].split()[0]) < 80  # fits an 80 GiB GPU

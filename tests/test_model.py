@@ -178,8 +178,8 @@ def _transfer(src, dst):
 
 
 @pytest.mark.parametrize("switch", [
-    {"r2mu.enabled": False}, {"r2mu.memory": False}, {"asam.topk": 0}, {"asam.activation": "sparsemax"},
-    {"moe.num_experts": 1}, {"soes.enabled": False}])
+    {"r2mu.enabled": False}, {"r2mu.memory": False}, {"asam.topk": 0}, {"asam.activation": "softmax"},
+    {"moe.num_experts": 1}, {"soes.enabled": False}, {"soes.graph": "bilinear"}])
 def test_each_ablation_switch_changes_the_computation(switch):
     full = build(tiny()).eval()
     abl = build(tiny(**switch), seed=0).eval()

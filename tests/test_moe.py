@@ -116,7 +116,7 @@ def test_balance_gradient_reaches_router():
 
 
 def test_make_mlp_dense_for_one_expert():
-    cfg = ModelConfig(d_model=16, n_heads=2, ffn_hidden=24)
+    cfg = ModelConfig(d_model=16, n_heads=2, ffn_hidden=24, moe={"num_experts": 1})
     m = make_mlp(cfg)
     assert isinstance(m, DenseMLP)
     assert m.gate_up_proj.weight.shape == (48, 16) and m.down_proj.weight.shape == (16, 24)

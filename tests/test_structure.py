@@ -150,3 +150,74 @@ def test_smoothness_penalty_matches_dense_frobenius():
     torch.testing.assert_close(smoothness_penalty(g0, g0), torch.zeros((), dtype=torch.float64))
     with pytest.raises(ValueError, match="same"):
         smoothness_penalty(g0, Graph(g1.idx[:, :5], g1.val[:, :5]))
+
+
+# --- the attention-pattern graph (soes.graph = attention) ------------------------------------------
+def test_pattern_edges_equal_dense_head_mean_top_m():
+    """Equal keys of different heads are summed; memory keys dropped; the m largest positive entries kept."""
+    from ressformer.attention import pattern_edges
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Q, n, Tk, n_tok, m = 2, 3, 5, 6, 12, 9, 4
+    key_idx = torch.stack([torch.randperm(Tk, generator=g)[:n] for _ in range(B * H * Q)]).view(B, H, Q, n)
+    prob = torch.rand(B, H, Q, n, generator=g, dtype=torch.float64)
+    prob[prob < 0.3] = 0.0  # exact zeros, as sparsemax gives
+    prob.requires_grad_(True)
+    own = torch.arange(Q)
+    idx, val = pattern_edges(key_idx, prob, n_tok, m, own)
+    dense = torch.zeros(B, Q, Tk, dtype=torch.float64).scatter_add(
+        -1, key_idx.permute(0, 2, 1, 3).reshape(B, Q, H * n), prob.detach().permute(0, 2, 1, 3).reshape(B, Q, H * n) / H)
+    dense[..., n_tok:] = 0
+    top = dense.topk(m, -1).values
+    torch.testing.assert_close(val.detach().sort(-1, descending=True).values, top.clamp(min=0))
+    got = torch.zeros(B, Q, Tk, dtype=torch.float64).scatter_add(-1, idx, val.detach())
+    kept = dense >= top[..., -1:]  # ties at the m-th value cannot happen with random values
+    torch.testing.assert_close(got, torch.where(kept & (dense > 0), dense, torch.zeros(())))
+    spare = val == 0
+    assert (idx[spare] == own.view(1, -1, 1).expand_as(idx)[spare]).all()  # spare slots point at the query
+    val.sum().backward()
+    assert prob.grad is not None and prob.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl,topk", [("chunked", 0), ("chunked", 5), ("block", 0), ("block", 5)])
+@pytest.mark.parametrize("activation", ["sparsemax", "softmax"])
+def test_attention_pattern_of_every_impl_equals_reference(impl, topk, activation):
+    from ressformer.attention import sparse_attention
+
+    torch.manual_seed(0)
+    B, H, T, D, Tm = 2, 3, 17, 8, 4
+    q, k, v = (torch.randn(B, H, T + (Tm if i else 0), D, dtype=torch.float64, requires_grad=True) for i in range(3))
+    q = q.detach().requires_grad_(True)
+    pos = torch.arange(T)
+    k_pos = torch.cat([pos, torch.tensor([3, 7, 11, 15])])  # memory keys after the tokens
+    kw = dict(q_pos=pos, k_pos=k_pos, activation=activation, topk=topk, chunk_size=4, block_size=4,
+              blocks_per_query=8, pattern_degree=3, pattern_keys=T)  # the kept blocks cover every key
+    _, ref = sparse_attention(q, k, v, impl="reference", **kw)
+    _, got = sparse_attention(q, k, v, impl=impl, **kw)
+    for st in (ref, got):
+        assert st["pattern"][0].shape == (B, T, 3) and (st["pattern"][0] < T).all()
+        assert (st["pattern"][0] <= pos.view(1, -1, 1)).all()  # causal: edges only to earlier tokens
+    dense = [torch.zeros(B, T, T, dtype=torch.float64).scatter_add(-1, *st["pattern"]) for st in (ref, got)]
+    torch.testing.assert_close(dense[1], dense[0])
+    gq = [torch.autograd.grad(st["pattern"][1].pow(2).sum(), q, retain_graph=True)[0] for st in (ref, got)]
+    torch.testing.assert_close(gq[1], gq[0])
+    assert gq[0].abs().sum() > 0  # the smoothness loss reaches the attention scores
+
+
+def test_attention_graph_feeds_the_next_step_and_smoothness():
+    """Step t's attention reads step t-1's pattern: with the graph scale at 0 the graph has no effect."""
+    from ressformer import build_model
+
+    cfg = ModelConfig.from_preset("debug", **{"soes.graph": "attention", "soes.degree": 4})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    out = model(x, labels=x)
+    assert out.aux_losses["soes_smooth"] > 0
+    assert not hasattr(model.model.layers[0], "graph") or model.model.layers[0].graph is None  # no scorer
+    with torch.no_grad():
+        model.model.layers[0].self_attn.graph_scale.zero_()
+        off = model(x).logits
+        no_soes = build_model(cfg.replace(**{"soes.enabled": False}))
+        no_soes.load_state_dict({k: v for k, v in model.state_dict().items() if "graph_scale" not in k})
+        torch.testing.assert_close(off, no_soes(x).logits)
