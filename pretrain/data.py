@@ -19,6 +19,11 @@ Design choices
 - megatron keys its index cache on the prefix path, seed, split and tokenizer; the content fingerprint
   of every prefix (`_fingerprint`) is added to that key, so a prefix re-written in place never reuses a
   stale document / sample index (it would silently give windows that straddle the wrong offsets).
+- Loss masks (completion-only training): a prefix written with `--prompt-key/--completion-key` has a parallel
+  `PREFIX.loss_mask` IndexedDataset (1 = training target). The same megatron datasets (same config, seed, split,
+  sizes) are built over the mask prefixes; megatron's document / sample / shuffle indices depend only on the
+  document lengths, which must be identical (checked), so mask sample i lines up with token sample i token for
+  token, and labels[j] = -100 where mask[j] == 0. A blend mixes masked and unmasked prefixes only by refusal.
 - Before megatron is called, every split of every prefix is checked to hold at least one document and
   `seq_len + 1` tokens: megatron spins forever on an empty split (FACTS.md: 45 minutes on a tiny corpus).
 - Sampling is deterministic given the seed (GPTDataset shuffles with it). `TrainBatches` walks the
@@ -212,11 +217,43 @@ def _fingerprint(prefix: str) -> str:
     return h.hexdigest()
 
 
-class HFSamples(torch.utils.data.Dataset):
-    """A megatron GPT/Blended dataset seen as Hugging Face causal-LM samples {input_ids, labels}."""
+def _mask_prefixes(data_cfg: DataConfig) -> list[str] | None:
+    """The blend's PREFIX.loss_mask prefixes (same order), or None when no prefix has one; refuse a mix or a mismatch."""
+    from tokenizer.preprocess import mask_prefix
 
-    def __init__(self, megatron_dataset) -> None:
-        self.megatron = megatron_dataset
+    masks = [mask_prefix(p) for _, p in data_cfg.blend]
+    has = [Path(f"{m}.bin").exists() or Path(f"{m}.idx").exists() for m in masks]
+    if not any(has):
+        return None
+    if not all(has):
+        without = [p for (_, p), h in zip(data_cfg.blend, has) if not h]
+        raise ValueError(f"data.blend mixes prefixes with a loss mask and prefixes without one ({without} have no "
+                         f".loss_mask.{{bin,idx}}): preprocess them with --prompt-key/--completion-key too, or train "
+                         f"them in separate runs")
+    for (_, prefix), m in zip(data_cfg.blend, masks):
+        tokens, mask = read_index(prefix), read_index(m)
+        if not (np.array_equal(tokens["lengths"], mask["lengths"])
+                and np.array_equal(tokens["document_indices"], mask["document_indices"])):
+            raise ValueError(f"{m}.idx does not match {prefix}.idx ({mask['documents']} vs {tokens['documents']} "
+                             f"documents, or other document lengths): the mask was written for other data; re-run "
+                             f"`python -m tokenizer.preprocess ... --out {prefix} --force` with --prompt-key/--completion-key")
+    return masks
+
+
+class HFSamples(torch.utils.data.Dataset):
+    """A megatron GPT/Blended dataset seen as Hugging Face causal-LM samples {input_ids, labels}.
+
+    `mask_dataset`: the same megatron dataset built over the loss-mask prefixes; labels[j] = -100 where its token j is 0.
+    """
+
+    def __init__(self, megatron_dataset, mask_dataset=None) -> None:
+        self.megatron, self.mask = megatron_dataset, mask_dataset
+        # GPTDataset caches the loss mask of the first sample it serves *after* zeroing that sample's pad positions
+        # in place (megatron-core 0.16.1), so every later sample would lose its labels where the first one had pads;
+        # recomputing per sample (a ones vector) is cheap
+        for d in getattr(megatron_dataset, "datasets", [megatron_dataset]):
+            if hasattr(d, "masks_and_position_ids_are_cacheable"):
+                d.masks_and_position_ids_are_cacheable = False
 
     def __len__(self) -> int:
         return len(self.megatron)
@@ -227,6 +264,9 @@ class HFSamples(torch.utils.data.Dataset):
         labels = input_ids.clone()  # (T,) HF convention: the model shifts
         # loss_mask[j] (float, (T,)) weighs predicting token j+1 -> it masks labels[j+1]
         labels[1:][s["loss_mask"][:-1] == 0] = -100
+        if self.mask is not None:
+            # (T,) 1 where token j is a training target; GPTDataset maps values equal to the pad id to 0 (pad is 0)
+            labels[self.mask[int(i)]["tokens"] == 0] = -100
         return {"input_ids": input_ids, "labels": labels}
 
 
@@ -259,6 +299,7 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples
     if sizes[0] == 0:
         raise ValueError(f"num_samples[0] (train) = {num_samples[0]} must be > 0")
     _check_splits(data_cfg, seq_len)
+    masks = _mask_prefixes(data_cfg)
     cache = data_cfg.resolved_cache_dir()
     Path(cache).mkdir(parents=True, exist_ok=True)
 
@@ -270,23 +311,26 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples
     mtok = MegatronTokenizerAdapter(tok)
     # megatron keys its cache on the prefix *path*; a prefix rewritten in place (preprocess --force) must not
     # reuse the old document / sample indices, so the data's identity joins the key through the tokenizer's
-    mtok.unique_identifiers["data"] = {p: _fingerprint(p) for _, p in data_cfg.blend}
+    prefixes = [p for _, p in data_cfg.blend]
+    mtok.unique_identifiers["data"] = {p: _fingerprint(p) for p in prefixes + (masks or [])}
 
-    def build(is_rank0: bool):
+    def build(is_rank0: bool, prefixes: list[str]):
         cfg = GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq_len,
-            blend=([p for _, p in data_cfg.blend], [w for w, _ in data_cfg.blend]),
+            random_seed=seed, sequence_length=seq_len, blend=(prefixes, [w for w, _ in data_cfg.blend]),
             split=split_str, path_to_cache=cache, tokenizer=mtok,
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
             create_attention_mask=False, add_extra_token_to_sequence=False, mmap_bin_files=True)
         with _no_megatron_collectives(is_rank0):
             return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
 
-    out = build(True) if rank0 else None
+    def build_all(is_rank0: bool):  # (token datasets, mask datasets or Nones), each (train, valid, test)
+        return build(is_rank0, prefixes), build(is_rank0, masks) if masks else [None] * 3
+
+    out = build_all(True) if rank0 else None
     barrier()
     if not rank0:
-        out = build(False)  # cache hits only
-    return tuple(HFSamples(d) if d is not None and sizes[i] > 0 else None for i, d in enumerate(out))
+        out = build_all(False)  # cache hits only
+    return tuple(HFSamples(d, m) if d is not None and sizes[i] > 0 else None for i, (d, m) in enumerate(zip(*out)))
 
 
 class _PretrainingBatchSampler(torch.utils.data.Sampler):
