@@ -1,4 +1,4 @@
-"""The paper's component ablations at debug scale: train each variant with the real trainer and compare.
+"""Component ablations, language modelling on the default corpus: train each variant with the real trainer, compare.
 
     python bench/ablations.py [--steps 200] [--nproc 2] [--variants full soes_off ...] [--out runs/ablations]
                               [--ds-config ds_configs/zero1.json] [--artifacts artifacts] [--set seq_len=512]
@@ -9,7 +9,7 @@ for the same steps on the same data. Reported per variant: parameters (total / a
 GFLOP per token, validation perplexity at each evaluation, the final one and its ratio to the full
 ReSSFormer's (measured in the same invocation), and training tokens/s. OUT/results.json keeps the numbers;
 a variant whose run folder already holds FINISHED is read back instead of retrained (--force retrains).
-Differences at this scale (0.4 M parameters, 200 steps, 1 MB of text) show that each switch changes
+Differences at this scale (0.2 M parameters, 200 steps, 1 MB of text) show that each switch changes
 training, not how the paper's model behaves at 1B.
 """
 
@@ -28,11 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 VARIANTS: dict[str, list[str]] = {
-    "full": [],  # ReSSFormer debug: R2MU K=3 + memory, ASAM top-k softmax + MoE, SOES graph
+    "full": [],  # the paper's ReSSFormer (preset debug): R2MU K=4 + memory, ASAM top-k sparsemax + MoE, SOES graph
     "r2mu_off": ["model.r2mu.enabled=false"],  # K distinct blocks instead of one shared block
     "memory_off": ["model.r2mu.memory=false"],  # no token cache / segment summary
     "topk_off": ["model.asam.topk=0"],  # every visible key
-    "entmax15": ["model.asam.activation=entmax15"],  # sparse attention probabilities
+    "softmax": ["model.asam.activation=softmax"],  # dense attention probabilities over the kept keys
+    "entmax15": ["model.asam.activation=entmax15"],  # extension: a sparser-than-softmax, denser-than-sparsemax map
+    "soes_bilinear": ["model.soes.graph=bilinear"],  # extension: graph from a bilinear scorer
     "moe_off": ["model.moe.num_experts=1"],  # dense SwiGLU FFN
     "soes_off": ["model.soes.enabled=false"],  # no latent graph, no smoothness loss
     "transformer": ["model=debug-transformer"],  # the dense RoPE baseline
@@ -42,7 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "block": ["model.asam.impl=block"],  # key blocks chosen per query, then top-k inside them
     "block_chunk": ["model.asam.impl=block", "model.asam.block_select=chunk"],  # chosen per query chunk
 }
-DEFAULT = [v for v in VARIANTS if not v.startswith("block")]
+DEFAULT = [v for v in VARIANTS if not v.startswith("block")]  # the task suite with baselines: python -m bench.paper
 
 
 def free_port() -> int:

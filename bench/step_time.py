@@ -22,7 +22,7 @@ from ressformer.flops import count_params, flops_per_token  # noqa: E402
 ABLATIONS = {
     "ressformer": {},
     "asam.topk=0 (all keys)": {"asam.topk": 0},
-    "asam.activation=entmax15": {"asam.activation": "entmax15"},
+    "asam.activation=softmax": {"asam.activation": "softmax"},
     "moe.num_experts=1 (dense FFN)": {"moe.num_experts": 1},
     "soes.enabled=false": {"soes.enabled": False},
     "r2mu.memory=false": {"r2mu.memory": False},
@@ -54,7 +54,7 @@ def main() -> None:
     r = base.r2mu
     dense = ModelConfig(arch="transformer", vocab_size=base.vocab_size, d_model=base.d_model, n_heads=base.n_heads,
                         ffn_hidden=base.ffn_hidden, n_layers=r.n_prelude + r.steps + r.n_coda,
-                        max_seq_len=base.max_seq_len)
+                        max_seq_len=base.max_seq_len, moe={"num_experts": 1})
     rows = [("baseline (dense transformer)", dense)] + [(n, base.replace(**o)) for n, o in ABLATIONS.items()]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}")

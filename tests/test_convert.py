@@ -172,10 +172,10 @@ def test_damaged_hf_folder_and_incomplete_state_dict(tmp_path):
     model = seeded_model()
     hf = export_hf(model.state_dict(), model.config, tmp_path / "hf", max_shard_size="200KB")
     sd = model.state_dict()
-    bad = {k: v for k, v in sd.items() if "layers.1.mlp.experts" not in k}
-    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.experts\.gate_up_proj.*expert shards"):
+    bad = {k: v for k, v in sd.items() if "layers.0.mlp.experts" not in k}
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.experts\.gate_up_proj.*expert shards"):
         check_complete(bad, model.config, "test")
-    bad = dict(sd, **{"model.layers.1.mlp.experts.down_proj": sd["model.layers.1.mlp.experts.down_proj"][:3]})
+    bad = dict(sd, **{"model.layers.0.mlp.experts.down_proj": sd["model.layers.0.mlp.experts.down_proj"][:3]})
     with pytest.raises(CheckpointError, match="shape mismatches"):
         check_complete(bad, model.config, "test")
     shard = sorted(hf.glob("model-*.safetensors"))[1]
@@ -208,7 +208,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                "--ds_config", f"ds_configs/{name}.json", "--config", "pretrain/configs/debug.yaml",
                "--set", f"run_dir={run_dir}", "--set", "steps=2", "--set", "save_every=2", "--set", "eval_every=1000",
                "--set", "seq_len=64", "--set", "micro_batch=2", "--set", "wandb.mode=disabled",
-               "--set", f"data.blend=[[1.0, {art}/data/shakespeare]]", "--set", f"data.tokenizer={art}/tokenizer"]
+               "--set", f"data.blend=[[1.0, {art}/data/shakespeare]]", "--set", f"data.tokenizer={art}/tokenizer",
+               # three MoE layers (prelude, core, coda), so expert files and layer ids are mapped across layers
+               "--set", "model.r2mu.n_prelude=1", "--set", "model.r2mu.n_coda=1"]
         p = run_group(cmd, timeout=400, cwd=REPO, env=base_env())
         assert p.returncode == 0, f"{name}:\n" + (p.stdout + p.stderr)[-5000:]
         out[name] = run_dir

@@ -1,0 +1,1 @@
+"""Synthetic evaluation tasks mirroring the ReSSFormer paper's figures."""
