@@ -348,13 +348,17 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
     local = bvis & ((blk_min <= qp_c.max()) & (blk_max >= qp_c.min()))[None]  # (c, nb)
     neg_inf = torch.full((), float("-inf"), dtype=q_c.dtype, device=q_c.device)
     if select == "query":
-        n_pick = min(nb, blocks_per_query + int(local.sum(1).max()))
+        n_local = local.sum(1)  # (c,) local blocks of each query
+        n_pick = min(nb, blocks_per_query + int(n_local.max()))
         sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
         sb = torch.where(bvis, sb, neg_inf)
         sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
-        top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick)
+        top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick): query i's local blocks first (score +inf)
+        # query i keeps its own local blocks + blocks_per_query more, not the chunk-wide maximum of local blocks
+        rank = torch.arange(n_pick, device=q_c.device)
+        own = (rank[None, :] < (n_local + blocks_per_query)[:, None])  # (c, n_pick)
         kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
-        kept.scatter_(-1, top.indices, top.values > float("-inf"))  # (B, H, c, nb) blocks query i kept
+        kept.scatter_(-1, top.indices, (top.values > float("-inf")) & own)  # (B, H, c, nb) blocks query i kept
     elif select == "chunk":
         i0 = int(qp_c.argmin())
         any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them

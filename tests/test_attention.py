@@ -173,6 +173,33 @@ def test_block_selection_is_causal_in_queries_and_keys(activation, topk, select)
             torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
 
 
+def _documented_blocks(q_c, kbar, bmin, bmax, qp_c, bpq, select):
+    """block_candidates' rule, one query at a time (causal, no key windows): query i keeps the visible blocks that
+    overlap its chunk's positions (local) and, of its other visible blocks, the bpq best by q . kbar (select=query:
+    its own scores; select=chunk: the chunk's earliest query's, over blocks local to no query of the chunk)."""
+    B, H, c, _ = q_c.shape
+    nb = kbar.shape[2]
+    lo_c, hi_c = int(qp_c.min()), int(qp_c.max())
+    out = torch.zeros(B, H, c, nb, dtype=torch.bool)
+    i0 = int(qp_c.argmin())
+    any_local = {b for b in range(nb) if int(bmin[b]) <= hi_c and int(bmax[b]) >= lo_c}
+    for b_ in range(B):
+        for h in range(H):
+            for i in range(c):
+                qp = int(qp_c[i])
+                vis = [b for b in range(nb) if int(bmin[b]) <= qp]
+                local = [b for b in vis if b in any_local]
+                if select == "query":
+                    scores = {b: float(q_c[b_, h, i] @ kbar[b_, h, b]) for b in vis if b not in local}
+                else:
+                    vis0 = [b for b in range(nb) if int(bmin[b]) <= int(qp_c[i0])]
+                    scores = {b: float(q_c[b_, h, i0] @ kbar[b_, h, b]) for b in vis0 if b not in any_local}
+                best = sorted(scores, key=scores.get, reverse=True)[:bpq]
+                for b in local + [b for b in best if b in vis]:
+                    out[b_, h, i, b] = True
+    return out
+
+
 def test_block_select_chunk_bounds_the_union_and_equals_query_for_one_query_chunks():
     """select=chunk: one choice per chunk, so the candidate union is blocks_per_query + local blocks, where
     per-query choices over a long context spread over many more; with one-query chunks the two are the same."""
@@ -189,8 +216,12 @@ def test_block_select_chunk_bounds_the_union_and_equals_query_for_one_query_chun
             _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], kbar, lo, hi, bmin, bmax,
                                                 pos[s0:s0 + c], True, bpq, bs, 256, select)
             sizes.append(blocks.shape[-1])
-            per_query = valid.view(*valid.shape[:3], -1, bs).any(-1).sum(-1)  # (B, H, c) blocks each query uses
-            assert int(per_query.max()) <= bpq + c // bs + 1
+            # the blocks each query uses == the documented rule, by a plain loop over queries
+            used = valid.view(*valid.shape[:3], -1, bs).any(-1)  # (B, H, c, n_sel)
+            got = torch.zeros(*used.shape[:3], kbar.shape[2], dtype=torch.bool)
+            got.scatter_(-1, blocks[:, :, None, :].expand_as(used), used)  # (B, H, c, nb)
+            want = _documented_blocks(q.detach()[:, :, s0:s0 + c], kbar, bmin, bmax, pos[s0:s0 + c], bpq, select)
+            assert torch.equal(got, want), (select, s0)
         unions[select] = sizes
     local = c // bs  # chunk-aligned blocks: the chunk's own positions cover c / bs blocks
     assert max(unions["chunk"]) <= bpq + local
