@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ressformer.config import ModelConfig
-from ressformer.sparse import ACTIVATIONS, normalize
+from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
 
 IMPLS = ("reference", "chunked", "block")
 # Window meaning "no window": larger than any position difference (kept in int64 arithmetic).
@@ -156,7 +156,7 @@ def _graph_bias_dense(graph, graph_scale, Tk: int, H: int, dtype) -> torch.Tenso
 def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale, pattern):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, Tq, Tk)
+    s = torch.einsum("bhid,bhjd->bhij", f32(q), f32(k)) / math.sqrt(D)  # (B, H, Tq, Tk) float32
     if graph is not None:
         s = s + _graph_bias_dense(graph, graph_scale, Tk, H, s.dtype)
     vis = _visible(q_pos, k_pos, k_window, causal)  # (Tq, Tk)
@@ -168,7 +168,7 @@ def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph,
         keep = torch.zeros_like(keep).scatter(-1, sel, True) & vis
         s = torch.where(keep, s, neg)
     p = normalize(s, activation)  # (B, H, Tq, Tk)
-    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    out = torch.einsum("bhij,bhjd->bhid", p, f32(v)).to(v.dtype)
     pd = p.detach()
     stats = {"nnz": (pd > 0).sum().float(), "visible": vis.sum().float() * B * H, "rows": float(B * H * Tq)}
     if pattern is not None:
@@ -192,7 +192,7 @@ def _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation, cand=None, qp_c=No
     cand (B, H, n) key index of each candidate or None (candidates = all keys in order); pattern
     (n_tokens, degree) or None. Returns (out (B, H, c, D), nnz () float detached, pattern idx, pattern val).
     """
-    s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(q_c.shape[-1])  # (B, H, c, n)
+    s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
     if epos is not None:
         s = s + _edge_bias(epos, gval.to(s.dtype), s.shape[-1])
     s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
@@ -204,7 +204,8 @@ def _dense_chunk(q_c, k_c, v_c, mask, epos, gval, activation, cand=None, qp_c=No
         else:
             B, H, c, n = p.shape
             p_idx, p_val = pattern_edges(cand[:, :, None, :].expand(B, H, c, n), p, pattern[0], pattern[1], qp_c)
-    return torch.einsum("bhij,bhjd->bhid", p, v_c), (p.detach() > 0).sum().float(), p_idx, p_val
+    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(v_c.dtype)
+    return out, (p.detach() > 0).sum().float(), p_idx, p_val
 
 
 def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, activation, topk, epos, gval,
@@ -246,7 +247,7 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
     # Selection pass: scores of every candidate, no autograd graph (chunk x n floats, freed at once).
     with torch.no_grad():
         k_c = k if cand is None else k.gather(2, cand[..., None].expand(B, H, n, D))
-        s = torch.einsum("bhid,bhjd->bhij", q_c, k_c) / math.sqrt(D)  # (B, H, c, n)
+        s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(D)  # (B, H, c, n) float32
         if epos is not None:
             s = s + _edge_bias(epos, gval.to(s.dtype), n)
         s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
@@ -275,12 +276,12 @@ def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation, q
     gi = key_idx.reshape(B, H, Q * topk, 1).expand(B, H, Q * topk, D)
     k_g = k.gather(2, gi).view(B, H, Q, topk, D)
     v_g = v.gather(2, gi).view(B, H, Q, topk, D)
-    s = torch.einsum("bhid,bhikd->bhik", q_s, k_g) / math.sqrt(D)  # (B, H, Q, topk)
+    s = torch.einsum("bhid,bhikd->bhik", f32(q_s), f32(k_g)) / math.sqrt(D)  # (B, H, Q, topk) float32
     if epos_sel is not None:
         s = s + _edge_bias(epos_sel, gval.to(s.dtype), topk)
     s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     p = normalize(s, activation)
-    out = torch.einsum("bhik,bhikd->bhid", p, v_g)
+    out = torch.einsum("bhik,bhikd->bhid", p, f32(v_g)).to(v_g.dtype)
     p_idx = p_val = None
     if pattern is not None:
         p_idx, p_val = pattern_edges(key_idx, p, pattern[0], pattern[1], qp_s)
@@ -294,8 +295,8 @@ def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor
     B, H, Tk, D = k.shape
     nb = -(-Tk // block_size)
     pad = nb * block_size - Tk
-    kpad = torch.nn.functional.pad(k, (0, 0, 0, pad))  # (B, H, nb * bs, D)
-    cnt = torch.full((nb,), float(block_size), dtype=k.dtype, device=k.device)
+    kpad = torch.nn.functional.pad(f32(k), (0, 0, 0, pad))  # (B, H, nb * bs, D) at least float32 (selection)
+    cnt = torch.full((nb,), float(block_size), dtype=kpad.dtype, device=k.device)
     cnt[-1] = block_size - pad
     kbar = kpad.view(B, H, nb, block_size, D).sum(3) / cnt[:, None]  # (B, H, nb, D) mean key
     w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
@@ -346,11 +347,11 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
     else:
         bvis = (blk_lo[None] < qp) & (qp < blk_hi[None])
     local = bvis & ((blk_min <= qp_c.max()) & (blk_max >= qp_c.min()))[None]  # (c, nb)
-    neg_inf = torch.full((), float("-inf"), dtype=q_c.dtype, device=q_c.device)
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=q_c.device)
     if select == "query":
         n_local = local.sum(1)  # (c,) local blocks of each query
         n_pick = min(nb, blocks_per_query + int(n_local.max()))
-        sb = torch.einsum("bhid,bhnd->bhin", q_c, kbar)  # (B, H, c, nb)
+        sb = torch.einsum("bhid,bhnd->bhin", f32(q_c), f32(kbar))  # (B, H, c, nb)
         sb = torch.where(bvis, sb, neg_inf)
         sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
         top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick): query i's local blocks first (score +inf)
@@ -362,7 +363,7 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
     elif select == "chunk":
         i0 = int(qp_c.argmin())
         any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them
-        sb = torch.einsum("bhd,bhnd->bhn", q_c[:, :, i0], kbar)  # (B, H, nb) the earliest query's scores
+        sb = torch.einsum("bhd,bhnd->bhn", f32(q_c[:, :, i0]), f32(kbar))  # (B, H, nb) the earliest query's
         sb = torch.where(bvis[i0] & ~any_local, sb, neg_inf)
         top = sb.topk(min(nb, blocks_per_query), dim=-1)  # (B, H, blocks_per_query)
         shared = torch.zeros(B, H, nb, dtype=torch.bool, device=q_c.device)
@@ -417,7 +418,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if graph is not None:
         g_idx, g_val = graph
-        gval_all = graph_scale.to(q.dtype)[None, :, None, None] * g_val.to(q.dtype)[:, None]  # (B, H, Tq, m)
+        gval_all = f32(graph_scale)[None, :, None, None] * f32(g_val)[:, None]  # (B, H, Tq, m) float32
     # outs: per chunk (out, nnz, pattern idx, pattern val), None for a top-k chunk until its gradient pass;
     # sel_parts: (s0, s1, (key_idx, sel_mask, epos_sel), gval) of those chunks
     outs, sel_parts = [], []

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, normal, ones, run_plan, zeros
+from ressformer.sparse import at_least_fp32
 
 # Window given to keys that every (causally allowed) query may read: larger than any position.
 UNBOUNDED_WINDOW = 1 << 40
@@ -122,9 +123,10 @@ class SegmentMemory(nn.Module):
             return None
         L = T if not self.causal else self.segment_len
         hs = h[:, : n_seg * L].reshape(B, n_seg, L, D)  # (B, S, L, D)
-        scores = torch.einsum("bsld,md->bsml", self.pool_norm(hs), self.slot_queries) / math.sqrt(D)  # (B, S, m, L)
-        w = torch.softmax(scores.float(), dim=-1).to(h.dtype)
-        return torch.einsum("bsml,bsld->bsmd", w, hs)  # (B, S, m, D)
+        hs32 = at_least_fp32(hs)
+        scores = torch.einsum("bsld,md->bsml", at_least_fp32(self.pool_norm(hs)), at_least_fp32(self.slot_queries))
+        w = torch.softmax(scores / math.sqrt(D), dim=-1)  # (B, S, m, L), at least float32
+        return torch.einsum("bsml,bsld->bsmd", w, hs32).to(h.dtype)  # (B, S, m, D)
 
     def update(self, s_prev: torch.Tensor | None, s_hat: torch.Tensor | None):
         """S^(t) = a * S^(t-1) + (1 - a) * S_hat^(t). Returns (S, mean gate or None)."""

@@ -120,8 +120,18 @@ def masked_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return e / e.sum(dim, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x upcast to float32 when it is bf16 / fp16 (float32 and float64 stay): scores and probabilities."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def normalize(scores: torch.Tensor, activation: str, dim: int = -1) -> torch.Tensor:
-    """Map scores to probabilities with `activation` (softmax | sparsemax | entmax15) along `dim`."""
+    """Map scores to probabilities with `activation` (softmax | sparsemax | entmax15) along `dim`.
+
+    Always in float32 (scores of a lower precision are upcast; float64 stays): thresholds and sums in bf16 would
+    leave rows summing to 0.93-1.10. The probabilities come back in float32 (float64 for float64 scores).
+    """
+    scores = at_least_fp32(scores)
     if activation == "softmax":
         return masked_softmax(scores, dim)
     if activation == "sparsemax":

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from ressformer.attention import block_candidates, block_summaries
 from ressformer.config import ModelConfig
-from ressformer.sparse import masked_softmax
+from ressformer.sparse import at_least_fp32, masked_softmax
 
 
 class Graph(NamedTuple):
@@ -129,7 +129,7 @@ class LatentGraph(nn.Module):
 
         # Edge values with gradient, from the gathered destination vectors only: (B, T, m, r).
         d_g = dst.gather(1, idx.reshape(B, T * m, 1).expand(B, T * m, self.rank)).view(B, T, m, self.rank)
-        s = torch.einsum("bir,bimr->bim", src, d_g) * scale  # (B, T, m)
+        s = torch.einsum("bir,bimr->bim", at_least_fp32(src), at_least_fp32(d_g)) * scale  # (B, T, m) edge values
         s = torch.where(valid, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
         return Graph(idx, masked_softmax(s, dim=-1))
 

@@ -361,3 +361,37 @@ def test_debug_model_fwd_bwd_at_16k_tokens_in_bounded_memory():
           f"{res['seconds']:.1f} s")
     # dense (T, T) float32 scores alone, one head, one layer call, would be 1 GiB; the model makes 5 such calls x 4 heads
     assert used_gib < 4.0, used_gib
+
+
+# --- bf16: scores and their normalisation in float32, outputs cast back ---------------------------------------
+@pytest.mark.parametrize("activation", ACTS)
+def test_normalize_of_bf16_scores_sums_to_one(activation):
+    from ressformer.sparse import normalize
+
+    g = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(64, 200, generator=g)).bfloat16()
+    s[:, 150:] = float("-inf")
+    p = normalize(s, activation)
+    assert p.dtype == torch.float32
+    assert (p.sum(-1) - 1).abs().max() < 1e-3
+    torch.testing.assert_close(p, normalize(s.float(), activation))  # the same function of the same scores
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("impl,topk", [("reference", 0), ("reference", 5), ("chunked", 0), ("chunked", 5),
+                                       ("block", 0), ("block", 5)])
+def test_bf16_attention_matches_fp32(activation, impl, topk):
+    """bf16 inputs: the output is the fp32 computation on the same (bf16-rounded) inputs, rounded once to bf16."""
+    p = _problem(seed=5, T=29, Tm=4, dtype=torch.float32)
+    kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], k_window=p["k_window"], activation=activation, topk=topk,
+              impl=impl, chunk_size=8, block_size=4, blocks_per_query=3, pattern_degree=3, pattern_keys=29)
+    with torch.no_grad():
+        qb, kb, vb = (p[n].detach().bfloat16() for n in "qkv")
+        gb = (p["graph"][0], p["graph"][1].detach().bfloat16())
+        out_b, st_b = sparse_attention(qb, kb, vb, graph=gb, graph_scale=p["graph_scale"].detach(), **kw)
+        out_f, st_f = sparse_attention(qb.float(), kb.float(), vb.float(), graph=(gb[0], gb[1].float()),
+                                       graph_scale=p["graph_scale"].detach(), **kw)
+    assert out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_b.float(), out_f, rtol=1e-2, atol=1e-2)
+    assert torch.equal(st_b["pattern"][0], st_f["pattern"][0])  # the same kept keys and edges
+    torch.testing.assert_close(st_b["pattern"][1], st_f["pattern"][1])

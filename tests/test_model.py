@@ -286,3 +286,18 @@ def test_meta_device_build_then_init():
         assert torch.isfinite(out.loss)
     tied = build(tiny(tie_embeddings=True))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "block"])
+def test_bf16_model_is_close_to_fp32(impl):
+    """Weights and activations in bf16, attention scores / probabilities / router / loss in float32: the logits
+    stay within bf16 rounding of the fp32 model's, and the loss is finite."""
+    cfg = tiny(**{"asam.impl": impl, "asam.activation": "entmax15"})
+    m32, m16 = build(cfg), build(cfg, dtype=torch.bfloat16)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        o32, o16 = m32(x, labels=x), m16(x, labels=x)
+    assert o16.logits.dtype == torch.bfloat16 and torch.isfinite(o16.loss)
+    rel = (o16.logits.float() - o32.logits).norm() / o32.logits.norm()
+    assert rel < 3e-2, rel
+    assert abs(o16.lm_loss.item() - o32.lm_loss.item()) < 2e-2
