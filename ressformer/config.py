@@ -358,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(cfg.to_yaml())
     sys.stdout.write(f"# params total:  {p['total']:,} ({p['total'] / 1e9:.3f} B)\n")
     sys.stdout.write(f"# params active: {p['active']:,} ({p['active'] / 1e9:.3f} B) per token\n")
-    sys.stdout.write(f"# FLOPs/token (fwd+bwd) at T={seq}: {flops_per_token(cfg, seq):.4g}\n")
+    fl = flops_per_token(cfg, seq)
+    sys.stdout.write(f"# FLOPs/token (fwd+bwd) at T={seq}: {fl:.4g}\n")
+    if cfg.arch == "ressformer":  # the dense Transformer of the same width with the same training compute
+        dense = ModelConfig(arch="transformer", vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                            ffn_hidden=cfg.ffn_hidden, max_seq_len=cfg.max_seq_len, moe=MoEConfig(num_experts=1))
+        n = min(range(1, 257), key=lambda k: abs(flops_per_token(dense.replace(n_layers=k), seq, causal_skip=True) - fl))
+        sys.stdout.write(f"# matched compute: a dense {n}-layer Transformer of this width "
+                         f"({count_params(dense.replace(n_layers=n))['total']:,} params) has the same "
+                         f"FLOPs/token (its causal attention counted at (T+1)/2 keys per query)\n")
     return 0
 
 
