@@ -37,10 +37,17 @@ Design choices
   pretrain/hf plus every `ressformer/*.py` copied as `ressformer_<name>.py` with `from ressformer.x import`
   rewritten to `from .ressformer_x import`, so transformers' remote-code loader finds all of it in the
   folder and no ressformer install is needed. Tied embeddings are stored once (`lm_head.weight` dropped,
-  `tie_word_embeddings` set), the transformers convention.
+  `tie_word_embeddings` set), the transformers convention. `use_cache` is on: generate() decodes with the
+  model's cache (pretrain/hf/modeling_ressformer.py).
+- BOS is EOS in the export (tokenizer `bos_token`, `bos_token_id` of config.json / generation_config.json):
+  pretraining documents end with EOS and none starts with BOS, so a text starts, as every document after the
+  first did, after an EOS. lm-eval prefixes its loglikelihood windows with the tokenizer's BOS (HFLM
+  `prefix_token_id`), so its default run conditions on EOS with no extra flag; generate() without a prompt starts
+  from EOS. Nothing adds the token to encoded text (`add_bos_token` False).
 - Reverse (`--to-ressformer`): HF folder -> `model.safetensors` with our keys and the stored dtype,
   `model_config.yaml`, `tokenizer/`: `load_init_state(dir)` returns (ModelConfig, state_dict) for the
-  trainer's `initialize(..., init_state=)`. HF -> ours -> HF is bitwise.
+  trainer's `initialize(..., init_state=)`. HF -> ours -> HF is bitwise. The folder may also be one that
+  transformers' `save_pretrained` wrote from a loaded export (the tokenizer's save keeps both of its files).
 """
 
 from __future__ import annotations
@@ -514,7 +521,7 @@ def write_tokenizer(tok_dir: Path, out: Path) -> None:
     piece = tok.id_to_piece
     cfg = {"tokenizer_class": "RessformerTokenizer",
            "auto_map": {"AutoTokenizer": ["tokenization_ressformer.RessformerTokenizer", None]},
-           "vocab_file": "tokenizer.model", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+           "vocab_file": "tokenizer.model", "bos_token": piece(tok.eos_id), "eos_token": piece(tok.eos_id),
            "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": False,
            "add_eos_token": False, "split_special_tokens": True, "padding_side": "right",
            "model_max_length": 10 ** 9, "clean_up_tokenization_spaces": False}
@@ -570,13 +577,13 @@ def export_hf(sd: dict[str, torch.Tensor], model_cfg, out: str | Path, dtype: st
               "ressformer": cfg.to_dict(), "num_steps": num_steps, "dtype": "float32" if dtype == "fp32" else "bfloat16",
               "tie_word_embeddings": bool(cfg.tie_embeddings), "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_heads,
-              "max_position_embeddings": cfg.max_seq_len, "use_cache": False}
-    gen = {"use_cache": False, "do_sample": False}
+              "max_position_embeddings": cfg.max_seq_len, "use_cache": True}
+    gen = {"use_cache": True, "do_sample": False}
     if tokenizer_dir is not None:
         write_tokenizer(Path(tokenizer_dir), out)
         meta = json.loads((Path(tokenizer_dir) / "ressformer_tokenizer.json").read_text())
-        for k in ("bos", "eos", "pad"):
-            hf_cfg[f"{k}_token_id"] = gen[f"{k}_token_id"] = meta[f"{k}_id"]
+        for k, src in (("bos", "eos"), ("eos", "eos"), ("pad", "pad")):  # BOS is EOS (module docstring)
+            hf_cfg[f"{k}_token_id"] = gen[f"{k}_token_id"] = meta[f"{src}_id"]
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
@@ -627,13 +634,18 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     from ressformer.config import ModelConfig
 
     sd, mcfg, _ = read_hf(hf_dir)
+    present = [n for n in TOKENIZER_FILES if (Path(hf_dir) / n).is_file()]
+    if present and len(present) < len(TOKENIZER_FILES):
+        missing = sorted(set(TOKENIZER_FILES) - set(present))
+        raise CheckpointError(f"{hf_dir} holds {present} but not {missing}: the tokenizer cannot be rebuilt; copy "
+                              f"{missing} from the original export (or remove {present} to convert without one)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _, tied = expected_state(mcfg)
     save_file({k: v.contiguous() for k, v in sd.items() if k not in tied}, str(out / INIT_WEIGHTS),
               metadata={"format": "pt"})
     ModelConfig.from_dict(mcfg).to_yaml(out / INIT_CONFIG)
-    if all((Path(hf_dir) / n).is_file() for n in TOKENIZER_FILES):
+    if present:
         (out / "tokenizer").mkdir(exist_ok=True)
         for n in TOKENIZER_FILES:
             shutil.copyfile(Path(hf_dir) / n, out / "tokenizer" / n)
@@ -698,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.to_ressformer:
             out = import_hf(a.checkpoint, a.out)
-            print(f"[convert] wrote {out}/{INIT_WEIGHTS} and {INIT_CONFIG}")
+            tok = "tokenizer/" if (out / "tokenizer").is_dir() else f"no tokenizer ({a.checkpoint} has none)"
+            print(f"[convert] wrote {out}/{INIT_WEIGHTS}, {INIT_CONFIG} and {tok}")
             return 0
         sd, mcfg, info = read_any(a.checkpoint)
         tok = None

@@ -13,7 +13,8 @@ Design choices
 - Documents are concatenated and cut into non-overlapping windows of `seq_len` tokens (the last partial
   window is kept if it has >= 2 tokens); inside a window each token after the first is predicted from its
   prefix in that window. Perplexity = exp(sum NLL / tokens predicted), accumulated in float64.
-- The recurrent K of ReSSFormer (R2MU, paper sec. 3.1) is `--num-steps` (default: the exported config's).
+- The recurrent K of ReSSFormer (R2MU, paper sec. 3.1) is `--num-steps` (default: the exported config's
+  `num_steps`, else the training `r2mu.steps`); the result reports the K used (null for the dense baseline).
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def load_tokens(prefix: str, split: str = "949,50,1", part: str = "all", max_tok
             break
     toks = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
     return toks[:max_tokens] if max_tokens is not None else toks
+
+
+def used_num_steps(config, num_steps: int | None) -> int | None:
+    """The K a forward of the exported model runs: num_steps, else config.num_steps, else the training r2mu.steps
+    (pretrain/hf/modeling_ressformer.py); None for the dense baseline (no recurrence)."""
+    r = getattr(config, "ressformer", None) or {}
+    if r.get("arch") == "transformer":
+        return None
+    if num_steps is not None:
+        return int(num_steps)
+    if getattr(config, "num_steps", None) is not None:
+        return int(config.num_steps)
+    return int(r["r2mu"]["steps"])
 
 
 @torch.no_grad()
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     toks = load_tokens(a.data, a.split, a.part, a.max_tokens)
     res = perplexity(model, toks, seq_len, a.batch_size, a.num_steps)
     res.update({"model": str(a.model), "data": a.data, "part": a.part, "split": a.split, "seq_len": seq_len,
-                "num_steps": a.num_steps if a.num_steps is not None else model.config.num_steps})
+                "num_steps": used_num_steps(model.config, a.num_steps)})
     print(json.dumps(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

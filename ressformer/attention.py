@@ -36,6 +36,11 @@ Three implementations of the same function (`impl`):
              when blocks_per_query covers all blocks. Block visibility is a superset test (min position,
              max position + window), the exact key-level mask is applied afterwards.
 
+Top-k ties (repeated tokens have equal keys: no positional encoding; scores equal within TIE_RTOL, i.e. within
+rounding) break by the lower key index, and the local blocks of a query follow from its position's chunk, so a
+query's keys depend on the visible keys alone, not on how many keys or queries come with it nor on the rounding
+of the call that computed them: incremental decoding (ressformer/cache.py) equals the full forward.
+
 The graph bias is matched to the gathered keys by index (the selection pass records which of the kept
 slots each graph edge lands on), so gradients reach the graph values and gamma without a T x T tensor.
 
@@ -101,6 +106,41 @@ def _check_inputs(q, k, v, q_pos, k_pos, k_window, activation, topk, graph, grap
                              f"{None if graph_scale is None else tuple(graph_scale.shape)}")
 
 
+# Top-k choices: values within TIE_RTOL * max(|largest|, |(k+1)-th|) of the k-th value count as equal to it.
+TIE_RTOL = 1e-5
+
+
+def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:
+    """Indices (..., k) of the k largest entries of x along the last dim; entries equal to the k-th value within
+    TIE_RTOL break ties by the lower index.
+
+    Repeated tokens have equal keys (no positional encoding), and equal states give equal scores, so ties at the
+    k-th place are common. torch.topk orders equal entries arbitrarily (it depends on the row's length), and
+    states equal in exact arithmetic differ by rounding when computed in different calls (a full forward vs
+    incremental decoding): breaking near-ties by index makes the choice depend on the visible keys alone. Only
+    rows with an entry near the k-th value left out are redone (entries <= floor are unused: their ties do not
+    matter); the cost is one topk of k + 1 and a host sync.
+    """
+    n = x.shape[-1]
+    if k >= n:
+        return x.topk(k, dim=-1).indices
+    vals, idx = x.topk(k + 1, dim=-1)  # (..., k + 1) descending
+    idx = idx[..., :k]
+    thr, nxt = vals[..., k - 1], vals[..., k]  # the k-th and the (k+1)-th value
+    tol = TIE_RTOL * torch.maximum(vals[..., 0].abs(), nxt.abs())
+    tie = (nxt > floor) & (thr - nxt <= tol)  # (...,) an entry within tol of the k-th value is left out
+    if bool(tie.any()):
+        rows = tie.nonzero(as_tuple=True)
+        xr, t, tl = x[rows], thr[rows][:, None], tol[rows][:, None]  # (R, n), (R, 1), (R, 1)
+        ar = torch.arange(n, device=x.device)
+        # the entries clearly above the k-th value (fewer than k), then those within tol of it (and > floor) by index
+        near = (xr >= t - tl) & (xr > floor)
+        key = torch.where(xr > t + tl, 2 * n - ar, torch.where(near, n - ar, torch.full_like(ar, -1)))  # (R, n)
+        idx = idx.clone()
+        idx[rows] = key.topk(k, dim=-1).indices
+    return idx
+
+
 def _pad_edges(idx: torch.Tensor, val: torch.Tensor, m: int, own: torch.Tensor):
     """Keep the m largest positive entries of each row as a Graph row; spare slots get val 0 and idx = own.
 
@@ -110,7 +150,8 @@ def _pad_edges(idx: torch.Tensor, val: torch.Tensor, m: int, own: torch.Tensor):
         short = m - idx.shape[-1]
         idx = torch.nn.functional.pad(idx, (0, short))
         val = torch.nn.functional.pad(val, (0, short))
-    top, slot = val.topk(m, dim=-1)  # (B, Q, m)
+    slot = topk_first(val, m, floor=0.0)  # (B, Q, m) only positive entries are kept
+    top = val.gather(-1, slot)
     valid = top > 0
     idx = torch.where(valid, idx.gather(-1, slot), own.view(1, -1, 1).to(idx.dtype))
     return idx, torch.where(valid, top, torch.zeros((), dtype=top.dtype, device=top.device))
@@ -164,7 +205,7 @@ def _reference(q, k, v, q_pos, k_pos, k_window, causal, activation, topk, graph,
     s = torch.where(vis, s, neg)
     keep = vis.expand(B, H, Tq, Tk)
     if 0 < topk < Tk:
-        sel = s.detach().topk(topk, dim=-1).indices  # (B, H, Tq, topk)
+        sel = topk_first(s.detach(), topk)  # (B, H, Tq, topk)
         keep = torch.zeros_like(keep).scatter(-1, sel, True) & vis
         s = torch.where(keep, s, neg)
     p = normalize(s, activation)  # (B, H, Tq, Tk)
@@ -251,7 +292,7 @@ def _chunk_attend(q_c, k, v, cand, cand_valid, qp_c, k_pos, k_window, causal, ac
         if epos is not None:
             s = s + _edge_bias(epos, gval.to(s.dtype), n)
         s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
-        sel = s.topk(topk, dim=-1).indices  # (B, H, c, topk) candidate positions
+        sel = topk_first(s, topk)  # (B, H, c, topk) candidate positions
         del s, k_c
         sel_mask = mask.expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
         epos_sel = None
@@ -324,16 +365,18 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
 
 
 def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, blocks_per_query, block_size, Tk,
-                     select: str = "query"):
+                     select: str = "query", chunk_size: int | None = None):
     """Key blocks of one query chunk, chosen per query so that causality holds.
 
     Query i keeps its blocks_per_query best blocks by q_i . kbar_b among the blocks that may be visible to it,
-    plus every visible block overlapping the chunk's positions (local blocks, kept by position alone). A kept
+    plus every visible block overlapping its chunk's positions (local blocks, kept by position alone). A kept
     non-local block lies entirely before the chunk, so its summary holds past keys only; nothing query i keeps
-    depends on a later query. The chunk computes over the union of its queries' blocks and masks each query to
-    its own. Returns cand (B, H, n) key indices of the union (n = union blocks x block_size), cand_valid
-    (B, H, c, n) bool (the key exists and its block is one query i kept), blocks (B, H, n_sel) the union's
-    distinct block ids, cand[..., j * block_size + o] = blocks[..., j] * block_size + o.
+    depends on a later query. The chunk of a query at position p is [floor(p / chunk_size) * chunk_size,
+    + chunk_size) (chunk_size None: the span of qp_c), so the rule is the same whether a chunk's queries come in
+    one call (the full forward) or a few at a time (incremental decoding). The chunk computes over the union of
+    its queries' blocks and masks each query to its own. Returns cand (B, H, n) key indices of the union (n = union
+    blocks x block_size), cand_valid (B, H, c, n) bool (the key exists and its block is one query i kept), blocks
+    (B, H, n_sel) the union's distinct block ids, cand[..., j * block_size + o] = blocks[..., j] * block_size + o.
 
     select="chunk": the chunk's non-local blocks are chosen once, by its earliest query (the lowest position,
     which every query of the chunk may see), and shared by all its queries: still causal, and the union is
@@ -346,28 +389,29 @@ def block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c, causal, 
         bvis = (blk_min[None] <= qp) & (qp < blk_hi[None])  # (c, nb) some key of the block may be visible
     else:
         bvis = (blk_lo[None] < qp) & (qp < blk_hi[None])
-    local = bvis & ((blk_min <= qp_c.max()) & (blk_max >= qp_c.min()))[None]  # (c, nb)
+    if chunk_size is None:
+        c_lo, c_hi = qp_c.min().view(1, 1), qp_c.max().view(1, 1)
+    else:
+        c_lo = torch.div(qp, chunk_size, rounding_mode="floor") * chunk_size  # (c, 1) first position of i's chunk
+        c_hi = c_lo + chunk_size - 1
+    local = bvis & (blk_min[None] <= c_hi) & (blk_max[None] >= c_lo)  # (c, nb)
     neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=q_c.device)
+    n_top = min(nb, blocks_per_query)
     if select == "query":
-        n_local = local.sum(1)  # (c,) local blocks of each query
-        n_pick = min(nb, blocks_per_query + int(n_local.max()))
         sb = torch.einsum("bhid,bhnd->bhin", f32(q_c), f32(kbar))  # (B, H, c, nb)
-        sb = torch.where(bvis, sb, neg_inf)
-        sb = torch.where(local, torch.full((), float("inf"), dtype=sb.dtype, device=sb.device), sb)
-        top = sb.topk(n_pick, dim=-1)  # (B, H, c, n_pick): query i's local blocks first (score +inf)
-        # query i keeps its own local blocks + blocks_per_query more, not the chunk-wide maximum of local blocks
-        rank = torch.arange(n_pick, device=q_c.device)
-        own = (rank[None, :] < (n_local + blocks_per_query)[:, None])  # (c, n_pick)
+        sb = torch.where(bvis & ~local, sb, neg_inf)
+        top = topk_first(sb, n_top)  # (B, H, c, n_top) query i's best non-local blocks
         kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
-        kept.scatter_(-1, top.indices, (top.values > float("-inf")) & own)  # (B, H, c, nb) blocks query i kept
+        kept.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
+        kept |= local  # (B, H, c, nb) query i's own local blocks + blocks_per_query more
     elif select == "chunk":
         i0 = int(qp_c.argmin())
         any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them
         sb = torch.einsum("bhd,bhnd->bhn", f32(q_c[:, :, i0]), f32(kbar))  # (B, H, nb) the earliest query's
         sb = torch.where(bvis[i0] & ~any_local, sb, neg_inf)
-        top = sb.topk(min(nb, blocks_per_query), dim=-1)  # (B, H, blocks_per_query)
+        top = topk_first(sb, n_top)  # (B, H, blocks_per_query)
         shared = torch.zeros(B, H, nb, dtype=torch.bool, device=q_c.device)
-        shared.scatter_(-1, top.indices, top.values > float("-inf"))
+        shared.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
         kept = (shared | any_local)[:, :, None, :] & bvis  # (B, H, c, nb)
     else:
         raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
@@ -432,7 +476,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         if impl == "block":
             with torch.no_grad():
                 cand, cand_valid, blocks = block_candidates(q_c, kbar, blk_lo, blk_hi, blk_min, blk_max, qp_c,
-                                                             causal, blocks_per_query, block_size, Tk, block_select)
+                                                             causal, blocks_per_query, block_size, Tk, block_select,
+                                                             chunk_size)
         if graph is not None:
             gval = gval_all[:, :, s0:s1]  # (B, H, c, m)
             e = g_idx[:, None, s0:s1].expand(B, H, c, g_idx.shape[-1])  # (B, H, c, m) key index of each edge

@@ -20,6 +20,8 @@ Design choices:
   embeddings / expert weights, output projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers), norms ones.
 * Activation checkpointing from outside: `set_checkpointing(fn, every)` routes every `every`-th layer call
   through fn(layer, *args) (torch.utils.checkpoint.checkpoint's calling convention).
+* Incremental decoding: `forward(new_ids, cache=ModelCache())` (ressformer/cache.py), a plain per-layer cache of
+  the (rotated) keys and values; new queries attend to the cached and new keys under an explicit causal mask.
 """
 
 from __future__ import annotations
@@ -77,6 +79,22 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, hd)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit) -> torch.Tensor:
+        """x (B, n, D) new tokens after the unit's cached ones, cos / sin (n, hd) of their positions."""
+        B, n, D = x.shape
+        q, k, v = (p(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, n, hd)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = unit.k.append(k), unit.v.append(v)  # (B, H, Ti, hd)
+        Ti = k.shape[2]
+        mask = None
+        if n > 1:  # query i (position Ti - n + i) sees keys <= its position
+            kp = torch.arange(Ti, device=x.device)
+            mask = kp[None, :] <= kp[Ti - n:, None]  # (n, Ti)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, n, hd)
+        return self.o_proj(o.transpose(1, 2).reshape(B, n, D))
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm decoder layer. forward(x (B, T, D), cos, sin) -> (x (B, T, D), router_logits (B*T, E) | None)."""
@@ -93,6 +111,11 @@ class TransformerBlock(nn.Module):
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, router_logits
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, unit)
+        y, _ = self.mlp(self.post_attention_layernorm(x))
+        return x + y
+
 
 class TransformerModel(nn.Module):
     """Embeddings, layers and final norm (the `model.` prefix of the LM)."""
@@ -105,7 +128,7 @@ class TransformerModel(nn.Module):
 
 
 class TransformerForCausalLM(nn.Module):
-    """Dense baseline LM. forward(input_ids (B, T), labels=None, num_steps=None) -> ModelOutput."""
+    """Dense baseline LM. forward(input_ids (B, T), labels=None, num_steps=None, cache=None) -> ModelOutput."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -163,17 +186,24 @@ class TransformerForCausalLM(nn.Module):
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.position != "rope":
             return self.rope_cos[:0], self.rope_sin[:0]  # NoPE: unused
-        if T > self.rope_cos.shape[0]:  # longer than max_seq_len: extend the cache
-            cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, device=device)
+        # longer than max_seq_len: extend; on another device (or never materialised: the transformers wrapper
+        # keeps this module outside its module tree, so loading and .to() do not reach these buffers): recompute
+        if T > self.rope_cos.shape[0] or self.rope_cos.device != torch.device(device):
+            n = max(T, self.config.max_seq_len)
+            cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin  # stays a non-persistent buffer
         return self.rope_cos[:T], self.rope_sin[:T]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                num_steps: int | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
+                cache=None) -> ModelOutput:
+        """cache: None, or a ressformer.cache.ModelCache of the earlier tokens (empty at first): input_ids are then
+        the new tokens only, their logits come back and the cache is updated (no aux losses)."""
         del num_steps  # no recurrence in the baseline
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            return self._forward_cached(input_ids, labels, cache)
         T = input_ids.shape[1]
         cos, sin = self._rope(T, input_ids.device)  # (T, hd)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
@@ -204,6 +234,22 @@ class TransformerForCausalLM(nn.Module):
             lm = lm_loss(logits, labels)
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+
+    def _forward_cached(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cache) -> ModelOutput:
+        if not self.config.causal:
+            raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
+        B, n = input_ids.shape
+        cache.begin(len(self.model.layers), B, None, n)
+        T0 = cache.length
+        cos, sin = self._rope(T0 + n, input_ids.device)
+        cos, sin = cos[T0:], sin[T0:]  # (n, hd) the new positions
+        h = self.model.embed_tokens(input_ids)  # (B, n, D)
+        for layer, unit in zip(self.model.layers, cache.units):
+            h = layer.forward_cached(h, cos, sin, unit)
+        cache.length = T0 + n
+        logits = self.lm_head(self.model.norm(h))  # (B, n, V)
+        lm = lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=lm, lm_loss=lm)
 
 
 __all__ = ["TransformerForCausalLM", "TransformerModel", "TransformerBlock", "Attention", "rope_cos_sin",

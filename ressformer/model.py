@@ -30,6 +30,14 @@ Design choices:
   prelude block, one whole recurrent step (memory pooling + gate + graph + block) or one coda block;
   every `every`-th unit is run through fn. The forward keeps no tensors on `self`, so the shared block
   may be called K times under ZeRO-3 / recomputation.
+* Block ASAM (asam.impl=block, causal) with R2MU memory: the memory keys are block-aligned on the key axis,
+  [tokens | fillers | token cache | fillers | summaries | fillers], the fillers being zero keys at the following
+  positions (summaries: the next segments' ends) with window 0 (never visible). Key blocks then hold the same
+  positions whatever the sequence length, so a query's kept blocks, and its output, never depend on how many
+  tokens follow it (without the fillers the memory blocks shift with T).
+* Incremental decoding (`forward(new_ids, cache=ModelCache())`, ressformer/cache.py): each unit (prelude block,
+  recurrent step, coda block) keeps its keys / values and what its memory and graph read; the logits of the
+  new tokens equal the full forward's. K is fixed per cache.
 * Initialisation in one place (`init_plan`, run by `init_weights`; one parameter at a time under ZeRO-3),
   in-place only, so it runs on the meta device:
   N(0, init_std) for linears / embeddings / slot queries, output projections (o_proj, down_proj)
@@ -47,7 +55,19 @@ import torch.nn as nn
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.output import ModelOutput, lm_loss
-from ressformer.recurrence import SegmentMemory, moe_aux_from_logits
+from ressformer.recurrence import UNBOUNDED_WINDOW, SegmentMemory, moe_aux_from_logits
+
+
+def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the filler keys that block-align R2MU memory (model docstring): after n_tok tokens (and after
+    the token cache, which ends at the same position) up to the next multiple of block_size, and after n_sum
+    summary entries (the following segments' ends). -> (token fillers (f,), summary fillers (g,))."""
+    from ressformer.cache import summary_positions
+
+    bs, r = cfg.asam.block_size, cfg.r2mu
+    tok = torch.arange(n_tok, n_tok + (-n_tok) % bs, device=device)
+    summ = summary_positions(n_sum + (-n_sum) % bs, r.summary_slots, r.segment_len, device)[n_sum:]
+    return tok, summ
 
 
 class ReSSFormerBlock(nn.Module):
@@ -97,6 +117,26 @@ class ReSSFormerBlock(nn.Module):
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, graph, router_logits, stats
 
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, unit, memory=None, graph=None,
+                       recurrent: bool = False):
+        """forward for new tokens only: x (B, n, D) at positions pos (n,), the earlier tokens in `unit`
+        (cache.UnitCache, updated); memory None | projected (k, v, pos, window) (cache.attend).
+        Returns (x (B, n, D), graph rows of the new tokens | None)."""
+        from ressformer.cache import attend, latent_graph
+
+        xn = self.input_layernorm(x)
+        if self.graph is not None:
+            graph = latent_graph(self.graph, xn, pos, unit)
+        pattern = self.graph_from_attention and recurrent
+        a, pat = attend(self.self_attn, xn, pos, unit, memory=memory, graph=graph, pattern=pattern)
+        if pattern:
+            graph = pat
+        elif self.graph is None:
+            graph = None
+        x = x + a
+        y, _ = self.mlp(self.post_attention_layernorm(x))
+        return x + y, graph
+
 
 class ReSSFormerModel(nn.Module):
     """Embeddings, blocks, memory and final norm (HF-like naming: the `model.` prefix of the LM)."""
@@ -114,7 +154,7 @@ class ReSSFormerModel(nn.Module):
 
 
 class ReSSFormerForCausalLM(nn.Module):
-    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None) -> ModelOutput."""
+    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None, cache=None) -> ModelOutput."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -200,23 +240,47 @@ class ReSSFormerForCausalLM(nn.Module):
                 summary, gate = mem(h, s_prev)
             if h_prev is not None:
                 memory = mem.memory_keys(h_prev, summary)
+                if self.config.causal and self.config.asam.impl == "block":
+                    memory = self._block_align(memory, h.shape[1])
         g_in = None if g_idx is None else (g_idx, g_val)
         h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory, graph=g_in, recurrent=True)
         g_idx, g_val = (graph[0], graph[1]) if graph is not None else (None, None)
         density = stats.get("density") if isinstance(stats, dict) else None
         return h_new, summary, g_idx, g_val, router_logits, density, gate
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                num_steps: int | None = None) -> ModelOutput:
+    def _block_align(self, memory, T: int):
+        """Memory (states (B, T + S, D), pos, window) = [token cache; S summary entries] -> with the filler keys
+        of block-aligned memory (model docstring): zero states, window 0."""
+        states, pos, win = memory
+        B, _, D = states.shape
+        f_tok, f_sum = memory_fillers(T, states.shape[1] - T, self.config, states.device)
+        z = [states.new_zeros(B, len(f), D) for f in (f_tok, f_sum)]
+        w = [torch.zeros(len(f), dtype=win.dtype, device=win.device) for f in (f_tok, f_sum)]
+        return (torch.cat([z[0], states[:, :T], z[0], states[:, T:], z[1]], 1),
+                torch.cat([f_tok.to(pos.dtype), pos[:T], f_tok.to(pos.dtype), pos[T:], f_sum.to(pos.dtype)]),
+                torch.cat([w[0], win[:T], w[0], win[T:], w[1]]))
+
+    def _num_steps(self, num_steps: int | None) -> int:
         cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         K = cfg.r2mu.steps if num_steps is None else int(num_steps)
         if K < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1")
         if not cfg.r2mu.enabled and K != cfg.r2mu.steps:
             raise ValueError(f"num_steps={K} with r2mu.enabled=False: the ablation has exactly r2mu.steps="
                              f"{cfg.r2mu.steps} distinct core blocks; pass num_steps=None")
+        return K
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
+                cache=None) -> ModelOutput:
+        """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
+        first): input_ids are then the new tokens only, their logits come back and the cache is updated (the
+        training-time aux losses are not computed; `loss` is the LM loss of the new tokens)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        K = self._num_steps(num_steps)
+        if cache is not None:
+            return self._forward_cached(input_ids, labels, K, cache)
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)  # masks only, never embedded
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
@@ -289,4 +353,87 @@ class ReSSFormerForCausalLM(nn.Module):
             lm = lm_loss(logits, labels)
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+
+    # --- incremental decoding (ressformer/cache.py) ----------------------------------------------
+    def _cached_summaries(self, h: torch.Tensor, unit, s_prev: torch.Tensor | None) -> torch.Tensor | None:
+        """S^(t) of the segments the new tokens complete, from h^(t) (B, n, D) and their S^(t-1) (this pass's
+        previous step; None at t = 0). The incomplete segment's states stay in unit.seg_h. (B, n_done, m, D) | None"""
+        L = self.config.r2mu.segment_len
+        seg = h if unit.seg_h is None else torch.cat([unit.seg_h, h], 1)  # (B, P + n, D) from a segment start
+        n_done = seg.shape[1] // L
+        unit.seg_h = seg[:, n_done * L:].clone()
+        if n_done == 0:
+            return None
+        summary, _ = self.model.memory(seg[:, :n_done * L], s_prev)
+        return summary
+
+    def _cached_memory(self, block: ReSSFormerBlock, prev, unit, summary: torch.Tensor | None, T0: int, Ti: int):
+        """Projected memory keys of recurrent step t for queries at T0..Ti-1: step t-1's token keys (prev) within
+        cache_window, the summaries of every complete segment (this call's new ones projected and appended to
+        unit), block-aligned under block ASAM. -> (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,))"""
+        cfg = self.config
+        r, a = cfg.r2mu, cfg.asam
+        attn = block.self_attn
+        aligned = a.impl == "block"
+        lo = T0 // a.chunk_size * a.chunk_size if aligned else T0  # block_select=chunk: the chunk's first query
+        c0 = max(0, lo - r.cache_window + 1)  # earlier entries are out of every query's window
+        if aligned:
+            c0 = c0 // a.block_size * a.block_size
+        dev = prev.k.view.device
+        if summary is not None:
+            B, n_seg, m, D = summary.shape
+            sn = block.input_layernorm(summary.reshape(B, n_seg * m, D))
+            unit.sum_k.append(attn.k_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
+            unit.sum_v.append(attn.v_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
+        k, v = [prev.k.view[:, :, c0:Ti]], [prev.v.view[:, :, c0:Ti]]
+        pos = [torch.arange(c0, Ti, device=dev)]
+        win = [torch.full((Ti - c0,), r.cache_window, dtype=torch.long, device=dev)]
+        n_sum = 0 if unit.sum_k.view is None else unit.sum_k.view.shape[2]
+        if n_sum:
+            from ressformer.cache import summary_positions
+
+            k.append(unit.sum_k.view)
+            v.append(unit.sum_v.view)
+            pos.append(summary_positions(n_sum, r.summary_slots, r.segment_len, dev))
+            win.append(torch.full((n_sum,), UNBOUNDED_WINDOW, dtype=torch.long, device=dev))
+        if aligned:
+            f_tok, f_sum = memory_fillers(Ti, n_sum, cfg, dev)
+            zk = [k[0].new_zeros(*k[0].shape[:2], len(f), k[0].shape[3]) for f in (f_tok, f_sum)]
+            zw = [torch.zeros(len(f), dtype=torch.long, device=dev) for f in (f_tok, f_sum)]
+            k = [zk[0], k[0], zk[0]] + k[1:] + [zk[1]]
+            v = [zk[0], v[0], zk[0]] + v[1:] + [zk[1]]
+            pos = [f_tok, pos[0], f_tok] + pos[1:] + [f_sum]
+            win = [zw[0], win[0], zw[0]] + win[1:] + [zw[1]]
+        return torch.cat(k, 2), torch.cat(v, 2), torch.cat(pos), torch.cat(win)
+
+    def _forward_cached(self, input_ids: torch.Tensor, labels: torch.Tensor | None, K: int, cache) -> ModelOutput:
+        cfg = self.config
+        if not cfg.causal:
+            raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
+        B, n = input_ids.shape
+        units = self.n_prelude + K + cfg.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
+        cache.begin(units, B, K, n)
+        T0 = cache.length
+        Ti = T0 + n
+        pos = torch.arange(T0, Ti, device=input_ids.device)
+        h = self.model.embed_tokens(input_ids)  # (B, n, D)
+        layers, u = self.model.layers, cache.units
+        for i in range(self.n_prelude):
+            h, _ = layers[i].forward_cached(h, pos, u[i])
+        mem = self.model.memory
+        summary = graph = None
+        for t in range(K):
+            unit = u[self.n_prelude + t]
+            if mem is not None and K > 1:
+                summary = self._cached_summaries(h, unit, summary)
+            memory = None
+            if mem is not None and t >= 1:
+                memory = self._cached_memory(self.core_block(t), u[self.n_prelude + t - 1], unit, summary, T0, Ti)
+            h, graph = self.core_block(t).forward_cached(h, pos, unit, memory, graph=graph, recurrent=True)
+        for j in range(cfg.r2mu.n_coda):
+            h, _ = layers[self.n_prelude + self.n_core + j].forward_cached(h, pos, u[self.n_prelude + K + j])
+        cache.length = Ti
+        logits = self.lm_head(self.model.norm(h))  # (B, n, V)
+        lm = lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=lm, lm_loss=lm, diagnostics={"num_steps": torch.tensor(float(K))})
 

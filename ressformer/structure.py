@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ressformer.attention import block_candidates, block_summaries
+from ressformer.attention import block_candidates, block_summaries, topk_first
 from ressformer.config import ModelConfig
 from ressformer.sparse import at_least_fp32, masked_softmax
 
@@ -111,10 +111,11 @@ class LatentGraph(nn.Module):
                 s = torch.einsum("bir,bjr->bij", src[:, s0:s1], d_c) * scale  # (B, c, n)
                 if vis is not None:
                     s = s.masked_fill(~vis, float("-inf"))
-                if cand is None:
-                    values, indices = s.topk(m, dim=-1)  # (B, c, m)
-                else:  # stable: equal scores (repeated tokens) break by position, not by the union's layout
-                    values, indices = (x[..., :m] for x in s.sort(dim=-1, descending=True, stable=True))
+                # equal scores (repeated tokens) break by the lower candidate index = the earlier position (block
+                # candidates are in key order), as ASAM's top-k does, whatever the row length or layout
+                indices = topk_first(s, min(m, s.shape[-1]))  # (B, c, <= m)
+                values = s.gather(-1, indices)
+                if cand is not None:
                     indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)  # token indices
                 if values.shape[-1] < m:  # fewer candidates than m: pad with spare slots
                     short = m - values.shape[-1]

@@ -147,6 +147,41 @@ def test_roundtrip_hf_ours_hf_is_bitwise_and_init_state_loads(tmp_path, tok_dir)
             hf(x, attention_mask=torch.cat([torch.zeros(1, 2), torch.ones(1, 18)], 1).long())
 
 
+def test_save_pretrained_of_a_loaded_export_converts_back_with_its_tokenizer(tmp_path, tok_dir):
+    """export -> from_pretrained -> save_pretrained -> --to-ressformer keeps weights, config and tokenizer; the
+    export generates with its cache and uses EOS as BOS (pretraining never saw a BOS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenizer import Tokenizer
+
+    model = seeded_model(seed=4)
+    hf = export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_dir=tok_dir, num_steps=3)
+    meta = json.loads((tok_dir / "ressformer_tokenizer.json").read_text())
+    cfg, gen = (json.loads((hf / n).read_text()) for n in ("config.json", "generation_config.json"))
+    assert cfg["use_cache"] is True and gen["use_cache"] is True
+    assert cfg["bos_token_id"] == gen["bos_token_id"] == cfg["eos_token_id"] == meta["eos_id"] != meta["bos_id"]
+    m = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval()
+    t = AutoTokenizer.from_pretrained(hf, trust_remote_code=True)
+    assert t.bos_token == t.eos_token and t.bos_token_id == meta["eos_id"]
+    assert t("To be")["input_ids"] == Tokenizer(tok_dir).encode("To be")  # never added to encoded text
+    saved = tmp_path / "saved"
+    m.save_pretrained(saved)
+    t.save_pretrained(saved)
+    assert (saved / "ressformer_tokenizer.json").read_bytes() == (tok_dir / "ressformer_tokenizer.json").read_bytes()
+    x = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True).eval()
+        assert (again(x).logits - model(x, num_steps=3).logits).abs().max().item() < 1e-5
+    p = _convert_cli(["--to-ressformer", "--checkpoint", str(saved), "--out", str(tmp_path / "ours")])
+    assert p.returncode == 0 and "tokenizer/" in p.stdout, p.stderr[-3000:]
+    cfg2, sd2 = load_init_state(tmp_path / "ours")
+    assert cfg2 == model.config and all(torch.equal(sd2[k], v) for k, v in model.state_dict().items())
+    assert Tokenizer(tmp_path / "ours" / "tokenizer").encode(TEXT) == Tokenizer(tok_dir).encode(TEXT)
+    (saved / "ressformer_tokenizer.json").unlink()  # a partial tokenizer is named, not silently dropped
+    with pytest.raises(CheckpointError, match=r"ressformer_tokenizer\.json.*original export"):
+        import_hf(saved, tmp_path / "partial")
+
+
 def test_init_from_starts_continued_pretraining_from_the_export(tmp_path, tok_dir):
     """HF -> --to-ressformer folder -> run config `init_from` -> the trainer's model holds those weights."""
     from pretrain.config import RunConfig

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pretrain.convert import export_hf
-from pretrain.evaluate import document_range, load_tokens, perplexity
+from pretrain.evaluate import document_range, load_tokens, perplexity, used_num_steps
 from ressformer import build_model
 from ressformer.config import ModelConfig
 
@@ -94,8 +94,30 @@ def test_perplexity_matches_direct_computation_and_cli(setup, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     cli = json.loads(out.read_text())
     assert cli["ppl"] == pytest.approx(res["ppl"], rel=1e-6) and cli["tokens"] == n
+    assert cli["num_steps"] == 2
+    assert hf.config.num_steps is None and used_num_steps(hf.config, None) == model.config.r2mu.steps == 4
+    assert used_num_steps(hf.config, 6) == 6
     with pytest.raises(FileNotFoundError, match="missing"):
         load_tokens(str(tmp_path / "nope"))
+
+
+def test_lm_eval_rolling_loglikelihood_starts_after_eos(setup):
+    """lm-eval's HFLM, default arguments, on the export: windows are prefixed with EOS (the export's BOS), as
+    pretraining documents follow an EOS; the result equals the sum of log-probs computed by hand."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    hf_dir, model, _, docs, tok = setup
+    lm = HFLM(pretrained=str(hf_dir), trust_remote_code=True, device="cpu", batch_size=1)
+    assert lm.prefix_token_id == tok.eos_id == lm.tokenizer.bos_token_id == lm.tokenizer.eos_token_id
+    text = docs[0][:150]
+    ids = tok.encode(text)
+    assert lm.tok_encode(text) == ids and 1 < len(ids) < lm.max_length  # one window
+    [got] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    x = torch.tensor([[tok.eos_id] + ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
+    assert got == pytest.approx(lp.gather(-1, x[0, 1:, None]).sum().item(), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -60,7 +60,9 @@ def test_zero3_two_ranks_match_single_process(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (WORLD * MB, T))
     ds_json = (REPO / "ds_configs" / "zero3.json").read_text()
     cases = [{"name": n, "run": _run_cfg(ac), "num_steps": k, "ds_json": ds_json} for n, ac, k in CASES]
-    seed_run = RunConfig(model="debug", seq_len=T, micro_batch=MB, seed=11, wandb={"mode": "disabled"}).to_dict()
+    # the debug model with prelude and coda blocks: three blocks, so one parameter is a small part of the model
+    seed_run = RunConfig(model="debug", model_overrides={"r2mu.n_prelude": 1, "r2mu.n_coda": 1}, seq_len=T,
+                         micro_batch=MB, seed=11, wandb={"mode": "disabled"}).to_dict()
     torch.save({"state": state, "input_ids": ids, "cases": cases, "seed_init": {"run": seed_run, "ds_json": ds_json}},
                tmp_path / "in.pt")
     launch_ranks(["tests/helpers/parity_worker.py", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
@@ -71,7 +73,8 @@ def test_zero3_two_ranks_match_single_process(tmp_path):
         assert abs(got[name]["loss"] - ref_loss) < 1e-5, (name, got[name]["loss"], ref_loss)
         moved = 0.0
         for key, ref in ref_state.items():
-            torch.testing.assert_close(got[name]["state"][key], ref, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(got[name]["state"][key], ref, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, key=key: f"{name}: {key}: {m}")
             moved = max(moved, (ref - state[key]).abs().max().item())
         assert moved > 1e-4, f"{name}: the step did not change the weights (max change {moved})"
 

@@ -92,11 +92,14 @@ def plots(results: dict, out_dir: Path) -> list[str]:
     lines("noisy", f"distractor passages (trained with {_span(tasks['noisy'][0])})", "fig3_accuracy_vs_distractors.png",
           "Figure 3 (mirror): two-hop QA vs distractors", False)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(len(runs), 1)
     for i, (v, rs) in enumerate(runs.items()):
-        means = [100 * _stats([_mean_acc(r, [t]) for r in rs])[0] for t in FIG2_TASKS]
-        ax.bar([j + i * width for j in range(len(FIG2_TASKS))], means, width, label=v)
+        st = [_stats([_mean_acc(r, [t]) for r in rs]) for t in FIG2_TASKS]
+        means = [100 * m for m, *_ in st]
+        err = [[100 * (m - lo) for m, lo, _, _ in st], [100 * (hi - m) for m, _, hi, _ in st]]  # min-max over seeds
+        ax.bar([j + i * width for j in range(len(FIG2_TASKS))], means, width, label=v,
+               yerr=err if len(rs) > 1 else None, capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(FIG2_TASKS))], FIG2_TASKS)
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title("Figure 2 (mirror): structure-sensitive tasks")

@@ -6,6 +6,8 @@ Design choices
   validation stays in one place (ModelConfig), run when the model is built.
 - `num_steps`: recurrent R2MU steps K used by forward/generate when the call does not pass `num_steps`;
   None means the training value `ressformer["r2mu"]["steps"]` (paper sec. 3.1: K can grow at inference).
+- `use_cache` (default True): generation decodes with the model's cache (transformers 5 drops generation keys
+  from a config's kwargs, so it is set after the base init).
 - The usual transformers fields (vocab_size, hidden_size, num_attention_heads, num_hidden_layers,
   max_position_embeddings, tie_word_embeddings) are derived from `ressformer` for tools that read them
   (lm-eval takes max_length from max_position_embeddings). They are informative only.
@@ -36,5 +38,6 @@ class RessformerConfig(PretrainedConfig):
             self.num_hidden_layers = r2.get("n_prelude", 0) + r2.get("steps", 0) + r2.get("n_coda", 0) or None
         kwargs.pop("num_hidden_layers", None)
         kwargs["tie_word_embeddings"] = bool(r.get("tie_embeddings", kwargs.get("tie_word_embeddings", False)))
-        kwargs.setdefault("use_cache", False)  # no KV cache: generation recomputes the prefix (see modeling file)
+        use_cache = bool(kwargs.pop("use_cache", True))
         super().__init__(**kwargs)
+        self.use_cache = use_cache  # generate() decodes with the model's cache (see the modeling file)

@@ -10,12 +10,18 @@ Design choices
   `from_pretrained`, `.to()` and dtype casts reach it.
 - Recurrent steps K (R2MU, paper sec. 3.1): `forward(..., num_steps=K)` / `generate(..., num_steps=K)`,
   else `config.num_steps`, else the training value `r2mu.steps`.
-- No KV cache: each generation step recomputes the whole prefix (the R2MU recurrence re-runs the shared
-  block K times over the full sequence and its segment memory depends on all earlier states, so a cache
-  is not a plain per-layer key/value store). Cost is O(T) forwards for T new tokens.
+- Cache (`past_key_values`): the model's own `ressformer.cache.ModelCache` (per recurrent step: keys / values,
+  segment summaries, graph state; see that module), not a transformers `Cache`: generate() does not make a
+  DynamicCache (`_supports_default_dynamic_cache` is False); forward makes a ModelCache when asked
+  (`use_cache=True`, which generate passes from generation_config.use_cache, True in the export) and returns it,
+  and `prepare_inputs_for_generation` then feeds only the tokens the cache has not seen. Logits equal the full
+  forward's (within float rounding), so greedy / sampled generation gives the same tokens with and without it.
+  `use_cache=None` (scoring: lm-eval loglikelihood, pretrain.evaluate) and `use_cache=False` run the plain full
+  forward, which keeps no state. A cache is filled with one K: a later call with another num_steps raises.
 - attention_mask: the network is causal and has no padding mask, so right padding is exact for the real
   tokens (lm-eval's batched loglikelihood) while left padding / holes would change them: rejected with an
-  error. Batch generation of prompts of different lengths therefore needs batch size 1.
+  error. With a cache (generation) the mask must be all ones: a batch of prompts of equal length, or batch
+  size 1.
 - `loss` is the language-modelling loss (`lm_loss`); the training-only aux losses (MoE balance / z, SOES
   smoothness) are not added.
 """
@@ -28,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pretrain.hf.configuration_ressformer import RessformerConfig
 from ressformer import build_model
+from ressformer.cache import ModelCache
 from ressformer.config import ModelConfig
 
 
@@ -35,7 +42,6 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = RessformerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _supports_cache_class = False
     _no_split_modules = ["ReSSFormerBlock", "TransformerBlock"]
 
     def __init__(self, config: RessformerConfig):
@@ -77,18 +83,35 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("RessformerForCausalLM has no padding mask: left padding / holes in attention_mask "
                              "would change the logits of real tokens. Use padding_side='right' or batch size 1.")
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own ModelCache (module docstring)
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, num_steps: int | None = None, past_key_values=None,
                 use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
         if input_ids is None:
             raise ValueError("RessformerForCausalLM.forward needs input_ids (inputs_embeds is not supported)")
         self._check_mask(attention_mask)
-        if labels is not None and attention_mask is not None:
-            labels = labels.masked_fill(attention_mask == 0, -100)
         k = num_steps if num_steps is not None else self.config.num_steps
-        out = self._core[0](input_ids, labels=labels, num_steps=k)
-        return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits)
+        if past_key_values is None and not use_cache:  # the full forward, no state kept
+            if labels is not None and attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            out = self._core[0](input_ids, labels=labels, num_steps=k)
+            return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits)
+        cache = ModelCache() if past_key_values is None else past_key_values
+        if not isinstance(cache, ModelCache):
+            raise ValueError(f"past_key_values must be the ModelCache this model returned (or None), got "
+                             f"{type(cache).__name__}: the model keeps per-step state a transformers Cache cannot hold")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("RessformerForCausalLM with a cache (generation) has no padding mask: give prompts of "
+                             "equal length (no padding) or batch size 1")
+        out = self._core[0](input_ids, labels=labels, num_steps=k, cache=cache)
+        return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits, past_key_values=cache)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, num_steps=None, **kwargs):
-        # no cache: the whole prefix every step (see the module docstring)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_steps": num_steps}
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, num_steps=None,
+                                      use_cache=None, **kwargs):
+        if past_key_values is not None:  # only the tokens the cache has not seen
+            input_ids = input_ids[:, past_key_values.get_seq_length():]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_steps": num_steps,
+                "past_key_values": past_key_values, "use_cache": use_cache}

@@ -8,23 +8,40 @@ Design choices
   special id. BOS/EOS are not added by default (the pretraining pipeline only appends EOS per document).
 - Ids in the model's padding range (>= the sentencepiece vocab size, see tokenizer.pad_vocab) have no
   piece: decode skips them.
+- Both files of our tokenizer folder are vocabulary files (`tokenizer.model`, `ressformer_tokenizer.json`), so
+  `save_pretrained` writes both and `python -m pretrain.convert --to-ressformer` can rebuild the folder from it.
+- The export sets `bos_token` to EOS (pretrain/convert.py: pretraining never saw a BOS); it is never added.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 
 class RessformerTokenizer(SentencePieceBackend):
-    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    vocab_files_names = {"vocab_file": "tokenizer.model", "meta_file": "ressformer_tokenizer.json"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file: str, **kwargs):
+    def __init__(self, vocab_file: str, meta_file: str | None = None, **kwargs):
         kwargs.setdefault("split_special_tokens", True)
         kwargs.setdefault("add_bos_token", False)
         kwargs.setdefault("add_eos_token", False)
         kwargs.setdefault("legacy", True)
+        self.meta_file = meta_file
         super().__init__(vocab_file=vocab_file, **kwargs)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        saved = super().save_vocabulary(save_directory, filename_prefix)
+        if not self.meta_file or not os.path.isfile(self.meta_file):
+            return saved
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "")
+                           + self.vocab_files_names["meta_file"])
+        if os.path.abspath(self.meta_file) != os.path.abspath(out):
+            shutil.copyfile(self.meta_file, out)
+        return (*saved, out)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)

@@ -1,0 +1,299 @@
+"""Inference cache for incremental decoding: `model(new_ids, cache=cache)` gives the logits of the new tokens,
+equal to the full forward's at those positions, without re-running the prefix (both architectures).
+
+Everything in ReSSFormer is causal and there is no positional encoding, so the state h^(t)_i of token i at
+recurrent step t depends on tokens <= i only: it is computed once. A cache holds one `UnitCache` per unit of the
+network (model.py: each prelude block, each recurrent step t = 0..K-1 of the core, each coda block; the baseline:
+each layer) with what later tokens read there:
+
+    k, v          (B, H, T, hd)     keys / values of the T earlier tokens: k_proj / v_proj(input_layernorm(h^(t)))
+    dst           (B, T, r)         soes.graph=bilinear: the LatentGraph dst vectors of the earlier tokens
+    seg_h         (B, P, D)         R2MU memory: h^(t) of the P < segment_len tokens of the incomplete segment
+    sum_k, sum_v  (B, H, S*m, hd)   R2MU memory (t >= 1): keys / values of the summaries S^(t) of the S complete
+                                    segments
+    chunk_q       (B, H, 1, hd)     asam.block_select=chunk: q (and, bilinear graph, the src vector) of the current
+    chunk_src     (B, 1, r)         query chunk's first query, which picks the chunk's key blocks (attention.py)
+
+Not stored, because they are reused or rebuilt exactly:
+* The token-level memory of step t (H^(t-1) within cache_window) goes through the shared block's input_layernorm
+  and k_proj / v_proj, so its keys are step t-1's token keys: read from `k, v` of step t-1.
+* The attention-pattern graph (soes.graph=attention) of step t-1 is read only as the rows of step t's queries;
+  the new tokens' rows are made at step t-1 of the same pass.
+* A segment summary is computed once, when the segment's last token arrives, from h^(t) of its tokens (`seg_h`)
+  and its S^(t-1) (made at step t-1 of the same pass). Complete segments' summaries never change.
+Memory: (n_prelude + K + n_coda) x T x 2D values for keys / values (the dense baseline: n_layers x T x 2D), plus
+T x r per unit for a bilinear graph, (K - 1) x 2D per summary slot and < segment_len states per step. Buffers
+grow by doubling. The number of recurrent steps K is fixed when a cache is first filled (every step keeps its
+own keys). A new token costs K block applications to one query (scores against the cached keys), not K passes
+over the whole sequence.
+
+The new queries see the same keys as in the full forward, in the same order (tokens by position, then the memory;
+under block ASAM the block-aligned memory of model.py, so key blocks hold the same positions), only without keys
+no new query can see. What the selection depends on is made independent of the call: top-k ties break by index
+(attention.topk_first, rounding-level near-ties included), local key blocks follow each query's position chunk,
+and with asam.block_select=chunk a chunk whose first query came in an earlier call gets it back as a ghost query
+(its output dropped) to pick the chunk's blocks. The logits therefore equal the full forward's to rounding.
+
+The cache is for inference (torch.no_grad); it serves any batch of equal-length sequences (no padding) and
+`reorder_cache` follows beam search. `is_compileable` and `get_seq_length` are what transformers'
+GenerationMixin reads from a cache object.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ressformer.attention import UNBOUNDED_WINDOW, topk_first, block_candidates, block_summaries, sparse_attention
+from ressformer.sparse import at_least_fp32, masked_softmax
+
+
+class _Seq:
+    """A tensor grown along `dim` with capacity doubling: amortised O(1) appends. `view` is the filled part."""
+
+    def __init__(self, dim: int):
+        self.dim, self.data, self.n = dim, None, 0
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data.narrow(self.dim, 0, self.n)
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        add = x.shape[self.dim]
+        if x.requires_grad:  # keep autograd intact (no in-place writes into a buffer an earlier graph reads)
+            self.data = x if self.data is None else torch.cat([self.view, x], self.dim)
+            self.n += add
+            return self.data
+        if self.data is None or self.data.shape[self.dim] < self.n + add:
+            shape = list(x.shape)
+            shape[self.dim] = max(self.n + add, 2 * self.n, 16)
+            data = x.new_empty(shape)
+            if self.n:
+                data.narrow(self.dim, 0, self.n).copy_(self.view)
+            self.data = data
+        self.data.narrow(self.dim, self.n, add).copy_(x)
+        self.n += add
+        return self.view
+
+
+@dataclass
+class UnitCache:
+    """What one unit (block, or recurrent step) keeps for later tokens; see the module docstring for shapes."""
+
+    k: _Seq = field(default_factory=lambda: _Seq(2))
+    v: _Seq = field(default_factory=lambda: _Seq(2))
+    dst: _Seq = field(default_factory=lambda: _Seq(1))
+    sum_k: _Seq = field(default_factory=lambda: _Seq(2))
+    sum_v: _Seq = field(default_factory=lambda: _Seq(2))
+    seg_h: torch.Tensor | None = None
+    chunk_q: torch.Tensor | None = None
+    chunk_src: torch.Tensor | None = None
+
+    def tensors(self):
+        for f in fields(self):
+            x = getattr(self, f.name)
+            yield f.name, (x.data if isinstance(x, _Seq) else x)
+
+
+class ModelCache:
+    """Inference state of a batch of sequences: `length` tokens seen, `num_steps` K, one UnitCache per unit."""
+
+    is_compileable = False  # transformers' GenerationMixin: not a static-shape cache, never torch.compile'd
+
+    def __init__(self):
+        self.length = 0
+        self.batch_size: int | None = None
+        self.num_steps: int | None = None
+        self.units: list[UnitCache] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def begin(self, n_units: int, batch_size: int, num_steps: int | None, new_tokens: int) -> None:
+        """Check a call against the cache (and set it up on the first call)."""
+        if new_tokens < 1:
+            raise ValueError("a cached forward needs at least one new token (input_ids of shape (B, n >= 1))")
+        if not self.units:
+            self.units = [UnitCache() for _ in range(n_units)]
+            self.batch_size, self.num_steps = batch_size, num_steps
+            return
+        if batch_size != self.batch_size:
+            raise ValueError(f"the cache holds {self.batch_size} sequences, input_ids has {batch_size}: use one cache "
+                             "per batch (a new ModelCache for a new batch)")
+        if num_steps != self.num_steps:
+            raise ValueError(f"the cache was filled with num_steps={self.num_steps}, this call asks for "
+                             f"num_steps={num_steps}: every recurrent step keeps its own keys, so K is fixed per "
+                             "cache; start a new ModelCache (past_key_values=None) to decode with another K")
+        if len(self.units) != n_units:
+            raise ValueError(f"the cache has {len(self.units)} units, this model needs {n_units}: a cache belongs to "
+                             "the model that filled it")
+
+    @torch.no_grad()
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep / repeat batch rows (beam search): row b becomes row beam_idx[b]."""
+        for u in self.units:
+            for f in fields(u):
+                x = getattr(u, f.name)
+                if isinstance(x, _Seq):
+                    if x.data is not None:
+                        x.data = x.data.index_select(0, beam_idx.to(x.data.device))
+                elif x is not None:
+                    setattr(u, f.name, x.index_select(0, beam_idx.to(x.device)))
+        self.batch_size = int(beam_idx.numel())
+
+    def nbytes(self) -> int:
+        """Bytes held (buffer capacity included)."""
+        return sum(x.numel() * x.element_size() for u in self.units for _, x in u.tensors() if x is not None)
+
+
+def summary_positions(n: int, slots: int, segment_len: int, device) -> torch.Tensor:
+    """Key position of summary entry j (slot j % m of segment j // m): the segment's last token. (n,)"""
+    return (torch.arange(n, device=device) // slots + 1) * segment_len - 1
+
+
+def _position_chunks(pos: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+    """[a, b) index ranges of consecutive positions `pos` cut at multiples of chunk_size (the full forward's
+    query chunks)."""
+    p0, n = int(pos[0]), pos.shape[0]
+    out, a = [], 0
+    while a < n:
+        b = min(n, (p0 + a) // chunk_size * chunk_size + chunk_size - p0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _next_chunk_start(pos: torch.Tensor, Ti: int, chunk_size: int) -> int | None:
+    """Index in pos of the first query of the chunk the next token (position Ti) falls in, when that query came in
+    this call; None when the next token starts a chunk or its chunk began earlier (the kept one stays valid)."""
+    c = Ti // chunk_size * chunk_size
+    return c - int(pos[0]) if Ti % chunk_size and c >= int(pos[0]) else None
+
+
+def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, memory=None, graph=None,
+           pattern: bool = False):
+    """ASAMAttention over the cached + new tokens (+ memory keys), for the new queries only.
+
+    attn: an ASAMAttention; xn (B, n, D) input_layernorm'd states of the new tokens at positions pos (n,);
+    memory None | (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,)) already projected, appended after the tokens;
+    graph None | (idx (B, n, m), val (B, n, m)). The new tokens' keys / values are appended to `unit`.
+    Returns (y (B, n, D), the new queries' attention-pattern graph rows (idx, val) when pattern else None).
+    """
+    cfg = attn.cfg
+    a = cfg.asam
+    B, n, D = xn.shape
+    H, hd = attn.n_heads, attn.head_dim
+    q = attn.q_proj(xn).view(B, n, H, hd).transpose(1, 2)  # (B, H, n, hd)
+    k = unit.k.append(attn.k_proj(xn).view(B, n, H, hd).transpose(1, 2))  # (B, H, Ti, hd) every token so far
+    v = unit.v.append(attn.v_proj(xn).view(B, n, H, hd).transpose(1, 2))
+    Ti = k.shape[2]
+    k_pos, k_win = torch.arange(Ti, device=xn.device), None
+    if memory is not None:
+        mk, mv, mpos, mwin = memory
+        k, v = torch.cat([k, mk.to(k.dtype)], 2), torch.cat([v, mv.to(v.dtype)], 2)
+        k_win = torch.cat([torch.full_like(k_pos, UNBOUNDED_WINDOW), mwin.to(k_pos.dtype)])
+        k_pos = torch.cat([k_pos, mpos.to(k_pos.dtype)])
+    kw = dict(k_pos=k_pos, k_window=k_win, causal=cfg.causal, activation=a.activation, topk=a.topk,
+              graph_scale=attn.graph_scale, impl=a.impl, chunk_size=a.chunk_size, block_size=a.block_size,
+              blocks_per_query=a.blocks_per_query, block_select=a.block_select,
+              pattern_degree=cfg.soes.degree if pattern else 0, pattern_keys=Ti)
+    chunk_pick = a.impl == "block" and a.block_select == "chunk"
+    # block_select=chunk: a chunk whose first query came in an earlier call gets that query back as a leading
+    # ghost (its own output dropped), so it picks the chunk's blocks as in the full forward
+    groups, off = [(0, n)], int(pos[0]) % a.chunk_size
+    if chunk_pick and off:  # the rest starts at a chunk boundary: sparse_attention's own chunks line up
+        cut = min(n, a.chunk_size - off)
+        groups = [(0, cut)] + ([(cut, n)] if cut < n else [])
+    outs, pats = [], []
+    for gi, (s0, s1) in enumerate(groups):
+        q_g, p_g = q[:, :, s0:s1], pos[s0:s1]
+        g_g = None if graph is None else (graph[0][:, s0:s1], graph[1][:, s0:s1])
+        ghost = chunk_pick and gi == 0 and off != 0
+        if ghost:
+            c_lo = int(p_g[0]) // a.chunk_size * a.chunk_size
+            q_g = torch.cat([unit.chunk_q, q_g], 2)
+            p_g = torch.cat([p_g.new_tensor([c_lo]), p_g])
+            if g_g is not None:  # the ghost's graph row is never used for an output: spare slots
+                gi0 = torch.full_like(g_g[0][:, :1], c_lo)
+                g_g = (torch.cat([gi0, g_g[0]], 1), torch.cat([torch.zeros_like(g_g[1][:, :1]), g_g[1]], 1))
+        o, stats = sparse_attention(q_g, k, v, q_pos=p_g, graph=g_g, **kw)
+        if ghost:
+            o = o[:, :, 1:]
+        outs.append(o)
+        if pattern:
+            pi, pv = stats["pattern"]
+            pats.append((pi[:, 1:], pv[:, 1:]) if ghost else (pi, pv))
+    if chunk_pick and (i := _next_chunk_start(pos, Ti, a.chunk_size)) is not None:
+        unit.chunk_q = q[:, :, i:i + 1].clone()  # (B, H, 1, hd), not a view of the whole q
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    y = attn.o_proj(out.transpose(1, 2).reshape(B, n, D))  # (B, n, D)
+    pat = None
+    if pattern:
+        pat = (torch.cat([p[0] for p in pats], 1), torch.cat([p[1] for p in pats], 1)) if len(pats) > 1 else pats[0]
+    return y, pat
+
+
+def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
+    """LatentGraph (structure.py) rows of the new tokens over the cached + new tokens: a Graph (idx, val) of shape
+    (B, n, m). The same selection as LatentGraph.forward, query chunk by query chunk (block mode: the same blocks,
+    block_select=chunk with the chunk's first query as a ghost, as in `attend`)."""
+    from ressformer.structure import Graph
+
+    a = lg.cfg.asam
+    B, n, _ = xn.shape
+    src = lg.src_proj(xn)  # (B, n, r)
+    dst = unit.dst.append(lg.dst_proj(xn))  # (B, Ti, r)
+    Ti = dst.shape[1]
+    m = min(lg.degree, Ti)
+    scale = 1.0 / math.sqrt(lg.rank)
+    pos_all = torch.arange(Ti, device=xn.device)
+    block = a.impl == "block"
+    chunk_pick = block and a.block_select == "chunk"
+    idx_parts, valid_parts = [], []
+    with torch.no_grad():
+        if block:
+            dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos_all, None, a.block_size)
+        for s0, s1 in _position_chunks(pos, a.chunk_size):
+            p_c, src_c = pos[s0:s1], src[:, s0:s1]
+            if block:
+                ghost = chunk_pick and int(p_c[0]) % a.chunk_size != 0
+                q_in = torch.cat([unit.chunk_src, src_c], 1) if ghost else src_c
+                p_in = torch.cat([p_c.new_tensor([int(p_c[0]) // a.chunk_size * a.chunk_size]), p_c]) if ghost else p_c
+                cand, cand_valid, _ = block_candidates(q_in[:, None], dbar, blk_lo, blk_hi, blk_min, blk_max, p_in,
+                                                        lg.causal, a.blocks_per_query, a.block_size, Ti,
+                                                        a.block_select, a.chunk_size)
+                cand, vis = cand[:, 0], cand_valid[:, 0, 1:] if ghost else cand_valid[:, 0]  # (B, n_c), (B, c, n_c)
+                d_c = dst.gather(1, cand[..., None].expand(*cand.shape, lg.rank))  # (B, n_c, r)
+                if lg.causal:
+                    vis = vis & (cand[:, None, :] <= p_c[:, None])
+            else:
+                cand, d_c = None, dst
+                vis = (pos_all[None, :] <= p_c[:, None])[None] if lg.causal else None  # (1, c, Ti)
+            s = torch.einsum("bir,bjr->bij", src_c, d_c) * scale  # (B, c, n_c)
+            if vis is not None:
+                s = s.masked_fill(~vis, float("-inf"))
+            # near-ties (equal states of repeated tokens, rounded differently here than in a full forward) break
+            # by position, as exact ties do in LatentGraph.forward
+            indices = topk_first(s, min(m, s.shape[-1]))  # (B, c, <= m) candidate slots
+            values = s.gather(-1, indices)
+            if cand is not None:
+                indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)  # token indices
+            if values.shape[-1] < m:
+                short = m - values.shape[-1]
+                values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
+                indices = torch.nn.functional.pad(indices, (0, short))
+            valid = values > float("-inf")
+            idx_parts.append(torch.where(valid, indices, p_c.view(1, -1, 1).expand_as(indices)))
+            valid_parts.append(valid)
+    if chunk_pick and (i := _next_chunk_start(pos, Ti, chunk_size=a.chunk_size)) is not None:
+        unit.chunk_src = src[:, i:i + 1].clone()  # (B, 1, r)
+    idx, valid = torch.cat(idx_parts, 1), torch.cat(valid_parts, 1)  # (B, n, m)
+    d_g = dst.gather(1, idx.reshape(B, n * m, 1).expand(B, n * m, lg.rank)).view(B, n, m, lg.rank)
+    s = torch.einsum("bir,bimr->bim", at_least_fp32(src), at_least_fp32(d_g)) * scale  # (B, n, m)
+    s = torch.where(valid, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    return Graph(idx, masked_softmax(s, dim=-1))
+
+
+__all__ = ["ModelCache", "UnitCache", "attend", "latent_graph", "summary_positions"]
