@@ -69,14 +69,13 @@ def main() -> None:
     if a.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (ms/token is measured after the first)")
     import torch
-    import yaml
 
-    over = {}
-    for item in a.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        over[k] = yaml.safe_load(v)
+    from ressformer.config import parse_sets
+
+    try:
+        over = parse_sets(a.set)
+    except ValueError as e:
+        ap.error(str(e))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, debug preset{' ' + str(over) if over else ''}"
           f", batch 1, greedy, {a.new_tokens} new tokens")
     print(f"{'prompt':>6} {'mode':9} {'tok/s':>8} {'first s':>8} {'ms/token':>9} {'peak MiB':>9} {'rise MiB':>9} "

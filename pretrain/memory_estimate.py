@@ -36,9 +36,8 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-import yaml
 
-from ressformer.config import ModelConfig
+from ressformer.config import ModelConfig, parse_sets
 from ressformer.flops import _attention_macs, count_params
 
 GiB = 1024**3
@@ -172,16 +171,6 @@ def run_config_settings(path: str) -> dict:
             "ckpt_every": ac["every"] if ac["enabled"] else None}
 
 
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.memory_estimate",
                                  description="Per-GPU training memory from the model's parameter and key counts.")
@@ -196,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-steps", type=int, default=None, help="R2MU steps K (default: r2mu.steps)")
     ap.add_argument("--max-live-parameters", type=float, default=1e9, help="DeepSpeed stage3_max_live_parameters")
     args = ap.parse_args(argv)
+    try:
+        sets = parse_sets(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     if args.config:
         run = run_config_settings(args.config)
-        cfg = run["cfg"].replace(**_parse_sets(args.set))
+        cfg = run["cfg"].replace(**sets)
         seq, mb, every, name = args.seq_len or run["seq_len"], run["micro_batch"], run["ckpt_every"], args.config
     else:
-        cfg = ModelConfig.from_preset(args.preset, **_parse_sets(args.set))
+        cfg = ModelConfig.from_preset(args.preset, **sets)
         seq, mb, every, name = args.seq_len or cfg.max_seq_len, args.micro_batch, args.ckpt_every or None, args.preset
     est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.world_size,
                           zero_stage=args.zero_stage, ckpt_every=every,

@@ -244,6 +244,19 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """["a.b=VALUE", ...] (command-line --set) -> {"a.b": VALUE parsed as YAML}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
 def apply_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Apply {"a.b": v} overrides to a nested dict (copied). Unknown keys raise ValueError."""
     import copy
@@ -342,14 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a field, e.g. --set asam.topk=64 (repeatable)")
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
     args = ap.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+    try:
+        overrides = parse_sets(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = ModelConfig.from_preset(args.preset, **overrides)
     from ressformer.flops import count_params, flops_per_token
 

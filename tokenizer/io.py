@@ -106,6 +106,16 @@ def check_utf8(path: Path) -> None:
                              f"or not UTF-8; re-encode or repair it") from None
 
 
+def check_string_field(ds, fmt: str, path: Path, key: str, fix: str) -> None:
+    """Refuse a json / parquet dataset whose field `key` is absent or not a string in some row; name file and row."""
+    if key not in ds.column_names:
+        raise ValueError(f"{fmt} file {str(path)!r} has no field {key!r} (fields: {ds.column_names}): {fix}")
+    bad = [i for i, t in enumerate(ds[key]) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{fmt} file {str(path)!r}: field {key!r} is missing or not a string in row {bad[0]} "
+                         f"({len(bad)} rows in all): fix those rows or drop them")
+
+
 def load_documents(paths: Iterable[str | Path], *, text_key: str = "text", doc_boundary: str = "blank-line",
                    cache_dir: str | None = None):
     """Load every document of the inputs as a `datasets.Dataset` with a single column `text`."""
@@ -138,13 +148,7 @@ def _load(files: list[tuple[Path, str]], text_key: str, doc_boundary: str, cache
             except Exception as e:  # pyarrow / json parse errors: name the file
                 raise ValueError(f"could not read {fmt} file {str(f)!r}: {type(e).__name__}: {e}; "
                                  f"check that it is valid {fmt}" + (" (one JSON object per line)" if fmt == "json" else "")) from e
-            if text_key not in ds.column_names:
-                raise ValueError(f"{fmt} file {str(f)!r} has no field {text_key!r} (fields: {ds.column_names}): "
-                                 f"pass --text-key with the field that holds the document text")
-            bad = [i for i, t in enumerate(ds[text_key]) if not isinstance(t, str)]
-            if bad:
-                raise ValueError(f"{fmt} file {str(f)!r}: field {text_key!r} is missing or not a string in row {bad[0]} "
-                                 f"({len(bad)} rows in all): fix those rows or drop them")
+            check_string_field(ds, fmt, f, text_key, "pass --text-key with the field that holds the document text")
             ds = ds.select_columns([text_key])
             if text_key != "text":
                 ds = ds.rename_column(text_key, "text")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import DOC_BOUNDARIES, load_documents, resolve_inputs, source_hash
+from .io import DOC_BOUNDARIES, check_string_field, load_documents, resolve_inputs, source_hash
 from .tokenizer import MODEL_FILE, Tokenizer
 
 
@@ -106,13 +106,7 @@ def _read_examples(files: list[tuple[Path, str]], prompt_key: str, completion_ke
             raise ValueError(f"could not read {fmt} file {str(f)!r}: {type(e).__name__}: {e}; "
                              f"check that it is valid {fmt}") from e
         for k in (prompt_key, completion_key):
-            if k not in ds.column_names:
-                raise ValueError(f"{fmt} file {str(f)!r} has no field {k!r} (fields: {ds.column_names}): "
-                                 f"pass --prompt-key / --completion-key with the fields that hold them")
-            bad = [i for i, t in enumerate(ds[k]) if not isinstance(t, str)]
-            if bad:
-                raise ValueError(f"{fmt} file {str(f)!r}: field {k!r} is missing or not a string in row {bad[0]} "
-                                 f"({len(bad)} rows in all): fix those rows or drop them")
+            check_string_field(ds, fmt, f, k, "pass --prompt-key / --completion-key with the fields that hold them")
         parts.append(ds.map(lambda b: {"prompt": b[prompt_key], "completion": b[completion_key]}, batched=True,
                             remove_columns=ds.column_names))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

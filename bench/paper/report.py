@@ -135,6 +135,13 @@ def _span(xs: list[int]) -> str:
     return f"{min(xs)}-{max(xs)}" if len(xs) > 1 else f"{xs[0]}"
 
 
+def _sweep_table(runs: dict[str, list[dict]], task: str, settings: list[int], label: str) -> list[str]:
+    """Markdown rows: one line per variant, one column per setting of `task`."""
+    rows = ["| variant | " + " | ".join(f"{label}{x}" for x in settings) + " |", "|---|" + "---:|" * len(settings)]
+    rows += [f"| {v} | " + " | ".join(_fmt(_acc(rs, task, x)) for x in settings) + " |" for v, rs in runs.items()]
+    return rows + [""]
+
+
 def markdown(results: dict, pngs: list[str]) -> str:
     tasks = _tasks(results)
     runs = final_runs(results)
@@ -171,12 +178,7 @@ def markdown(results: dict, pngs: list[str]) -> str:
     L.append("")
     L.append(f"## Figure 1 (mirror): accuracy vs input length (`hops`, trained at {_span(tasks['hops'][0])} "
              "symbols)\n")
-    settings = tasks["hops"][1]
-    L.append("| variant | " + " | ".join(f"L={x}" for x in settings) + " |")
-    L.append("|---|" + "---:|" * len(settings))
-    for v, rs in runs.items():
-        L.append(f"| {v} | " + " | ".join(_fmt(_acc(rs, "hops", x)) for x in settings) + " |")
-    L.append("")
+    L += _sweep_table(runs, "hops", tasks["hops"][1], "L=")
     L.append("## Figure 2 (mirror): structure-sensitive tasks\n")
     L.append("| variant | " + " | ".join(FIG2_TASKS) + " | mean |")
     L.append("|---|" + "---:|" * (len(FIG2_TASKS) + 1))
@@ -186,12 +188,7 @@ def markdown(results: dict, pngs: list[str]) -> str:
     L.append("")
     L.append(f"## Figure 3 (mirror): accuracy vs distractor passages (`noisy`, trained with "
              f"{_span(tasks['noisy'][0])})\n")
-    settings = tasks["noisy"][1]
-    L.append("| variant | " + " | ".join(f"{x}" for x in settings) + " |")
-    L.append("|---|" + "---:|" * len(settings))
-    for v, rs in runs.items():
-        L.append(f"| {v} | " + " | ".join(_fmt(_acc(rs, "noisy", x)) for x in settings) + " |")
-    L.append("")
+    L += _sweep_table(runs, "noisy", tasks["noisy"][1], "")
     sweeps = {r["variant"]: r["k_sweep"] for r in results["runs"].values() if r.get("k_sweep")}
     if sweeps:
         L.append("## K changed at inference (seed 0; every test set at a training setting)\n")

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -204,12 +203,6 @@ class Job:
     sets: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     import torch
 
@@ -237,8 +230,10 @@ def job_command(job: Job, suite: Suite, data: dict, out: Path, slot: int = 0, gp
     sets = [f"run_dir={out / 'runs' / job.name}", f"seed={1234 + job.seed}", f"lr={job.lr}", f"min_lr={job.lr / 10}",
             f"warmup_steps={max(1, steps // 15)}", f"save_every={steps}", "log_every=10", "wandb.mode=disabled",
             "activation_checkpointing.enabled=false", "keep_last=1", *data_sets, *job.sets]
+    from bench.ablations import free_port
+
     where = ["--include", f"localhost:{slot}"] if gpus else ["--num_gpus", "1"]
-    cmd = [launcher, *where, "--master_port", str(_free_port()), "pretrain/main.py",
+    cmd = [launcher, *where, "--master_port", str(free_port()), "pretrain/main.py",
            "--ds_config", "ds_configs/zero1.json", "--config", "pretrain/configs/debug.yaml", "--resume", "auto"]
     for s in sets:
         cmd += ["--set", s]
