@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ressformer.config import ModelConfig
+from ressformer.kernels import use_asam_kernel
 from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
 
 IMPLS = ("reference", "chunked", "block")
@@ -310,19 +311,27 @@ def _gathered_attend(q_s, k, v, key_idx, sel_mask, epos_sel, gval, activation, q
     q_s (B, H, Q, D); key_idx / sel_mask (B, H, Q, topk); epos_sel / gval (B, H, Q, m) or None.
     One gather of k and v for all Q queries: its backward is one scatter into a (B, H, Tk, D) gradient, where
     a gather per chunk would zero-fill a full-size gradient per chunk (O(T^2 D / chunk) time). Autograd keeps
-    O(Q * topk * D), as the per-chunk form did. Returns (out (B, H, Q, D), nnz detached float).
+    O(Q * topk * D), as the per-chunk form did. Where `use_asam_kernel` says so (CUDA tensors, triton installed),
+    the Triton kernel of ressformer/kernels/asam_triton.py computes the same without the gathered keys / values.
+    Returns (out (B, H, Q, D), nnz detached float, pattern idx, pattern val).
     """
     B, H, Q, topk = key_idx.shape
     D = q_s.shape[-1]
-    gi = key_idx.reshape(B, H, Q * topk, 1).expand(B, H, Q * topk, D)
-    k_g = k.gather(2, gi).view(B, H, Q, topk, D)
-    v_g = v.gather(2, gi).view(B, H, Q, topk, D)
-    s = torch.einsum("bhid,bhikd->bhik", f32(q_s), f32(k_g)) / math.sqrt(D)  # (B, H, Q, topk) float32
-    if epos_sel is not None:
-        s = s + _edge_bias(epos_sel, gval.to(s.dtype), topk)
-    s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
-    p = normalize(s, activation)
-    out = torch.einsum("bhik,bhikd->bhid", p, f32(v_g)).to(v_g.dtype)
+    if use_asam_kernel(q_s):  # Triton (ressformer/kernels): keys / values read by index, never gathered
+        from ressformer.kernels.asam_triton import topk_attention
+
+        bias = None if epos_sel is None else _edge_bias(epos_sel, f32(gval), topk)  # (B, H, Q, topk)
+        out, p = topk_attention(q_s, k, v, key_idx, sel_mask, bias, activation)
+    else:
+        gi = key_idx.reshape(B, H, Q * topk, 1).expand(B, H, Q * topk, D)
+        k_g = k.gather(2, gi).view(B, H, Q, topk, D)
+        v_g = v.gather(2, gi).view(B, H, Q, topk, D)
+        s = torch.einsum("bhid,bhikd->bhik", f32(q_s), f32(k_g)) / math.sqrt(D)  # (B, H, Q, topk) float32
+        if epos_sel is not None:
+            s = s + _edge_bias(epos_sel, gval.to(s.dtype), topk)
+        s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+        p = normalize(s, activation)
+        out = torch.einsum("bhik,bhikd->bhid", p, f32(v_g)).to(v_g.dtype)
     p_idx = p_val = None
     if pattern is not None:
         p_idx, p_val = pattern_edges(key_idx, p, pattern[0], pattern[1], qp_s)

@@ -1,0 +1,304 @@
+"""Triton kernel for ASAM's per-query top-k attention with a sparse activation (paper sec. 3.2), forward + backward.
+
+The function of attention.py `_gathered_attend`, for batch b, head h, query i and slot j < kk holding key
+index n_ij = key_idx[b, h, i, j] (slots with sel_mask False are masked):
+
+    s_ij   = q_i . k_{n_ij} / sqrt(D) + bias_ij                    bias: the graph bias per slot (or none)
+    p_i.   = activation(s_i. over the unmasked slots)              softmax | sparsemax | entmax15
+    out_i  = sum_j p_ij v_{n_ij}
+
+Backward, with g_ij = dout_i . v_{n_ij} + dp_ij (p is an output too: SOES reads it with gradient):
+
+    softmax:   dz = p * (g - <g, p>)
+    sparsemax: dz = s * (g - <g, s> / |s|),           s = 1[p > 0]
+    entmax15:  dz = r * g - r * <r, g> / sum(r),     r = sqrt(p)
+    dbias = dz,   dq_i = sum_j dz_ij k_{n_ij} / sqrt(D),
+    dk_n += dz_ij q_i / sqrt(D),   dv_n += p_ij dout_i          over the (i, j) with n_ij = n
+
+Design choices:
+* One program per (block of BLOCK_Q queries, batch * head): grid (cdiv(Q, BLOCK_Q), B * H). The program holds
+  the (BLOCK_Q, BLOCK_K) scores of its queries in float32 registers (BLOCK_K = kk padded to a power of two)
+  and reads keys / values by index, BLOCK_DC features at a time, as (BLOCK_Q, BLOCK_K, BLOCK_DC) tiles: the
+  gathered (Q, kk, D) keys / values never exist in memory. Loads of values (forward) and of keys / values
+  (backward) are masked to the slots with p > 0, so a sparse activation also skips their memory traffic.
+* Thresholds without sorting: p = [z - tau]_+ (sparsemax) or [z/2 - tau]_+^2 (entmax15) with z the scores
+  minus the row max, so tau lies in [-1, -1/n] (sparsemax) or [-1, -1/sqrt(n)] (entmax15), n the unmasked
+  slots. BISECT_ITERS bisection steps on f(tau) = sum_j p_j(tau) - 1 keep f(lo) >= 0, then NEWTON_ITERS
+  Newton steps start at lo: f is convex and decreasing, so Newton from the left never passes the root and
+  converges quadratically (for sparsemax one step from inside the right support is exact). Rows sum to 1
+  within float32 rounding (about 1e-6 at kk = 512).
+* Masked slots get p = 0 exactly and a row with no unmasked slot gives p = 0, out = 0 and zero gradients.
+* Backward reads the saved p (no score recomputation). dq is written once per query; dk and dv are scattered
+  with float32 atomic adds into (B, H, Tk, D) buffers because several queries select the same key, then cast
+  to k's dtype. The order of the atomic adds varies between runs, so dk / dv are not bitwise reproducible.
+* Scores, thresholds and probabilities are float32 whatever the input dtype (as ressformer.sparse.normalize);
+  out is cast to q's dtype, p stays float32.
+
+Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before this module is imported;
+the kernels are decorated at import). ressformer imports without triton: `triton` is None here then and
+topk_attention raises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path runs instead (ressformer.kernels.use_asam_kernel)
+    triton = tl = None
+
+ACTIVATION_IDS = {"softmax": 0, "sparsemax": 1, "entmax15": 2}
+MAX_SLOTS = 1024  # kk above this would not fit one row of scores per program in registers
+BISECT_ITERS = 24  # bracket width 2**-24 on [-1, 0]: inside float32 resolution of the threshold
+NEWTON_ITERS = 2
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+
+if triton is not None:
+
+    @triton.jit
+    def _probabilities(z, valid, ACT: tl.constexpr, BISECT_ITERS: tl.constexpr, NEWTON_ITERS: tl.constexpr):
+        """z (BQ, BK) float32 scores, -inf where not valid -> p (BQ, BK) float32, 0 where not valid."""
+        m = tl.max(z, axis=1)  # (BQ,) -inf for a row with no valid slot
+        m = tl.where(m > float("-inf"), m, 0.0)
+        z = z - m[:, None]  # max 0 on valid rows
+        if ACT == 0:
+            e = tl.exp(z)
+            p = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]
+        else:
+            n = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)  # (BQ,) unmasked slots
+            lo = tl.zeros_like(n) - 1.0  # f(lo) >= 0: the max slot alone has mass 1
+            if ACT == 1:
+                hi = -1.0 / n  # f(hi) <= 0: n slots of mass <= 1/n
+            else:
+                z = z * 0.5
+                hi = -1.0 / tl.sqrt(n)  # n slots of mass <= 1/n
+            for _ in range(BISECT_ITERS):
+                mid = 0.5 * (lo + hi)
+                t = tl.maximum(z - mid[:, None], 0.0)
+                if ACT == 2:
+                    t = t * t
+                up = tl.sum(t, axis=1) >= 1.0
+                lo = tl.where(up, mid, lo)
+                hi = tl.where(up, hi, mid)
+            tau = lo
+            for _ in range(NEWTON_ITERS):
+                t = tl.maximum(z - tau[:, None], 0.0)
+                if ACT == 1:  # f = sum t - 1, f' = -|support|
+                    cnt = tl.sum((t > 0).to(tl.float32), axis=1)
+                    tau = tau + (tl.sum(t, axis=1) - 1.0) / tl.maximum(cnt, 1.0)
+                else:  # f = sum t^2 - 1, f' = -2 sum t
+                    st = tl.sum(t, axis=1)
+                    tau = tl.where(st > 0, tau + (tl.sum(t * t, axis=1) - 1.0) / tl.maximum(2.0 * st, 1e-30), tau)
+            p = tl.maximum(z - tau[:, None], 0.0)
+            if ACT == 2:
+                p = p * p
+        return tl.where(valid, p, 0.0)
+
+    @triton.jit
+    def _score_grad(p, g, ACT: tl.constexpr):
+        """dL/dz (BQ, BK) of p = activation(z) given g = dL/dp; zero wherever p is zero."""
+        if ACT == 0:
+            dz = p * (g - tl.sum(g * p, axis=1)[:, None])
+        elif ACT == 1:
+            s = (p > 0).to(tl.float32)
+            dz = s * (g - (tl.sum(g * s, axis=1) / tl.maximum(tl.sum(s, axis=1), 1.0))[:, None])
+        else:
+            r = tl.sqrt(p)
+            dz = r * g - r * (tl.sum(r * g, axis=1) / tl.maximum(tl.sum(r, axis=1), 1e-30))[:, None]
+        return dz
+
+    @triton.jit
+    def _asam_fwd_kernel(Q, K, V, IDX, SEL, BIAS, OUT, P,
+                         s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                         s_ob, s_oh, s_ot, s_od, H, NQ, KK, D, scale,
+                         ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_DC: tl.constexpr, BISECT_ITERS: tl.constexpr, NEWTON_ITERS: tl.constexpr):
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,) query rows
+        rj = tl.arange(0, BLOCK_K)  # (BK,) slots
+        q_ok = rq < NQ
+        in_row = q_ok[:, None] & (rj[None, :] < KK)  # (BQ, BK)
+        slot = (bh * NQ + rq)[:, None] * KK + rj[None, :]  # (BQ, BK) into the (B, H, Q, kk) inputs
+        idx = tl.load(IDX + slot, mask=in_row, other=0)  # (BQ, BK) key index
+        valid = (tl.load(SEL + slot, mask=in_row, other=0) != 0) & in_row
+        q_row = Q + b * s_qb + h * s_qh + rq.to(tl.int64)[:, None] * s_qt  # (BQ, 1)
+        k_row = K + b * s_kb + h * s_kh + idx * s_kt  # (BQ, BK)
+
+        s = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_DC):
+            rd = d0 + tl.arange(0, BLOCK_DC)
+            d_ok = rd < D
+            qd = tl.load(q_row + rd[None, :] * s_qd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            kd = tl.load(k_row[:, :, None] + rd[None, None, :] * s_kd, mask=valid[:, :, None] & d_ok[None, None, :],
+                         other=0.0)  # (BQ, BK, BDC) selected keys
+            s += tl.sum(qd.to(tl.float32)[:, None, :] * kd.to(tl.float32), axis=2)
+        s = s * scale
+        if HAS_BIAS:
+            s += tl.load(BIAS + slot, mask=in_row, other=0.0).to(tl.float32)
+        p = _probabilities(tl.where(valid, s, float("-inf")), valid, ACT, BISECT_ITERS, NEWTON_ITERS)
+        tl.store(P + slot, p, mask=in_row)
+
+        live = p > 0
+        v_row = V + b * s_vb + h * s_vh + idx * s_vt  # (BQ, BK)
+        o_row = OUT + b * s_ob + h * s_oh + rq.to(tl.int64)[:, None] * s_ot  # (BQ, 1)
+        for d0 in range(0, D, BLOCK_DC):
+            rd = d0 + tl.arange(0, BLOCK_DC)
+            d_ok = rd < D
+            vd = tl.load(v_row[:, :, None] + rd[None, None, :] * s_vd, mask=live[:, :, None] & d_ok[None, None, :],
+                         other=0.0)  # (BQ, BK, BDC) values of the support
+            o = tl.sum(p[:, :, None] * vd.to(tl.float32), axis=1)  # (BQ, BDC)
+            tl.store(o_row + rd[None, :] * s_od, o.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _asam_bwd_kernel(Q, K, V, IDX, P, DOUT, DP, DQ, DK, DV, DS,
+                         s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                         s_gb, s_gh, s_gt, s_gd, H, NQ, TK, KK, D, scale,
+                         ACT: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DP: tl.constexpr, HAS_DS: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr):
+        """DQ contiguous (B, H, Q, D) in q's dtype; DK, DV contiguous (B, H, Tk, D) float32, zero-filled."""
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,)
+        rj = tl.arange(0, BLOCK_K)  # (BK,)
+        q_ok = rq < NQ
+        in_row = q_ok[:, None] & (rj[None, :] < KK)
+        slot = (bh * NQ + rq)[:, None] * KK + rj[None, :]  # (BQ, BK)
+        p = tl.load(P + slot, mask=in_row, other=0.0)  # (BQ, BK) float32
+        live = p > 0  # every gradient below vanishes off the support
+        idx = tl.load(IDX + slot, mask=live, other=0)
+        acc = (bh * TK + idx) * D  # (BQ, BK) key rows of the DK / DV buffers
+        if HAS_DP:
+            g = tl.load(DP + slot, mask=in_row, other=0.0).to(tl.float32)
+        else:
+            g = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+        if HAS_DOUT:
+            v_row = V + b * s_vb + h * s_vh + idx * s_vt  # (BQ, BK)
+            g_row = DOUT + b * s_gb + h * s_gh + rq.to(tl.int64)[:, None] * s_gt  # (BQ, 1)
+            for d0 in range(0, D, BLOCK_DC):
+                rd = d0 + tl.arange(0, BLOCK_DC)
+                d_ok = rd < D
+                m3 = live[:, :, None] & d_ok[None, None, :]
+                do = tl.load(g_row + rd[None, :] * s_gd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+                do = do.to(tl.float32)  # (BQ, BDC)
+                vd = tl.load(v_row[:, :, None] + rd[None, None, :] * s_vd, mask=m3, other=0.0)  # (BQ, BK, BDC)
+                g += tl.sum(do[:, None, :] * vd.to(tl.float32), axis=2)
+                tl.atomic_add(DV + acc[:, :, None] + rd[None, None, :], p[:, :, None] * do[:, None, :], mask=m3,
+                              sem="relaxed")
+        dz = _score_grad(p, g, ACT)  # (BQ, BK)
+        if HAS_DS:
+            tl.store(DS + slot, dz, mask=in_row)
+        dz = dz * scale
+        q_row = Q + b * s_qb + h * s_qh + rq.to(tl.int64)[:, None] * s_qt  # (BQ, 1)
+        k_row = K + b * s_kb + h * s_kh + idx * s_kt  # (BQ, BK)
+        dq_row = DQ + (bh * NQ + rq)[:, None] * D  # (BQ, 1)
+        for d0 in range(0, D, BLOCK_DC):
+            rd = d0 + tl.arange(0, BLOCK_DC)
+            d_ok = rd < D
+            m3 = live[:, :, None] & d_ok[None, None, :]
+            kd = tl.load(k_row[:, :, None] + rd[None, None, :] * s_kd, mask=m3, other=0.0)  # (BQ, BK, BDC)
+            dq = tl.sum(dz[:, :, None] * kd.to(tl.float32), axis=1)  # (BQ, BDC)
+            tl.store(dq_row + rd[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+            qd = tl.load(q_row + rd[None, :] * s_qd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            tl.atomic_add(DK + acc[:, :, None] + rd[None, None, :], dz[:, :, None] * qd.to(tl.float32)[:, None, :],
+                          mask=m3, sem="relaxed")
+
+
+def _blocks(kk: int, D: int) -> dict:
+    """Tile sizes: about 1024 scores and 16384 gathered elements per program (not yet tuned on a GPU)."""
+    block_k = triton.next_power_of_2(kk)
+    block_q = max(1, min(16, 1024 // block_k))
+    block_dc = max(1, min(triton.next_power_of_2(D), 16384 // (block_q * block_k)))  # >= 16 unless D < 16
+    warps = 4 if block_q * block_k <= 512 else 8
+    return dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=warps)
+
+
+def _check(q, k, v, key_idx, sel_mask, bias, activation) -> None:
+    if triton is None:
+        raise RuntimeError("topk_attention needs triton: pip install -e '.[gpu]', or run ASAM's PyTorch path "
+                           "(ressformer.kernels.set_asam_kernel('torch'))")
+    if activation not in ACTIVATION_IDS:
+        raise ValueError(f"activation={activation!r}: choose one of {tuple(ACTIVATION_IDS)}")
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"topk_attention expects q (B,H,Q,D), k = v (B,H,Tk,D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    slots = (*q.shape[:3], key_idx.shape[-1])
+    if key_idx.shape != slots or sel_mask.shape != slots or (bias is not None and bias.shape != slots):
+        raise ValueError(f"key_idx, sel_mask and bias must be (B,H,Q,kk) = {slots}; got {tuple(key_idx.shape)}, "
+                         f"{tuple(sel_mask.shape)}, {None if bias is None else tuple(bias.shape)}")
+    if key_idx.dtype != torch.int64 or sel_mask.dtype != torch.bool:
+        raise ValueError(f"key_idx must be int64 and sel_mask bool; got {key_idx.dtype}, {sel_mask.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q, k, v must share one dtype of float32 / bfloat16 / float16 (the kernel computes in "
+                         f"float32); got {q.dtype}, {k.dtype}, {v.dtype}: use the PyTorch path for others")
+    if slots[-1] > MAX_SLOTS:
+        raise ValueError(f"kk={slots[-1]} selected keys per query exceeds the kernel's {MAX_SLOTS}: lower asam.topk "
+                         f"or run the PyTorch path (ressformer.kernels.set_asam_kernel('torch'))")
+    devices = {t.device for t in (q, k, v, key_idx, sel_mask) + (() if bias is None else (bias,))}
+    if len(devices) != 1:
+        raise ValueError(f"topk_attention inputs must be on one device; got {sorted(map(str, devices))}")
+    if q.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("topk_attention on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before ressformer.kernels.asam_triton is imported, or use CUDA tensors")
+
+
+class _TopkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_idx, sel_mask, bias, activation):
+        B, H, NQ, D = q.shape
+        Tk, kk = k.shape[2], key_idx.shape[-1]
+        key_idx = key_idx.contiguous()
+        out = torch.empty(B, H, NQ, D, dtype=q.dtype, device=q.device)  # every element written by the kernel
+        p = torch.empty(B, H, NQ, kk, dtype=torch.float32, device=q.device)
+        ctx.set_materialize_grads(False)
+        ctx.activation, ctx.shape = activation, (B, H, NQ, Tk, kk, D)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(q, k, v, key_idx, p)
+        if out.numel() == 0 or kk == 0:
+            return out.zero_(), p
+        cfg = _blocks(kk, D)
+        grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
+        sel = sel_mask.contiguous().view(torch.uint8)
+        bias_c = bias.contiguous() if bias is not None else p  # p: a placeholder pointer, never read
+        _asam_fwd_kernel[grid](q, k, v, key_idx, sel, bias_c, out, p, *q.stride(), *k.stride(), *v.stride(),
+                               *out.stride(), H, NQ, kk, D, 1.0 / math.sqrt(D), ACT=ACTIVATION_IDS[activation],
+                               HAS_BIAS=bias is not None, BISECT_ITERS=BISECT_ITERS, NEWTON_ITERS=NEWTON_ITERS,
+                               **cfg)
+        return out, p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dp):
+        q, k, v, key_idx, p = ctx.saved_tensors
+        B, H, NQ, Tk, kk, D = ctx.shape
+        dq = torch.zeros(B, H, NQ, D, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(B, H, Tk, D, dtype=torch.float32, device=q.device)  # atomic-add targets
+        dv = torch.zeros(B, H, Tk, D, dtype=torch.float32, device=q.device)
+        want_ds = ctx.bias_dtype is not None and ctx.needs_input_grad[5]
+        ds = torch.zeros(B, H, NQ, kk, dtype=torch.float32, device=q.device) if want_ds else None
+        if (dout is not None or dp is not None) and dq.numel() > 0 and kk > 0:
+            cfg = _blocks(kk, D)
+            grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
+            g = dout if dout is not None else dq  # placeholders for absent pointers are never read
+            dp_c = dp.contiguous() if dp is not None else p
+            _asam_bwd_kernel[grid](q, k, v, key_idx, p, g, dp_c, dq, dk, dv, ds if want_ds else p,
+                                   *q.stride(), *k.stride(), *v.stride(), *g.stride(), H, NQ, Tk, kk, D,
+                                   1.0 / math.sqrt(D), ACT=ACTIVATION_IDS[ctx.activation], HAS_DOUT=dout is not None,
+                                   HAS_DP=dp is not None, HAS_DS=want_ds, **cfg)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, ds if ds is None else ds.to(ctx.bias_dtype), None
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor,
+                   sel_mask: torch.Tensor, bias: torch.Tensor | None = None,
+                   activation: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k attention over keys read by index. q (B, H, Q, D), k / v (B, H, Tk, D), key_idx (B, H, Q, kk) int64
+    (indices of unmasked slots must lie in [0, Tk)), sel_mask (B, H, Q, kk) bool, bias (B, H, Q, kk) or None.
+
+    Returns (out (B, H, Q, D) in q's dtype, p (B, H, Q, kk) float32), both differentiable (in q, k, v, bias).
+    """
+    _check(q, k, v, key_idx, sel_mask, bias, activation)
+    return _TopkAttention.apply(q, k, v, key_idx, sel_mask, bias, activation)
