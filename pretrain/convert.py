@@ -34,8 +34,9 @@ Design choices
 - Export: safetensors shards (`huggingface_hub.split_torch_state_dict_into_shards`, index json above one
   shard), `config.json` (RessformerConfig with the verbatim ModelConfig dict), `generation_config.json`,
   the tokenizer (sentencepiece model + remote-code RessformerTokenizer) and the model code: the files of
-  pretrain/hf plus every `ressformer/*.py` copied as `ressformer_<name>.py` with `from ressformer.x import`
-  rewritten to `from .ressformer_x import`, so transformers' remote-code loader finds all of it in the
+  pretrain/hf plus every `ressformer/**/*.py` copied as `ressformer_<name>.py` (subpackages flattened:
+  `kernels/asam_triton.py` -> `ressformer_kernels_asam_triton.py`) with `from ressformer.x.y import` rewritten to
+  `from .ressformer_x_y import`, so transformers' remote-code loader finds all of it in the
   folder and no ressformer install is needed. Tied embeddings are stored once (`lm_head.weight` dropped,
   `tie_word_embeddings` set), the transformers convention. `use_cache` is on: generate() decodes with the
   model's cache (pretrain/hf/modeling_ressformer.py).
@@ -482,8 +483,8 @@ def rewrite_imports(src: str, filename: str) -> str:
             indent, kw, pkg, sub, rest = m.groups()
             if kw == "from" and pkg == "ressformer" and sub == "" and rest.lstrip().startswith("import"):
                 line = f"{indent}from .ressformer_package{rest}\n"
-            elif kw == "from" and pkg == "ressformer" and re.fullmatch(r"\.\w+", sub):
-                line = f"{indent}from .ressformer_{sub[1:]}{rest}\n"
+            elif kw == "from" and pkg == "ressformer" and re.fullmatch(r"(\.\w+)+", sub):
+                line = f"{indent}from .{_flat_name(sub[1:].split('.'))[:-3]}{rest}\n"
             elif kw == "from" and pkg == "pretrain" and re.fullmatch(r"\.hf\.\w+", sub):
                 line = f"{indent}from .{sub[4:]}{rest}\n"
             else:
@@ -493,14 +494,21 @@ def rewrite_imports(src: str, filename: str) -> str:
     return "".join(out)
 
 
+def _flat_name(parts: list[str]) -> str:
+    """Module path inside ressformer -> its file in the flat export folder: [] (the package) ->
+    ressformer_package.py, ["config"] -> ressformer_config.py, ["kernels", "asam_triton"] ->
+    ressformer_kernels_asam_triton.py (a subpackage's __init__: ressformer_kernels.py)."""
+    return "ressformer_" + ("_".join(parts) if parts else "package") + ".py"
+
+
 def write_code(out: Path) -> list[str]:
-    """Copy the model code (pretrain/hf + ressformer/*.py, imports made relative) into `out`."""
+    """Copy the model code (pretrain/hf + ressformer/**/*.py, imports made relative) into `out`."""
     import ressformer
 
     written = []
     pkg = Path(ressformer.__file__).resolve().parent
-    for f in sorted(pkg.glob("*.py")):
-        name = "ressformer_package.py" if f.name == "__init__.py" else f"ressformer_{f.name}"
+    for f in sorted(pkg.rglob("*.py")):
+        name = _flat_name([p for p in f.relative_to(pkg).with_suffix("").parts if p != "__init__"])
         (out / name).write_text(rewrite_imports(f.read_text(), str(f)))
         written.append(name)
     for name in ("configuration_ressformer.py", "modeling_ressformer.py", "tokenization_ressformer.py"):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.moe import make_mlp, moe_aux_losses
-from ressformer.output import ModelOutput, lm_loss
+from ressformer.output import ModelOutput, lm_loss, logits_and_loss
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,14 @@ class TransformerModel(nn.Module):
 
 
 class TransformerForCausalLM(nn.Module):
-    """Dense baseline LM. forward(input_ids (B, T), labels=None, num_steps=None, cache=None) -> ModelOutput."""
+    """Dense baseline LM. forward(input_ids (B, T), labels=None, num_steps=None, cache=None,
+    return_logits=None) -> ModelOutput.
+
+    Logits: a training-mode forward with labels returns logits=None when the fused LM-head kernel computed its loss
+    (CUDA + liger-kernel by default, ressformer.kernels.lm_loss_kernel); without labels or in eval mode they come back
+    as before. return_logits=True always returns them, False never (ressformer.output.logits_and_loss); a forward
+    with a cache always returns them.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -195,7 +202,7 @@ class TransformerForCausalLM(nn.Module):
         return self.rope_cos[:T], self.rope_sin[:T]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
-                cache=None) -> ModelOutput:
+                cache=None, return_logits: bool | None = None) -> ModelOutput:
         """cache: None, or a ressformer.cache.ModelCache of the earlier tokens (empty at first): input_ids are then
         the new tokens only, their logits come back and the cache is updated (no aux losses)."""
         del num_steps  # no recurrence in the baseline
@@ -215,7 +222,8 @@ class TransformerForCausalLM(nn.Module):
                 h, rl = layer(h, cos, sin)
             if rl is not None:
                 router_logits_all.append(rl)
-        logits = self.lm_head(self.model.norm(h))  # (B, T, V)
+        hn = self.model.norm(h)  # (B, T, D)
+        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits)  # (B, T, V) | None
 
         aux_losses: dict[str, torch.Tensor] = {}
         diagnostics: dict[str, torch.Tensor] = {}
@@ -229,9 +237,8 @@ class TransformerForCausalLM(nn.Module):
             diagnostics["moe_load_max"] = load.max()
             diagnostics["moe_load_min"] = load.min()
 
-        loss = lm = None
+        loss = None
         if labels is not None:
-            lm = lm_loss(logits, labels)
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
 

@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
-from ressformer.output import ModelOutput, lm_loss
+from ressformer.output import ModelOutput, lm_loss, logits_and_loss
 from ressformer.recurrence import UNBOUNDED_WINDOW, SegmentMemory, moe_aux_from_logits
 
 
@@ -154,7 +154,14 @@ class ReSSFormerModel(nn.Module):
 
 
 class ReSSFormerForCausalLM(nn.Module):
-    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None, cache=None) -> ModelOutput."""
+    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None, cache=None,
+    return_logits=None) -> ModelOutput.
+
+    Logits: a training-mode forward with labels returns logits=None when the fused LM-head kernel computed its loss
+    (CUDA + liger-kernel by default, ressformer.kernels.lm_loss_kernel); without labels or in eval mode they come back
+    as before. return_logits=True always returns them, False never (ressformer.output.logits_and_loss); a forward
+    with a cache always returns them.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -271,7 +278,7 @@ class ReSSFormerForCausalLM(nn.Module):
         return K
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
-                cache=None) -> ModelOutput:
+                cache=None, return_logits: bool | None = None) -> ModelOutput:
         """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
         first): input_ids are then the new tokens only, their logits come back and the cache is updated (the
         training-time aux losses are not computed; `loss` is the LM loss of the new tokens)."""
@@ -329,7 +336,8 @@ class ReSSFormerForCausalLM(nn.Module):
             collect(rl, dens)
             unit += 1
 
-        logits = self.lm_head(self.model.norm(h))  # (B, T, V)
+        hn = self.model.norm(h)  # (B, T, D)
+        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits)  # (B, T, V) | None
 
         aux_losses: dict[str, torch.Tensor] = {}
         if router_logits_all:
@@ -341,16 +349,15 @@ class ReSSFormerForCausalLM(nn.Module):
             diagnostics["moe_load_max"] = load.max()
             diagnostics["moe_load_min"] = load.min()
         if cfg.soes.enabled:
-            s = torch.stack(smooth).sum() if smooth else logits.new_zeros(())
+            s = torch.stack(smooth).sum() if smooth else hn.new_zeros(())
             aux_losses["soes_smooth"] = cfg.soes.smooth_coef * s
             diagnostics["soes_smooth_raw"] = s.detach().float()
         if densities:
             diagnostics["attn_density"] = torch.stack(densities).mean()
         diagnostics["num_steps"] = torch.tensor(float(K))
 
-        loss = lm = None
+        loss = None
         if labels is not None:
-            lm = lm_loss(logits, labels)
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
 

@@ -3,7 +3,6 @@ RoPE relative-position property, meta-device build, MoE baseline, HF label conve
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -95,18 +94,16 @@ def test_debug_preset_overfits_fixed_batch():
     m = build_model(_cfg())
     ids = torch.randint(0, 512, (2, 32))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    t0 = time.time()
     first = None
-    for _ in range(30):
+    for _ in range(30):  # speed is bench/step_time.py's business, not a test's (timeout above is a hang guard)
         loss = m(ids, labels=ids).loss
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     last = m(ids, labels=ids).loss.item()
-    dt = time.time() - t0
-    print(f"overfit: {first:.3f} -> {last:.3f} in {dt:.1f}s")
-    assert last < 0.5 * first and dt < 20
+    print(f"overfit: {first:.3f} -> {last:.3f}")
+    assert last < 0.5 * first
 
 
 @pytest.mark.parametrize("every", [1, 2])
