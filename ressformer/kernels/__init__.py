@@ -46,18 +46,24 @@ def triton_available() -> bool:
     return asam_triton.triton is not None
 
 
+def _use_kernel(mode: str, modes: tuple[str, ...], name: str, lib: str, available, x: torch.Tensor) -> bool:
+    """The decision of a mode switch: "torch" never, the forced mode (modes[1]) always (an error when the library
+    is missing), "auto" for CUDA tensors in KERNEL_DTYPES when `available()`."""
+    if mode == "torch":
+        return False
+    if mode == modes[1]:
+        if not available():
+            raise RuntimeError(f"ressformer.kernels.{name} is {mode!r} but {lib} is not installed: "
+                               f"pip install -e '.[gpu]' (or set_{name}('auto'))")
+        return True
+    if mode == "auto":
+        return x.is_cuda and x.dtype in KERNEL_DTYPES and available()
+    raise ValueError(f"ressformer.kernels.{name}={mode!r}: choose one of {modes}")
+
+
 def use_asam_kernel(q: torch.Tensor) -> bool:
     """Whether ASAM's top-k attention of q runs the Triton kernel under the current `asam_kernel` mode."""
-    if asam_kernel == "torch":
-        return False
-    if asam_kernel == "triton":
-        if not triton_available():
-            raise RuntimeError("ressformer.kernels.asam_kernel is 'triton' but triton is not installed: "
-                               "pip install -e '.[gpu]' (or set_asam_kernel('auto'))")
-        return True
-    if asam_kernel == "auto":
-        return q.is_cuda and q.dtype in KERNEL_DTYPES and triton_available()
-    raise ValueError(f"ressformer.kernels.asam_kernel={asam_kernel!r}: choose one of {KERNEL_MODES}")
+    return _use_kernel(asam_kernel, KERNEL_MODES, "asam_kernel", "triton", triton_available, q)
 
 
 def set_lm_loss_kernel(mode: str) -> None:
@@ -77,13 +83,4 @@ def liger_available() -> bool:
 
 def use_lm_loss_kernel(h: torch.Tensor) -> bool:
     """Whether the LM loss of final hidden states h runs liger's fused kernel under the `lm_loss_kernel` mode."""
-    if lm_loss_kernel == "torch":
-        return False
-    if lm_loss_kernel == "liger":
-        if not liger_available():
-            raise RuntimeError("ressformer.kernels.lm_loss_kernel is 'liger' but liger-kernel is not installed: "
-                               "pip install -e '.[gpu]' (or set_lm_loss_kernel('auto'))")
-        return True
-    if lm_loss_kernel == "auto":
-        return h.is_cuda and h.dtype in KERNEL_DTYPES and liger_available()
-    raise ValueError(f"ressformer.kernels.lm_loss_kernel={lm_loss_kernel!r}: choose one of {LM_LOSS_KERNEL_MODES}")
+    return _use_kernel(lm_loss_kernel, LM_LOSS_KERNEL_MODES, "lm_loss_kernel", "liger-kernel", liger_available, h)
