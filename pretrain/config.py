@@ -50,6 +50,10 @@ class RunConfig:
     eval_every: int = 50
     eval_iters: int = 4
     keep_last: int = 2
+    # Every Nth checkpoint also holds the consolidated fp32 model (model.safetensors, model_config.yaml,
+    # tokenizer/) that pretrain.convert, init_from and pretrain.evaluate read; 0 = only the final one. It costs
+    # one gather of every parameter (an all-gather per parameter under ZeRO-3) and 4 bytes per parameter on disk.
+    save_model_every: int = 1
     precision: str = "auto"  # auto (bf16 on a GPU with bf16, fp32 on CPU) | fp32 | bf16
     nan_max_consecutive: int = 5  # stop after this many skipped non-finite steps in a row
     wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "ressformer", "name": None})
@@ -71,6 +75,8 @@ class RunConfig:
                   "keep_last", "nan_max_consecutive"):
             need(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an integer >= 1")
         need(isinstance(self.eval_iters, int) and self.eval_iters >= 0, "eval_iters", "must be an integer >= 0")
+        need(isinstance(self.save_model_every, int) and self.save_model_every >= 0, "save_model_every",
+             "must be an integer >= 0 (0: only the final checkpoint holds model.safetensors)")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
         need(self.decay in ("cosine", "linear"), "decay", "choose cosine or linear")

@@ -334,19 +334,18 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples
 
 
 class _PretrainingBatchSampler(torch.utils.data.Sampler):
-    """This rank's index lists, in megatron MegatronPretrainingSampler order, from `consumed_samples` on."""
+    """This rank's index lists, in megatron MegatronPretrainingSampler order, from `consumed` on, without end:
+    past the last sample the order starts again from the first (sample i is dataset index i mod total)."""
 
     def __init__(self, total: int, consumed: int, micro_batch: int, dp_rank: int, dp_size: int) -> None:
         self.total, self.consumed, self.mb, self.rank, self.dp = total, consumed, micro_batch, dp_rank, dp_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.mb * self.dp
-        for start in range(self.consumed, self.total - step + 1, step):  # drop a last incomplete global micro step
+        start = self.consumed
+        while True:
             first = start + self.rank * self.mb
-            yield list(range(first, first + self.mb))
-
-    def __len__(self) -> int:
-        return max(0, (self.total - self.consumed) // (self.mb * self.dp))
+            yield [i % self.total for i in range(first, first + self.mb)]
+            start += self.mb * self.dp
 
 
 def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -374,9 +373,9 @@ class TrainBatches:
             raise ValueError(f"consumed_samples={consumed_samples} must be a non-negative multiple of "
                              f"micro_batch*dp_size={micro_batch * dp_size} (the checkpoint was written with another "
                              f"batch layout)")
-        if consumed_samples > len(dataset):
-            raise ValueError(f"consumed_samples={consumed_samples} exceeds the {len(dataset)} training samples: "
-                             f"build the dataset with more train samples (train steps * global batch)")
+        if len(dataset) < micro_batch * dp_size:
+            raise ValueError(f"the training split has {len(dataset)} samples, fewer than one micro batch on every "
+                             f"rank ({micro_batch} x {dp_size}): use more data or a smaller micro_batch")
         self.dataset, self.micro_batch, self.global_batch = dataset, micro_batch, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.grad_accum = global_batch // (micro_batch * dp_size)
@@ -390,9 +389,15 @@ class TrainBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        batch = next(self._it)  # StopIteration when the train split is exhausted
+        batch = next(self._it)
         self.consumed_samples += self.micro_batch * self.dp_size
         return batch
+
+    @property
+    def epochs_completed(self) -> int:
+        """How often the order has gone past the last sample (skipped micro batches use up the spare samples
+        the trainer builds; after them the data starts again from the first sample rather than end the run)."""
+        return self.consumed_samples // len(self.dataset)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="run config YAML (pretrain/configs/debug.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a run-config field: steps=40, run_dir=/tmp/x, model.asam.topk=8 (repeatable)")
-    ap.add_argument("--resume", choices=["auto", "none"], default="none",
-                    help="auto: continue from the newest complete checkpoint in run_dir (fresh start if none)")
+    ap.add_argument("--resume", default="none", metavar="none|auto|TAG|PATH",
+                    help="none (default): a fresh run, refused if run_dir holds checkpoints; auto: the newest usable "
+                         "checkpoint in run_dir (a damaged one is skipped for the previous), fresh if there is none; "
+                         "TAG (step_00000100) or PATH (a tag folder): exactly that checkpoint")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="with --resume none: delete the checkpoints and logs of an earlier run in run_dir first")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = ap.parse_args(argv)
 
@@ -49,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.ds_config) as f:
         ds_json = json.load(f)
     trainer.init_distributed()
-    trainer.train(run, ds_json, resume=a.resume == "auto")
+    from pretrain.checkpoint import CheckpointSaveError, RunFolderError
+
+    try:
+        trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
+    except (RunFolderError, CheckpointSaveError) as e:
+        print(f"[pretrain] error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

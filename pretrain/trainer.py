@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import signal
@@ -176,22 +175,35 @@ def initialise_parameters(model: torch.nn.Module, seed: int, init_state: dict | 
 
 
 def load_init_from(run: RunConfig) -> dict | None:
-    """The state_dict named by `run.init_from` (continued pretraining), checked against the run's model config."""
+    """The state_dict of the model folder `run.init_from` (a checkpoint tag, or a `pretrain.convert
+    --to-ressformer` folder), checked against the run's model config."""
     if not run.init_from:
         return None
-    from pretrain.convert import load_init_state
+    from pretrain.model_dir import is_model_dir, load_model_dir
 
     d = Path(run.init_from)
-    if not d.is_dir():
-        raise FileNotFoundError(f"init_from={run.init_from!r} is not a folder: write one with `python -m "
+    if not is_model_dir(d):
+        raise FileNotFoundError(f"init_from={run.init_from!r} holds no model.safetensors + model_config.yaml: give a "
+                                f"checkpoint tag folder (runs/x/step_00000100) or write one with `python -m "
                                 f"pretrain.convert --to-ressformer --checkpoint HF_DIR --out {run.init_from}`")
-    cfg, sd = load_init_state(d)
-    want, got = run.model_config().to_dict(), cfg.to_dict()
-    if want != got:
-        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)}
+    cfg, sd = load_model_dir(d)
+    diff = config_diff(cfg.to_dict(), run.model_config().to_dict())
+    if diff:
         raise ValueError(f"init_from={run.init_from}: its model_config.yaml differs from this run's model config in "
                          f"{diff} (init value, run value); set `model: {d / 'model_config.yaml'}` and no model overrides")
     return sd
+
+
+def config_diff(got: dict, want: dict, prefix: str = "") -> dict:
+    """{dotted key: (got, want)} for every leaf that differs."""
+    out = {}
+    for k in sorted(set(got) | set(want)):
+        g, w = got.get(k), want.get(k)
+        if isinstance(g, dict) and isinstance(w, dict):
+            out.update(config_diff(g, w, f"{prefix}{k}."))
+        elif g != w:
+            out[f"{prefix}{k}"] = (g, w)
+    return out
 
 
 def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
@@ -260,52 +272,6 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-def complete_tags(run_dir: str | Path) -> list[Path]:
-    d = Path(run_dir)
-    tags = [p for p in d.glob("step_*") if (p / COMPLETE).is_file()] if d.is_dir() else []
-    return sorted(tags, key=lambda p: int(p.name.split("_")[1]))
-
-
-def save(engine, run: RunConfig, step: int, data_state: dict, tokens: int) -> None:
-    tag = TAG_FMT.format(step)
-    rank = dist.get_rank()
-    client = {"run_config": run.to_dict(), "model_config": run.model_config().to_dict(), "step": step,
-              "tokens_seen": tokens, **data_state}
-    engine.save_checkpoint(run.run_dir, tag=tag, client_state=client, save_latest=False)
-    tdir = Path(run.run_dir) / tag
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tdir / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        (tdir / "run_config.json").write_text(json.dumps(client, indent=1, default=str))
-        (tdir / COMPLETE).write_text(f"{time.time()}\n")
-        (Path(run.run_dir) / "latest").write_text(tag)
-        for old in complete_tags(run.run_dir)[:-run.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load(engine, run: RunConfig) -> dict | None:
-    tags = complete_tags(run.run_dir)
-    if not tags:
-        return None
-    tag = tags[-1]
-    _, client = engine.load_checkpoint(run.run_dir, tag=tag.name)
-    if client is None:
-        raise RuntimeError(f"could not load checkpoint {tag}: delete it (and its COMPLETE marker) to fall back")
-    rng = tag / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():
-        s = torch.load(rng, weights_only=False)
-        torch.set_rng_state(s["torch"])
-        np.random.set_state(s["numpy"])
-        random.setstate(s["python"])
-        if s["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
-    return client
-
-
 # --- run info / logging ---------------------------------------------------------------------------
 def run_info(run: RunConfig, ds: dict) -> dict:
     import deepspeed
@@ -334,14 +300,101 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
 
 
-class _Signals:
+class StopSignals:
+    """SIGTERM / SIGUSR1 / SIGINT ask for a save and a clean exit after the current step (`stop`); a second
+    SIGINT interrupts at once (KeyboardInterrupt). Under the `deepspeed` launcher, the death of the launcher
+    (SIGTERM to the `deepspeed` process alone kills it and leaves the ranks running) counts as a signal: a
+    thread watches the launcher processes this rank descends from."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self) -> None:
         self.stop = False
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        self.received: str | None = None
+        for s in self.SIGNALS:
             signal.signal(s, self._handle)
+        self._watch_launcher()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.stop = True
+        self.received = signal.Signals(signum).name
+
+    def _watch_launcher(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        try:
+            ancestors = [p for p in psutil.Process().parents()
+                         if any("deepspeed" in part for part in p.cmdline()[:3])]
+        except (psutil.Error, OSError):
+            return
+        if not ancestors:
+            return
+        import threading
+
+        def watch():
+            while not self.stop:
+                if any(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in ancestors):
+                    self.received = self.received or "launcher exit"
+                    self.stop = True
+                    return
+                time.sleep(1.0)
+
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+    @contextlib.contextmanager
+    def ignored(self):
+        """Children started inside (wandb's service) inherit ignored signals: a signal to the process group
+        leaves them alive to flush their files."""
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class WandbLog:
+    """wandb on rank 0, never fatal: an error in init/log/finish (its service killed by a signal, a full disk)
+    is printed once and wandb is switched off; metrics.jsonl keeps every record."""
+
+    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals: StopSignals) -> None:
+        self.wb = None
+        mode = os.environ.get("WANDB_MODE") or run.wandb["mode"]  # the environment wins (Slurm scripts set it)
+        if mode not in ("offline", "online", "disabled", "dryrun"):
+            raise ValueError(f"WANDB_MODE={mode!r}: choose offline, online or disabled")
+        if mode == "disabled":
+            return
+        import wandb
+
+        try:
+            with signals.ignored():
+                self.wb = wandb.init(mode=mode, project=run.wandb["project"], name=run.wandb["name"],
+                                     dir=str(rundir), config=info, resume="allow")
+        except Exception as e:  # noqa: BLE001 - logging must not stop training
+            self._off("init", e)
+
+    def _off(self, what: str, e: BaseException) -> None:
+        print(f"[pretrain] wandb {what} failed ({type(e).__name__}: {str(e)[:200]}); wandb is off for the rest "
+              f"of this run, metrics.jsonl has every record", file=sys.stderr, flush=True)
+        self.wb = None
+
+    def log(self, rec: dict) -> None:
+        if self.wb is not None:
+            try:
+                self.wb.log(rec, step=rec["step"])
+            except Exception as e:  # noqa: BLE001
+                self._off("log", e)
+
+    def finish(self) -> None:
+        if self.wb is not None:
+            try:
+                self.wb.finish()
+            except Exception as e:  # noqa: BLE001
+                self._off("finish", e)
 
 
 class NanGuard:
@@ -381,55 +434,150 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     return all_mean(tot / run.eval_iters)
 
 
-def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
-    """Train per `run`; returns {"step", "finished", "interrupted"}. torch.distributed must be initialised."""
+def _collective(fn, *args):
+    """Run `fn` on rank 0; its RunFolderError is raised on every rank."""
+    from pretrain.checkpoint import RunFolderError, _bcast
+
+    err = None
+    if dist.get_rank() == 0:
+        try:
+            fn(*args)
+        except RunFolderError as e:
+            err = str(e)
+    err = _bcast(err)
+    if err:
+        raise RunFolderError(err)
+
+
+def train(run: RunConfig, ds_json: dict, resume: str = "none", overwrite: bool = False) -> dict:
+    """Train per `run`; returns {"step", "finished", "interrupted"}. torch.distributed must be initialised.
+
+    `resume`: none (a fresh run; a folder holding checkpoints is refused unless `overwrite`), auto (the newest
+    usable checkpoint, else fresh), or a tag name / tag folder."""
+    from pretrain import checkpoint as ckpt
+
+    rank = dist.get_rank()
+    rundir = Path(run.run_dir)
+    if rank == 0:
+        try:
+            rundir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ckpt.RunFolderError(ckpt.describe_os_error(e, rundir)) from None
+    dist.barrier()
+    signals = StopSignals()
+    lock = ckpt.acquire_run_folder(rundir)
+    try:
+        return _train(run, ds_json, resume, overwrite, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _layout(run: RunConfig, ds: dict, world: int) -> dict:
+    from pretrain.expert_parallel import resolve_plan
+
+    plan = resolve_plan(run.model_config(), ds, world)
+    return {"world_size": world, "zero_stage": zero_stage(ds), "ep_backend": plan.backend, "ep_size": plan.ep_size}
+
+
+def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
+    """Build the engine; continue from `point` (a ResumePoint or None). -> (engine, sched, ds, state)."""
+    from pretrain import checkpoint as ckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = build_ds_config(ds_json, run, world)
+    layout = _layout(run, ds, world)
+    if point is None:
+        engine, _, sched, ds = initialize(run, ds_json, init_state=load_init_from(run))
+        return engine, sched, ds, {}
+    diff = config_diff(point.state.get("model_config") or {}, run.model_config().to_dict())
+    if diff:
+        raise ckpt.RunFolderError(f"{point.tag} was written for another model config: {diff} (checkpoint value, "
+                                  f"this run's value). Resume with the checkpoint's model settings, or start a new "
+                                  f"run from its weights with --set init_from={point.tag}")
+    old = point.layout or layout
+    if old == layout:
+        engine, _, sched, ds = initialize(run, ds_json)
+        ckpt.load_same_layout(engine, point.tag)
+        return engine, sched, ds, point.state
+    ckpt.check_reshardable(old, layout, point.tag)
+    udir = rundir / ckpt.RESHARD_DIR / point.tag.name
+    if rank == 0:
+        print(f"[pretrain] {point.tag.name} was written with world size {old['world_size']}, ZeRO-{old['zero_stage']}; "
+              f"this run has {world}, ZeRO-{layout['zero_stage']}: resharding through ds_to_universal", flush=True)
+    _collective(ckpt.universal_from, point.tag, udir)
+    dist.barrier()
+    from pretrain.model_dir import check_state
+    from ressformer import build_model
+
+    cfg = run.model_config()
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in build_model(cfg).named_parameters()}
+    init_state = check_state(ckpt.universal_tensors(udir, "fp32", shapes), cfg, str(udir))
+    engine, _, sched, ds = initialize(run, ds_json, init_state=init_state)
+    dummy = torch.zeros(run.micro_batch, run.seq_len, dtype=torch.long)
+    ckpt.load_resharded(engine, udir, optimizer_steps=int(point.state.get("optimizer_steps", point.state["step"])),
+                        batch={"input_ids": dummy, "labels": dummy}, grad_accum=run.grad_accum)
+    if not ckpt.load_rng(point.tag):
+        torch.manual_seed(run.seed + 1000 * rank)  # ranks the checkpoint did not have
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(udir, ignore_errors=True)
+    return engine, sched, ds, point.state
+
+
+def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals: StopSignals) -> dict:
+    from pretrain import checkpoint as ckpt
     from pretrain.data import TrainBatches, build_datasets
     from ressformer.flops import flops_per_token
     from ressformer.recurrence import sample_num_steps
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rundir = Path(run.run_dir)
-    if rank == 0:
-        rundir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    sig = _Signals()
+    if resume == "none":
+        _collective(ckpt.prepare_fresh, rundir, overwrite)
     dcfg = run.data_config()  # fail on a missing data prefix / tokenizer before building anything
-    engine, opt, sched, ds = initialize(run, ds_json, init_state=load_init_from(run))
-    mcfg = run.model_config()
-    info = run_info(run, ds)
+    point = ckpt.find_resume(rundir, resume)
     if rank == 0:
+        for w in (point.skipped if point else []):
+            print(f"[checkpoint] warning: {w}", file=sys.stderr, flush=True)
+        if point is not None:
+            for m in ckpt.set_aside_newer(rundir, point):
+                print(f"[checkpoint] {m}", flush=True)
+        else:
+            for t in ckpt.all_tags(rundir):  # only interrupted saves can be left here
+                ckpt._remove_tag(t)
+    dist.barrier()
+    engine, sched, ds, state = _restore(run, ds_json, point, rundir)
+    mcfg = run.model_config()
+    layout = _layout(run, ds, world)
+    info = run_info(run, ds)
+    step, tokens = int(state.get("step", 0)), int(state.get("tokens_seen", 0))
+    consumed = int(state.get("consumed_samples", 0))
+    gb = run.global_batch(world)
+    if rank == 0:
+        if point is not None:
+            print(f"[pretrain] resumed from {point.tag} (step {step}, {tokens} tokens, {consumed} samples)", flush=True)
+            if state.get("global_batch", gb) != gb:
+                print(f"[pretrain] warning: the checkpoint trained with global batch {state['global_batch']}, this "
+                      f"run uses {gb} (micro_batch x grad_accum x world size): the data order continues by samples, "
+                      f"the schedule by steps", file=sys.stderr, flush=True)
+        ckpt.trim_metrics(rundir / "metrics.jsonl", step)
+        if (rundir / ckpt.FINISHED).exists() and step < run.steps:
+            (rundir / ckpt.FINISHED).unlink()
         (rundir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
         print(f"[pretrain] precision={info['precision']} world={world} git={info['git_sha']} "
               f"versions={info['versions']}\n[pretrain] run config: {json.dumps(run.to_dict())}\n"
               f"[pretrain] model config: {json.dumps(info['model_config'])}\n"
               f"[pretrain] ds config: {json.dumps(ds)}", flush=True)
 
-    step, tokens, consumed = 0, 0, 0
-    if resume:
-        client = load(engine, run)
-        if client is not None:
-            step, tokens, consumed = client["step"], client["tokens_seen"], client["consumed_samples"]
-            if rank == 0:
-                print(f"[pretrain] resumed from step {step} ({tokens} tokens, {consumed} samples)", flush=True)
-    if rank == 0 and (rundir / FINISHED).exists() and step < run.steps:
-        (rundir / FINISHED).unlink()
-
-    gb = run.global_batch(world)
     train_ds, valid_ds, _ = build_datasets(
         dcfg, seq_len=run.seq_len, seed=run.seed, rank0=rank == 0, barrier=dist.barrier,
-        num_samples=(run.steps * gb, max(1, run.eval_iters) * run.micro_batch * world, 0))
+        num_samples=(run.steps * gb + spare_samples(run, gb), max(1, run.eval_iters) * run.micro_batch * world, 0))
     batches = TrainBatches(train_ds, micro_batch=run.micro_batch, global_batch=gb, dp_rank=rank, dp_size=world,
                            consumed_samples=consumed, num_workers=dcfg.num_workers)
 
-    wb = None
-    wandb_mode = os.environ.get("WANDB_MODE") or run.wandb["mode"]  # the environment wins (Slurm scripts set it)
-    if wandb_mode not in ("offline", "online", "disabled", "dryrun"):
-        raise ValueError(f"WANDB_MODE={wandb_mode!r}: choose offline, online or disabled")
-    if rank == 0 and wandb_mode != "disabled":
-        import wandb
-
-        wb = wandb.init(mode=wandb_mode, project=run.wandb["project"], name=run.wandb["name"],
-                        dir=str(rundir), config=info, resume="allow")
+    wb = WandbLog(run, rundir, info, signals) if rank == 0 else None
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -441,10 +589,18 @@ def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
         if rank == 0:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
-            if wb is not None:
-                wb.log(rec, step=rec["step"])
+            wb.log(rec)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "val_ppl", "lr")})
+
+    def save(at: int) -> None:
+        every = run.save_model_every
+        write_model = at == run.steps or (every > 0 and (at // run.save_every) % every == 0)
+        st = {"run_config": run.to_dict(), "model_config": mcfg.to_dict(), "step": at, "tokens_seen": tokens,
+              "optimizer_steps": int(engine.global_steps), "skipped_micro_batches": guard.skipped,
+              "global_batch": gb, "world_size": world, **batches.state_dict()}
+        ckpt.save(engine, run_dir=rundir, step=at, state=st, layout=layout, model_cfg=mcfg,
+                  tokenizer_dir=dcfg.tokenizer, keep_last=run.keep_last, write_model=write_model)
 
     if run.eval_iters and valid_ds is not None and step == 0:
         vl = evaluate(engine, valid_ds, run)
@@ -453,7 +609,8 @@ def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
     acc: dict[str, float] = {}
     n_acc, t0, tok0 = 0, time.time(), tokens
     guard = NanGuard(run.nan_max_consecutive)
-    interrupted = False
+    guard.skipped = int(state.get("skipped_micro_batches", 0))
+    interrupted, wrapped_warned = False, False
     while step < run.steps:
         k = sample_num_steps(mcfg, step, run.seed)
         done_micro = 0
@@ -470,6 +627,10 @@ def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
         tokens += gb * run.seq_len
         if bar is not None:
             bar.update(1)
+        if batches.epochs_completed and not wrapped_warned and rank == 0:
+            wrapped_warned = True
+            print("[pretrain] warning: skipped micro batches used up the spare training samples; the data "
+                  "continues from the start of the training split", file=sys.stderr, flush=True)
         if step % run.log_every == 0 or step == run.steps:
             dt = time.time() - t0
             rec = {"step": step, **{n: all_mean(v / n_acc) for n, v in acc.items()}}
@@ -487,22 +648,28 @@ def train(run: RunConfig, ds_json: dict, resume: bool = False) -> dict:
         if run.eval_iters and valid_ds is not None and (step % run.eval_every == 0 or step == run.steps):
             vl = evaluate(engine, valid_ds, run)
             log({"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
-        stop = any_rank(sig.stop)
+        stop = any_rank(signals.stop)
         if step % run.save_every == 0 or step == run.steps or stop:
-            save(engine, run, step, batches.state_dict(), tokens)
+            save(step)
         if stop and step < run.steps:
             interrupted = True
             if rank == 0:
-                print(f"[pretrain] signal received: saved step {step}, exiting (no {FINISHED} marker)", flush=True)
+                print(f"[pretrain] {signals.received or 'signal on another rank'}: saved step {step}, exiting (no "
+                      f"{ckpt.FINISHED} marker; --resume auto continues)", flush=True)
             break
     finished = step >= run.steps
     if rank == 0:
         if bar is not None:
             bar.close()
         metrics_f.close()
-        if wb is not None:
-            wb.finish()
+        wb.finish()
         if finished:
-            (rundir / FINISHED).write_text(f"step {step}\n")
+            (rundir / ckpt.FINISHED).write_text(f"step {step}\n")
     dist.barrier()
     return {"step": step, "finished": finished, "interrupted": interrupted}
+
+
+def spare_samples(run: RunConfig, global_batch: int) -> int:
+    """Training samples beyond steps x global batch, for micro batches skipped as non-finite: 1 % of the run,
+    at least one global batch (past them the data wraps to the start of the split)."""
+    return global_batch * max(1, math.ceil(run.steps / 100))

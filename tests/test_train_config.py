@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pretrain.config import RunConfig, load_run_config
-from pretrain.trainer import (COMPLETE, build_ds_config, complete_tags, lr_lambda, param_groups,
+from pretrain.checkpoint import COMPLETE, complete_tags
+from pretrain.trainer import (build_ds_config, lr_lambda, param_groups,
                               resolve_precision)
 from tests.helpers.dist import REPO
 
