@@ -524,7 +524,7 @@ class _HeldErrors:
             return None  # the save is lost already: write nothing more on this rank
         try:
             return fn()
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - torch, safetensors and OS errors alike; reported after the save
             self.errors.append(f"rank {_rank()}: {describe_os_error(e, path)}")
             return None
 
@@ -725,6 +725,18 @@ def _materialise_optimizer_state(engine, batch: dict, grad_accum: int) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
+def _set_zero3_state(p, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a ZeRO-3 parameter's optimizer state. DeepSpeed's set_full_hp_param reads the slice
+    past the end of `value` on the last rank when the parameter is padded to a multiple of the world size
+    (a 1-element parameter on 2 ranks, deepspeed 0.19.8); the padding is zero here."""
+    opt = p._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n, r = part.numel(), opt._get_param_partition_rank(p)
+    chunk = value.flatten()[n * r: n * (r + 1)].to(part.dtype)
+    part.data.zero_()
+    part.data[: chunk.numel()].copy_(chunk)
+
+
 def load_resharded(engine, udir: Path, *, optimizer_steps: int, batch: dict, grad_accum: int) -> None:
     """After building the engine from the universal checkpoint's fp32 weights: Adam moments of every parameter
     (`safe_set_full_optimizer_state`, any ZeRO stage), the step count, the schedule and the engine's counters."""
@@ -736,7 +748,10 @@ def load_resharded(engine, udir: Path, *, optimizer_steps: int, batch: dict, gra
     for key in ("exp_avg", "exp_avg_sq"):
         values = universal_tensors(udir, key, shapes)
         for name, p in named:
-            safe_set_full_optimizer_state(p, values[name], key)
+            if hasattr(p, "ds_id"):
+                _set_zero3_state(p, values[name], key)
+            else:
+                safe_set_full_optimizer_state(p, values[name], key)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for st in inner.state.values():
         if "step" in st:

@@ -216,6 +216,12 @@ def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     from pretrain.expert_parallel import prepare_expert_parallel
 
     model = prepare_expert_parallel(model, run, ds)
+    # ds_to_universal (resharding on resume, pretrain.checkpoint) requires this record in ZeRO-1/2 checkpoints;
+    # the model has no tensor or pipeline parallelism, so no parameter patterns are needed.
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     opt, sched = build_optimizer(model, run)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, opt, sched, ds
@@ -327,8 +333,7 @@ class StopSignals:
         except ImportError:
             return
         try:
-            ancestors = [p for p in psutil.Process().parents()
-                         if any("deepspeed" in part for part in p.cmdline()[:3])]
+            ancestors = [p for p in psutil.Process().parents() if _is_deepspeed_launcher(p.cmdline())]
         except (psutil.Error, OSError):
             return
         if not ancestors:
@@ -357,6 +362,12 @@ class StopSignals:
                 signal.signal(s, h)
 
 
+def _is_deepspeed_launcher(cmdline: list[str]) -> bool:
+    """The `deepspeed` runner script or its `python -m deepspeed.launcher.launch` child."""
+    head = cmdline[:4]
+    return "deepspeed.launcher.launch" in head or any(Path(c).name == "deepspeed" for c in head[:2])
+
+
 class WandbLog:
     """wandb on rank 0, never fatal: an error in init/log/finish (its service killed by a signal, a full disk)
     is printed once and wandb is switched off; metrics.jsonl keeps every record."""
@@ -381,6 +392,12 @@ class WandbLog:
         print(f"[pretrain] wandb {what} failed ({type(e).__name__}: {str(e)[:200]}); wandb is off for the rest "
               f"of this run, metrics.jsonl has every record", file=sys.stderr, flush=True)
         self.wb = None
+        try:  # unregisters wandb's exit hook, which would fail the same way at interpreter exit
+            import wandb
+
+            wandb.teardown()
+        except Exception:  # noqa: BLE001
+            pass
 
     def log(self, rec: dict) -> None:
         if self.wb is not None:

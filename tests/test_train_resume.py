@@ -77,7 +77,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
     tags = sorted(x.name for x in b.glob("step_*"))
     assert tags == ["step_00000006", "step_00000008"], tags  # keep_last 2
     assert (b / "latest").read_text() == "step_00000008"
-    client = json.loads((b / "step_00000008" / "run_config.json").read_text())
+    client = json.loads((b / "step_00000008" / "run_state.json").read_text())
     assert client["consumed_samples"] == 8 * 2 and client["tokens_seen"] == 8 * 2 * 64
 
 
