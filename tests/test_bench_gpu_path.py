@@ -1,0 +1,111 @@
+"""bench/attention.py and bench/train_throughput.py at their smallest sizes on CPU (quick tier): the rows, ratios and
+fits they report have the right structure, and their helpers compute what they claim."""
+
+import io
+import json
+import math
+import re
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import attention as attn_bench  # noqa: E402
+import train_throughput as tt_bench  # noqa: E402
+
+
+def test_fit_exponent_recovers_the_power():
+    T = [1024, 2048, 4096, 8192, 16384]
+    p, c = attn_bench.fit_exponent(T, [3.0 * t ** 1.5 for t in T])
+    assert p == pytest.approx(1.5, abs=1e-9) and c == pytest.approx(3.0, rel=1e-9)
+    p2, _ = attn_bench.fit_exponent(T, [0.5 * t ** 2 for t in T])
+    assert p2 == pytest.approx(2.0, abs=1e-9)
+    assert attn_bench.fit_exponent([4096], [1.0]) is None  # one point: no slope
+
+
+def test_attention_bench_rows(tmp_path):
+    out = tmp_path / "att.json"
+    res = attn_bench.main(["--device", "cpu", "--seq-lens", "64", "128", "--preset", "debug", "--heads", "2",
+                           "--repeats", "1", "--fit-from", "64", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))  # the file holds what was returned
+    rows = {(r["T"], r["method"]): r for r in res["rows"]}
+    for T in (64, 128):
+        for m in ("sdpa", "reference", "chunked", "block"):
+            r = rows[(T, m)]
+            assert r["status"] == "ok", r
+            assert r["ms"] > 0 and math.isfinite(r["x_sdpa_ms"]) and r["x_sdpa_ms"] > 0
+        assert rows[(T, "sdpa")]["x_sdpa_ms"] == 1.0
+        for m in ("flex", "chunked+triton", "block+triton"):  # no backward on CPU / CUDA only: said, not crashed
+            assert rows[(T, m)]["status"] == "skipped" and rows[(T, m)]["reason"]
+    assert {r["method"] for r in res["rows"]} == set(res["exponents"])
+    assert res["exponents"]["sdpa"]["points"] == 2 and res["exponents"]["flex"] is None
+    assert "CPU process RSS" in res["config"]["memory"] and res["config"]["heads"] == 2
+
+
+def test_attention_bench_budget_and_oom_are_reported(monkeypatch, capsys):
+    # a method whose previous T predicts more than the budget is skipped
+    args = ["--device", "cpu", "--seq-lens", "64", "128", "256", "--preset", "debug", "--heads", "2", "--repeats", "1"]
+    res = attn_bench.main(args + ["--methods", "reference", "--budget-s", "1e-9", "--reference-max", "128"])
+    rows = {(r["T"], r["method"]): r for r in res["rows"]}
+    assert rows[(64, "reference")]["status"] == "ok"
+    assert rows[(128, "reference")]["status"] == "skipped" and "budget" in rows[(128, "reference")]["reason"]
+    assert "--reference-max 128" in rows[(256, "reference")]["reason"]  # what cannot run says why first
+    assert {r["method"] for r in res["rows"]} == {"sdpa", "reference"}  # sdpa stays: the ratios need it
+
+    # one out of memory during its call is "oom", and is not run at larger T
+    def oom_from_128(q, k, v):
+        def fn():
+            if q.shape[2] >= 128:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return q * k + v
+        return fn
+
+    real = attn_bench.method_table
+    monkeypatch.setattr(attn_bench, "method_table", lambda *a: [r for r in real(*a) if r[0] == "sdpa"]
+                        + [("fake", oom_from_128)])
+    res = attn_bench.main(args)
+    rows = {(r["T"], r["method"]): r for r in res["rows"]}
+    assert rows[(64, "fake")]["status"] == "ok" and rows[(128, "fake")]["status"] == "oom"
+    assert rows[(256, "fake")]["status"] == "skipped" and "T=128" in rows[(256, "fake")]["reason"]
+    assert rows[(256, "sdpa")]["status"] == "ok"
+    assert re.search(r"128 fake +oom", capsys.readouterr().out)
+
+
+def test_matched_dense_agrees_with_the_config_cli():
+    from ressformer.config import ModelConfig
+    from ressformer.config import main as config_main
+
+    for name, T in (("debug", 128), ("125m", 2048)):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            config_main([name, "--seq-len", str(T)])
+        depth = int(re.search(r"a dense (\d+)-layer Transformer", buf.getvalue()).group(1))
+        cfg, t = tt_bench.resolve(f"dense:{name}", T)
+        assert t == T and cfg.arch == "transformer" and cfg.n_layers == depth
+        assert cfg.d_model == ModelConfig.from_preset(name).d_model
+    with pytest.raises(ValueError, match="already a transformer"):
+        tt_bench.resolve("dense:debug-transformer", 64)
+
+
+def test_train_throughput_rows(tmp_path):
+    from ressformer.flops import flops_per_token
+
+    out = tmp_path / "tt.json"
+    res = tt_bench.main(["--device", "cpu", "--presets", "debug", "debug-transformer", "--seq-len", "32",
+                         "--batch", "2", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert [r["preset"] for r in res["rows"]] == ["debug", "debug-transformer"]
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["steps"] == 2 and r["seq_len"] == 32
+        cfg, _ = tt_bench.resolve(r["preset"], 32)
+        assert r["flops_per_token"] == flops_per_token(cfg, 32, causal_skip=False)  # CPU: full attention product
+        assert 0 < r["tokens_per_s"] <= r["tokens_per_s_best_step"] * (1 + 1e-9) and math.isfinite(r["tflops"])
+        assert r["tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
+        assert r["mfu"] is None  # no known peak on CPU
+        assert math.isfinite(r["loss"])
+    assert res["config"]["peak_tflops"] is None and res["config"]["causal_skip"] is False
