@@ -558,8 +558,13 @@ def gather_model_state(engine, model_cfg) -> dict[str, torch.Tensor] | None:
         elif rank == 0:
             shared[name] = full
     if rank == 0:
+        from ressformer import build_model
+
+        with torch.device("meta"):
+            ours = set(build_model(model_cfg).state_dict())
         for name, b in module.named_buffers():
-            shared[name] = b.detach().cpu().clone()
+            if name in ours:  # AutoEP layers add routing statistics (tokens_per_expert) that are not weights
+                shared[name] = b.detach().cpu().clone()
     if backend == "none":
         return shared if rank == 0 else None
     if backend == "native":

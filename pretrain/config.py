@@ -57,8 +57,9 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on a GPU with bf16, fp32 on CPU) | fp32 | bf16
     nan_max_consecutive: int = 5  # stop after this many skipped non-finite steps in a row
     wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "ressformer", "name": None})
-    # Continued pretraining: start from the weights of a `python -m pretrain.convert --to-ressformer` folder
-    # (its model_config.yaml must equal this run's model config). A checkpoint found by --resume auto wins.
+    # Continued pretraining: start from the weights of a model folder (a checkpoint tag, or a `python -m
+    # pretrain.convert --to-ressformer` folder); its model_config.yaml must equal this run's model config. A
+    # checkpoint found by --resume wins.
     init_from: str | None = None
 
     def __post_init__(self) -> None:

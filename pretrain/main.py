@@ -1,7 +1,7 @@
 """Entry point: parse, build, train (the loop lives in pretrain/trainer.py).
 
     deepspeed [--num_gpus N] pretrain/main.py --ds_config ds_configs/zero3.json --config pretrain/configs/debug.yaml \
-        [--set key=value ...] [--resume auto]
+        [--set key=value ...] [--resume auto|TAG|PATH] [--overwrite]
     python pretrain/main.py ...            # one process, no launcher (world size 1, gloo on CPU)
     srun ... python pretrain/main.py ...   # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the env
 """
@@ -17,14 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pretrain/main.py` from anywhere
 
-EPILOG = """run folder (RUN_DIR = run_dir):
+EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint.py owns it):
+  LOCK                  the job writing here (host, pid); a second job on the folder is refused
   metrics.jsonl         one JSON object per logged step ({"step", "loss", "lm_loss", aux losses, "lr",
-                        "grad_norm", "tokens_per_s", "tflops", ...}) and per evaluation ({"step", "val_loss", "val_ppl"})
+                        "grad_norm", "tokens_per_s", "tflops", "skipped_micro_batches", ...}) and per evaluation
+                        ({"step", "val_loss", "val_ppl"}); a resume drops the records after its checkpoint
   run_info.json         resolved run/model/DeepSpeed configs, git SHA, library versions, precision
-  step_XXXXXXXX/        DeepSpeed checkpoints; COMPLETE inside marks a finished save; `latest` names the newest
+  step_XXXXXXXX/        one checkpoint: DeepSpeed's files, model.safetensors + model_config.yaml + tokenizer/
+                        (the consolidated fp32 model), run_state.json, manifest.json (sha256 of every file),
+                        COMPLETE (written last); `latest` names the newest
+  superseded/           checkpoints newer than the one a run was resumed from (--resume TAG)
   FINISHED              written only when all `steps` are done
-exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1 (checkpoint saved, no FINISHED):
-  a wrapper requeues when FINISHED is absent. --resume auto continues from the newest complete checkpoint.
+resume: --resume auto verifies the newest complete checkpoint and falls back to the previous one when a file
+  is damaged (the warning names it); another world size or ZeRO stage is resharded (ds_to_universal).
+exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1/SIGINT (checkpoint saved, no
+  FINISHED): a wrapper requeues when FINISHED is absent. 2: the run folder is in use or holds another run, no
+  usable checkpoint, or a save failed (the message names the cause and file; the previous checkpoint is intact).
 a hung rank: `kill -USR2 PID` prints every thread's Python stack to its stderr; the run goes on."""
 
 
