@@ -1,12 +1,14 @@
-"""Checkpoint conversion (pretrain/convert.py, pretrain/hf/): DeepSpeed -> Hugging Face -> ours -> Hugging Face.
+"""Packaging (pretrain/convert.py, pretrain/hf/) and DeepSpeed shard recovery (pretrain/ds_recovery.py):
+model folder or DeepSpeed checkpoint -> Hugging Face -> ours -> Hugging Face.
 
-Fast tests export a seeded debug model directly. The slow tests train the debug model for 2 steps on 2 gloo CPU
-ranks with the trainer CLI under ZeRO-1, ZeRO-3, ZeRO-3 + AutoEP and ZeRO-2 + native MoE (one session
-fixture), convert each,
-and check: logits of the transformers model == our training model rebuilt from the gathered weights; each
-expert-parallel backend gives the weights of its plain ZeRO counterpart trained from the same seed and data
-(a misplaced expert would not); every
-native-MoE expert file arrives in its fused slot; damaged checkpoints raise errors naming what is missing.
+Fast tests export a seeded debug model directly, and convert a run folder whose tags hold model folders and no
+DeepSpeed file. The slow tests train the debug model for 2 steps on 2 gloo CPU ranks with the trainer CLI under
+ZeRO-1, ZeRO-3, ZeRO-3 + AutoEP and ZeRO-2 + native MoE (one session fixture), convert each, and check: the
+logits of the export == the logits of the trainer's engine after DeepSpeed's own `engine.load_checkpoint` (an
+independent reader, so wrong weights fail); logits of the transformers model == our training model rebuilt from
+the recovered weights; each expert-parallel backend gives the weights of its plain ZeRO counterpart trained from
+the same seed and data (a misplaced expert would not); every native-MoE expert file arrives in its fused slot;
+a tag without model folder is recovered from its shards; damaged checkpoints raise errors naming what is missing.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.convert import (CheckpointError, check_complete, export_hf, import_hf, load_ds_file, load_init_state,
-                              read_deepspeed_checkpoint, read_hf, read_safetensors_dir)
+from pretrain.convert import export_hf, import_hf, load_init_state, read_any, read_hf, read_safetensors_dir
+from pretrain.ds_recovery import CheckpointError, check_complete, load_ds_file, read_deepspeed_checkpoint
+from pretrain.model_dir import save_model_dir
 from ressformer import build_model
 from ressformer.config import ModelConfig
 
@@ -223,6 +226,58 @@ def test_damaged_hf_folder_and_incomplete_state_dict(tmp_path):
         read_hf(hf)
 
 
+def test_loading_an_export_refuses_missing_and_unexpected_tensors(tmp_path):
+    """transformers alone would fill a tensor absent from the files with uninitialised memory and load."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = seeded_model()
+    hf = export_hf(model.state_dict(), model.config, tmp_path / "hf")
+    f = hf / "model.safetensors"
+    good = load_file(str(f))
+    _, info = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    key = "model.layers.0.mlp.experts.down_proj"
+    save_file({k: v for k, v in good.items() if k != key}, str(f), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=rf"1 missing \['{key}'\].*export it again"):
+        AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    save_file(dict(good, **{"model.extra.weight": torch.zeros(3)}), str(f), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"1 unexpected \['model\.extra\.weight'\]"):
+        AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+
+
+def test_convert_reads_the_model_folder_of_a_checkpoint_tag(tmp_path, tok_dir):
+    """RUN_DIR -> its newest complete tag's model folder; no DeepSpeed file is needed or read."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):  # step 6: a save that did not finish
+        m = seeded_model(seed=step)
+        tag = save_model_dir(run / f"step_{step:08d}", m.state_dict(), m.config, tokenizer_dir=tok_dir)
+        if complete:
+            (tag / "COMPLETE").write_text("1\n")
+    assert not list(run.rglob("*.pt"))
+    p = _convert_cli(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--max-shard-size", "200KB"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step_00000004 (model folder)" in p.stdout and "ds_recovery" not in p.stdout
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    x = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (hf(x).logits - seeded_model(seed=4)(x).logits).abs().max().item() < 1e-5
+    sd, mcfg, info = read_any(run / "step_00000002")
+    assert info["source"] == "model folder" and mcfg == seeded_model(seed=2).config.to_dict()
+    assert all(torch.equal(sd[k], v) for k, v in seeded_model(seed=2).state_dict().items())
+    # an unfinished tag named explicitly is refused; a damaged model.safetensors names itself
+    p = _convert_cli(["--checkpoint", str(run / "step_00000006"), "--out", str(tmp_path / "x")])
+    assert p.returncode == 2 and "COMPLETE" in p.stderr
+    f = run / "step_00000004" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    p = _convert_cli(["--checkpoint", str(run), "--out", str(tmp_path / "y")])
+    assert p.returncode == 2 and "step_00000004/model.safetensors" in p.stderr and "truncated" in p.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 # --- 2-rank DeepSpeed checkpoints from the trainer CLI ----------------------------------------------------------
 BACKENDS = ("zero1", "zero3", "zero3_autoep", "zero2_moe")
 
@@ -252,6 +307,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def _run_config(tag: Path) -> dict:
+    """The run config a tag records (run_state.json; run_config.json in tags of older trainers)."""
+    f = tag / "run_state.json" if (tag / "run_state.json").is_file() else tag / "run_config.json"
+    return json.loads(f.read_text())["run_config"]
+
+
+def _drop_model_folder(tag: Path) -> None:
+    """Make `tag` look like a checkpoint saved before tags carried the model folder."""
+    for name in ("model.safetensors", "model_config.yaml"):
+        (tag / name).unlink(missing_ok=True)
+
+
 def _convert_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pretrain.convert", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
@@ -279,9 +346,7 @@ def test_all_backends_convert_load_and_agree(runs, tmp_path):
         with torch.no_grad():
             assert (hf(x).logits - model(x).logits).abs().max().item() < 1e-5, name
         if name == "zero3_autoep":
-            check_clean_load(out, model, Path(json.loads(
-                (runs[name] / "step_00000002" / "run_config.json").read_text())["run_config"]["data"]["tokenizer"]),
-                tmp_path)
+            check_clean_load(out, model, Path(_run_config(runs[name] / "step_00000002")["data"]["tokenizer"]), tmp_path)
     # same seed, same data, same init path, 2 steps: the expert-parallel backend must give the weights of its
     # plain counterpart, expert order included. (The trainer initialises ZeRO-3 models with a different RNG
     # sequence than ZeRO-1/2 ones, so the pairs share a ZeRO family.)
@@ -312,6 +377,7 @@ def _copy_tag(run: Path, dst: Path) -> Path:
 def test_damaged_checkpoints_name_what_is_missing(runs, tmp_path):
     # missing rank shard (AutoEP ZeRO-3)
     d = _copy_tag(runs["zero3_autoep"], tmp_path / "a")
+    _drop_model_folder(d / "step_00000002")  # convert then reads the shards
     (d / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(CheckpointError, match=r"world size 2.*zero_pp_rank_1_mp_rank_00_optim_states\.pt"):
         read_deepspeed_checkpoint(d)
@@ -344,3 +410,72 @@ def test_damaged_checkpoints_name_what_is_missing(runs, tmp_path):
         read_deepspeed_checkpoint(d)
     with pytest.raises(CheckpointError, match="COMPLETE"):
         read_deepspeed_checkpoint(d / "step_00000002")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_export_logits_equal_the_engine_after_load_checkpoint(runs, tmp_path):
+    """The trainer's engine loads each checkpoint with DeepSpeed's own reader (on the 2 ranks that saved it: its
+    load_checkpoint refuses another world size); its eval-mode logits must equal those of the export of the tag's
+    model folder and of the export rebuilt from the shards (pretrain.ds_recovery)."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.config import RunConfig
+    from pretrain.trainer import build_model_for
+    from tests.helpers.dist import launch_ranks
+
+    x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(7))
+    cases = []
+    for name in BACKENDS:
+        tag = runs[name] / "step_00000002"
+        cases.append({"name": name, "tag": str(tag), "ds_json": (REPO / "ds_configs" / f"{name}.json").read_text(),
+                      "run": _run_config(tag)})
+    spec, out = tmp_path / "spec.pt", tmp_path / "engine_logits.pt"
+    torch.save({"input_ids": x, "cases": cases}, spec)
+    launch_ranks(["tests/helpers/engine_logits_worker.py", str(spec), str(out)], world_size=2, timeout=600)
+    engine = torch.load(out, weights_only=True)
+    for name in BACKENDS:
+        # the tag's model folder (tags of older trainers have none: then both read the shards)
+        for how in ([], ["--from-shards"]):
+            hf_dir = tmp_path / f"hf_{name}{'_shards' if how else ''}"
+            p = _convert_cli(["--checkpoint", str(runs[name]), "--out", str(hf_dir), "--no-tokenizer", *how])
+            assert p.returncode == 0, p.stderr[-3000:]
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+            with torch.no_grad():
+                got = hf(x).logits
+            assert got.shape == engine[name].shape
+            diff = (got - engine[name]).abs().max().item()
+            assert diff < 1e-5, (name, how, diff)
+        # the run's initial weights (its seed) give other logits: an export of untrained weights would fail
+        init = build_model_for(RunConfig.from_dict(cases[BACKENDS.index(name)]["run"]),
+                               {"zero_optimization": {"stage": 1}}).eval()
+        with torch.no_grad():
+            assert (init(x).logits - engine[name]).abs().max().item() > 1e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_tag_without_model_folder_is_recovered_from_its_shards(runs, tmp_path):
+    """Tags saved before checkpoints carried model.safetensors: convert says so and reads DeepSpeed's shards;
+    --from-shards does the same for a tag whose model.safetensors is damaged."""
+    from transformers import AutoModelForCausalLM
+
+    d = _copy_tag(runs["zero3"], tmp_path / "old")
+    tag = d / "step_00000002"
+    ref, _, _ = read_deepspeed_checkpoint(d)
+    _drop_model_folder(tag)
+    p = _convert_cli(["--checkpoint", str(d), "--out", str(tmp_path / "hf"), "--no-tokenizer"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "holds no model.safetensors" in p.stdout and "DeepSpeed shards, ZeRO stage 3, world 2" in p.stdout
+    sd = read_hf(tmp_path / "hf")[0]
+    assert all(torch.equal(sd[k], ref[k]) for k in sd)
+    # a tag whose model.safetensors is damaged: the error points at --from-shards, which then converts it
+    model = build_model(ModelConfig.from_dict(read_hf(tmp_path / "hf")[1]))
+    save_model_dir(tag, model.state_dict(), model.config)
+    (tag / "model.safetensors").write_bytes(b"")
+    p = _convert_cli(["--checkpoint", str(tag), "--out", str(tmp_path / "x"), "--no-tokenizer"])
+    assert p.returncode == 2 and "--from-shards" in p.stderr and "model.safetensors" in p.stderr
+    p = _convert_cli(["--checkpoint", str(tag), "--out", str(tmp_path / "x"), "--no-tokenizer", "--from-shards"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "x", trust_remote_code=True)
+    assert all(torch.equal(v, ref[k]) for k, v in hf.state_dict().items())

@@ -24,6 +24,9 @@ Design choices
   size 1.
 - `loss` is the language-modelling loss (`lm_loss`); the training-only aux losses (MoE balance / z, SOES
   smoothness) are not added.
+- `from_pretrained` refuses a folder whose weights do not cover the model exactly: transformers would leave a
+  missing tensor as it was allocated (`_init_weights` is a no-op here, the weights come from the folder) and only
+  log a report, so the error names the missing, unexpected and misshaped keys instead.
 """
 
 from __future__ import annotations
@@ -56,6 +59,23 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
         if mcfg.tie_embeddings:
             self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        found = {"missing": sorted(info.get("missing_keys") or ()),
+                 "unexpected": sorted(info.get("unexpected_keys") or ()),
+                 "shape mismatches": sorted(f"{k}: {tuple(a)} in the files, {tuple(b)} in the model"
+                                            for k, a, b in info.get("mismatched_keys") or ())}
+        if any(found.values()) or info.get("error_msgs"):
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            parts = [f"{len(v)} {what} {v[:12]}" for what, v in found.items() if v]
+            parts += [f"errors {info['error_msgs'][:4]}"] if info.get("error_msgs") else []
+            raise RuntimeError(f"{where}: the weights do not match the model its config.json describes: "
+                               f"{'; '.join(parts)}. The folder is incomplete or damaged: export it again with "
+                               f"`python -m pretrain.convert`")
+        return (model, info) if want_info else model
 
     @property
     def ressformer_model(self):
