@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import MANIFEST, complete_tags, tag_step, verify_tag
 from pretrain.ds_recovery import (COMPLETE, CheckpointError, check_complete, has_shards, newest_complete_tag,
                                   read_deepspeed_checkpoint)
 from pretrain.model_dir import (CONFIG, TOKENIZER, TOKENIZER_FILES, WEIGHTS, ModelDirError, is_model_dir,
@@ -67,11 +68,20 @@ def locate(path: str | Path) -> tuple[Path, bool]:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"{p} has no {COMPLETE} marker: its save did not finish; convert an earlier tag "
                                   f"(RUN_DIR picks the newest complete one)")
+        bad = verify_tag(p) if (p / MANIFEST).is_file() else None
+        if bad:
+            raise CheckpointError(f"{bad}: convert an earlier tag (RUN_DIR picks the newest usable one)")
         tag = p
     elif is_model_dir(p):
         return p, True
     else:
         tag = newest_complete_tag(p, lambda d: is_model_dir(d) or has_shards(d), f"{WEIGHTS} or *_model_states.pt")
+        while (tag / MANIFEST).is_file() and (bad := verify_tag(tag)):  # the run's own fallback rule
+            print(f"[convert] skipping {tag.name}: {bad}", file=sys.stderr)
+            older = [t for t in complete_tags(p) if tag_step(t) < tag_step(tag) and (is_model_dir(t) or has_shards(t))]
+            if not older:
+                raise CheckpointError(f"no usable checkpoint in {p}: {bad}")
+            tag = older[-1]
     if is_model_dir(tag):
         return tag, True
     if has_shards(tag):

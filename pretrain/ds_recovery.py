@@ -123,22 +123,15 @@ def has_shards(tag: Path) -> bool:
 
 
 def newest_complete_tag(run_dir: Path, holds, what: str) -> Path:
-    """The tag `run_dir/latest` names if it is complete, else the complete sub-folder with `holds(tag)` true and
-    the highest step number (then the newest); `what` names what `holds` looks for in the error."""
-    tags = [d for d in run_dir.iterdir() if d.is_dir() and (d / COMPLETE).is_file() and holds(d)]
+    """The complete tag of `run_dir` (pretrain.checkpoint.complete_tags) with the highest step for which
+    `holds(tag)` is true; `what` names what `holds` looks for in the error."""
+    from pretrain.checkpoint import complete_tags
+
+    tags = [t for t in complete_tags(run_dir) if holds(t)]
     if not tags:
-        raise CheckpointError(f"no complete checkpoint (a sub-folder holding {what} and {COMPLETE}) in {run_dir}")
-    latest = run_dir / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if (run_dir / name / COMPLETE).is_file():
-            return run_dir / name
-
-    def step_of(d: Path) -> tuple:
-        m = re.search(r"(\d+)$", d.name)
-        return (int(m.group(1)) if m else -1, d.stat().st_mtime)
-
-    return max(tags, key=step_of)
+        raise CheckpointError(f"no complete checkpoint (a step_* sub-folder holding {what} and {COMPLETE}) in "
+                              f"{run_dir}")
+    return tags[-1]
 
 
 def _rank_files(tag: Path, pattern: str, what: str) -> dict[int, Path]:

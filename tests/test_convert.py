@@ -276,6 +276,22 @@ def test_convert_reads_the_model_folder_of_a_checkpoint_tag(tmp_path, tok_dir):
     p = _convert_cli(["--checkpoint", str(run), "--out", str(tmp_path / "y")])
     assert p.returncode == 2 and "step_00000004/model.safetensors" in p.stderr and "truncated" in p.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # with manifests (the trainer writes one per tag): same-size corruption is caught; RUN_DIR falls back to the
+    # previous usable tag with a warning naming the file, a tag given by name is refused
+    from pretrain.checkpoint import MANIFEST, _checkpoint_files, file_digest
+
+    save_model_dir(run / "step_00000004", seeded_model(seed=4).state_dict(), seeded_model(seed=4).config)
+    for step in (2, 4):
+        t = run / f"step_{step:08d}"
+        (t / MANIFEST).write_text(json.dumps({"files": {n: file_digest(t / n) for n in _checkpoint_files(t)}}))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    p = _convert_cli(["--checkpoint", str(run), "--out", str(tmp_path / "z")])
+    assert p.returncode == 0 and "skipping step_00000004" in p.stderr and "sha256" in p.stderr, p.stderr[-3000:]
+    assert "step_00000002 (model folder)" in p.stdout
+    p = _convert_cli(["--checkpoint", str(run / "step_00000004"), "--out", str(tmp_path / "w")])
+    assert p.returncode == 2 and "model.safetensors" in p.stderr and "sha256" in p.stderr
 
 
 # --- 2-rank DeepSpeed checkpoints from the trainer CLI ----------------------------------------------------------
