@@ -1,11 +1,13 @@
-"""Perplexity of an exported model on held-out tokens of a megatron IndexedDataset (issue 6).
+"""Perplexity of a model on held-out tokens of a megatron IndexedDataset.
 
-    python -m pretrain.evaluate --model HF_DIR --data PREFIX [--split 949,50,1 --part test] [--seq-len 128]
-        [--max-tokens 100000] [--num-steps K] [--batch-size 8] [--out result.json]
+    python -m pretrain.evaluate --model HF_DIR|RUN_DIR|RUN_DIR/TAG|MODEL_DIR --data PREFIX [--split 949,50,1
+        --part test] [--seq-len 128] [--max-tokens 100000] [--num-steps K] [--batch-size 8] [--out result.json]
 
 Design choices
-- The model is loaded the way users load it: `AutoModelForCausalLM.from_pretrained(HF_DIR,
-  trust_remote_code=True)` (pretrain/convert.py export), on CPU or the first CUDA device, eval mode.
+- An exported folder is loaded the way users load it: `AutoModelForCausalLM.from_pretrained(HF_DIR,
+  trust_remote_code=True)` (pretrain/convert.py export). A run folder, a checkpoint tag or any model folder
+  (pretrain/model_dir.py) is read like `pretrain.convert` reads it (newest usable tag of a run folder) and wrapped
+  in the same transformers class in memory, with no export written. On CPU or the first CUDA device, eval mode.
 - Data: the `.bin/.idx` pair written by the preprocessing (documents already tokenised, one EOS per
   document). `--part valid|test` takes the same contiguous document range megatron's
   BlendedMegatronDatasetBuilder gives that split (`convert_split_vector_to_split_matrix`, round(lo * N) ..
@@ -112,9 +114,25 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, num
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows)}
 
 
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """An HF export (config.json) through AutoModelForCausalLM; a run folder, tag or model folder in memory."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True, dtype=dtype)
+    from pretrain.convert import hf_model, read_any
+    from ressformer.config import ModelConfig
+
+    sd, mcfg, info = read_any(p)
+    print(f"[evaluate] {info.get('tag', p)}", file=sys.stderr)
+    return hf_model(sd, ModelConfig.from_dict(mcfg) if isinstance(mcfg, dict) else mcfg).to(dtype)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="exported HF folder (python -m pretrain.convert)")
+    ap.add_argument("--model", required=True,
+                    help="exported HF folder (python -m pretrain.convert), or a run folder / checkpoint tag / model folder")
     ap.add_argument("--data", required=True, help="IndexedDataset prefix (PREFIX.bin / PREFIX.idx)")
     ap.add_argument("--split", default="949,50,1", help="the training run's data split (document ratios)")
     ap.add_argument("--part", default="all", choices=["train", "valid", "test", "all"],
@@ -127,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the result JSON here")
     a = ap.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(a.model, trust_remote_code=True, dtype=dtype)
+    model = load_model(a.model, dtype)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     seq_len = a.seq_len or int(getattr(model.config, "max_position_embeddings", 0) or 0)
     if seq_len < 2:

@@ -99,6 +99,16 @@ def test_perplexity_matches_direct_computation_and_cli(setup, tmp_path):
     assert used_num_steps(hf.config, 6) == 6
     with pytest.raises(FileNotFoundError, match="missing"):
         load_tokens(str(tmp_path / "nope"))
+    # a checkpoint tag's model folder scores the same, without an export
+    from pretrain.model_dir import save_model_dir
+
+    tag = save_model_dir(tmp_path / "run" / "step_00000004", model.state_dict(), model.config)
+    (tag / "COMPLETE").write_text("1\n")
+    p = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--model", str(tmp_path / "run"), "--data", prefix,
+                        "--max-tokens", "700", "--seq-len", "128", "--num-steps", "2"],
+                       cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "step_00000004" in p.stderr, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["ppl"] == pytest.approx(res["ppl"], rel=1e-6)
 
 
 def test_lm_eval_rolling_loglikelihood_starts_after_eos(setup):
