@@ -363,7 +363,7 @@ def _legacy_check(tag: Path) -> str | None:
     r = _ds_reader()
     CheckpointError, load_ds_file = r.CheckpointError, r.load_ds_file
 
-    files = sorted(tag.glob("*.pt"))
+    files = sorted(f for f in tag.glob("*.pt") if f.name.endswith(("model_states.pt", "optim_states.pt")))
     if not any(f.name.endswith("model_states.pt") for f in files):
         return f"{tag} holds no DeepSpeed model-state file"
     for i, f in enumerate(files):

@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
-    except (RunFolderError, CheckpointSaveError) as e:
+    except (RunFolderError, CheckpointSaveError) as e:  # raised on every rank alike
         print(f"[pretrain] error: {e}", file=sys.stderr, flush=True)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()  # leave together: a rank exiting under a live group can abort its peer
         return 2
     return 0
 

@@ -132,7 +132,8 @@ def test_fresh_run_into_a_used_folder_is_refused_then_overwrite(ref, tmp_path):
     before = (d / "metrics.jsonl").read_text()
     p = run(d, ok=False)
     msg = p.stdout + p.stderr
-    assert p.returncode != 0 and "--resume auto" in msg and "--overwrite" in msg and "step_00000012" in msg, msg[-3000:]
+    assert p.returncode == 2 and "--resume auto" in msg and "--overwrite" in msg and "step_00000012" in msg, msg[-3000:]
+    assert "Traceback" not in msg and "terminate called" not in msg, msg[-3000:]  # a clean error, every rank rc 2
     assert (d / "metrics.jsonl").read_text() == before and tags(d) == tags(ref[0])
     run(d, "--overwrite")
     assert losses(d) == ref[1] and tags(d) == tags(ref[0]) and (d / "FINISHED").is_file()
@@ -246,14 +247,40 @@ def test_sigterm_to_the_process_group_with_wandb_offline_saves_once(tmp_path):
     assert max(json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()) == step
 
 
-def test_sigterm_to_one_process_with_wandb_offline_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_process_with_wandb_offline_exits_zero(tmp_path, sig):
     d = tmp_path / "r"
     env = dict(base_env(), WANDB_MODE="offline", WANDB_SILENT="true")
     p = _start_and_wait_for_step(d, env=env, ranks=1)
-    os.killpg(p.pid, signal.SIGTERM)  # the trainer and wandb's service, as Slurm signals a job step
+    os.killpg(p.pid, sig)  # the trainer and wandb's service, as Slurm signals a job step (SIGINT: Ctrl-C)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0 and "saved step" in out and "Traceback" not in out, out[-4000:]
     assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_after_one_save(tmp_path):
+    import psutil
+
+    d = tmp_path / "r"
+    p = _start_and_wait_for_step(d)
+    ranks = [q for q in psutil.Process(p.pid).children(recursive=True) if "--local_rank=1" in " ".join(q.cmdline())]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@T reaches the tasks, here only one of them
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "saved step" in out, out[-3000:]
+    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
+
+
+def test_a_tag_written_before_manifests_still_resumes(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    for t in d.glob("step_*"):  # the layout of earlier versions: no manifest, no model folder, run_config.json
+        for name in ("manifest.json", "model.safetensors", "model_config.yaml"):
+            (t / name).unlink()
+        shutil.rmtree(t / "tokenizer")
+        (t / "run_state.json").rename(t / "run_config.json")
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 1)
 
 
 def test_sigterm_to_the_launcher_alone_leaves_no_ranks(tmp_path):
