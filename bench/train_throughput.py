@@ -10,8 +10,9 @@ and optimizer state) and in fp32 on CPU. --warmup untimed steps, then --steps ti
 is the fastest single step, robust to other jobs on shared cores (each step ends with a device sync).
 
 Presets: any name of ressformer.config.PRESETS, or `dense:NAME`: the dense Transformer of NAME's width whose
-training FLOPs per token at the run's T match NAME's (the depth `python -m ressformer.config NAME` prints; at
-the presets' own lengths 125m -> 20 layers, 1b -> 25). `1b-transformer` is the parameter-matched baseline.
+training FLOPs per token at the run's T match NAME's (ressformer.flops.matched_dense, the depth `python -m
+ressformer.describe NAME` prints; at the presets' own lengths 125m -> 20 layers, 1b -> 25). `1b-transformer` is
+the parameter-matched baseline.
 T defaults to each preset's max_seq_len (--seq-len sets one T for all).
 
 FLOPs are the ones the implementation computes (ressformer.flops.flops_per_token, K = r2mu.steps): the dense
@@ -41,21 +42,10 @@ import torch  # noqa: E402
 
 from pretrain.trainer import PEAK_TFLOPS, checkpoint_fn, peak_tflops  # noqa: E402
 from ressformer import ModelConfig, build_model  # noqa: E402
-from ressformer.config import PRESETS, MoEConfig  # noqa: E402
-from ressformer.flops import count_params, flops_per_token  # noqa: E402
+from ressformer.config import PRESETS  # noqa: E402
+from ressformer.flops import count_params, flops_per_token, matched_dense  # noqa: E402
 
 DENSE_PREFIX = "dense:"
-
-
-def matched_dense(cfg: ModelConfig, seq_len: int) -> ModelConfig:
-    """The dense Transformer of cfg's width with the training FLOPs per token of cfg at seq_len (its causal attention
-    counted at (T + 1) / 2 keys per query), as `python -m ressformer.config` reports it."""
-    dense = ModelConfig(arch="transformer", vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                        ffn_hidden=cfg.ffn_hidden, max_seq_len=cfg.max_seq_len, moe=MoEConfig(num_experts=1))
-    target = flops_per_token(cfg, seq_len)
-    n = min(range(1, 257), key=lambda k: abs(flops_per_token(dense.replace(n_layers=k), seq_len, causal_skip=True)
-                                             - target))
-    return dense.replace(n_layers=n)
 
 
 def resolve(name: str, seq_len: int | None) -> tuple[ModelConfig, int]:

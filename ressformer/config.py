@@ -14,14 +14,12 @@ Sub-configs map one-to-one onto the paper's components so an ablation is one fie
     soes.enabled       content-induced latent token graph + smoothness penalty (sec. 3.3)
 
 Everything is a plain string / number / bool so a config round-trips through YAML unchanged.
-`python -m ressformer.config NAME` prints a resolved preset with its parameter counts.
+`python -m ressformer.describe NAME` prints a resolved preset with its parameter and FLOP counts.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -244,16 +242,19 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """["a.b=VALUE", ...] (command-line --set) -> {"a.b": VALUE parsed as YAML}."""
+def parse_sets(items: list[str] | None, example: str = "asam.topk=8") -> dict[str, Any]:
+    """["a.b=VALUE", ...] (command-line --set) -> {"a.b": VALUE parsed as YAML}; the one parser of every CLI.
+
+    `example` is the KEY=VALUE the error message shows for an item without "=".
+    """
     import yaml
 
     out = {}
-    for item in items:
+    for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set {item!r}: write key=value, e.g. --set {example}")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        out[k.strip()] = yaml.safe_load(v)
     return out
 
 
@@ -279,7 +280,7 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 # --- presets ------------------------------------------------------------------------------------
 # The paper's network (sec. 3): embeddings -> one shared block x K with the R2MU memory -> norm -> head, ASAM =
 # per-query top-k + sparsemax + routed MoE experts, SOES graph from the attention pattern, no prelude / coda.
-# Names give *total* parameters (embeddings and every expert included); `python -m ressformer.config NAME`
+# Names give *total* parameters (embeddings and every expert included); `python -m ressformer.describe NAME`
 # prints total, active-per-token and FLOPs. Per-token compute is that of K applications of the active block.
 
 
@@ -346,38 +347,3 @@ PRESETS = {
     "1b-transformer": _1b_transformer,
 }
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ressformer.config",
-                                 description="Print a resolved model preset with its parameter and FLOP counts.")
-    ap.add_argument("preset", choices=sorted(PRESETS))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, e.g. --set asam.topk=64 (repeatable)")
-    ap.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
-    args = ap.parse_args(argv)
-    try:
-        overrides = parse_sets(args.set)
-    except ValueError as e:
-        ap.error(str(e))
-    cfg = ModelConfig.from_preset(args.preset, **overrides)
-    from ressformer.flops import count_params, flops_per_token
-
-    seq = args.seq_len or cfg.max_seq_len
-    p = count_params(cfg)
-    sys.stdout.write(cfg.to_yaml())
-    sys.stdout.write(f"# params total:  {p['total']:,} ({p['total'] / 1e9:.3f} B)\n")
-    sys.stdout.write(f"# params active: {p['active']:,} ({p['active'] / 1e9:.3f} B) per token\n")
-    fl = flops_per_token(cfg, seq)
-    sys.stdout.write(f"# FLOPs/token (fwd+bwd) at T={seq}: {fl:.4g}\n")
-    if cfg.arch == "ressformer":  # the dense Transformer of the same width with the same training compute
-        dense = ModelConfig(arch="transformer", vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                            ffn_hidden=cfg.ffn_hidden, max_seq_len=cfg.max_seq_len, moe=MoEConfig(num_experts=1))
-        n = min(range(1, 257), key=lambda k: abs(flops_per_token(dense.replace(n_layers=k), seq, causal_skip=True) - fl))
-        sys.stdout.write(f"# matched compute: a dense {n}-layer Transformer of this width "
-                         f"({count_params(dense.replace(n_layers=n))['total']:,} params) has the same "
-                         f"FLOPs/token (its causal attention counted at (T+1)/2 keys per query)\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,13 +20,16 @@ flops_per_token(cfg, seq_len) -> float
       * R2MU: K core steps; memory pooling (scores and weighted sums) and the overwrite gate
       * lm_head (the embedding lookup is free)
     Tests compare against torch.utils.flop_counter.FlopCounterMode on small configs (within 10 %).
+
+matched_dense(cfg, seq_len) -> ModelConfig
+    The dense Transformer of cfg's width whose training FLOPs per token at seq_len equal cfg's.
 """
 
 from __future__ import annotations
 
 import math
 
-from ressformer.config import ModelConfig
+from ressformer.config import ModelConfig, MoEConfig
 
 
 # --- parameters ---------------------------------------------------------------------------------
@@ -165,3 +168,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
         grad += bg
         nograd += bn
     return 6.0 * grad + 2.0 * nograd
+
+
+def matched_dense(cfg: ModelConfig, seq_len: int, max_layers: int = 256) -> ModelConfig:
+    """The dense Transformer of cfg's width (vocab, d_model, heads, FFN) whose depth gives the training FLOPs per
+    token closest to cfg's at seq_len; its causal attention counted at (T + 1) / 2 keys per query (causal_skip)."""
+    dense = ModelConfig(arch="transformer", vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                        ffn_hidden=cfg.ffn_hidden, max_seq_len=cfg.max_seq_len, moe=MoEConfig(num_experts=1))
+    target = flops_per_token(cfg, seq_len)
+    n = min(range(1, max_layers + 1),
+            key=lambda k: abs(flops_per_token(dense.replace(n_layers=k), seq_len, causal_skip=True) - target))
+    return dense.replace(n_layers=n)

@@ -76,14 +76,14 @@ def test_attention_bench_budget_and_oom_are_reported(monkeypatch, capsys):
     assert re.search(r"128 fake +oom", capsys.readouterr().out)
 
 
-def test_matched_dense_agrees_with_the_config_cli():
+def test_matched_dense_agrees_with_the_describe_cli():
     from ressformer.config import ModelConfig
-    from ressformer.config import main as config_main
+    from ressformer.describe import main as describe_main
 
     for name, T in (("debug", 128), ("125m", 2048)):
         buf = io.StringIO()
         with redirect_stdout(buf):
-            config_main([name, "--seq-len", str(T)])
+            describe_main([name, "--seq-len", str(T)])
         depth = int(re.search(r"a dense (\d+)-layer Transformer", buf.getvalue()).group(1))
         cfg, t = tt_bench.resolve(f"dense:{name}", T)
         assert t == T and cfg.arch == "transformer" and cfg.n_layers == depth

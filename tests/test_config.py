@@ -1,4 +1,4 @@
-"""ModelConfig: YAML round trip of every preset, validation errors naming the field, the CLI."""
+"""ModelConfig: YAML round trip of every preset, validation errors naming the field, the describe CLI."""
 
 import subprocess
 import sys
@@ -59,7 +59,7 @@ def test_replace_and_auto_ffn():
 
 
 def test_cli_prints_1b_with_param_counts():
-    out = subprocess.run([sys.executable, "-m", "ressformer.config", "1b"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ressformer.describe", "1b"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=True).stdout
     cfg = ModelConfig.from_yaml("\n".join(line for line in out.splitlines() if not line.startswith("#")) + "\n")
     assert cfg == ModelConfig.from_preset("1b")
