@@ -4,8 +4,11 @@ Design choices
 - Flat top-level fields (the schema `pretrain/configs/*.yaml`, `pretrain.memory_estimate` and the Slurm
   scripts already read): `model` is a preset name (or a full model-config dict), `model_overrides` holds
   dotted model keys (`asam.topk: 8`), `data` is `pretrain.data.DataConfig`'s dict.
-- `--set key=value` overrides any field (values parsed as YAML); `--set model.asam.topk=8` goes into
-  `model_overrides` when `model` is a preset name. Unknown keys raise ValueError naming the allowed ones.
+- The model config is resolved once, at construction (`model_config()` returns it): a bad preset, override
+  or seq_len fails before anything is built.
+- `--set key=value` overrides any field (parsed by `ressformer.config.parse_sets`, values as YAML);
+  `--set model.asam.topk=8` goes into `model_overrides` when `model` is a preset name or YAML path. Unknown
+  keys raise ValueError naming the allowed ones.
 - The DeepSpeed batch fields are derived here, never duplicated: train_batch_size = micro_batch *
   grad_accum * world_size (`ds_batch_fields`); a JSON that sets them to something else is an error.
 """
@@ -19,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ressformer.config import ModelConfig, apply_overrides
+from ressformer.config import ModelConfig, apply_overrides, parse_sets
 
 _AC_KEYS = {"enabled", "every"}
 _WANDB_KEYS = {"mode", "project", "name"}
@@ -96,10 +99,9 @@ class RunConfig:
         need(self.wandb["mode"] in ("offline", "online", "disabled"), "wandb", "mode: offline | online | disabled")
         need(self.init_from is None or isinstance(self.init_from, str), "init_from",
              "give the folder written by `python -m pretrain.convert --to-ressformer` (or leave it unset)")
-        self.model_config()  # validates preset + overrides
+        self._model_config = self._resolve_model()  # not a field: equality and to_dict see only the inputs
 
-    # --- derived -------------------------------------------------------------------------------
-    def model_config(self) -> ModelConfig:
+    def _resolve_model(self) -> ModelConfig:
         if isinstance(self.model, dict):
             base = ModelConfig.from_dict(self.model)
         elif self.model.endswith((".yaml", ".yml")):  # e.g. the model_config.yaml of an init_from folder
@@ -114,6 +116,11 @@ class RunConfig:
             raise ValueError(f"seq_len={self.seq_len} exceeds model max_seq_len={base.max_seq_len}: lower seq_len or "
                              f"set model_overrides max_seq_len")
         return base
+
+    # --- derived -------------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        """The model config: `model` (preset, YAML path or dict) with `model_overrides` applied."""
+        return self._model_config
 
     def data_config(self):
         from pretrain.data import DataConfig
@@ -140,16 +147,6 @@ class RunConfig:
         return cls(**copy.deepcopy(d))
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: write key=value, e.g. --set steps=40 or --set model.asam.topk=8")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:
     """Read the YAML at `path` (None = defaults) and apply `--set` overrides."""
     d = {}
@@ -159,22 +156,20 @@ def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> R
         if not isinstance(d, dict):
             raise ValueError(f"{path}: the run config must be a YAML mapping, got {type(d).__name__}")
     allowed = {f.name for f in fields(RunConfig)}
-    for key, value in parse_set(sets or []).items():
+    for key, value in parse_sets(sets, example="steps=40 or --set model.asam.topk=8").items():
         head, _, rest = key.partition(".")
         if head not in allowed:
             raise ValueError(f"--set {key}: unknown run config key {head!r}; allowed keys are {sorted(allowed)}")
         if not rest:
             d[head] = value
-        elif head == "model" and isinstance(d.get("model", "debug"), str):
-            d.setdefault("model_overrides", {})
-            d["model_overrides"] = {**(d["model_overrides"] or {}), rest: value}
-        else:
-            node = d.setdefault(head, {} if head != "model" else {})
-            if head == "model_overrides":
-                node[rest] = value
-            else:
-                parts = rest.split(".")
-                for p in parts[:-1]:
-                    node = node.setdefault(p, {})
-                node[parts[-1]] = value
+        elif head == "model_overrides" or (head == "model" and isinstance(d.get("model", "debug"), str)):
+            d["model_overrides"] = {**(d.get("model_overrides") or {}), rest: value}  # flat dotted model keys
+        else:  # a nested field: data, wandb, activation_checkpointing, or a model given as a dict
+            *parents, leaf = rest.split(".")
+            node = d.setdefault(head, {})
+            for p in parents:
+                node = node.setdefault(p, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {head}={d[head]!r} has no mapping to hold {rest!r}")
+            node[leaf] = value
     return RunConfig.from_dict(d)
