@@ -183,27 +183,4 @@ def make_mlp(cfg: ModelConfig) -> DenseMLP | MoEBlock:
     return MoEBlock(cfg)
 
 
-@torch.no_grad()
-def reference_moe(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
-    """Plain per-token loop (tests only): x (B, T, D) -> y (B, T, D)."""
-    B, T, D = x.shape
-    h = x.reshape(B * T, D)
-    out = torch.zeros_like(h)
-    W = block.experts
-    for n in range(h.shape[0]):
-        probs = torch.softmax(block.gate.weight.float() @ h[n].float(), dim=-1)  # (E,)
-        top = torch.topk(probs, block.top_k).indices.tolist()
-        wsum = sum(probs[e].item() for e in top)
-        for e in top:
-            gu = W.gate_up_proj[e] @ h[n]  # (2F,)
-            g, u = gu[:W.hidden], gu[W.hidden:]
-            out[n] += (probs[e].item() / wsum) * (W.down_proj[e] @ (F.silu(g) * u))
-        if block.shared_experts is not None:
-            s = block.shared_experts
-            gu = s.gate_up_proj.weight @ h[n]
-            g, u = gu[:s.hidden], gu[s.hidden:]
-            out[n] += s.down_proj.weight @ (F.silu(g) * u)
-    return out.reshape(B, T, D)
-
-
-__all__ = ["DenseMLP", "MoEExperts", "MoEBlock", "route", "moe_aux_losses", "make_mlp", "reference_moe"]
+__all__ = ["DenseMLP", "MoEExperts", "MoEBlock", "route", "moe_aux_losses", "make_mlp"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ressformer.config import ModelConfig
-from ressformer.moe import DenseMLP, MoEBlock, make_mlp, moe_aux_losses, reference_moe, route
+from ressformer.moe import DenseMLP, MoEBlock, make_mlp, moe_aux_losses, route
+from tests.helpers.reference_moe import reference_moe
 
 
 def _cfg(E=4, k=2, shared=0, d=16, f=24):
