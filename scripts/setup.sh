@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install ressformer with its pinned stack (CPU torch first: an open torch range
 # would pull a multi-GB CUDA build; see ../shared/FACTS.md). Idempotent: re-running is fast.
+# It installs the `dev` extra (train + eval + gpu + test tools), what scripts/main.sh and scripts/test.sh
+# need; pyproject.toml's extras give lighter installs: `pip install -e .` (model + tokenizer),
+# `.[train]`, `.[eval]`, `.[gpu]`.
 # On a GPU cluster, install the CUDA torch of the same version first, then run this script with
 # RESSFORMER_SKIP_TORCH=1.
 set -euo pipefail
