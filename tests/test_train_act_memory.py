@@ -1,4 +1,4 @@
-"""Activation checkpointing across the K recurrent R2MU steps (issue 4): with every step a checkpoint
+"""Activation checkpointing across the K recurrent R2MU steps: with every step a checkpoint
 boundary, the activation memory kept for backward grows much less than linearly in K (K = 1, 2, 4, 8),
 and checkpointing does not change the loss or the gradients."""
 
