@@ -26,17 +26,14 @@ Design choices:
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
-from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
-from ressformer.moe import make_mlp, moe_aux_losses
-from ressformer.output import ModelOutput, lm_loss, logits_and_loss
+from ressformer.moe import make_mlp
+from ressformer.output import ModelOutput
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,63 +124,25 @@ class TransformerModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-class TransformerForCausalLM(nn.Module):
-    """Dense baseline LM. forward(input_ids (B, T), labels=None, num_steps=None, cache=None,
-    return_logits=None) -> ModelOutput.
+class TransformerForCausalLM(CausalLM):
+    """Dense baseline LM (ressformer.causal_lm.CausalLM): a checkpoint unit is one layer; num_steps is ignored."""
 
-    Logits: a training-mode forward with labels returns logits=None when the fused LM-head kernel computed its loss
-    (CUDA + liger-kernel by default, ressformer.kernels.lm_loss_kernel); without labels or in eval mode they come back
-    as before. return_logits=True always returns them, False never (ressformer.output.logits_and_loss); a forward
-    with a cache always returns them.
-    """
+    arch = "transformer"
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "transformer":
-            raise ValueError(f"TransformerForCausalLM needs arch='transformer', got arch={config.arch!r}; "
-                             "use ressformer.build_model(cfg) to pick the class from the config")
-        self.config = config
-        self.model = TransformerModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, TransformerModel(config))
         self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
-        self._ckpt_fn: Callable | None = None
-        self._ckpt_every = 1
         self.init_weights()
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
-        if exclude_embedding:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
-
-    def set_checkpointing(self, fn: Callable | None, every: int = 1) -> None:
-        """Run every `every`-th layer through fn(layer, *args); fn=None turns checkpointing off."""
-        if every < 1:
-            raise ValueError(f"set_checkpointing: every={every} must be >= 1")
-        self._ckpt_fn, self._ckpt_every = fn, every
-
-    def init_plan(self) -> Plan:
-        """Ordered (parameter name, in-place init) steps covering every parameter (ressformer.initialization)."""
-        cfg = self.config
-        std = cfg.init_std
-        out_std = std / math.sqrt(2 * cfg.n_layers)
-        plan = [("model.embed_tokens.weight", normal(std))]
-        if not cfg.tie_embeddings:
-            plan.append(("lm_head.weight", normal(std)))
-        plan.append(("model.norm.weight", ones))
-        for i, layer in enumerate(self.model.layers):
-            plan += layer_rules(f"model.layers.{i}.", layer, std, out_std)
-        return plan
+    @property
+    def depth(self) -> int:
+        return self.config.n_layers
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        super().init_weights()
         cfg = self.config
-        if cfg.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
-            self.lm_head.weight = self.model.embed_tokens.weight
-        run_plan(self, self.init_plan())
         if cfg.position != "rope":
             return
         cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=self.rope_cos.device)
@@ -201,50 +160,17 @@ class TransformerForCausalLM(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin  # stays a non-persistent buffer
         return self.rope_cos[:T], self.rope_sin[:T]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
-                cache=None, return_logits: bool | None = None) -> ModelOutput:
-        """cache: None, or a ressformer.cache.ModelCache of the earlier tokens (empty at first): input_ids are then
-        the new tokens only, their logits come back and the cache is updated (no aux losses)."""
-        del num_steps  # no recurrence in the baseline
-        cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        if cache is not None:
-            return self._forward_cached(input_ids, labels, cache)
-        T = input_ids.shape[1]
-        cos, sin = self._rope(T, input_ids.device)  # (T, hd)
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
+        cos, sin = self._rope(input_ids.shape[1], input_ids.device)  # (T, hd)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
-        router_logits_all = []
+        router_logits = []
         for i, layer in enumerate(self.model.layers):
-            if self._ckpt_fn is not None and i % self._ckpt_every == 0:
-                h, rl = self._ckpt_fn(layer, h, cos, sin)
-            else:
-                h, rl = layer(h, cos, sin)
+            h, rl = self._checkpointed(i, layer, h, cos, sin)
             if rl is not None:
-                router_logits_all.append(rl)
-        hn = self.model.norm(h)  # (B, T, D)
-        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits)  # (B, T, V) | None
+                router_logits.append(rl)
+        return self._output(h, labels=labels, return_logits=return_logits, router_logits=router_logits)
 
-        aux_losses: dict[str, torch.Tensor] = {}
-        diagnostics: dict[str, torch.Tensor] = {}
-        if router_logits_all:
-            m = cfg.moe
-            parts = [moe_aux_losses(rl, m.experts_per_token, m.num_experts) for rl in router_logits_all]
-            aux_losses["moe_balance"] = m.aux_loss_coef * torch.stack([p["balance"] for p in parts]).mean()
-            aux_losses["moe_z"] = m.z_loss_coef * torch.stack([p["z"] for p in parts]).mean()
-            load = torch.stack([p["load"] for p in parts]).mean(0)  # (E,) mean over layers
-            diagnostics["moe_load"] = load
-            diagnostics["moe_load_max"] = load.max()
-            diagnostics["moe_load_min"] = load.min()
-
-        loss = None
-        if labels is not None:
-            loss = lm + sum(aux_losses.values()) if aux_losses else lm
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
-
-    def _forward_cached(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cache) -> ModelOutput:
-        if not self.config.causal:
-            raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
         B, n = input_ids.shape
         cache.begin(len(self.model.layers), B, None, n)
         T0 = cache.length
@@ -254,9 +180,7 @@ class TransformerForCausalLM(nn.Module):
         for layer, unit in zip(self.model.layers, cache.units):
             h = layer.forward_cached(h, cos, sin, unit)
         cache.length = T0 + n
-        logits = self.lm_head(self.model.norm(h))  # (B, n, V)
-        lm = lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=lm, lm_loss=lm)
+        return self._cached_output(h, labels)
 
 
 __all__ = ["TransformerForCausalLM", "TransformerModel", "TransformerBlock", "Attention", "rope_cos_sin",

@@ -46,16 +46,18 @@ Design choices:
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
-from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
-from ressformer.output import ModelOutput, lm_loss, logits_and_loss
-from ressformer.recurrence import UNBOUNDED_WINDOW, SegmentMemory, moe_aux_from_logits
+from ressformer.initialization import Plan
+from ressformer.output import ModelOutput
+from ressformer.recurrence import UNBOUNDED_WINDOW, SegmentMemory
+from ressformer.structure import Graph, smoothness_penalty
 
 
 def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,7 @@ class ReSSFormerBlock(nn.Module):
         else:
             self.graph = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, memory=None, graph=None, recurrent: bool = False):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, recurrent: bool = False):
         """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)), graph None |
         (idx, val) the previous recurrent step's graph (soes.graph=attention: it biases this call's attention).
 
@@ -117,7 +119,7 @@ class ReSSFormerBlock(nn.Module):
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, graph, router_logits, stats
 
-    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, unit, memory=None, graph=None,
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, unit, *, memory=None, graph=None,
                        recurrent: bool = False):
         """forward for new tokens only: x (B, n, D) at positions pos (n,), the earlier tokens in `unit`
         (cache.UnitCache, updated); memory None | projected (k, v, pos, window) (cache.attend).
@@ -153,28 +155,25 @@ class ReSSFormerModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-class ReSSFormerForCausalLM(nn.Module):
-    """ReSSFormer language model. forward(input_ids (B, T), labels=None, num_steps=None, cache=None,
-    return_logits=None) -> ModelOutput.
+class UnitOut(NamedTuple):
+    """What one checkpoint unit (a prelude / coda block, or a recurrent step) returns."""
 
-    Logits: a training-mode forward with labels returns logits=None when the fused LM-head kernel computed its loss
-    (CUDA + liger-kernel by default, ressformer.kernels.lm_loss_kernel); without labels or in eval mode they come back
-    as before. return_logits=True always returns them, False never (ressformer.output.logits_and_loss); a forward
-    with a cache always returns them.
-    """
+    h: torch.Tensor  # (B, T, D) the unit's output states
+    router_logits: torch.Tensor | None = None  # (B*T, E) of its MoE call
+    density: torch.Tensor | None = None  # attention density (detached)
+    summary: torch.Tensor | None = None  # recurrent step: S^(t) (B, n_seg, m, D)
+    graph: Graph | None = None  # recurrent step: its SOES graph A^(t) (B, T, m)
+    gate: torch.Tensor | None = None  # recurrent step: the mean R2MU overwrite gate of S^(t)
+
+
+class ReSSFormerForCausalLM(CausalLM):
+    """ReSSFormer language model (ressformer.causal_lm.CausalLM). A checkpoint unit is one prelude block, one whole
+    recurrent step (memory pooling + gate + graph + block) or one coda block."""
+
+    arch = "ressformer"
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "ressformer":
-            raise ValueError(f"ReSSFormerForCausalLM needs arch='ressformer', got arch={config.arch!r}; "
-                             "use ressformer.build_model(cfg) to pick the class from the config")
-        self.config = config
-        self.model = ReSSFormerModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self._ckpt_fn: Callable | None = None
-        self._ckpt_every = 1
+        super().__init__(config, ReSSFormerModel(config))
         self.init_weights()
 
     # --- structure ----------------------------------------------------------------------------
@@ -186,57 +185,38 @@ class ReSSFormerForCausalLM(nn.Module):
     def n_core(self) -> int:
         return 1 if self.config.r2mu.enabled else self.config.r2mu.steps
 
+    @property
+    def depth(self) -> int:
+        r = self.config.r2mu
+        return r.n_prelude + r.steps + r.n_coda
+
     def core_block(self, t: int) -> ReSSFormerBlock:
         """The block applied at recurrent step t (the shared one, or the t-th distinct one in the ablation)."""
         return self.model.layers[self.n_prelude + (0 if self.config.r2mu.enabled else t)]
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
-        if exclude_embedding:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
+    def extra_init_plan(self, std: float) -> Plan:
+        if self.model.memory is None:
+            return []
+        return [("model.memory." + n, fn) for n, fn in self.model.memory.init_plan(std)]
 
-    def set_checkpointing(self, fn: Callable | None, every: int = 1) -> None:
-        """Run every `every`-th unit (prelude block, recurrent step, coda block) through fn(function, *args)."""
-        if every < 1:
-            raise ValueError(f"set_checkpointing: every={every} must be >= 1")
-        self._ckpt_fn, self._ckpt_every = fn, every
-
-    # --- initialisation -----------------------------------------------------------------------
-    def init_plan(self) -> Plan:
-        """Ordered (parameter name, in-place init) steps covering every parameter (ressformer.initialization)."""
+    def _num_steps(self, num_steps: int | None) -> int:
         cfg = self.config
-        std = cfg.init_std
-        depth = cfg.r2mu.n_prelude + cfg.r2mu.steps + cfg.r2mu.n_coda
-        out_std = std / math.sqrt(2 * depth)
-        plan = [("model.embed_tokens.weight", normal(std))]
-        if not cfg.tie_embeddings:
-            plan.append(("lm_head.weight", normal(std)))
-        plan.append(("model.norm.weight", ones))
-        if self.model.memory is not None:
-            plan += [("model.memory." + n, fn) for n, fn in self.model.memory.init_plan(std)]
-        for i, layer in enumerate(self.model.layers):
-            plan += layer_rules(f"model.layers.{i}.", layer, std, out_std)
-        return plan
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        if self.config.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
-            self.lm_head.weight = self.model.embed_tokens.weight
-        run_plan(self, self.init_plan())
+        K = cfg.r2mu.steps if num_steps is None else int(num_steps)
+        if K < 1:
+            raise ValueError(f"num_steps={num_steps} must be >= 1")
+        if not cfg.r2mu.enabled and K != cfg.r2mu.steps:
+            raise ValueError(f"num_steps={K} with r2mu.enabled=False: the ablation has exactly r2mu.steps="
+                             f"{cfg.r2mu.steps} distinct core blocks; pass num_steps=None")
+        return K
 
     # --- forward ------------------------------------------------------------------------------
-    def _maybe_ckpt(self, unit: int, fn: Callable, *args):
-        if self._ckpt_fn is not None and unit % self._ckpt_every == 0:
-            return self._ckpt_fn(fn, *args)
-        return fn(*args)
+    def _plain_block(self, block: ReSSFormerBlock, h: torch.Tensor, pos: torch.Tensor) -> UnitOut:
+        h, _, router_logits, stats = block(h, pos)
+        return UnitOut(h, router_logits, stats.get("density"))
 
-    def _plain_block(self, block: ReSSFormerBlock, h: torch.Tensor, pos: torch.Tensor):
-        h, graph, router_logits, stats = block(h, pos)
-        return h, router_logits, stats.get("density") if isinstance(stats, dict) else None
-
-    def _step(self, t: int, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
-              pos: torch.Tensor, need_summary: bool, g_idx: torch.Tensor | None, g_val: torch.Tensor | None):
+    def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
+              g_idx: torch.Tensor | None, g_val: torch.Tensor | None, *, t: int, pos: torch.Tensor,
+              need_summary: bool) -> UnitOut:
         """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t)).
 
         g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise."""
@@ -250,10 +230,9 @@ class ReSSFormerForCausalLM(nn.Module):
                 if self.config.causal and self.config.asam.impl == "block":
                     memory = self._block_align(memory, h.shape[1])
         g_in = None if g_idx is None else (g_idx, g_val)
-        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory, graph=g_in, recurrent=True)
-        g_idx, g_val = (graph[0], graph[1]) if graph is not None else (None, None)
-        density = stats.get("density") if isinstance(stats, dict) else None
-        return h_new, summary, g_idx, g_val, router_logits, density, gate
+        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory=memory, graph=g_in, recurrent=True)
+        return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
+                       graph=None if graph is None else Graph(*graph), gate=gate)
 
     def _block_align(self, memory, T: int):
         """Memory (states (B, T + S, D), pos, window) = [token cache; S summary entries] -> with the filler keys
@@ -267,99 +246,60 @@ class ReSSFormerForCausalLM(nn.Module):
                 torch.cat([f_tok.to(pos.dtype), pos[:T], f_tok.to(pos.dtype), pos[T:], f_sum.to(pos.dtype)]),
                 torch.cat([w[0], win[:T], w[0], win[T:], w[1]]))
 
-    def _num_steps(self, num_steps: int | None) -> int:
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
         cfg = self.config
-        K = cfg.r2mu.steps if num_steps is None else int(num_steps)
-        if K < 1:
-            raise ValueError(f"num_steps={num_steps} must be >= 1")
-        if not cfg.r2mu.enabled and K != cfg.r2mu.steps:
-            raise ValueError(f"num_steps={K} with r2mu.enabled=False: the ablation has exactly r2mu.steps="
-                             f"{cfg.r2mu.steps} distinct core blocks; pass num_steps=None")
-        return K
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
-                cache=None, return_logits: bool | None = None) -> ModelOutput:
-        """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
-        first): input_ids are then the new tokens only, their logits come back and the cache is updated (the
-        training-time aux losses are not computed; `loss` is the LM loss of the new tokens)."""
-        cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         K = self._num_steps(num_steps)
-        if cache is not None:
-            return self._forward_cached(input_ids, labels, K, cache)
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)  # masks only, never embedded
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
-
-        router_logits_all: list[torch.Tensor] = []
+        router_logits: list[torch.Tensor] = []
         densities: list[torch.Tensor] = []
         diagnostics: dict[str, torch.Tensor] = {}
-        unit = 0
 
-        def collect(rl, dens):
-            if rl is not None:
-                router_logits_all.append(rl)
-            if dens is not None:
-                densities.append(torch.as_tensor(dens).detach().float())
+        def collect(out: UnitOut) -> torch.Tensor:
+            if out.router_logits is not None:
+                router_logits.append(out.router_logits)
+            if out.density is not None:
+                densities.append(torch.as_tensor(out.density).detach().float())
+            return out.h
 
-        layers = self.model.layers
+        layers, unit = self.model.layers, 0
         for i in range(self.n_prelude):
-            h, rl, dens = self._maybe_ckpt(unit, self._plain_block, layers[i], h, pos)
-            collect(rl, dens)
+            h = collect(self._checkpointed(unit, self._plain_block, layers[i], h, pos))
             unit += 1
 
-        # R2MU recurrence: H^(0) = prelude output.
-        h_prev, summary, prev_graph = None, None, None
-        g_idx = g_val = None
+        # R2MU recurrence: H^(0) = prelude output. S^(t) is needed at step t >= 1 (read by the block) and at t = 0
+        # only to seed S^(1).
+        need_summary = self.model.memory is not None and K > 1
+        h_prev, summary, graph = None, None, None
         smooth = []
         for t in range(K):
-            # S^(t) is needed at step t >= 1 (read by the block) and at t = 0 only to seed S^(1).
-            need_summary = self.model.memory is not None and K > 1
-            h_new, summary, g_idx, g_val, rl, dens, gate = self._maybe_ckpt(
-                unit, self._step, t, h, h_prev, summary, pos, need_summary, g_idx, g_val)
+            g_idx, g_val = (None, None) if graph is None else graph
+            out = self._checkpointed(unit, partial(self._step, t=t, pos=pos, need_summary=need_summary),
+                                     h, h_prev, summary, g_idx, g_val)
             unit += 1
-            h_prev, h = h, h_new
-            collect(rl, dens)
-            if gate is not None:
-                diagnostics[f"r2mu_gate_step{t}"] = gate.detach().float()
-            if g_idx is not None:
-                from ressformer.structure import Graph, smoothness_penalty
-
-                graph = Graph(g_idx, g_val)
-                if prev_graph is not None:
-                    smooth.append(smoothness_penalty(prev_graph, graph))
-                prev_graph = graph
+            h_prev, h = h, collect(out)
+            summary = out.summary
+            if out.gate is not None:
+                diagnostics[f"r2mu_gate_step{t}"] = out.gate.detach().float()
+            if out.graph is not None:
+                if graph is not None:
+                    smooth.append(smoothness_penalty(graph, out.graph))
+                graph = out.graph
 
         for i in range(self.n_prelude + self.n_core, len(layers)):
-            h, rl, dens = self._maybe_ckpt(unit, self._plain_block, layers[i], h, pos)
-            collect(rl, dens)
+            h = collect(self._checkpointed(unit, self._plain_block, layers[i], h, pos))
             unit += 1
 
-        hn = self.model.norm(h)  # (B, T, D)
-        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits)  # (B, T, V) | None
-
-        aux_losses: dict[str, torch.Tensor] = {}
-        if router_logits_all:
-            parts = [moe_aux_from_logits(cfg, rl) for rl in router_logits_all]
-            aux_losses["moe_balance"] = cfg.moe.aux_loss_coef * torch.stack([p[0] for p in parts]).mean()
-            aux_losses["moe_z"] = cfg.moe.z_loss_coef * torch.stack([p[1] for p in parts]).mean()
-            load = torch.stack([p[2].detach().float() for p in parts]).mean(0)  # (E,)
-            diagnostics["moe_load"] = load  # fraction of routed assignments per expert, mean over MoE calls
-            diagnostics["moe_load_max"] = load.max()
-            diagnostics["moe_load_min"] = load.min()
+        aux_losses = {}
         if cfg.soes.enabled:
-            s = torch.stack(smooth).sum() if smooth else hn.new_zeros(())
+            s = torch.stack(smooth).sum() if smooth else h.new_zeros(())
             aux_losses["soes_smooth"] = cfg.soes.smooth_coef * s
             diagnostics["soes_smooth_raw"] = s.detach().float()
         if densities:
             diagnostics["attn_density"] = torch.stack(densities).mean()
         diagnostics["num_steps"] = torch.tensor(float(K))
-
-        loss = None
-        if labels is not None:
-            loss = lm + sum(aux_losses.values()) if aux_losses else lm
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+        return self._output(h, labels=labels, return_logits=return_logits, router_logits=router_logits,
+                            aux_losses=aux_losses, diagnostics=diagnostics)
 
     # --- incremental decoding (ressformer/cache.py) ----------------------------------------------
     def _cached_summaries(self, h: torch.Tensor, unit, s_prev: torch.Tensor | None) -> torch.Tensor | None:
@@ -374,7 +314,7 @@ class ReSSFormerForCausalLM(nn.Module):
         summary, _ = self.model.memory(seg[:, :n_done * L], s_prev)
         return summary
 
-    def _cached_memory(self, block: ReSSFormerBlock, prev, unit, summary: torch.Tensor | None, T0: int, Ti: int):
+    def _cached_memory(self, block: ReSSFormerBlock, *, prev, unit, summary: torch.Tensor | None, T0: int, Ti: int):
         """Projected memory keys of recurrent step t for queries at T0..Ti-1: step t-1's token keys (prev) within
         cache_window, the summaries of every complete segment (this call's new ones projected and appended to
         unit), block-aligned under block ASAM. -> (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,))"""
@@ -413,12 +353,10 @@ class ReSSFormerForCausalLM(nn.Module):
             win = [zw[0], win[0], zw[0]] + win[1:] + [zw[1]]
         return torch.cat(k, 2), torch.cat(v, 2), torch.cat(pos), torch.cat(win)
 
-    def _forward_cached(self, input_ids: torch.Tensor, labels: torch.Tensor | None, K: int, cache) -> ModelOutput:
-        cfg = self.config
-        if not cfg.causal:
-            raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
+        K = self._num_steps(num_steps)
         B, n = input_ids.shape
-        units = self.n_prelude + K + cfg.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
+        units = self.n_prelude + K + self.config.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
         cache.begin(units, B, K, n)
         T0 = cache.length
         Ti = T0 + n
@@ -435,12 +373,10 @@ class ReSSFormerForCausalLM(nn.Module):
                 summary = self._cached_summaries(h, unit, summary)
             memory = None
             if mem is not None and t >= 1:
-                memory = self._cached_memory(self.core_block(t), u[self.n_prelude + t - 1], unit, summary, T0, Ti)
-            h, graph = self.core_block(t).forward_cached(h, pos, unit, memory, graph=graph, recurrent=True)
-        for j in range(cfg.r2mu.n_coda):
+                memory = self._cached_memory(self.core_block(t), prev=u[self.n_prelude + t - 1], unit=unit,
+                                             summary=summary, T0=T0, Ti=Ti)
+            h, graph = self.core_block(t).forward_cached(h, pos, unit, memory=memory, graph=graph, recurrent=True)
+        for j in range(self.config.r2mu.n_coda):
             h, _ = layers[self.n_prelude + self.n_core + j].forward_cached(h, pos, u[self.n_prelude + K + j])
         cache.length = Ti
-        logits = self.lm_head(self.model.norm(h))  # (B, n, V)
-        lm = lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=lm, lm_loss=lm, diagnostics={"num_steps": torch.tensor(float(K))})
-
+        return self._cached_output(h, labels, diagnostics={"num_steps": torch.tensor(float(K))})

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ressformer.config import ModelConfig
+from ressformer.config import ModelConfig, MoEConfig
 
 # AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
 _ROUTE_NORM_EPS = 1e-20
@@ -176,6 +176,21 @@ def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_expe
     return {"balance": balance, "z": z, "load": f.detach()}
 
 
+def moe_aux(cfg: MoEConfig, router_logits: list[torch.Tensor]) -> tuple[dict, dict]:
+    """The weighted aux losses and load diagnostics of one forward, from the router logits of its MoE calls.
+
+    losses: moe_balance = aux_loss_coef * mean balance, moe_z = z_loss_coef * mean z (over the calls);
+    diagnostics: moe_load (E,) the mean fraction of assignments per expert, its max and min. ({}, {}) when dense.
+    """
+    if not router_logits:
+        return {}, {}
+    parts = [moe_aux_losses(rl, cfg.experts_per_token, cfg.num_experts) for rl in router_logits]
+    losses = {"moe_balance": cfg.aux_loss_coef * torch.stack([p["balance"] for p in parts]).mean(),
+              "moe_z": cfg.z_loss_coef * torch.stack([p["z"] for p in parts]).mean()}
+    load = torch.stack([p["load"] for p in parts]).mean(0)  # (E,)
+    return losses, {"moe_load": load, "moe_load_max": load.max(), "moe_load_min": load.min()}
+
+
 def make_mlp(cfg: ModelConfig) -> DenseMLP | MoEBlock:
     """The FFN of one block: DenseMLP(D, ffn_hidden) when moe.num_experts == 1, else MoEBlock(cfg)."""
     if cfg.moe.num_experts == 1:
@@ -183,4 +198,4 @@ def make_mlp(cfg: ModelConfig) -> DenseMLP | MoEBlock:
     return MoEBlock(cfg)
 
 
-__all__ = ["DenseMLP", "MoEExperts", "MoEBlock", "route", "moe_aux_losses", "make_mlp"]
+__all__ = ["DenseMLP", "MoEExperts", "MoEBlock", "route", "moe_aux_losses", "moe_aux", "make_mlp"]

@@ -54,7 +54,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
                            ignore_index=ignore_index)
 
 
-def logits_and_loss(lm_head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor | None, training: bool,
+def logits_and_loss(lm_head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor | None, training: bool, *,
                     return_logits: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(logits (B, T, V) | None, lm_loss | None) from the final-norm hidden states h (B, T, D).
 

@@ -164,14 +164,4 @@ class SegmentMemory(nn.Module):
         return torch.cat(states, dim=1), torch.cat(pos), torch.cat(win)
 
 
-def moe_aux_from_logits(cfg: ModelConfig, router_logits: torch.Tensor | None):
-    """(balance, z, load) of one MoE call via moe.moe_aux_losses; None when the mlp is dense."""
-    if router_logits is None:
-        return None
-    from ressformer.moe import moe_aux_losses
-
-    a = moe_aux_losses(router_logits, cfg.moe.experts_per_token, cfg.moe.num_experts)
-    return a["balance"], a["z"], a["load"]
-
-
-__all__ = ["sample_num_steps", "SegmentMemory", "UNBOUNDED_WINDOW", "moe_aux_from_logits"]
+__all__ = ["sample_num_steps", "SegmentMemory", "UNBOUNDED_WINDOW"]

@@ -1,0 +1,141 @@
+"""CausalLM: what ReSSFormerForCausalLM (model.py) and the dense TransformerForCausalLM (baseline.py) share.
+
+    embed_tokens -> [the subclass's units] -> norm -> lm_head
+
+The base owns `model.embed_tokens`, `model.norm` and `lm_head` (tied to the embedding when cfg.tie_embeddings),
+the initialisation plan of those and of `model.layers` (output projections scaled by 1/sqrt(2 * depth)),
+the activation-checkpointing hook, parameter counts and the forward's tail: final norm, logits / LM loss
+(output.logits_and_loss), MoE aux losses (moe.moe_aux) and loss = LM loss + every weighted aux loss.
+A subclass builds `self.model` (with embed_tokens, layers, norm), sets `arch` and `depth`, and implements
+`_forward` and `_forward_cached`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ressformer.config import ModelConfig
+from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
+from ressformer.moe import moe_aux
+from ressformer.output import ModelOutput, lm_loss, logits_and_loss
+
+
+class CausalLM(nn.Module):
+    """A causal LM. forward(input_ids (B, T), labels=None, num_steps=None, cache=None, return_logits=None)
+    -> ModelOutput.
+
+    Logits: a training-mode forward with labels returns logits=None when the fused LM-head kernel computed its loss
+    (CUDA + liger-kernel by default, ressformer.kernels.lm_loss_kernel); without labels or in eval mode they come
+    back. return_logits=True always returns them, False never (ressformer.output.logits_and_loss); a forward with a
+    cache always returns them.
+    """
+
+    arch: str  # the config.arch this class builds
+
+    def __init__(self, config: ModelConfig, model: nn.Module):
+        super().__init__()
+        if config.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} needs arch={self.arch!r}, got arch={config.arch!r}; "
+                             "use ressformer.build_model(cfg) to pick the class from the config")
+        self.config = config
+        self.model = model
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._ckpt_fn: Callable | None = None
+        self._ckpt_every = 1
+
+    @property
+    def depth(self) -> int:
+        """Blocks applied per forward (at the configured number of steps): scales the output projections' init."""
+        raise NotImplementedError
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
+        if exclude_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def set_checkpointing(self, fn: Callable | None, every: int = 1) -> None:
+        """Run every `every`-th checkpoint unit of the forward through fn(function, *args) (the calling convention
+        of torch.utils.checkpoint.checkpoint); fn=None turns checkpointing off. The subclass says what a unit is."""
+        if every < 1:
+            raise ValueError(f"set_checkpointing: every={every} must be >= 1")
+        self._ckpt_fn, self._ckpt_every = fn, every
+
+    def _checkpointed(self, unit: int, fn: Callable, *args):
+        """fn(*args), through the checkpointing hook when `unit` is one of the checkpointed ones."""
+        if self._ckpt_fn is not None and unit % self._ckpt_every == 0:
+            return self._ckpt_fn(fn, *args)
+        return fn(*args)
+
+    # --- initialisation -----------------------------------------------------------------------
+    def init_plan(self) -> Plan:
+        """Ordered (parameter name, in-place init) steps covering every parameter (ressformer.initialization):
+        embedding, lm_head (untied), final norm, `extra_init_plan`, then the layers by `layer_rules`."""
+        cfg = self.config
+        std = cfg.init_std
+        plan = [("model.embed_tokens.weight", normal(std))]
+        if not cfg.tie_embeddings:
+            plan.append(("lm_head.weight", normal(std)))
+        plan.append(("model.norm.weight", ones))
+        plan += self.extra_init_plan(std)
+        out_std = std / math.sqrt(2 * self.depth)
+        for i, layer in enumerate(self.model.layers):
+            plan += layer_rules(f"model.layers.{i}.", layer, std, out_std)
+        return plan
+
+    def extra_init_plan(self, std: float) -> Plan:
+        """Steps for the parameters outside the layers that the subclass adds (none here)."""
+        return []
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        if self.config.tie_embeddings:  # re-tie: `to_empty` after a meta-device build gives each module its own tensor
+            self.lm_head.weight = self.model.embed_tokens.weight
+        run_plan(self, self.init_plan())
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
+                cache=None, return_logits: bool | None = None) -> ModelOutput:
+        """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
+        first): input_ids are then the new tokens only, their logits come back and the cache is updated (the
+        training-time aux losses are not computed; `loss` is the LM loss of the new tokens)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            if not self.config.causal:
+                raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
+            return self._forward_cached(input_ids, labels=labels, num_steps=num_steps, cache=cache)
+        return self._forward(input_ids, labels=labels, num_steps=num_steps, return_logits=return_logits)
+
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
+        raise NotImplementedError
+
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
+        raise NotImplementedError
+
+    def _output(self, h: torch.Tensor, *, labels: torch.Tensor | None, return_logits: bool | None,
+                router_logits: list[torch.Tensor], aux_losses: dict | None = None,
+                diagnostics: dict | None = None) -> ModelOutput:
+        """The forward's tail from the last unit's states h (B, T, D): final norm, logits / LM loss, the MoE aux
+        losses of `router_logits` (one entry per MoE call), loss = LM loss + the MoE losses + `aux_losses`."""
+        hn = self.model.norm(h)  # (B, T, D)
+        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits=return_logits)
+        moe_losses, moe_diagnostics = moe_aux(self.config.moe, router_logits)
+        aux_losses = {**moe_losses, **(aux_losses or {})}
+        diagnostics = {**(diagnostics or {}), **moe_diagnostics}
+        loss = None
+        if labels is not None:
+            loss = lm + sum(aux_losses.values()) if aux_losses else lm
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+
+    def _cached_output(self, h: torch.Tensor, labels: torch.Tensor | None, diagnostics: dict | None = None):
+        """The tail of a cached forward: logits (B, n, V) of the new tokens, their LM loss, no aux losses."""
+        logits = self.lm_head(self.model.norm(h))  # (B, n, V)
+        lm = lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=lm, lm_loss=lm, diagnostics=diagnostics or {})
