@@ -19,13 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from pretrain.trainer import free_port  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],  # the paper's ReSSFormer (preset debug): R2MU K=4 + memory, ASAM top-k sparsemax + MoE, SOES graph
@@ -45,12 +46,6 @@ VARIANTS: dict[str, list[str]] = {
     "block_chunk": ["model.asam.impl=block", "model.asam.block_select=chunk"],  # chosen per query chunk
 }
 DEFAULT = [v for v in VARIANTS if not v.startswith("block")]  # the task suite with baselines: python -m bench.paper
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -288,7 +288,7 @@ def prepare_fresh(run_dir: str | Path, overwrite: bool) -> None:
                              f"or start fresh in a new run_dir, or pass --overwrite to delete that run's checkpoints "
                              f"and logs")
     for t in tags:
-        _remove_tag(t)
+        remove_tag(t)
     for name in RUN_FILES:
         p = d / name
         if p.is_dir():
@@ -299,7 +299,7 @@ def prepare_fresh(run_dir: str | Path, overwrite: bool) -> None:
           flush=True)
 
 
-def _remove_tag(tag: Path) -> None:
+def remove_tag(tag: Path) -> None:
     """Markers first, so a tag half deleted by a kill is never taken for a complete one."""
     for name in (COMPLETE, MANIFEST):
         (tag / name).unlink(missing_ok=True)
@@ -473,7 +473,7 @@ def set_aside_newer(run_dir: str | Path, point: ResumePoint) -> list[str]:
     for t in all_tags(d):
         if tag_step(t) > step:
             if not (t / COMPLETE).is_file():
-                _remove_tag(t)  # nothing loadable: an interrupted save
+                remove_tag(t)  # nothing loadable: an interrupted save
                 moved.append(f"removed the incomplete save {t.name}")
                 continue
             dest = d / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")
@@ -595,7 +595,7 @@ def save(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, m
     tdir = d / tag
     rank = _rank()
     if rank == 0 and tdir.exists():  # an earlier interrupted save of the same step
-        _remove_tag(tdir)
+        remove_tag(tdir)
     _barrier()
     held = _HeldErrors(engine)
     try:
@@ -637,7 +637,7 @@ def save(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, m
     errors = _bcast(errors)
     if errors:
         if rank == 0:
-            _remove_tag(tdir)
+            remove_tag(tdir)
         _barrier()
         prev = complete_tags(d)
         raise CheckpointSaveError(f"saving checkpoint {tdir} failed: {errors[0]}"
@@ -646,7 +646,7 @@ def save(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, m
                                   + (" is intact and --resume auto continues from it" if prev else " exists"))
     if rank == 0:
         for old in complete_tags(d)[:-keep_last]:
-            _remove_tag(old)
+            remove_tag(old)
     _barrier()
     return tdir
 

@@ -288,7 +288,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
 def load_init_state(init_dir: str | Path):
     """(ModelConfig, state_dict) of a model folder (`--to-ressformer` output or a checkpoint tag), for the
-    trainer's `initialize(..., init_state=)`: `pretrain.model_dir.load_model_dir`."""
+    trainer's `build_engine(..., init_state=)`: `pretrain.model_dir.load_model_dir`."""
     return load_model_dir(init_dir)
 
 

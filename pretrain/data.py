@@ -10,12 +10,9 @@ Design choices
   labels == input_ids (the model shifts internally) and -100 where GPTDataset's loss mask is 0
   (padding samples, pad tokens). GPTDataset's loss_mask[j] belongs to predicting token j+1, so it
   masks labels[j+1].
-- Index cache: rank 0 builds it, then `barrier()`, then the other ranks load it (upstream users hit
-  missing-index errors when every rank built at once). megatron-core orders ranks itself with
-  `torch.distributed.barrier()` when a process group exists, which would interleave with the
-  caller's barrier; its builder is therefore run with its collectives switched off
-  (`_no_megatron_collectives`) and the ordering is ours alone. This works with any launcher
-  (DeepSpeed, plain processes in tests) given a matching `barrier` callable.
+- Index cache: megatron-core's builder builds it on rank 0, then a barrier, then the other ranks load it
+  (upstream users hit missing-index errors when every rank built at once); outside a launched job a
+  one-process group stands in (`_process_group`).
 - megatron keys its index cache on the prefix path, seed, split and tokenizer; the content fingerprint
   of every prefix (`_fingerprint`) is added to that key, so a prefix re-written in place never reuses a
   stale document / sample index (it would silently give windows that straddle the wrong offsets).
@@ -42,7 +39,7 @@ import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -53,43 +50,38 @@ DEFAULT_TOKENIZER = f"{DEFAULT_ROOT}/tokenizer"
 DEFAULT_PREFIX = f"{DEFAULT_ROOT}/data/shakespeare"
 SPLIT_NAMES = ("train", "valid", "test")
 
-# megatron-core IndexedDataset .idx layout (indexed_dataset.py: _IndexWriter)
-_IDX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
-
-
 def read_index(prefix: str | Path) -> dict:
-    """Read PREFIX.idx and check it against PREFIX.bin; return sequence lengths and document bounds.
+    """Open PREFIX.idx with megatron-core's IndexedDataset reader and check it against PREFIX.bin; return the
+    sequence lengths and document bounds.
 
-    Raises ValueError naming the file and the fix when either file is missing, truncated or the pair
-    does not match (a .bin from one run next to the .idx of another).
+    Raises ValueError naming the file and the fix when either file is missing, unreadable or truncated, or the
+    pair does not match (a .bin from one run next to the .idx of another).
     """
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     redo = f"re-run `python -m tokenizer.preprocess ... --out {prefix} --force`"
     for p in (bin_path, idx_path):
         if not p.is_file():
             raise ValueError(f"data prefix {str(prefix)!r}: {p} does not exist: {redo} (or fix data.blend)")
-    raw = idx_path.read_bytes()
-    if len(raw) < 34 or raw[:9] != _IDX_HEADER:
-        raise ValueError(f"{idx_path} is not a megatron IndexedDataset index (bad header): {redo}")
-    (version,) = struct.unpack("<Q", raw[9:17])
-    code = raw[17]
-    n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
-    if version != 1 or code not in _DTYPE_SIZES:
-        raise ValueError(f"{idx_path}: unsupported version {version} / dtype code {code}: {redo}")
-    need = 34 + 4 * n_seq + 8 * n_seq + 8 * n_doc
-    if len(raw) < need:
-        raise ValueError(f"{idx_path} is truncated ({len(raw)} bytes, header says {need}): {redo}")
-    lengths = np.frombuffer(raw, dtype=np.int32, count=n_seq, offset=34)
-    doc_idx = np.frombuffer(raw, dtype=np.int64, count=n_doc, offset=34 + 12 * n_seq)
-    expect_bin = int(lengths.astype(np.int64).sum()) * _DTYPE_SIZES[code]
+    with warnings.catch_warnings():  # megatron-core warns about absent GPU libraries on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    try:
+        ds = IndexedDataset(str(prefix), mmap=True)
+        # copies: the reader closes its memory map when it is collected, and views into it would then crash
+        lengths, doc_idx, item = ds.sequence_lengths.copy(), ds.document_indices.copy(), ds.index.dtype_size
+        del ds
+    except (AssertionError, ValueError, struct.error, KeyError) as e:
+        raise ValueError(f"{idx_path} is not a megatron IndexedDataset index or is truncated ({type(e).__name__}: "
+                         f"{e}): {redo}") from None
+    expect_bin = int(lengths.astype(np.int64).sum()) * item
     got_bin = bin_path.stat().st_size
     if got_bin != expect_bin:
         raise ValueError(f"{idx_path} does not match {bin_path}: the index describes {expect_bin} bytes of tokens, "
                          f"the .bin holds {got_bin}; the pair comes from different runs or was cut short: {redo}")
-    if n_doc < 2 or doc_idx[0] != 0 or doc_idx[-1] != n_seq:
-        raise ValueError(f"{idx_path}: document index is empty or inconsistent ({n_doc - 1} documents): {redo}")
-    return {"lengths": lengths, "document_indices": doc_idx, "dtype_code": code, "documents": n_doc - 1}
+    if len(doc_idx) < 2 or doc_idx[0] != 0 or doc_idx[-1] != len(lengths):
+        raise ValueError(f"{idx_path}: document index is empty or inconsistent ({len(doc_idx) - 1} documents): {redo}")
+    return {"lengths": lengths, "document_indices": doc_idx, "dtype_size": item,
+            "documents": len(doc_idx) - 1}
 
 
 @dataclass
@@ -166,21 +158,23 @@ class DataConfig:
 
 
 @contextlib.contextmanager
-def _no_megatron_collectives(rank0: bool):
-    """Make megatron-core's builder see no process group, so it issues no barriers of its own.
+def _process_group():
+    """megatron-core's builders order the ranks of a process group themselves (rank 0 builds the index cache, a
+    barrier, then the other ranks read it) and ask for the rank when they build a blend. A launched job has the
+    group; elsewhere (tools, tests) a one-process gloo group stands in while they run."""
+    import tempfile
 
-    BlendedDataset still asks `torch.distributed.get_rank() == 0` on a cache miss (even without a process
-    group, which raises): it is answered from `rank0`, so only rank 0 ever writes the cache.
-    """
     import torch.distributed as dist
 
-    orig = dist.is_initialized, dist.get_rank
-    dist.is_initialized = lambda: False
-    dist.get_rank = lambda *a, **k: 0 if rank0 else 1
-    try:
+    if dist.is_initialized():
         yield
-    finally:
-        dist.is_initialized, dist.get_rank = orig
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/pg", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def _check_splits(data_cfg: DataConfig, seq_len: int) -> None:
@@ -270,12 +264,11 @@ class HFSamples(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples: tuple[int, int, int],
-                   rank0: bool, barrier: Callable[[], None]) -> tuple[HFSamples | None, HFSamples | None, HFSamples | None]:
+def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int,
+                   num_samples: tuple[int, int, int]) -> tuple[HFSamples | None, HFSamples | None, HFSamples | None]:
     """Build (train, valid, test) over `data_cfg.blend`; a split with weight 0 or 0 samples is None.
 
-    Every rank calls this. Rank 0 builds megatron's index cache, `barrier()` is called on every rank,
-    then the other ranks build from the cache (cache hits only).
+    Every rank of a job calls this: megatron builds the index cache on rank 0, then the other ranks read it.
     """
     from tokenizer.io import source_hash
     from tokenizer.tokenizer import MODEL_FILE, MegatronTokenizerAdapter, Tokenizer
@@ -314,23 +307,19 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int, num_samples
     prefixes = [p for _, p in data_cfg.blend]
     mtok.unique_identifiers["data"] = {p: _fingerprint(p) for p in prefixes + (masks or [])}
 
-    def build(is_rank0: bool, prefixes: list[str]):
+    def build(prefixes: list[str]):
         cfg = GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_len, blend=(prefixes, [w for w, _ in data_cfg.blend]),
             split=split_str, path_to_cache=cache, tokenizer=mtok,
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
             create_attention_mask=False, add_extra_token_to_sequence=False, mmap_bin_files=True)
-        with _no_megatron_collectives(is_rank0):
-            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
 
-    def build_all(is_rank0: bool):  # (token datasets, mask datasets or Nones), each (train, valid, test)
-        return build(is_rank0, prefixes), build(is_rank0, masks) if masks else [None] * 3
-
-    out = build_all(True) if rank0 else None
-    barrier()
-    if not rank0:
-        out = build_all(False)  # cache hits only
-    return tuple(HFSamples(d, m) if d is not None and sizes[i] > 0 else None for i, (d, m) in enumerate(zip(*out)))
+    with _process_group():
+        tokens = build(prefixes)
+        masks_ds = build(masks) if masks else [None] * 3
+    return tuple(HFSamples(d, m) if d is not None and sizes[i] > 0 else None
+                 for i, (d, m) in enumerate(zip(tokens, masks_ds)))
 
 
 class _PretrainingBatchSampler(torch.utils.data.Sampler):

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_config(a.config, a.set)
     with open(a.ds_config) as f:
         ds_json = json.load(f)
-    trainer.init_distributed()
+    trainer.setup_distributed()
     from pretrain.checkpoint import CheckpointSaveError, RunFolderError
 
     try:

@@ -1,28 +1,16 @@
-"""DeepSpeed pretraining engine: build, train, evaluate, checkpoint, resume (issue 4).
+"""DeepSpeed pretraining: build the engine, run the step loop, log, save and resume through pretrain.checkpoint.
 
-Design choices
-- The model package stays single-device; this file applies DeepSpeed from outside. ZeRO-3 builds the
-  model under `deepspeed.zero.Init`, then `initialise_parameters` runs the model's `init_plan()` one
-  parameter at a time, each gathered alone and set on rank 0 (no rank ever holds the whole model; the
-  constructors' own initialisation ran on partitions). Every stage initialises this way, so a seed gives
-  the same weights under ZeRO-1/2/3 and any world size. Expert parallelism: `pretrain.expert_parallel.
-  prepare_expert_parallel` (engineer E2) is called right before `deepspeed.initialize`.
-- Optimizer = torch AdamW (decay on >= 2-D weights except embeddings) + LambdaLR (linear warmup, cosine
-  or linear decay to min_lr), handed to `deepspeed.initialize`: a plain torch run with the same objects
-  is the parity reference.
-- Activation checkpointing: `model.set_checkpointing(torch.utils.checkpoint non-reentrant, every)`; every
-  `every`-th R2MU step is a recompute boundary (ZeRO-3 + reentrant checkpointing has known bugs).
-- Precision from the accelerator: bf16 on a CUDA device that supports it, fp32 on CPU (logged).
-- Checkpoints: `engine.save_checkpoint(run_dir, tag="step_%08d", save_latest=False)`, then per-rank RNG
-  files, a barrier, then rank 0 writes `TAG/COMPLETE` and only then `run_dir/latest`; `--resume auto`
-  loads the newest tag holding COMPLETE, so a run killed while saving resumes from the previous one.
-  Client state: run config, model config, consumed_samples (data position), step, tokens seen.
-- wandb: offline by default (files under run_dir/wandb, never network); `online` only when the run config
-  or WANDB_MODE (which wins) says so.
-- Signals: SIGTERM/SIGUSR1 set a flag; after the current step every rank agrees (all-reduce), saves and
-  returns. `run_dir/FINISHED` is written only when all steps are done (Slurm requeue reads it).
-- Non-finite loss: a flag all-reduced over ranks; the micro batch is skipped (no backward, no step) on all
-  ranks and counted; `nan_max_consecutive` in a row stops the run with an error.
+- The model package stays single-device; DeepSpeed is applied here. ZeRO-3 builds the model under
+  `deepspeed.zero.Init`; `set_initial_weights` then sets every parameter from the seed (the model's `init_plan()`)
+  or from a state dict, one gathered parameter at a time, so a seed gives the same weights under any ZeRO stage
+  and world size. Expert parallelism is applied by `pretrain.expert_parallel` right before `deepspeed.initialize`.
+- Optimizer: torch AdamW (decay on >= 2-D weights except embeddings) + LambdaLR (warmup, cosine or linear decay
+  to min_lr), the same objects a plain torch run uses as the parity reference. Activation checkpointing: torch's
+  non-reentrant checkpoint at every `every`-th recurrent step. Precision: bf16 on a bf16 GPU, fp32 on CPU.
+- The run folder (lock, checkpoints, manifests, resume, resharding) is pretrain/checkpoint.py's.
+- Stops: SIGTERM / SIGUSR1 / SIGINT or the launcher's death set a flag; after the step every rank agrees, saves
+  and returns. A non-finite loss on any rank skips that micro batch on all ranks; `nan_max_consecutive` in a
+  row stops the run.
 """
 
 from __future__ import annotations
@@ -45,11 +33,9 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import RunConfig
+from ressformer.flops import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
-TAG_FMT = "step_{:08d}"
-COMPLETE = "COMPLETE"
-FINISHED = "FINISHED"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak per GPU
 
 
@@ -126,14 +112,14 @@ def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
             model = build_model(cfg)
     else:
         model = build_model(cfg)
-    initialise_parameters(model, run.seed, init_state, partitioned=zero3)
+    set_initial_weights(model, run.seed, init_state, partitioned=zero3)
     if run.activation_checkpointing["enabled"]:
         model.set_checkpointing(checkpoint_fn, every=run.activation_checkpointing["every"])
     return model
 
 
 @torch.no_grad()
-def initialise_parameters(model: torch.nn.Module, seed: int, init_state: dict | None = None,
+def set_initial_weights(model: torch.nn.Module, seed: int, init_state: dict | None = None,
                           partitioned: bool = False) -> None:
     """Set every parameter from the seed (`model.init_plan()`, drawn in plan order) or from `init_state`.
 
@@ -206,7 +192,7 @@ def config_diff(got: dict, want: dict, prefix: str = "") -> dict:
     return out
 
 
-def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
+def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     """-> (engine, optimizer, scheduler, ds_config). torch.distributed must be initialised."""
     import deepspeed
 
@@ -227,7 +213,7 @@ def initialize(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     return engine, opt, sched, ds
 
 
-# --- distributed helpers --------------------------------------------------------------------------
+# --- distributed --------------------------------------------------------------------------
 def skip_deepspeed_shm_allreduce() -> None:
     """Keep DeepSpeed from JIT-building and mapping its CPU shared-memory all-reduce op at init.
 
@@ -247,8 +233,18 @@ def skip_deepspeed_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-def init_distributed() -> None:
-    """Single process without a launcher: world size 1 on a free local port. srun/deepspeed set the env."""
+def free_port() -> int:
+    """A free TCP port on localhost (for a rendezvous without a launcher)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> None:
+    """torch.distributed through DeepSpeed: the launcher's (srun, deepspeed) environment, or world size 1 on a
+    free local port for a single process without one."""
     import deepspeed
 
     skip_deepspeed_shm_allreduce()
@@ -258,11 +254,7 @@ def init_distributed() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
 
 
@@ -417,8 +409,8 @@ class WandbLog:
 class NanGuard:
     """Counts skipped non-finite micro batches; raises after `max_consecutive` in a row."""
 
-    def __init__(self, max_consecutive: int) -> None:
-        self.max_consecutive, self.skipped, self.in_a_row = max_consecutive, 0, 0
+    def __init__(self, max_consecutive: int, skipped: int = 0) -> None:
+        self.max_consecutive, self.skipped, self.in_a_row = max_consecutive, skipped, 0
 
 
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
@@ -438,7 +430,22 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     return out
 
 
-# --- the loop -------------------------------------------------------------------------------------
+def optimizer_step(engine, batches, num_steps: int, grad_accum: int, guard: NanGuard, sums: dict) -> None:
+    """`grad_accum` micro batches (a skipped one is replaced by the next) = one optimizer step; the losses and
+    scalar diagnostics of each are added to `sums` (name -> [sum, count])."""
+    done = 0
+    while done < grad_accum:
+        out = micro_step(engine, next(batches), num_steps, guard)
+        if out is None:
+            continue
+        done += 1
+        for name, v in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items(),
+                        *[(f"diag/{n}", d) for n, d in out.diagnostics.items() if d.numel() == 1]]:
+            acc = sums.setdefault(name, [0.0, 0])
+            acc[0] += float(v.detach().float())
+            acc[1] += 1
+
+
 def evaluate(engine, valid, run: RunConfig) -> float:
     from pretrain.data import eval_batches
 
@@ -449,6 +456,59 @@ def evaluate(engine, valid, run: RunConfig) -> float:
             tot += engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device)).lm_loss.item()
     engine.train()
     return all_mean(tot / run.eval_iters)
+
+
+class MetricsLog:
+    """metrics.jsonl, wandb and the progress bar on rank 0 (other ranks only join the reductions); throughput
+    over the steps since the last record."""
+
+    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals: StopSignals, step: int, tokens: int) -> None:
+        self.run, self.rank = run, dist.get_rank()
+        self.mcfg = run.model_config()
+        self.t0, self.tok0 = time.time(), tokens
+        self.wb = self.bar = self.file = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            self.wb = WandbLog(run, rundir, info, signals)
+            self.bar = tqdm(total=run.steps, initial=step, desc="pretrain", file=sys.stdout, dynamic_ncols=True)
+            self.file = open(rundir / "metrics.jsonl", "a")
+
+    def write(self, rec: dict) -> None:
+        if self.rank == 0:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+            self.wb.log(rec)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "val_ppl", "lr")})
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def validation(self, step: int, loss: float) -> None:
+        self.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+
+    def training(self, step: int, sums: dict, *, engine, sched, num_steps: int, tokens: int, skipped: int) -> None:
+        """Collective: the mean over ranks of every summed value, with lr, grad norm and throughput."""
+        world = dist.get_world_size()
+        tps = (tokens - self.tok0) / max(time.time() - self.t0, 1e-9)
+        gn = engine.get_global_grad_norm()
+        rec = {"step": step, **{n: all_mean(v / k) for n, (v, k) in sums.items()},
+               "lr": sched.get_last_lr()[0], "grad_norm": float(gn) if gn is not None else None,
+               "num_steps": num_steps, "tokens_seen": tokens, "tokens_per_s": tps,
+               "tflops": tps * flops_per_token(self.mcfg, self.run.seq_len, num_steps) / 1e12,
+               "skipped_micro_batches": skipped, "peak_mem_gib": peak_memory_gib()}
+        peak = peak_tflops()
+        if peak:
+            rec["mfu"] = rec["tflops"] / world / peak
+        self.write(rec)
+        self.t0, self.tok0 = time.time(), tokens
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.bar.close()
+            self.file.close()
+            self.wb.finish()
 
 
 def _collective(fn, *args):
@@ -505,7 +565,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
     ds = build_ds_config(ds_json, run, world)
     layout = _layout(run, ds, world)
     if point is None:
-        engine, _, sched, ds = initialize(run, ds_json, init_state=load_init_from(run))
+        engine, _, sched, ds = build_engine(run, ds_json, init_state=load_init_from(run))
         return engine, sched, ds, {}
     diff = config_diff(point.state.get("model_config") or {}, run.model_config().to_dict())
     if diff:
@@ -514,7 +574,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
                                   f"run from its weights with --set init_from={point.tag}")
     old = point.layout or layout
     if old == layout:
-        engine, _, sched, ds = initialize(run, ds_json)
+        engine, _, sched, ds = build_engine(run, ds_json)
         ckpt.load_same_layout(engine, point.tag)
         return engine, sched, ds, point.state
     ckpt.check_reshardable(old, layout, point.tag)
@@ -531,7 +591,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in build_model(cfg).named_parameters()}
     init_state = check_state(ckpt.universal_tensors(udir, "fp32", shapes), cfg, str(udir))
-    engine, _, sched, ds = initialize(run, ds_json, init_state=init_state)
+    engine, _, sched, ds = build_engine(run, ds_json, init_state=init_state)
     dummy = torch.zeros(run.micro_batch, run.seq_len, dtype=torch.long)
     ckpt.load_resharded(engine, udir, optimizer_steps=int(point.state.get("optimizer_steps", point.state["step"])),
                         batch={"input_ids": dummy, "labels": dummy}, grad_accum=run.grad_accum)
@@ -546,7 +606,6 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
 def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals: StopSignals) -> dict:
     from pretrain import checkpoint as ckpt
     from pretrain.data import TrainBatches, build_datasets
-    from ressformer.flops import flops_per_token
     from ressformer.recurrence import sample_num_steps
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -554,61 +613,24 @@ def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals:
     if resume == "none":
         _collective(ckpt.prepare_fresh, rundir, overwrite)
     dcfg = run.data_config()  # fail on a missing data prefix / tokenizer before building anything
-    point = ckpt.find_resume(rundir, resume)
-    if rank == 0:
-        for w in (point.skipped if point else []):
-            print(f"[checkpoint] warning: {w}", file=sys.stderr, flush=True)
-        if point is not None:
-            for m in ckpt.set_aside_newer(rundir, point):
-                print(f"[checkpoint] {m}", flush=True)
-        else:
-            for t in ckpt.all_tags(rundir):  # only interrupted saves can be left here
-                ckpt._remove_tag(t)
-    dist.barrier()
+    point = _resume_point(rundir, resume)
     engine, sched, ds, state = _restore(run, ds_json, point, rundir)
     mcfg = run.model_config()
     layout = _layout(run, ds, world)
     info = run_info(run, ds)
     step, tokens = int(state.get("step", 0)), int(state.get("tokens_seen", 0))
-    consumed = int(state.get("consumed_samples", 0))
     gb = run.global_batch(world)
     if rank == 0:
-        if point is not None:
-            print(f"[pretrain] resumed from {point.tag} (step {step}, {tokens} tokens, {consumed} samples)", flush=True)
-            if state.get("global_batch", gb) != gb:
-                print(f"[pretrain] warning: the checkpoint trained with global batch {state['global_batch']}, this "
-                      f"run uses {gb} (micro_batch x grad_accum x world size): the data order continues by samples, "
-                      f"the schedule by steps", file=sys.stderr, flush=True)
-        ckpt.trim_metrics(rundir / "metrics.jsonl", step)
-        if (rundir / ckpt.FINISHED).exists() and step < run.steps:
-            (rundir / ckpt.FINISHED).unlink()
-        (rundir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
-        print(f"[pretrain] precision={info['precision']} world={world} git={info['git_sha']} "
-              f"versions={info['versions']}\n[pretrain] run config: {json.dumps(run.to_dict())}\n"
-              f"[pretrain] model config: {json.dumps(info['model_config'])}\n"
-              f"[pretrain] ds config: {json.dumps(ds)}", flush=True)
+        _announce(run, rundir, point, state, info, ds, gb, step)
 
     train_ds, valid_ds, _ = build_datasets(
-        dcfg, seq_len=run.seq_len, seed=run.seed, rank0=rank == 0, barrier=dist.barrier,
+        dcfg, seq_len=run.seq_len, seed=run.seed,
         num_samples=(run.steps * gb + spare_samples(run, gb), max(1, run.eval_iters) * run.micro_batch * world, 0))
     batches = TrainBatches(train_ds, micro_batch=run.micro_batch, global_batch=gb, dp_rank=rank, dp_size=world,
-                           consumed_samples=consumed, num_workers=dcfg.num_workers)
-
-    wb = WandbLog(run, rundir, info, signals) if rank == 0 else None
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.steps, initial=step, desc="pretrain", file=sys.stdout, dynamic_ncols=True)
-    metrics_f = open(rundir / "metrics.jsonl", "a") if rank == 0 else None
-
-    def log(rec: dict) -> None:
-        if rank == 0:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            wb.log(rec)
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "val_ppl", "lr")})
+                           consumed_samples=int(state.get("consumed_samples", 0)), num_workers=dcfg.num_workers)
+    guard = NanGuard(run.nan_max_consecutive, skipped=int(state.get("skipped_micro_batches", 0)))
+    log = MetricsLog(run, rundir, info, signals, step, tokens)
+    evaluating = bool(run.eval_iters and valid_ds is not None)
 
     def save(at: int) -> None:
         every = run.save_model_every
@@ -619,52 +641,25 @@ def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals:
         ckpt.save(engine, run_dir=rundir, step=at, state=st, layout=layout, model_cfg=mcfg,
                   tokenizer_dir=dcfg.tokenizer, keep_last=run.keep_last, write_model=write_model)
 
-    if run.eval_iters and valid_ds is not None and step == 0:
-        vl = evaluate(engine, valid_ds, run)
-        log({"step": 0, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
-
-    acc: dict[str, float] = {}
-    n_acc, t0, tok0 = 0, time.time(), tokens
-    guard = NanGuard(run.nan_max_consecutive)
-    guard.skipped = int(state.get("skipped_micro_batches", 0))
+    if evaluating and step == 0:
+        log.validation(0, evaluate(engine, valid_ds, run))
+    sums: dict[str, list] = {}
     interrupted, wrapped_warned = False, False
     while step < run.steps:
         k = sample_num_steps(mcfg, step, run.seed)
-        done_micro = 0
-        while done_micro < run.grad_accum:
-            out = micro_step(engine, next(batches), k, guard)
-            if out is None:
-                continue  # skipped on every rank: the next micro batch takes its place
-            done_micro += 1
-            for name, v in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items(),
-                            *[(f"diag/{n}", d) for n, d in out.diagnostics.items() if d.numel() == 1]]:
-                acc[name] = acc.get(name, 0.0) + float(v.detach().float())
-            n_acc += 1
+        optimizer_step(engine, batches, k, run.grad_accum, guard, sums)
         step += 1
         tokens += gb * run.seq_len
-        if bar is not None:
-            bar.update(1)
+        log.advance()
         if batches.epochs_completed and not wrapped_warned and rank == 0:
             wrapped_warned = True
             print("[pretrain] warning: skipped micro batches used up the spare training samples; the data "
                   "continues from the start of the training split", file=sys.stderr, flush=True)
         if step % run.log_every == 0 or step == run.steps:
-            dt = time.time() - t0
-            rec = {"step": step, **{n: all_mean(v / n_acc) for n, v in acc.items()}}
-            tps = (tokens - tok0) / max(dt, 1e-9)
-            gn = engine.get_global_grad_norm()
-            rec.update({"lr": sched.get_last_lr()[0], "grad_norm": float(gn) if gn is not None else None,
-                        "num_steps": k, "tokens_seen": tokens, "tokens_per_s": tps,
-                        "tflops": tps * flops_per_token(mcfg, run.seq_len, k) / 1e12,
-                        "skipped_micro_batches": guard.skipped, "peak_mem_gib": peak_memory_gib()})
-            peak = peak_tflops()
-            if peak:
-                rec["mfu"] = rec["tflops"] / world / peak
-            log(rec)
-            acc, n_acc, t0, tok0 = {}, 0, time.time(), tokens
-        if run.eval_iters and valid_ds is not None and (step % run.eval_every == 0 or step == run.steps):
-            vl = evaluate(engine, valid_ds, run)
-            log({"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
+            log.training(step, sums, engine=engine, sched=sched, num_steps=k, tokens=tokens, skipped=guard.skipped)
+            sums = {}
+        if evaluating and (step % run.eval_every == 0 or step == run.steps):
+            log.validation(step, evaluate(engine, valid_ds, run))
         stop = any_rank(signals.stop)
         if step % run.save_every == 0 or step == run.steps or stop:
             save(step)
@@ -675,15 +670,50 @@ def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals:
                       f"{ckpt.FINISHED} marker; --resume auto continues)", flush=True)
             break
     finished = step >= run.steps
-    if rank == 0:
-        if bar is not None:
-            bar.close()
-        metrics_f.close()
-        wb.finish()
-        if finished:
-            (rundir / ckpt.FINISHED).write_text(f"step {step}\n")
+    log.close()
+    if rank == 0 and finished:
+        (rundir / ckpt.FINISHED).write_text(f"step {step}\n")
     dist.barrier()
     return {"step": step, "finished": finished, "interrupted": interrupted}
+
+
+def _resume_point(rundir: Path, resume: str):
+    """Collective: the checkpoint to continue from (None: a fresh start); rank 0 tidies the folder for it."""
+    from pretrain import checkpoint as ckpt
+
+    point = ckpt.find_resume(rundir, resume)
+    if dist.get_rank() == 0:
+        for w in (point.skipped if point else []):
+            print(f"[checkpoint] warning: {w}", file=sys.stderr, flush=True)
+        if point is not None:
+            for m in ckpt.set_aside_newer(rundir, point):
+                print(f"[checkpoint] {m}", flush=True)
+        else:
+            for t in ckpt.all_tags(rundir):  # only interrupted saves can be left here
+                ckpt.remove_tag(t)
+    dist.barrier()
+    return point
+
+
+def _announce(run: RunConfig, rundir: Path, point, state: dict, info: dict, ds: dict, gb: int, step: int) -> None:
+    """Rank 0: print what runs, write run_info.json, drop metrics after the resumed step and a stale FINISHED."""
+    from pretrain import checkpoint as ckpt
+
+    if point is not None:
+        print(f"[pretrain] resumed from {point.tag} (step {step}, {state.get('tokens_seen')} tokens, "
+              f"{state.get('consumed_samples')} samples)", flush=True)
+        if state.get("global_batch", gb) != gb:
+            print(f"[pretrain] warning: the checkpoint trained with global batch {state['global_batch']}, this run "
+                  f"uses {gb} (micro_batch x grad_accum x world size): the data order continues by samples, the "
+                  f"schedule by steps", file=sys.stderr, flush=True)
+    ckpt.trim_metrics(rundir / "metrics.jsonl", step)
+    if (rundir / ckpt.FINISHED).exists() and step < run.steps:
+        (rundir / ckpt.FINISHED).unlink()
+    (rundir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+    print(f"[pretrain] precision={info['precision']} world={info['world_size']} git={info['git_sha']} "
+          f"versions={info['versions']}\n[pretrain] run config: {json.dumps(run.to_dict())}\n"
+          f"[pretrain] model config: {json.dumps(info['model_config'])}\n[pretrain] ds config: {json.dumps(ds)}",
+          flush=True)
 
 
 def spare_samples(run: RunConfig, global_batch: int) -> int:

@@ -50,8 +50,7 @@ def _cfg(world, blend=None, **kw):
 def _build(world, seed=1234, num_samples=(3000, 64, 64), **kw):
     from pretrain.data import build_datasets
 
-    return build_datasets(_cfg(world, **kw), seq_len=SEQ, seed=seed, num_samples=num_samples, rank0=True,
-                          barrier=lambda: None)
+    return build_datasets(_cfg(world, **kw), seq_len=SEQ, seed=seed, num_samples=num_samples)
 
 
 # --- preprocessing -------------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ def test_prefix_from_another_tokenizer_is_refused(tmp_path, world):
     preprocess(other.path, [world["root"] / "b.txt"], tmp_path / "o", progress=False)
     cfg = DataConfig(blend=[[1.0, str(tmp_path / "o")]], tokenizer=str(world["tok"].path), split="90,5,5")
     with pytest.raises(ValueError, match=r"o'.*another tokenizer.*--force"):
-        build_datasets(cfg, seq_len=SEQ, seed=0, num_samples=(10, 1, 1), rank0=True, barrier=lambda: None)
+        build_datasets(cfg, seq_len=SEQ, seed=0, num_samples=(10, 1, 1))
 
 
 @pytest.mark.timeout(120)
@@ -178,7 +177,7 @@ def test_tiny_split_is_refused_not_spun(tmp_path, world):
     preprocess(world["tok"].path, [tmp_path / "t.txt"], tmp_path / "t", progress=False)
     cfg = DataConfig(blend=[[1.0, str(tmp_path / "t")]], tokenizer=str(world["tok"].path), split="98,1,1")
     with pytest.raises(ValueError, match=r"10 documents.*valid split 0 documents.*add documents"):
-        build_datasets(cfg, seq_len=SEQ, seed=0, num_samples=(10, 1, 1), rank0=True, barrier=lambda: None)
+        build_datasets(cfg, seq_len=SEQ, seed=0, num_samples=(10, 1, 1))
 
 
 # --- datasets and batches ------------------------------------------------------------------------------
@@ -278,56 +277,40 @@ def test_rewritten_prefix_does_not_reuse_stale_index_cache(tmp_path, world):
     first = {}
     for name in ("a", "b"):  # same prefix path, same seed, new content
         preprocess(tok.path, [world["root"] / f"{name}.txt"], tmp_path / "p", force=True, progress=False)
-        train, _, _ = build_datasets(DataConfig(**cfg), seq_len=SEQ, seed=0, num_samples=(200, 8, 8), rank0=True,
-                                     barrier=lambda: None)
+        train, _, _ = build_datasets(DataConfig(**cfg), seq_len=SEQ, seed=0, num_samples=(200, 8, 8))
         first[name] = torch.stack([train[i]["input_ids"] for i in range(50)])
     assert not torch.equal(first["a"], first["b"])
     # and they are what a fresh cache gives for b's content
     fresh, _, _ = build_datasets(DataConfig(**{**cfg, "cache_dir": str(tmp_path / "c2")}), seq_len=SEQ, seed=0,
-                                 num_samples=(200, 8, 8), rank0=True, barrier=lambda: None)
+                                 num_samples=(200, 8, 8))
     assert torch.equal(first["b"], torch.stack([fresh[i]["input_ids"] for i in range(50)]))
 
 
-def _rank(rank, world, cache, barrier, q, gloo_file=None):
+def _rank(rank, world, cache, q, gloo_file):
+    import torch.distributed as dist
+
     from pretrain.data import DataConfig, build_datasets
 
-    if gloo_file:  # the DeepSpeed situation: a process group exists, megatron must not add barriers of its own
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"file://{gloo_file}", rank=rank, world_size=2)
-
+    dist.init_process_group("gloo", init_method=f"file://{gloo_file}", rank=rank, world_size=2)
     cfg = DataConfig(blend=[[0.5, world["a"]], [0.5, world["b"]]], tokenizer=str(world["tok"].path),
                      split="90,5,5", cache_dir=cache)
-
-    def wait():
-        if gloo_file:
-            torch.distributed.barrier()
-        else:
-            barrier.wait()
-        if rank == 1:  # what rank 1 finds when the barrier lets it go: the index cache must be complete
-            q.put(("seen_by_1", sorted(p.name for p in Path(cache).glob("*.npy"))))
-
-    train, _, _ = build_datasets(cfg, seq_len=SEQ, seed=3, num_samples=(500, 32, 32), rank0=rank == 0, barrier=wait)
+    train, _, _ = build_datasets(cfg, seq_len=SEQ, seed=3, num_samples=(500, 32, 32))
     q.put((rank, train[123]["input_ids"].tolist()))
-    if rank == 0:
-        q.put(("final", sorted(p.name for p in Path(cache).glob("*.npy"))))
-    if gloo_file:
-        torch.distributed.destroy_process_group()
+    q.put((f"seen_by_{rank}", sorted(p.name for p in Path(cache).glob("*.npy"))))
+    dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("launcher", ["processes", "gloo"])
-def test_rank0_builds_cache_then_others_load(tmp_path, world, launcher):
+def test_rank0_builds_cache_then_others_load(tmp_path, world):
     ctx = mp.get_context("fork")
-    barrier, q = ctx.Barrier(2), ctx.Queue()
+    q = ctx.Queue()
     cache = str(tmp_path / "cache")
-    gloo = str(tmp_path / "pg") if launcher == "gloo" else None
-    procs = [ctx.Process(target=_rank, args=(r, world, cache, barrier, q, gloo)) for r in (1, 0)]
+    procs = [ctx.Process(target=_rank, args=(r, world, cache, q, str(tmp_path / "pg"))) for r in (1, 0)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=150) for _ in range(4))
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
-    assert len(got["final"]) >= 7 and got["seen_by_1"] == got["final"]  # rank 1 only ever read a finished cache
+    assert len(got["seen_by_0"]) >= 7 and got["seen_by_1"] == got["seen_by_0"]  # rank 1 read rank 0's cache
     assert got[0] == got[1]

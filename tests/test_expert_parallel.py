@@ -1,7 +1,7 @@
 """MoE expert parallelism (pretrain/expert_parallel.py): start-up validation, layout conversion, and parity of
 one training step on 2 real gloo CPU ranks against one plain-torch process (issue 4, "parity is the proof").
 
-Parity cases (one launch of tests/_ep_worker.py, 4 experts, top-2, ep size 2, data parallel over 2 ranks):
+Parity cases (one launch of tests/helpers/ep_worker.py, 4 experts, top-2, ep size 2, data parallel over 2 ranks):
 ZeRO-3 + AutoEP, ZeRO-2 + native DeepSpeed-MoE, ZeRO-3 with replicated experts (backend none);
 each also with routing forced so that the experts of EP rank 1 (experts 2, 3) receive no token on any rank
 (the upstream hang): the step must complete and still match. The reference averages the per-rank losses (the
@@ -119,7 +119,7 @@ def _launch(inp, out, timeout: float) -> None:
     env = base_env()
     # a PYTHONPATH the caller set comes first, then the repository
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p)
-    launch_ranks([str(REPO / "tests" / "_ep_worker.py"), str(inp), str(out)], WORLD, timeout, env=env)
+    launch_ranks([str(REPO / "tests" / "helpers" / "ep_worker.py"), str(inp), str(out)], WORLD, timeout, env=env)
 
 
 def _forced(state: dict, cfg: ModelConfig) -> dict:
@@ -136,7 +136,7 @@ def _forced(state: dict, cfg: ModelConfig) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_expert_parallel_step_matches_single_process(tmp_path):
-    from tests._ep_worker import TinyMoELM, reference_step
+    from tests.helpers.ep_worker import TinyMoELM, reference_step
 
     cfg = _cfg()
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_expert_parallel_step_matches_single_process(tmp_path):
 
 def _engine_parity(tmp_path, name: str, ds_name: str, ac: bool) -> None:
     """The product path on the real debug ReSSFormer (4 experts top-2, the shared core run K = 3 times):
-    `trainer.initialize` (zero.Init under ZeRO-3, prepare_expert_parallel, param_groups_for in build_optimizer,
+    `trainer.build_engine` (zero.Init under ZeRO-3, prepare_expert_parallel, param_groups_for in build_optimizer,
     deepspeed.initialize) on 2 ranks == plain torch with the engine's own optimizer/schedule builders."""
     from pretrain.config import RunConfig
     from pretrain.trainer import build_optimizer, checkpoint_fn

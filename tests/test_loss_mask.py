@@ -65,7 +65,7 @@ def _build(task, blend, seed=0, num_samples=(200, 10, 10), cache="cache"):
     from pretrain.data import DataConfig, build_datasets
 
     cfg = DataConfig(blend=blend, tokenizer=str(task["tok"].path), split="90,5,5", cache_dir=str(task["root"] / cache))
-    return build_datasets(cfg, seq_len=SEQ, seed=seed, num_samples=num_samples, rank0=True, barrier=lambda: None)
+    return build_datasets(cfg, seq_len=SEQ, seed=seed, num_samples=num_samples)
 
 
 # --- preprocessing -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""pretrain.trainer.init_distributed on the CPU accelerator builds no DeepSpeed op and maps no /dev/shm segment.
+"""pretrain.trainer.setup_distributed on the CPU accelerator builds no DeepSpeed op and maps no /dev/shm segment.
 
 DeepSpeed's TorchBackend JIT-compiles `deepspeed_shm_comm` at init on CPU and writes a 66 MiB /dev/shm file per
 rank that is never unlinked; a build killed midway leaves a lock on which every later run waits forever (the
@@ -16,7 +16,7 @@ from tests.helpers.dist import REPO, base_env
 SCRIPT = """
 import torch, torch.distributed as dist
 from pretrain import trainer
-trainer.init_distributed()
+trainer.setup_distributed()
 t = torch.ones(2)
 dist.all_reduce(t)
 print("world", dist.get_world_size(), t.tolist())
@@ -24,7 +24,7 @@ print("world", dist.get_world_size(), t.tolist())
 
 
 @pytest.mark.timeout(120)
-def test_init_distributed_builds_no_deepspeed_op_and_leaks_no_shm(tmp_path):
+def test_setup_distributed_builds_no_deepspeed_op_and_leaks_no_shm(tmp_path):
     ext = tmp_path / "torch_extensions"
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()

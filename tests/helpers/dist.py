@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+from pretrain.trainer import free_port  # noqa: E402  (re-exported for the tests)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def base_env() -> dict:

@@ -21,11 +21,11 @@ from pretrain.config import RunConfig  # noqa: E402
 
 def main(inp: str, out: str) -> None:
     spec = torch.load(inp, weights_only=False)
-    trainer.init_distributed()
+    trainer.setup_distributed()
     results = {}
     for case in spec["cases"]:
         tag = Path(case["tag"])
-        engine, _, _, _ = trainer.initialize(RunConfig.from_dict(case["run"]), json.loads(case["ds_json"]))
+        engine, _, _, _ = trainer.build_engine(RunConfig.from_dict(case["run"]), json.loads(case["ds_json"]))
         path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name)
         if path is None:
             raise RuntimeError(f"engine.load_checkpoint found nothing to load in {tag}")

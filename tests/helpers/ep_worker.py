@@ -8,7 +8,7 @@ DeepSpeed step on its slice of the global batch (through `pretrain.expert_parall
 {case: {loss, grad_norm, state (full, fused layout), aux, load, n_router_logits}} to OUT.
 
 argv: IN.pt OUT.pt; IN holds {"input_ids", "cfg", "cases": [{name, ds, aux_coef, state}]}; a case with
-"engine": True instead runs the real model through `pretrain.trainer.initialize` ({name, run, ds, num_steps,
+"engine": True instead runs the real model through `pretrain.trainer.build_engine` ({name, run, ds, num_steps,
 state}).
 """
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-_REPO = str(Path(__file__).resolve().parents[1])
+_REPO = str(Path(__file__).resolve().parents[2])
 if _REPO not in sys.path:
     sys.path.append(_REPO)  # after PYTHONPATH, so the launcher's PYTHONPATH decides
 
@@ -170,7 +170,7 @@ def main(inp: str, outp: str) -> None:
 
 
 def _engine_case(case, input_ids, rank, world) -> dict:
-    """The product path: `pretrain.trainer.initialize` (zero.Init, prepare_expert_parallel, param_groups_for,
+    """The product path: `pretrain.trainer.build_engine` (zero.Init, prepare_expert_parallel, param_groups_for,
     deepspeed.initialize) on the real ReSSFormer, one step on this rank's slice; full fused state back."""
     import deepspeed
 
@@ -179,7 +179,7 @@ def _engine_case(case, input_ids, rank, world) -> dict:
     from pretrain.config import RunConfig
 
     run = RunConfig.from_dict(case["run"])
-    engine, _, _, ds = trainer.initialize(run, case["ds"], init_state=case["state"])
+    engine, _, _, ds = trainer.build_engine(run, case["ds"], init_state=case["state"])
     ids = input_ids.chunk(world)[rank]
     o = engine(ids, labels=ids, num_steps=case["num_steps"])
     engine.backward(o.loss)

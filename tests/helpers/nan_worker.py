@@ -28,7 +28,7 @@ class Scalar(torch.nn.Module):
 def main() -> None:
     import deepspeed
 
-    trainer.init_distributed()
+    trainer.setup_distributed()
     model = Scalar()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={

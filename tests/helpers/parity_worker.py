@@ -22,7 +22,7 @@ def main(inp: str, out: str) -> None:
     import deepspeed
 
     spec = torch.load(inp, weights_only=False)
-    trainer.init_distributed()
+    trainer.setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     if spec.get("seed_init"):
@@ -44,7 +44,7 @@ def main(inp: str, out: str) -> None:
         results["seed_init"] = {"state": state, "gathered": gathered}
     for case in spec["cases"]:
         run = RunConfig.from_dict(case["run"])
-        engine, _, _, ds = trainer.initialize(run, json.loads(case["ds_json"]), init_state=spec["state"])
+        engine, _, _, ds = trainer.build_engine(run, json.loads(case["ds_json"]), init_state=spec["state"])
         ids = spec["input_ids"].chunk(world)[rank]  # (B/world, T)
         o = engine(ids, labels=ids, num_steps=case["num_steps"])
         engine.backward(o.loss)
