@@ -1,46 +1,19 @@
-"""MoE expert parallelism for the DeepSpeed trainer (issue 4, "MoE expert parallelism"; paper sec. 3.2, the
-expert-level sparsity of ASAM, realised as top-k routed SwiGLU experts by `ressformer.moe`).
+"""MoE expert parallelism for the DeepSpeed trainer (the expert-level sparsity of ASAM, paper sec. 3.2).
 
-The model package stays single-device; this file applies expert parallelism from outside, right before
-`deepspeed.initialize` (`prepare_expert_parallel`), and gives the optimizer its expert groups
-(`param_groups_for`). Three backends, chosen from the DeepSpeed JSON so that one file describes one layout:
-
-* `autoep` -- the JSON has `"expert_parallel": {"enabled": true, ...}` (ZeRO-3, `ds_configs/zero3_autoep.json`).
-  DeepSpeed AutoEP swaps every `model.layers.N.mlp` MoE block for an `AutoEPMoELayer` inside
-  `deepspeed.initialize` (mixtral preset: router child `gate` nn.Linear [E, D], experts child with fused
-  `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F], softmax -> top-k -> renormalise, "post" score apply:
-  the same routing as `ressformer.moe`). What it returns, read in deepspeed 0.19.8 and checked by the tests:
-  the mixtral preset adapter forces `return_router_logits=False`, so the replaced block returns the output
-  tensor alone, and a custom pattern returns `(output, None)` (capture target "moe_block") -- in neither case
-  the router logits our balance loss needs (and `y, logits = tensor` would silently split the batch). We
-  therefore set, on every `AutoEPMoELayer`, the attributes its own `_finalize_output` reads
-  (`return_router_logits=True`, capture target "router", mode "raw"): it then returns
-  `(output, router.gate(x))`, the raw (B*T, E) logits of the same router weight, with gradient. This is
-  done by a forward pre-hook on the model (the layers only exist after `deepspeed.initialize`), which also
-  refuses to run if one of our MoE blocks was not replaced. AutoEP's own `load_balance_coeff` is refused; the
-  model's balance/z losses act through the returned logits.
-* `native` -- the JSON has `"native_moe": {"enabled": true, "ep_size": N}` (ZeRO-1/2, `ds_configs/zero2_moe.json`).
-  Each MoE block becomes a `NativeMoEBlock` around `deepspeed.moe.layer.MoE` whose per-expert `_SwiGLUExpert`
-  modules hold our weights (layout in `to_native_layout`). The gate is configured dropless
-  (`drop_tokens=False`, capacity = the largest expert count over the EP group), no random token selection,
-  no gumbel sampling of the 2nd expert: for k >= 2 DeepSpeed's TopKGate is then softmax -> top-k ->
-  renormalise, equal to ours; k = 1 is refused (DeepSpeed's top1gating weights an expert by p, ours by 1).
-  DeepSpeed's `l_aux` is discarded: the block returns the gate logits (recomputed from `gate.wg`, one
-  (B*T, D) x (D, E) matmul) and the model adds its own balance/z losses, identical in every backend.
-  "native_moe" is our key, not DeepSpeed's: DeepSpeed ignores unknown top-level keys.
-* `none` -- neither block: the MoE blocks are replicated (data parallel, ZeRO-partitioned like any weight).
-
-The upstream hang (MoE + ZeRO-3: a rank whose tokens reach none of some experts skips those experts' modules,
-so it does not join their parameter all-gather) needs per-expert modules. Our experts are one module holding
-fused 3-D parameters, gathered whole by every rank on every call whatever the routing; under AutoEP each rank
-owns its experts whole (expert-data-parallel groups); native MoE runs only under ZeRO <= 2 (no gathers), and
-its dropless all-to-all sizes buffers by the EP-group max count, so an expert with no token still takes part.
-The tests force all tokens to EP rank 0's experts in every backend and require the step to complete and match.
-`deepspeed.utils.set_z3_leaf_modules` is deliberately NOT used: a ZeRO-3 leaf module called several times in
-one forward (the R2MU shared core runs K times) trips `assert len(set(p.ds_id ...)) == len(params_in_bucket)`
-in stage3 `__reduce_and_partition_ipg_grads` (seen with deepspeed 0.19.8 on 2 CPU ranks).
-
-Impossible combinations fail here, before any collective, with an error naming the fix.
+The model package stays single-device: `prepare_expert_parallel` applies one of three backends right before
+`deepspeed.initialize`, chosen by the DeepSpeed JSON, and `param_groups_for` gives the optimizer its groups.
+- `autoep` (`"expert_parallel": {"enabled": true}`, ZeRO-3): DeepSpeed AutoEP replaces each `model.layers.N.mlp`
+  MoE block (mixtral preset: same softmax -> top-k -> renormalise routing). It returns no router logits, so a
+  forward pre-hook sets the attributes its `_finalize_output` reads to return `(output, raw router logits)`; the
+  model's own balance / z losses use them (AutoEP's `load_balance_coeff` is refused).
+- `native` (`"native_moe": {"enabled": true, "ep_size": N}`, ZeRO-1/2; our key): each block becomes a
+  `NativeMoEBlock` around `deepspeed.moe.layer.MoE`, dropless, no random token selection; top-1 is refused
+  (DeepSpeed weights one expert by p, ours by 1); DeepSpeed's `l_aux` is discarded for the model's losses.
+- `none`: the experts are replicated and ZeRO-partitioned like any weight.
+Our experts are fused 3-D parameters gathered whole on every call, so a rank whose tokens skip an expert still
+joins its gathers (the upstream MoE + ZeRO-3 hang); `set_z3_leaf_modules` is not used (a leaf called K times
+per forward trips a ZeRO-3 bucket assertion in deepspeed 0.19.8). Impossible combinations fail in
+`resolve_plan`, before any collective, naming the fix.
 """
 
 from __future__ import annotations

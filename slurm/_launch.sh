@@ -15,7 +15,7 @@
 #   EXTRA_ARGS      more trainer arguments, word-split, e.g. "--set steps=40 --set micro_batch=1"
 #   MAX_REQUEUES    stop requeueing after this many restarts (a job that keeps dying must not loop forever)
 #
-# Flow (issue 5):
+# Flow:
 #   1. RUN_DIR/FINISHED exists -> nothing to do, exit 0 (a finished run is never restarted or requeued).
 #   2. MASTER_ADDR/MASTER_PORT resolved once here (pretrain/slurm_env.py), exported to the tasks by srun.
 #   3. `srun` starts GPUS_PER_NODE tasks per node; each task maps SLURM_PROCID/LOCALID/NTASKS to

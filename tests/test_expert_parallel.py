@@ -1,5 +1,5 @@
 """MoE expert parallelism (pretrain/expert_parallel.py): start-up validation, layout conversion, and parity of
-one training step on 2 real gloo CPU ranks against one plain-torch process (issue 4, "parity is the proof").
+one training step on 2 real gloo CPU ranks against one plain-torch process: parity is the proof.
 
 Parity cases (one launch of tests/helpers/ep_worker.py, 4 experts, top-2, ep size 2, data parallel over 2 ranks):
 ZeRO-3 + AutoEP, ZeRO-2 + native DeepSpeed-MoE, ZeRO-3 with replicated experts (backend none);

@@ -1,4 +1,4 @@
-"""Slurm launch, proven on a real Slurm (issue 5): slurm/pretrain_debug.sh and slurm/pretrain_1b.sh run on a
+"""Slurm launch, proven on a real Slurm: slurm/pretrain_debug.sh and slurm/pretrain_1b.sh run on a
 two-node test cluster (tests/slurm/setup.sh: munged, slurmctld, slurmd n1 + n2 on 127.0.0.1), one CPU rank
 per node, gloo.
 
@@ -71,20 +71,43 @@ def test_explicit_master_env_wins():
     assert slurm_env.master_env(env) == {"MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
 
 
-def test_scripts_share_one_launcher_and_expose_variables():
-    for name in ("pretrain_1b.sh", "pretrain_debug.sh"):
-        text = (REPO / "slurm" / name).read_text()
-        assert 'source "$REPO/slurm/_launch.sh"' in text and "ressformer_launch" in text
-        for var in ("GPUS_PER_NODE", "CONFIG", "DS_CONFIG", "DATA", "RUN_DIR", "WANDB_PROJECT", "EXTRA_ARGS"):
-            assert re.search(rf"^{var}=\${{{var}:-", text, re.M), f"{name}: {var} is not an overridable variable"
-        assert "#SBATCH --requeue" in text and re.search(r"#SBATCH --signal=B:USR1@\d+", text)
-        code = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-        assert not any("srun" in ln for ln in code)  # the launch itself lives in _launch.sh only
-    one_b = (REPO / "slurm" / "pretrain_1b.sh").read_text()
-    assert "#SBATCH --gpus-per-node=8" in one_b and "ds_configs/zero3.json" in one_b
-    assert "pretrain/configs/1b_long.yaml" in one_b
-    for path in (SETUP, REPO / "slurm" / "_launch.sh", REPO / "slurm" / "pretrain_1b.sh", REPO / "slurm" / "pretrain_debug.sh"):
-        subprocess.run(["bash", "-n", str(path)], check=True)
+def _launch_with_stub_srun(tmp_path, script: str, env: dict) -> tuple[list[str], str]:
+    """Run slurm/SCRIPT outside Slurm with a `srun` stub on PATH that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    record = tmp_path / "srun_args"
+    (bin_dir / "srun").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > {record}\n')
+    (bin_dir / "srun").chmod(0o755)
+    full = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO=str(REPO), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT="29999", SLURM_JOB_NUM_NODES="2", **env)
+    for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        full.pop(k, None)
+    p = subprocess.run(["bash", str(REPO / "slurm" / script)], env=full, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return (record.read_text().splitlines() if record.exists() else None), p.stdout
+
+
+@pytest.mark.parametrize("script,defaults", [
+    ("pretrain_1b.sh", {"per_node": "8", "config": "pretrain/configs/1b_long.yaml", "ds": "ds_configs/zero3.json"}),
+    ("pretrain_debug.sh", {"per_node": "1", "config": "pretrain/configs/debug.yaml", "ds": "ds_configs/zero1.json"})])
+def test_scripts_launch_the_trainer_with_their_defaults_and_overrides(tmp_path, script, defaults):
+    args, out = _launch_with_stub_srun(tmp_path / "a", script, {"RUN_DIR": str(tmp_path / "run_a")})
+    assert f"--ntasks-per-node={defaults['per_node']}" in args and f"--ntasks={2 * int(defaults['per_node'])}" in args
+    assert args[args.index("--config") + 1] == defaults["config"] and args[args.index("--ds_config") + 1] == defaults["ds"]
+    assert args[-2:] == ["--resume", "auto"] and f"run_dir={tmp_path / 'run_a'}" in args
+    assert "not under Slurm: rerun the same command to resume" in out  # stopped (stub) before FINISHED
+    over = {"GPUS_PER_NODE": "3", "CONFIG": "c.yaml", "DS_CONFIG": "d.json", "DATA": "/data/p", "RUN_DIR": str(tmp_path / "r"),
+            "WANDB_PROJECT": "proj", "EXTRA_ARGS": "--set steps=7 --set micro_batch=1"}
+    args, _ = _launch_with_stub_srun(tmp_path / "b", script, over)
+    assert "--ntasks-per-node=3" in args and "--ntasks=6" in args
+    assert args[args.index("--config") + 1] == "c.yaml" and args[args.index("--ds_config") + 1] == "d.json"
+    for want in (f"run_dir={tmp_path / 'r'}", "data.blend=[[1.0, /data/p]]", "wandb.project=proj", "steps=7",
+                 "micro_batch=1"):
+        assert want in args, (want, args)
+    (tmp_path / "r" / "FINISHED").write_text("step 7\n")  # a finished run is never started again
+    (tmp_path / "b" / "srun_args").unlink()
+    args, out = _launch_with_stub_srun(tmp_path / "b", script, over)
+    assert args is None and "the run is complete, nothing to do" in out
 
 
 # --- the cluster --------------------------------------------------------------------------------------

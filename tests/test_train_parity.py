@@ -1,4 +1,4 @@
-"""ZeRO-3 on 2 real gloo CPU ranks == one plain torch process (issue 4, "parity is the proof").
+"""ZeRO-3 on 2 real gloo CPU ranks == one plain torch process: parity is the proof.
 
 One optimizer step (AdamW + grad clipping + warmup LR, the engine's own optimizer/schedule builders) of the
 debug ReSSFormer (dense MLP: moe.num_experts=1; MoE parity is tests/test_expert_parallel.py) with and without
