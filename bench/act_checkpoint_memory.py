@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pretrain.act_memory import saved_bytes  # noqa: E402
+from act_memory import saved_bytes  # noqa: E402  (bench/ is on sys.path when run as a script)
 from ressformer import ModelConfig, build_model  # noqa: E402
 
 

@@ -2,12 +2,16 @@
 boundary, the activation memory kept for backward grows much less than linearly in K (K = 1, 2, 4, 8),
 and checkpointing does not change the loss or the gradients."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from pretrain.act_memory import saved_bytes
-from pretrain.trainer import checkpoint_fn
-from ressformer import ModelConfig, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from act_memory import saved_bytes  # noqa: E402
+from pretrain.trainer import checkpoint_fn  # noqa: E402
+from ressformer import ModelConfig, build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
