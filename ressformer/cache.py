@@ -30,7 +30,7 @@ over the whole sequence.
 The new queries see the same keys as in the full forward, in the same order (tokens by position, then the memory;
 under block ASAM the block-aligned memory of model.py, so key blocks hold the same positions), only without keys
 no new query can see. What the selection depends on is made independent of the call: top-k ties break by index
-(attention.topk_first, rounding-level near-ties included), local key blocks follow each query's position chunk,
+(selection.topk_first, rounding-level near-ties included), local key blocks follow each query's position chunk,
 and with asam.block_select=chunk a chunk whose first query came in an earlier call gets it back as a ghost query
 (its output dropped) to pick the chunk's blocks. The logits therefore equal the full forward's to rounding.
 
@@ -46,7 +46,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ressformer.attention import UNBOUNDED_WINDOW, topk_first, block_candidates, block_summaries, sparse_attention
+from ressformer.attention import asam_options, sparse_attention
+from ressformer.selection import UNBOUNDED_WINDOW, block_candidates, block_summaries, topk_first
 from ressformer.sparse import at_least_fp32, masked_softmax
 
 
@@ -172,7 +173,7 @@ def _next_chunk_start(pos: torch.Tensor, Ti: int, chunk_size: int) -> int | None
     return c - int(pos[0]) if Ti % chunk_size and c >= int(pos[0]) else None
 
 
-def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, memory=None, graph=None,
+def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory=None, graph=None,
            pattern: bool = False):
     """ASAMAttention over the cached + new tokens (+ memory keys), for the new queries only.
 
@@ -195,9 +196,7 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, memory=No
         k, v = torch.cat([k, mk.to(k.dtype)], 2), torch.cat([v, mv.to(v.dtype)], 2)
         k_win = torch.cat([torch.full_like(k_pos, UNBOUNDED_WINDOW), mwin.to(k_pos.dtype)])
         k_pos = torch.cat([k_pos, mpos.to(k_pos.dtype)])
-    kw = dict(k_pos=k_pos, k_window=k_win, causal=cfg.causal, activation=a.activation, topk=a.topk,
-              graph_scale=attn.graph_scale, impl=a.impl, chunk_size=a.chunk_size, block_size=a.block_size,
-              blocks_per_query=a.blocks_per_query, block_select=a.block_select,
+    kw = dict(k_pos=k_pos, k_window=k_win, graph_scale=attn.graph_scale, **asam_options(cfg),
               pattern_degree=cfg.soes.degree if pattern else 0, pattern_keys=Ti)
     chunk_pick = a.impl == "block" and a.block_select == "chunk"
     # block_select=chunk: a chunk whose first query came in an earlier call gets that query back as a leading
@@ -254,17 +253,18 @@ def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
     idx_parts, valid_parts = [], []
     with torch.no_grad():
         if block:
-            dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos_all, None, a.block_size)
+            dst_blocks = block_summaries(dst[:, None], pos_all, None, a.block_size)
         for s0, s1 in _position_chunks(pos, a.chunk_size):
             p_c, src_c = pos[s0:s1], src[:, s0:s1]
             if block:
                 ghost = chunk_pick and int(p_c[0]) % a.chunk_size != 0
                 q_in = torch.cat([unit.chunk_src, src_c], 1) if ghost else src_c
                 p_in = torch.cat([p_c.new_tensor([int(p_c[0]) // a.chunk_size * a.chunk_size]), p_c]) if ghost else p_c
-                cand, cand_valid, _ = block_candidates(q_in[:, None], dbar, blk_lo, blk_hi, blk_min, blk_max, p_in,
-                                                        lg.causal, a.blocks_per_query, a.block_size, Ti,
-                                                        a.block_select, a.chunk_size)
-                cand, vis = cand[:, 0], cand_valid[:, 0, 1:] if ghost else cand_valid[:, 0]  # (B, n_c), (B, c, n_c)
+                kept = block_candidates(q_in[:, None], p_in, dst_blocks, causal=lg.causal,
+                                        blocks_per_query=a.blocks_per_query, select=a.block_select,
+                                        chunk_size=a.chunk_size)
+                vis = kept.valid[:, 0, 1:] if ghost else kept.valid[:, 0]  # (B, c, n_c)
+                cand = kept.keys[:, 0]  # (B, n_c)
                 d_c = dst.gather(1, cand[..., None].expand(*cand.shape, lg.rank))  # (B, n_c, r)
                 if lg.causal:
                     vis = vis & (cand[:, None, :] <= p_c[:, None])

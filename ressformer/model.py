@@ -56,7 +56,8 @@ from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan
 from ressformer.output import ModelOutput
-from ressformer.recurrence import UNBOUNDED_WINDOW, SegmentMemory
+from ressformer.recurrence import SegmentMemory
+from ressformer.selection import UNBOUNDED_WINDOW
 from ressformer.structure import Graph, smoothness_penalty
 
 

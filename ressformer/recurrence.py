@@ -49,10 +49,8 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, normal, ones, run_plan, zeros
+from ressformer.selection import UNBOUNDED_WINDOW
 from ressformer.sparse import at_least_fp32
-
-# Window given to keys that every (causally allowed) query may read: larger than any position.
-UNBOUNDED_WINDOW = 1 << 40
 
 
 def sample_num_steps(cfg: ModelConfig, step: int, seed: int) -> int:
@@ -164,4 +162,4 @@ class SegmentMemory(nn.Module):
         return torch.cat(states, dim=1), torch.cat(pos), torch.cat(win)
 
 
-__all__ = ["sample_num_steps", "SegmentMemory", "UNBOUNDED_WINDOW"]
+__all__ = ["sample_num_steps", "SegmentMemory"]

@@ -27,7 +27,7 @@ Design choices:
 * With asam.impl == "block" (the long-context setting) the selection is block-sparse like ASAM's: the dst
   vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
   asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
-  (attention.block_candidates, causal by construction; asam.block_select applies too), and N_i is the exact
+  (selection.block_candidates, causal by construction; asam.block_select applies too), and N_i is the exact
   top-m over the visible tokens of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of
   O(T^2 r); equal to the exact graph when the kept blocks cover every visible token (tested). Blocks are
   contiguous positions, so this mode is not permutation-equivariant in encoder mode (the exact one is).
@@ -45,8 +45,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ressformer.attention import block_candidates, block_summaries, topk_first
 from ressformer.config import ModelConfig
+from ressformer.selection import block_candidates, block_summaries, topk_first
 from ressformer.sparse import at_least_fp32, masked_softmax
 
 
@@ -94,14 +94,13 @@ class LatentGraph(nn.Module):
             a = self.cfg.asam
             block = a.impl == "block"
             if block:
-                dbar, blk_lo, blk_hi, blk_min, blk_max = block_summaries(dst[:, None], pos, None, a.block_size)
+                dst_blocks = block_summaries(dst[:, None], pos, None, a.block_size)
             for s0 in range(0, T, self.chunk_size):
                 s1 = min(T, s0 + self.chunk_size)
                 if block:
-                    cand, cand_valid, _ = block_candidates(src[:, None, s0:s1], dbar, blk_lo, blk_hi, blk_min,
-                                                            blk_max, pos[s0:s1], self.causal, a.blocks_per_query,
-                                                            a.block_size, T, a.block_select)
-                    cand, vis = cand[:, 0], cand_valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
+                    kept = block_candidates(src[:, None, s0:s1], pos[s0:s1], dst_blocks, causal=self.causal,
+                                            blocks_per_query=a.blocks_per_query, select=a.block_select)
+                    cand, vis = kept.keys[:, 0], kept.valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
                     d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
                     if self.causal:
                         vis = vis & (cand[:, None, :] <= pos[s0:s1, None])  # (B, c, n)

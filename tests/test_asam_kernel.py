@@ -22,7 +22,7 @@ def _interpreter_for_this_module_only():
         os.environ.pop("TRITON_INTERPRET", None)
 
 import ressformer.kernels as kernels  # noqa: E402
-from ressformer.attention import _edge_bias, _gathered_attend, sparse_attention  # noqa: E402
+from ressformer.attention import Selection, _edge_bias, _gathered_attend, sparse_attention  # noqa: E402
 from ressformer.kernels.asam_triton import topk_attention  # noqa: E402
 from ressformer.sparse import ACTIVATIONS, normalize  # noqa: E402
 
@@ -55,7 +55,7 @@ def _torch_topk(q, k, v, key_idx, sel_mask, bias, activation):
     D = q.shape[-1]
     # the graph bias enters _gathered_attend through _edge_bias: one edge per slot, in slot order, is the bias itself
     epos = None if bias is None else torch.arange(kk, device=q.device).expand(B, H, Q, kk)
-    out, _, _, _ = _gathered_attend(q, k, v, key_idx, sel_mask, epos, bias, activation)
+    out = _gathered_attend(q, k, v, Selection(key_idx, sel_mask, epos), edge_val=bias, activation=activation).out
     gi = key_idx.reshape(B, H, Q * kk, 1).expand(B, H, Q * kk, D)
     k_g = k.gather(2, gi).view(B, H, Q, kk, D).float()
     s = torch.einsum("bhid,bhikd->bhik", q.float(), k_g) / D ** 0.5
@@ -140,7 +140,8 @@ def test_gathered_attend_dispatch_with_graph_and_pattern(monkeypatch):
     res = {}
     for mode in ("torch", "triton"):
         monkeypatch.setattr(kernels, "asam_kernel", mode)
-        out, nnz, p_idx, p_val = _gathered_attend(q, k, v, key_idx, sel_mask, epos, gval, "entmax15", qp, (16, 4))
+        out, nnz, (p_idx, p_val) = _gathered_attend(q, k, v, Selection(key_idx, sel_mask, epos), edge_val=gval,
+                                                    activation="entmax15", q_pos=qp, pattern=(16, 4))
         loss = _loss(out, p_val)
         res[mode] = (out, nnz, p_idx, p_val, torch.autograd.grad(loss, (q, k, v, gval)))
     (o0, n0, i0, v0, g0), (o1, n1, i1, v1, g1) = res["torch"], res["triton"]

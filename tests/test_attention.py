@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ressformer.attention import ASAMAttention, UNBOUNDED_WINDOW, block_candidates, sparse_attention
+from ressformer.attention import ASAMAttention, sparse_attention
 from ressformer.config import ModelConfig
+from ressformer.selection import UNBOUNDED_WINDOW, block_candidates
 
 ACTS = ("softmax", "sparsemax", "entmax15")
 FAST = {"chunked": dict(impl="chunked", chunk_size=7),
@@ -99,7 +100,8 @@ def test_block_mixed_dense_and_topk_chunks_equal_per_chunk_calls(activation, mon
     calls = {"dense": 0, "gathered": 0}
     for name, key in (("_dense_chunk", "dense"), ("_gathered_attend", "gathered")):
         f = getattr(attn, name)
-        monkeypatch.setattr(attn, name, lambda *a, _f=f, _k=key: (calls.__setitem__(_k, calls[_k] + 1), _f(*a))[1])
+        monkeypatch.setattr(attn, name, lambda *a, _f=f, _k=key, **kw: (calls.__setitem__(_k, calls[_k] + 1),
+                                                                       _f(*a, **kw))[1])
     leaves = [p["q"], p["k"], p["v"], val, p["graph_scale"]]
     out, _ = sparse_attention(p["q"], p["k"], p["v"], q_pos=p["q_pos"], graph=(idx, val), **kw)
     assert calls["dense"] > 0 and calls["gathered"] == 1, calls
@@ -203,18 +205,19 @@ def _documented_blocks(q_c, kbar, bmin, bmax, qp_c, bpq, select):
 def test_block_select_chunk_bounds_the_union_and_equals_query_for_one_query_chunks():
     """select=chunk: one choice per chunk, so the candidate union is blocks_per_query + local blocks, where
     per-query choices over a long context spread over many more; with one-query chunks the two are the same."""
-    from ressformer.attention import block_summaries
+    from ressformer.selection import block_summaries
 
     p = _problem(seed=23, T=256, Tm=0)
     q, k, pos = p["q"], p["k"], p["q_pos"]
     bs, bpq, c = 4, 2, 16
-    kbar, lo, hi, bmin, bmax = block_summaries(k.detach(), pos, None, bs)
+    kb = block_summaries(k.detach(), pos, None, bs)
+    kbar, bmin, bmax = kb.mean, kb.pos_min, kb.pos_max
     unions = {}
     for select in ("query", "chunk"):
         sizes = []
         for s0 in range(0, 256, c):
-            _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], kbar, lo, hi, bmin, bmax,
-                                                pos[s0:s0 + c], True, bpq, bs, 256, select)
+            _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], pos[s0:s0 + c], kb, causal=True,
+                                                blocks_per_query=bpq, select=select)
             sizes.append(blocks.shape[-1])
             # the blocks each query uses == the documented rule, by a plain loop over queries
             used = valid.view(*valid.shape[:3], -1, bs).any(-1)  # (B, H, c, n_sel)

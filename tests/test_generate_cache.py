@@ -100,7 +100,7 @@ def test_full_forward_logits_do_not_depend_on_the_sequence_length(impl, select):
 
 def test_topk_ties_break_by_index_whatever_follows():
     """Equal (or equal up to rounding) scores at the k-th place: the lower index wins, whatever the row length."""
-    from ressformer.attention import topk_first
+    from ressformer.selection import topk_first
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 4, (64, 40), generator=g).float()  # many equal values
@@ -119,17 +119,19 @@ def test_block_selection_ignores_summaries_of_blocks_overlapping_the_query_chunk
     """Blocks overlapping a query's chunk (its position's chunk of chunk_size) are local, kept by position and
     never scored, so their summaries (partial blocks, or blocks holding later keys) cannot matter; and a query
     keeps the same blocks whether it comes with its whole chunk or alone (incremental decoding)."""
-    from ressformer.attention import block_candidates, block_summaries
+    from ressformer.selection import block_candidates, block_summaries
 
     g = torch.Generator().manual_seed(0)
     B, H, D, Tk, bs, cs = 2, 2, 8, 37, 4, 8  # 37 keys: the last block holds one key
     k, pos = torch.randn(B, H, Tk, D, generator=g), torch.arange(Tk)
-    kbar, lo, hi, bmin, bmax = block_summaries(k, pos, None, bs)
+    blocks = block_summaries(k, pos, None, bs)
+    kbar, bmax = blocks.mean, blocks.pos_max
     qp = torch.arange(24, 32)  # the chunk [24, 32)
     q = torch.randn(B, H, len(qp), D, generator=g)
 
     def kept(q_c, qp_c, kb, select, chunk_size=cs):  # per query: the set of kept key indices
-        cand, valid, _ = block_candidates(q_c, kb, lo, hi, bmin, bmax, qp_c, True, 1, bs, Tk, select, chunk_size)
+        cand, valid, _ = block_candidates(q_c, qp_c, blocks._replace(mean=kb), causal=True, blocks_per_query=1,
+                                          select=select, chunk_size=chunk_size)
         return [[[set(cand[b, h][valid[b, h, i]].tolist()) for i in range(len(qp_c))] for h in range(H)]
                 for b in range(B)]
 

@@ -164,7 +164,7 @@ def test_pattern_edges_equal_dense_head_mean_top_m():
     prob[prob < 0.3] = 0.0  # exact zeros, as sparsemax gives
     prob.requires_grad_(True)
     own = torch.arange(Q)
-    idx, val = pattern_edges(key_idx, prob, n_tok, m, own)
+    idx, val = pattern_edges(key_idx, prob, n_tokens=n_tok, m=m, own=own)
     dense = torch.zeros(B, Q, Tk, dtype=torch.float64).scatter_add(
         -1, key_idx.permute(0, 2, 1, 3).reshape(B, Q, H * n), prob.detach().permute(0, 2, 1, 3).reshape(B, Q, H * n) / H)
     dense[..., n_tok:] = 0

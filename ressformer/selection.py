@@ -1,0 +1,160 @@
+"""Key selection shared by ASAM (attention.py) and the SOES graph (structure.py): visibility, top-k, key blocks.
+
+* Visibility: key j is visible to query i iff causal: k_pos[j] <= q_pos[i] and q_pos[i] - k_pos[j] < k_window[j];
+  non-causal: |q_pos[i] - k_pos[j]| < k_window[j]; no window = UNBOUNDED_WINDOW.
+* Top-k ties break by the lower index (`topk_first`): repeated tokens have equal keys (no positional encoding), so
+  the choice depends on the visible keys alone, not on the row's length or the rounding of the call that made the
+  scores; incremental decoding (cache.py) then equals the full forward.
+* Key blocks (asam.impl=block): blocks of block_size keys summarised by their mean (`block_summaries`); a query
+  keeps its blocks_per_query best by q . mean among the blocks it may see, plus the blocks overlapping its chunk's
+  positions (local, kept by position alone). A kept non-local block lies wholly before the chunk, so the choice is
+  causal. block_select=chunk: the chunk's earliest query chooses for all its queries (a bounded union of blocks,
+  at the price of blocks chosen up to chunk_size - 1 positions earlier).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ressformer.sparse import at_least_fp32 as f32
+
+# Window meaning "no window": larger than any position difference (kept in int64 arithmetic).
+UNBOUNDED_WINDOW = 1 << 40
+# Top-k choices: values within TIE_RTOL * max(|largest|, |(k+1)-th|) of the k-th value count as equal to it.
+TIE_RTOL = 1e-5
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Visibility of keys to queries. q_pos (c,), k_pos (..., n), k_window like k_pos or None -> bool (..., c, n)."""
+    d = q_pos[:, None] - k_pos[..., None, :]  # (..., c, n) query pos - key pos
+    if causal:
+        vis = d >= 0
+        if k_window is not None:
+            vis = vis & (d < k_window[..., None, :])
+    else:
+        vis = torch.ones_like(d, dtype=torch.bool) if k_window is None else d.abs() < k_window[..., None, :]
+    return vis
+
+
+def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:
+    """Indices (..., k) of the k largest entries of x along the last dim; entries equal to the k-th value within
+    TIE_RTOL break ties by the lower index (entries <= floor are unused: their ties do not matter).
+
+    torch.topk orders equal entries arbitrarily. Only rows with an entry near the k-th value left out are redone;
+    the cost is one topk of k + 1 and a host sync.
+    """
+    n = x.shape[-1]
+    if k >= n:
+        return x.topk(k, dim=-1).indices
+    vals, idx = x.topk(k + 1, dim=-1)  # (..., k + 1) descending
+    idx = idx[..., :k]
+    thr, nxt = vals[..., k - 1], vals[..., k]  # the k-th and the (k+1)-th value
+    tol = TIE_RTOL * torch.maximum(vals[..., 0].abs(), nxt.abs())
+    tie = (nxt > floor) & (thr - nxt <= tol)  # (...,) an entry within tol of the k-th value is left out
+    if bool(tie.any()):
+        rows = tie.nonzero(as_tuple=True)
+        xr, t, tl = x[rows], thr[rows][:, None], tol[rows][:, None]  # (R, n), (R, 1), (R, 1)
+        ar = torch.arange(n, device=x.device)
+        # the entries clearly above the k-th value (fewer than k), then those within tol of it (and > floor) by index
+        near = (xr >= t - tl) & (xr > floor)
+        key = torch.where(xr > t + tl, 2 * n - ar, torch.where(near, n - ar, torch.full_like(ar, -1)))  # (R, n)
+        idx = idx.clone()
+        idx[rows] = key.topk(k, dim=-1).indices
+    return idx
+
+
+class KeyBlocks(NamedTuple):
+    """Keys cut into blocks of `size` consecutive keys (`block_summaries`); nb blocks, the last may be partial."""
+
+    mean: torch.Tensor  # (B, H, nb, D) mean key, at least float32
+    reach_lo: torch.Tensor  # (nb,) min k_pos - window over the block's keys
+    reach_hi: torch.Tensor  # (nb,) max k_pos + window
+    pos_min: torch.Tensor  # (nb,) lowest key position
+    pos_max: torch.Tensor  # (nb,) highest key position
+    size: int
+    n_keys: int
+
+
+class Candidates(NamedTuple):
+    """The keys a query chunk computes over (`block_candidates`): the union of its queries' kept blocks."""
+
+    keys: torch.Tensor  # (B, H, n) key index of each candidate, n = n_sel * size (padding clamped to the last key)
+    valid: torch.Tensor  # (B, H, c, n) bool: the key exists and lies in a block query i kept
+    blocks: torch.Tensor  # (B, H, n_sel) ascending block ids: keys[..., j * size + o] = blocks[..., j] * size + o
+
+
+def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None,
+                    block_size: int) -> KeyBlocks:
+    """k (B, H, Tk, D), k_pos (Tk,), k_window (Tk,) | None -> KeyBlocks (a partial last block: mean of its keys)."""
+    B, H, Tk, D = k.shape
+    nb = -(-Tk // block_size)
+    pad = nb * block_size - Tk
+    kpad = torch.nn.functional.pad(f32(k), (0, 0, 0, pad))  # (B, H, nb * bs, D) at least float32 (selection)
+    cnt = torch.full((nb,), float(block_size), dtype=kpad.dtype, device=k.device)
+    cnt[-1] = block_size - pad
+    kbar = kpad.view(B, H, nb, block_size, D).sum(3) / cnt[:, None]  # (B, H, nb, D) mean key
+    w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
+
+    def per_block(x: torch.Tensor, largest: bool) -> torch.Tensor:  # (Tk,) -> (nb,) max or min
+        fill = int(x.min()) if largest else int(x.max())  # padding never wins the reduction
+        xb = torch.nn.functional.pad(x, (0, pad), value=fill).view(nb, block_size)
+        return xb.amax(1) if largest else xb.amin(1)
+
+    return KeyBlocks(mean=kbar, reach_lo=per_block(k_pos - w, False), reach_hi=per_block(k_pos + w, True),
+                     pos_min=per_block(k_pos, False), pos_max=per_block(k_pos, True), size=block_size, n_keys=Tk)
+
+
+def block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: KeyBlocks, *, causal: bool, blocks_per_query: int,
+                     select: str = "query", chunk_size: int | None = None) -> Candidates:
+    """The key blocks of one query chunk q_c (B, H, c, D) at positions q_pos (c,), chosen per query (module
+    docstring), so that causality holds.
+
+    The chunk of a query at position p is [floor(p / chunk_size) * chunk_size, + chunk_size) (chunk_size None: the
+    span of q_pos), so the rule is the same whether a chunk's queries come in one call (the full forward) or a few
+    at a time (incremental decoding). select="chunk": the non-local blocks are chosen once, by the chunk's earliest
+    query (which every query of the chunk may see), and shared by all its queries.
+    """
+    B, H, c, D = q_c.shape
+    nb = kb.mean.shape[2]
+    qp = q_pos[:, None]  # (c, 1)
+    if causal:
+        bvis = (kb.pos_min[None] <= qp) & (qp < kb.reach_hi[None])  # (c, nb) some key of the block may be visible
+    else:
+        bvis = (kb.reach_lo[None] < qp) & (qp < kb.reach_hi[None])
+    if chunk_size is None:
+        c_lo, c_hi = q_pos.min().view(1, 1), q_pos.max().view(1, 1)
+    else:
+        c_lo = torch.div(qp, chunk_size, rounding_mode="floor") * chunk_size  # (c, 1) first position of i's chunk
+        c_hi = c_lo + chunk_size - 1
+    local = bvis & (kb.pos_min[None] <= c_hi) & (kb.pos_max[None] >= c_lo)  # (c, nb)
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=q_c.device)
+    n_top = min(nb, blocks_per_query)
+    if select == "query":
+        sb = torch.einsum("bhid,bhnd->bhin", f32(q_c), f32(kb.mean))  # (B, H, c, nb)
+        sb = torch.where(bvis & ~local, sb, neg_inf)
+        top = topk_first(sb, n_top)  # (B, H, c, n_top) query i's best non-local blocks
+        kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
+        kept.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
+        kept |= local  # (B, H, c, nb) query i's own local blocks + blocks_per_query more
+    elif select == "chunk":
+        i0 = int(q_pos.argmin())
+        any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them
+        sb = torch.einsum("bhd,bhnd->bhn", f32(q_c[:, :, i0]), f32(kb.mean))  # (B, H, nb) the earliest query's
+        sb = torch.where(bvis[i0] & ~any_local, sb, neg_inf)
+        top = topk_first(sb, n_top)  # (B, H, blocks_per_query)
+        shared = torch.zeros(B, H, nb, dtype=torch.bool, device=q_c.device)
+        shared.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
+        kept = (shared | any_local)[:, :, None, :] & bvis  # (B, H, c, nb)
+    else:
+        raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
+    union = kept.any(2)  # (B, H, nb)
+    n_sel = max(int(union.sum(-1).max()), 1)
+    # ascending block ids, so candidates are in key order whatever else the union holds (ties then break alike)
+    blocks = union.to(torch.uint8).topk(n_sel, dim=-1).indices.sort(-1).values  # (B, H, n_sel); pads: unkept
+    keep = kept.gather(-1, blocks[:, :, None, :].expand(B, H, c, n_sel))  # (B, H, c, n_sel)
+    offs = torch.arange(kb.size, device=q_c.device)
+    cand = (blocks[..., None] * kb.size + offs).flatten(2)  # (B, H, n)
+    valid = keep.repeat_interleave(kb.size, dim=-1) & (cand < kb.n_keys)[:, :, None, :]  # (B, H, c, n)
+    return Candidates(keys=cand.clamp(max=kb.n_keys - 1), valid=valid, blocks=blocks)
