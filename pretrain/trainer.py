@@ -343,15 +343,15 @@ class StopSignals:
         threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
     @contextlib.contextmanager
-    def ignored(self):
-        """Children started inside (wandb's service) inherit ignored signals: a signal to the process group
-        leaves them alive to flush their files."""
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in self.SIGNALS}
+    def children_ignore_sigint(self):
+        """Children started inside (wandb's service) inherit SIGINT ignored, so Ctrl-C to the process group leaves
+        them alive to flush their files (Go programs keep an inherited ignored SIGINT; they do not keep SIGTERM,
+        which is why wandb failures are made non-fatal). Only SIGINT: a SIGTERM in this window is not lost."""
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             yield
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            signal.signal(signal.SIGINT, old)
 
 
 def _is_deepspeed_launcher(cmdline: list[str]) -> bool:
@@ -374,7 +374,7 @@ class WandbLog:
         import wandb
 
         try:
-            with signals.ignored():
+            with signals.children_ignore_sigint():
                 self.wb = wandb.init(mode=mode, project=run.wandb["project"], name=run.wandb["name"],
                                      dir=str(rundir), config=info, resume="allow")
         except Exception as e:  # noqa: BLE001 - logging must not stop training

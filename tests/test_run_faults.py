@@ -365,3 +365,11 @@ def test_resume_with_another_model_config_is_refused(ref, tmp_path):
     p = run(d, "--resume", "auto", "--set", "model.asam.topk=8", ok=False)
     msg = p.stdout + p.stderr
     assert p.returncode != 0 and "asam.topk" in msg and "init_from" in msg, msg[-3000:]
+
+
+def test_wandb_online_without_credentials_does_not_stop_training(tmp_path):
+    d = tmp_path / "r"
+    env = dict(base_env(), WANDB_MODE="online", WANDB_API_KEY="", WANDB_DIR=str(tmp_path))
+    p = run(d, "--set", "steps=3", env=env, ranks=1)
+    assert "wandb init failed" in p.stderr and (d / "FINISHED").is_file(), (p.stdout + p.stderr)[-3000:]
+    assert sorted(losses(d)) == [1, 2, 3]  # every record in metrics.jsonl
