@@ -255,7 +255,7 @@ def _gathered_attend(q_s, k, v, sel: Selection, *, edge_val, activation, q_pos=N
     return Attended(out, (p.detach() > 0).sum().float(), pat)
 
 
-def _gathered_attend_all(q, k, v, q_pos, pending: list, *, activation, pattern) -> tuple[list[Attended], torch.Tensor]:
+def _gathered_attend_all(q, k, v, pending: list, *, q_pos, activation, pattern) -> tuple[list[Attended], torch.Tensor]:
     """The gradient pass of the top-k chunks pending = [(s0, s1, Selection, edge_val)] in one `_gathered_attend`
     (autograd keeps every chunk's gathered keys anyway). -> (one Attended per chunk with nnz None, their nnz)."""
     sizes = [s1 - s0 for s0, s1, _, _ in pending]
@@ -365,7 +365,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
 
     nnz = q.new_zeros((), dtype=torch.float32)
     if pending:
-        gathered, nz = _gathered_attend_all(q, k, v, q_pos, pending, activation=activation, pattern=pattern)
+        gathered, nz = _gathered_attend_all(q, k, v, pending, q_pos=q_pos, activation=activation, pattern=pattern)
         nnz = nnz + nz
         parts = iter(gathered)
         results = [r if r is not None else next(parts) for r in results]

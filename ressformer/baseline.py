@@ -3,25 +3,12 @@
     embed_tokens -> n_layers x [x += self_attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))]
                  -> norm -> lm_head
 
-Design choices:
-* cfg.position="none": the same network without RoPE (NoPE: causal masking is its only position signal), the
-  baseline that separates "no positional encoding" from the rest of ReSSFormer.
-* Llama-style: RMSNorm (torch.nn.RMSNorm, eps cfg.norm_eps), rotary position embedding (RoPE, theta
-  cfg.rope_theta, rotate-half convention) on q and k, F.scaled_dot_product_attention (causal unless
-  cfg.causal is False), no biases. The FFN comes from moe.make_mlp(cfg), so an MoE baseline is one config field
-  (moe.num_experts) and uses the same routed layer as ReSSFormer.
-* cfg.n_layers distinct layers; the R2MU / ASAM / SOES fields of the config are ignored; `num_steps` is
-  accepted and ignored so the trainer can call both architectures the same way.
-* HF-like names (state_dict keys are a public API): model.embed_tokens, model.layers.N.{input_layernorm,
-  self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp}, model.norm, lm_head.
-* RoPE cos/sin are non-persistent buffers for cfg.max_seq_len positions, (re)computed in init_weights (so a
-  meta-device build followed by to_empty + init_weights is correct) and extended when a longer input arrives.
-* Initialisation in one place (`init_plan`, run by `init_weights`), in-place only: N(0, init_std) for linears /
-  embeddings / expert weights, output projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers), norms ones.
-* Activation checkpointing from outside: `set_checkpointing(fn, every)` routes every `every`-th layer call
-  through fn(layer, *args) (torch.utils.checkpoint.checkpoint's calling convention).
-* Incremental decoding: `forward(new_ids, cache=ModelCache())` (ressformer/cache.py), a plain per-layer cache of
-  the (rotated) keys and values; new queries attend to the cached and new keys under an explicit causal mask.
+* Llama-style: RMSNorm, rotate-half RoPE (theta cfg.rope_theta) on q and k, F.scaled_dot_product_attention, no
+  biases; the FFN is moe.make_mlp(cfg), so an MoE baseline is one config field. cfg.position="none" drops RoPE
+  (NoPE), separating "no positional encoding" from the rest of ReSSFormer.
+* The R2MU / ASAM / SOES fields of the config and `num_steps` are ignored.
+* RoPE cos / sin are non-persistent buffers, computed in init_weights (meta-device safe), extended on demand.
+* Incremental decoding (cache.py): each layer keeps its rotated keys and values.
 """
 
 from __future__ import annotations

@@ -1,42 +1,20 @@
-"""Inference cache for incremental decoding: `model(new_ids, cache=cache)` gives the logits of the new tokens,
-equal to the full forward's at those positions, without re-running the prefix (both architectures).
+"""Inference cache for incremental decoding: `model(new_ids, cache=cache)` gives the logits of the new tokens, equal
+to the full forward's, without re-running the prefix (both architectures).
 
-Everything in ReSSFormer is causal and there is no positional encoding, so the state h^(t)_i of token i at
-recurrent step t depends on tokens <= i only: it is computed once. A cache holds one `UnitCache` per unit of the
-network (model.py: each prelude block, each recurrent step t = 0..K-1 of the core, each coda block; the baseline:
-each layer) with what later tokens read there:
+Everything is causal and position-free, so token i's state at step t depends on tokens <= i only: it is computed
+once. One `UnitCache` per unit (model.py: prelude block, recurrent step t, coda block; baseline: layer) holds
 
-    k, v          (B, H, T, hd)     keys / values of the T earlier tokens: k_proj / v_proj(input_layernorm(h^(t)))
-    dst           (B, T, r)         soes.graph=bilinear: the LatentGraph dst vectors of the earlier tokens
-    seg_h         (B, P, D)         R2MU memory: h^(t) of the P < segment_len tokens of the incomplete segment
-    sum_k, sum_v  (B, H, S*m, hd)   R2MU memory (t >= 1): keys / values of the summaries S^(t) of the S complete
-                                    segments
-    chunk_q       (B, H, 1, hd)     asam.block_select=chunk: q (and, bilinear graph, the src vector) of the current
-    chunk_src     (B, 1, r)         query chunk's first query, which picks the chunk's key blocks (attention.py)
+    k, v          (B, H, T, hd)     keys / values of the T earlier tokens
+    dst           (B, T, r)         soes.graph=bilinear: the LatentGraph dst vectors
+    seg_h         (B, P, D)         R2MU: h^(t) of the P < segment_len tokens of the incomplete segment
+    sum_k, sum_v  (B, H, S*m, hd)   R2MU (t >= 1): keys / values of the S complete segments' summaries
+    chunk_q       (B, H, 1, hd)     asam.block_select=chunk: q (and the graph's src vector) of the current
+    chunk_src     (B, 1, r)         query chunk's first query, which picks the chunk's key blocks
 
-Not stored, because they are reused or rebuilt exactly:
-* The token-level memory of step t (H^(t-1) within cache_window) goes through the shared block's input_layernorm
-  and k_proj / v_proj, so its keys are step t-1's token keys: read from `k, v` of step t-1.
-* The attention-pattern graph (soes.graph=attention) of step t-1 is read only as the rows of step t's queries;
-  the new tokens' rows are made at step t-1 of the same pass.
-* A segment summary is computed once, when the segment's last token arrives, from h^(t) of its tokens (`seg_h`)
-  and its S^(t-1) (made at step t-1 of the same pass). Complete segments' summaries never change.
-Memory: (n_prelude + K + n_coda) x T x 2D values for keys / values (the dense baseline: n_layers x T x 2D), plus
-T x r per unit for a bilinear graph, (K - 1) x 2D per summary slot and < segment_len states per step. Buffers
-grow by doubling. The number of recurrent steps K is fixed when a cache is first filled (every step keeps its
-own keys). A new token costs K block applications to one query (scores against the cached keys), not K passes
-over the whole sequence.
-
-The new queries see the same keys as in the full forward, in the same order (tokens by position, then the memory;
-under block ASAM the block-aligned memory of model.py, so key blocks hold the same positions), only without keys
-no new query can see. What the selection depends on is made independent of the call: top-k ties break by index
-(selection.topk_first, rounding-level near-ties included), local key blocks follow each query's position chunk,
-and with asam.block_select=chunk a chunk whose first query came in an earlier call gets it back as a ghost query
-(its output dropped) to pick the chunk's blocks. The logits therefore equal the full forward's to rounding.
-
-The cache is for inference (torch.no_grad); it serves any batch of equal-length sequences (no padding) and
-`reorder_cache` follows beam search. `is_compileable` and `get_seq_length` are what transformers'
-GenerationMixin reads from a cache object.
+Step t's token memory is step t-1's keys (same block, same projections), read from step t-1's unit. What selection
+depends on is independent of the call (index tie-breaking, position chunks, the chunk's first query back as a ghost),
+so the logits equal the full forward's to rounding. K is fixed per cache; buffers grow by doubling. `reorder_cache`,
+`is_compileable` and `get_seq_length` are what transformers' generate reads.
 """
 
 from __future__ import annotations

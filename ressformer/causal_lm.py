@@ -100,7 +100,7 @@ class CausalLM(nn.Module):
         run_plan(self, self.init_plan())
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int | None = None,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, num_steps: int | None = None,
                 cache=None, return_logits: bool | None = None) -> ModelOutput:
         """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
         first): input_ids are then the new tokens only, their logits come back and the cache is updated (the

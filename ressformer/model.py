@@ -1,47 +1,23 @@
 """ReSSFormerForCausalLM: the whole ReSSFormer network (You & Liu 2025, sec. 3.1-3.4).
 
-    embed_tokens -> [R2MU: one shared block, K steps, with memory] -> norm -> lm_head        (the paper)
-    embed_tokens -> prelude blocks -> [R2MU loop] -> coda blocks -> norm -> lm_head         (r2mu.n_prelude /
-                                                                                             n_coda > 0: extension)
+    embed_tokens -> [prelude blocks] -> R2MU loop: one shared block, K steps, memory -> [coda blocks]
+                 -> norm -> lm_head
+    block:  x = x + self_attn(input_layernorm(x), memory=norm(M^(t)), graph=A^(t-1))
+            x = x + mlp(post_attention_layernorm(x))
 
-Every block is a pre-norm residual block whose attention is ASAM (sec. 3.2, top-k + sparse activation)
-and whose FFN is a dense SwiGLU or a routed MoE (expert-level sparsity):
-
-    xn        = input_layernorm(x)                                    (B, T, D)
-    x         = x + self_attn(xn, pos, memory=norm(M^(t)), graph=A^(t-1))
-    x         = x + mlp(post_attention_layernorm(x))
-
-Design choices:
-* No positional encoding of any kind (sec. 3.3). Token positions are used only for masks: causality,
-  the cache window and the visibility of segment summaries. In encoder mode (causal=False) with
-  unbounded windows the network is permutation equivariant.
-* SOES, soes.graph=attention (paper's reading, "edges are induced by learned attention patterns"): the graph
-  A^(t) is step t's own sparse attention pattern (head-averaged probabilities, top-`degree` per token,
-  attention.pattern_edges); it biases the attention of step t+1 (step 0 has none). soes.graph=bilinear: each
-  block owns a LatentGraph scorer (structure.py) that induces A from the block's input states at every call.
-  The smoothness loss is applied across consecutive core steps:
-  L_soes = smooth_coef * sum_{t=1}^{K-1} smoothness_penalty(A^(t-1), A^(t)).
-* R2MU memory (recurrence.py): `model.memory` (SegmentMemory) exists when r2mu.enabled and r2mu.memory.
-  r2mu.enabled=False (ablation): the core is `steps` distinct blocks, no memory, no sharing.
-* Aux losses (weighted, part of `loss`): moe_balance = aux_loss_coef * mean over MoE calls of the
-  balance loss, moe_z = z_loss_coef * mean of the z-loss (router logits every mlp call returns, so any
-  expert-parallel backend that keeps the (y, router_logits) contract works); soes_smooth as above.
-* Activation checkpointing is applied from outside (`set_checkpointing`): a checkpoint unit is one
-  prelude block, one whole recurrent step (memory pooling + gate + graph + block) or one coda block;
-  every `every`-th unit is run through fn. The forward keeps no tensors on `self`, so the shared block
-  may be called K times under ZeRO-3 / recomputation.
-* Block ASAM (asam.impl=block, causal) with R2MU memory: the memory keys are block-aligned on the key axis,
-  [tokens | fillers | token cache | fillers | summaries | fillers], the fillers being zero keys at the following
-  positions (summaries: the next segments' ends) with window 0 (never visible). Key blocks then hold the same
-  positions whatever the sequence length, so a query's kept blocks, and its output, never depend on how many
-  tokens follow it (without the fillers the memory blocks shift with T).
-* Incremental decoding (`forward(new_ids, cache=ModelCache())`, ressformer/cache.py): each unit (prelude block,
-  recurrent step, coda block) keeps its keys / values and what its memory and graph read; the logits of the
-  new tokens equal the full forward's. K is fixed per cache.
-* Initialisation in one place (`init_plan`, run by `init_weights`; one parameter at a time under ZeRO-3),
-  in-place only, so it runs on the meta device:
-  N(0, init_std) for linears / embeddings / slot queries, output projections (o_proj, down_proj)
-  scaled by 1/sqrt(2 * (n_prelude + steps + n_coda)), norms ones, gate biases zero.
+The paper has the loop alone (prelude / coda, r2mu.n_prelude / n_coda, are an extension). Attention is ASAM
+(attention.py), the FFN a SwiGLU or a routed MoE (moe.py), the memory R2MU's (recurrence.py).
+* No positional encoding (sec. 3.3): positions only build masks. In encoder mode (causal=False) with unbounded
+  windows the network is permutation equivariant.
+* SOES (structure.py): soes.graph=attention, A^(t) is step t's attention pattern and biases step t+1's attention;
+  bilinear, each block's LatentGraph induces A from its input states. Aux loss
+  soes_smooth = smooth_coef * sum_{t=1}^{K-1} smoothness_penalty(A^(t-1), A^(t)), next to the MoE ones.
+* r2mu.enabled=False (ablation): the core is `steps` distinct blocks, no memory, no sharing.
+* The forward keeps no tensors on `self`, so the shared block may run K times under ZeRO-3 / recomputation.
+* Block ASAM with memory: the memory keys are block-aligned, [tokens | fillers | token cache | fillers | summaries |
+  fillers] (fillers: zero keys, window 0), so key blocks hold the same positions whatever the sequence length and
+  a query's output never depends on how many tokens follow it.
+* Incremental decoding (cache.py): each unit keeps its keys / values and what its memory and graph read.
 """
 
 from __future__ import annotations
@@ -52,21 +28,22 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ressformer.attention import ASAMAttention
+from ressformer.cache import attend, latent_graph, summary_positions
 from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan
+from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory
 from ressformer.selection import UNBOUNDED_WINDOW
-from ressformer.structure import Graph, smoothness_penalty
+from ressformer.structure import Graph, LatentGraph, smoothness_penalty
 
 
 def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the filler keys that block-align R2MU memory (model docstring): after n_tok tokens (and after
     the token cache, which ends at the same position) up to the next multiple of block_size, and after n_sum
     summary entries (the following segments' ends). -> (token fillers (f,), summary fillers (g,))."""
-    from ressformer.cache import summary_positions
-
     bs, r = cfg.asam.block_size, cfg.r2mu
     tok = torch.arange(n_tok, n_tok + (-n_tok) % bs, device=device)
     summ = summary_positions(n_sum + (-n_sum) % bs, r.summary_slots, r.segment_len, device)[n_sum:]
@@ -80,21 +57,13 @@ class ReSSFormerBlock(nn.Module):
         """recurrent: a block of the R2MU loop (False: a prelude / coda block, which an attention-pattern graph,
         made and read only inside the loop, never reaches)."""
         super().__init__()
-        from ressformer.attention import ASAMAttention
-        from ressformer.moe import make_mlp
-
         d = cfg.d_model
         self.input_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.graph_from_attention = cfg.soes.enabled and cfg.soes.graph == "attention"
         self.self_attn = ASAMAttention(cfg, graph=cfg.soes.enabled and (recurrent or not self.graph_from_attention))
         self.post_attention_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.mlp = make_mlp(cfg)
-        if cfg.soes.enabled and cfg.soes.graph == "bilinear":
-            from ressformer.structure import LatentGraph
-
-            self.graph = LatentGraph(cfg)
-        else:
-            self.graph = None
+        self.graph = LatentGraph(cfg) if cfg.soes.enabled and cfg.soes.graph == "bilinear" else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, recurrent: bool = False):
         """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)), graph None |
@@ -125,8 +94,6 @@ class ReSSFormerBlock(nn.Module):
         """forward for new tokens only: x (B, n, D) at positions pos (n,), the earlier tokens in `unit`
         (cache.UnitCache, updated); memory None | projected (k, v, pos, window) (cache.attend).
         Returns (x (B, n, D), graph rows of the new tokens | None)."""
-        from ressformer.cache import attend, latent_graph
-
         xn = self.input_layernorm(x)
         if self.graph is not None:
             graph = latent_graph(self.graph, xn, pos, unit)
@@ -338,8 +305,6 @@ class ReSSFormerForCausalLM(CausalLM):
         win = [torch.full((Ti - c0,), r.cache_window, dtype=torch.long, device=dev)]
         n_sum = 0 if unit.sum_k.view is None else unit.sum_k.view.shape[2]
         if n_sum:
-            from ressformer.cache import summary_positions
-
             k.append(unit.sum_k.view)
             v.append(unit.sum_v.view)
             pos.append(summary_positions(n_sum, r.summary_slots, r.segment_len, dev))

@@ -4,24 +4,12 @@
     MoEBlock   p = softmax(gate(x)); (w, e) = top-k(p); w <- w / sum(w)
                y = sum_j w_j * SwiGLU_{e_j}(x) (+ shared_experts(x))                forward -> (y, router_logits)
 
-Design choices:
-* Parameter layout is the one DeepSpeed AutoEP detects for its "mixtral" preset
-  (deepspeed/module_inject/auto_ep_presets/mixtral.py: moe_layer_pattern `model.layers.N.mlp`, router `gate`,
-  experts `experts` with fused 3-D `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]). The first F rows of
-  gate_up_proj[e] are the gate, the last F the up projection (HF Mixtral / transformers 5 fused layout).
-* Routing is the mixtral preset's math, TokenChoiceTopKRouter.forward in deepspeed/moe/ep_router.py with
-  score_func="softmax", route_norm=True, route_scale=1.0, no gate bias: softmax over router logits in float32,
-  top-k on the probabilities, the selected probabilities renormalised by (sum + 1e-20). Our single-process
-  model therefore computes what a ZeRO-3 + AutoEP run computes (tests/test_moe.py checks against that router).
-* Dropless: every token reaches all its k experts (no capacity factor). Assignments are sorted by expert, each
-  expert runs one matmul over its contiguous slice, results are scaled by the routing weight and index_add-ed
-  back. Experts that receive no token are skipped (their gradient is zero, never None).
-* `_can_record_outputs` on MoEBlock: AutoEP's `_detect_forward_contract` (deepspeed/module_inject/auto_ep.py)
-  makes the replacement layer return (output, router_logits) only when the original block declares it.
-* Aux losses are computed by the caller from the returned router logits (`moe_aux_losses`), so they work under
-  every expert-parallel backend that keeps the (y, router_logits) contract.
-* Initialisation in one place per module (`init_weights(std, out_std)`, called by the constructors with
-  N(0, std) everywhere; the LM's init_weights re-calls it with the scaled output std), in-place only: meta-safe.
+* Layout and routing are DeepSpeed AutoEP's "mixtral" preset (module_inject/auto_ep_presets/mixtral.py,
+  moe/ep_router.py): router `gate`, fused experts gate_up_proj [E, 2F, D] (gate rows first) and down_proj
+  [E, D, F], softmax in float32, top-k renormalised. One process computes what a ZeRO-3 + AutoEP run computes.
+* Dropless: assignments sorted by expert, one matmul per expert, index_add back; empty experts get zero gradient.
+* Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
+  that keeps the (y, router_logits) contract.
 """
 
 from __future__ import annotations

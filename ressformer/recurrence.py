@@ -1,42 +1,19 @@
 """R2MU, the Recurrent Reasoning & Memory Unit (paper sec. 3.1): memory, gate and iteration count.
 
-The network (ressformer/model.py) replaces depth stacking by recurrence:
-
-    H^(0)   = Prelude(X)                                  n_prelude distinct blocks on the embeddings
-    H^(t+1) = Block(H^(t), M^(t)),  t = 0 .. K-1          ONE shared core block applied K times
-    Y       = lm_head(norm(Coda(H^(K))))                  n_coda distinct blocks
+    H^(t+1)      = Block(H^(t), M^(t)),  t = 0 .. K-1       one shared block (model.py)
+    M^(t)        = [H^(t-1); S^(t)]                         t >= 1 (step 0 attends to its own tokens only)
+    S_hat^(t)_sr = sum_l softmax_l(q_r . RMSNorm(h_sl) / sqrt(D)) h_sl     m = summary_slots per segment s
+    a^(t)        = sigmoid(W_a [S^(t-1); S_hat^(t)] + b_a)                  (B, n_seg, m, 1)
+    S^(t)        = a^(t) * S^(t-1) + (1 - a^(t)) * S_hat^(t),   S^(0) = S_hat^(0)
 
 Design choices (the paper leaves them open; the simplest faithful reading is taken):
-
-* No input re-injection. The paper writes H^(t+1) = Block(H^(t), M^(t)) with nothing else entering the
-  block; the memory already gives every step access to earlier states, so the Huginn-style
-  `H^(t) + E` / adapter is not added (one fewer design knob, identical parameter count for every K).
-* Memory M^(t) exists for t >= 1 (step 0 attends to its own tokens only). It is a list of extra
-  key/value states appended after the T token keys of the core block's attention (ASAM), each with a
-  position and a visibility window so causality is enforced by the same mask as the tokens:
-  (a) token-level cache: the previous step's states H^(t-1) (B, T, D). Query i reads cache entry j iff
-      j <= i and i - j < cache_window (causal); in encoder mode (causal=False) it reads the whole
-      previous step (no window), which keeps the model permutation equivariant.
-  (b) segment-level summary S^(t) (B, n_seg, m, D): the sequence is cut into segments of segment_len
-      tokens; per segment, m = summary_slots slots are pooled from the segment's CURRENT states by
-      attention-weighted pooling with learned slot queries (compressive pooling):
-          w_{s,r,l}    = softmax_l( q_r . RMSNorm(h_{s,l}) / sqrt(D) )      over the tokens l of segment s
-          S_hat^(t)_sr = sum_l w_{s,r,l} h_{s,l}
-      and partially overwritten through a per-slot scalar gate (a^(t) in [0,1]^m, paper notation):
-          a^(t)  = sigmoid( W_a [S^(t-1); S_hat^(t)] + b_a )                 (B, n_seg, m, 1)
-          S^(t)  = a^(t) * S^(t-1) + (1 - a^(t)) * S_hat^(t),       S^(0) = S_hat^(0)
-      A per-slot scalar (not per channel) matches the paper's a in [0,1]^m and costs 2D+1 parameters.
-      b_a = 0 at init, so a = 1/2: an equal blend of old and new summary.
-      The summary of segment s is readable only by queries at positions >= the segment's last token
-      (its key position is that last position, window unbounded), so within-segment causality holds.
-      Only complete segments are summarised (a trailing partial segment has no summary yet): a query's
-      output then never depends on how long the sequence is after it.
-      Encoder mode: one segment = the whole sequence, visible to every token.
-  M^(t) = [cache H^(t-1); S^(t)]: S^(t) is computed at step t from H^(t), then read by the block.
-  Memory states go through the block's input_layernorm and the same k_proj / v_proj as the tokens.
-* The iteration count K is the same for every token (no halting). At training time K may be sampled
-  per optimizer step (`sample_num_steps`, Huginn-style randomised depth); at inference any K works
-  because nothing in the parameters depends on K.
+* No input re-injection: the update has none, and the memory already reaches earlier states.
+* Memory states are extra keys after the block's token keys, each with a position and a window, so one mask
+  enforces causality: H^(t-1)_j is read by query i iff j <= i and i - j < cache_window (encoder mode: all of it);
+  a summary sits at its segment's last position, window unbounded. Only complete segments are summarised, so a
+  query's output never depends on the sequence after it.
+* The gate is a per-slot scalar (the paper's a in [0,1]^m, 2D+1 parameters); b_a = 0 at init: an equal blend.
+* K is the same for every token (no halting); training may sample it per step (`sample_num_steps`).
 """
 
 from __future__ import annotations

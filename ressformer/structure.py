@@ -1,40 +1,19 @@
 """SOES, the Self-Organizing Encoder Structure (paper sec. 3.3): a content-induced latent token graph.
 
-ReSSFormer has no positional encoding; token topology comes from content instead. The paper's edge formula
-(its Eq. 7, "edges are induced by learned attention patterns") was not recovered. Two readings (soes.graph):
-
-* attention (default, the paper presets): A^(t)_ij = mean_h p^(t)_hij, the sparse attention probabilities of
-  recurrent step t (sparsemax gives exact zeros, so the pattern is a sparse directed graph), its `degree`
-  largest entries per token (attention.pattern_edges; memory keys dropped); it biases step t+1's attention
-  and L_smooth compares consecutive steps' graphs. Gradients reach the attention through the kept values.
-* bilinear (LatentGraph below): a separate low-rank scorer induces the graph from the block's input states
-  H^(t) (B, T, D) at every block call (inside every recurrent step, sec. 3.4):
-
-    s_ij      = (W_s h_i)^T (W_d h_j) / sqrt(r)                    W_s = src_proj, W_d = dst_proj: D -> r
-    N_i       = top-m_i { s_ij : j visible to i }                  causal: j <= i (itself included);
-                                                                   encoder (causal=False): every j
-    A^(t)_ij  = softmax_{j in N_i}( s_ij ),  0 for j not in N_i    row-stochastic, m = soes.degree
-    attention logits (ASAM, attention.py):  s^attn_hij += gamma_h * A_ij
-    L_smooth  = sum_{t=1}^{K-1} mean_i || A^(t)_i - A^(t-1)_i ||^2      (model.py weights it by smooth_coef)
+There is no positional encoding; token topology comes from content. The paper's edge formula (its Eq. 7, "edges
+are induced by learned attention patterns") was not recovered; soes.graph picks one of two readings:
+* attention (the presets): A^(t) = step t's head-averaged sparse attention probabilities, the `degree` largest per
+  token (attention.pattern_edges); it biases step t+1's attention.
+* bilinear (`LatentGraph`): s_ij = (W_s h_i)^T (W_d h_j) / sqrt(r), A_i. = softmax of the top-m visible s_ij.
+Either way ASAM adds gamma_h * A_ij to its logits, and L_smooth = sum_t mean_i ||A^(t)_i - A^(t-1)_i||^2.
 
 Design choices:
-* Sparse storage: a `Graph` (idx (B, T, m) int64 key indices, val (B, T, m)). When fewer than m tokens
-  are visible (the first tokens of a causal sequence) the spare slots get val exactly 0 and idx = i
-  (a valid, visible index, so consumers never need a validity mask). Valid slots hold distinct indices.
-* Neighbour selection runs under torch.no_grad in query chunks (chunk x T scores at a time, memory linear
-  in T); the kept edges' scores are then recomputed with gradient from the gathered (B, T, m, r) dst
-  vectors, so the projections learn through A (the top-m choice itself is not differentiable).
-* With asam.impl == "block" (the long-context setting) the selection is block-sparse like ASAM's: the dst
-  vectors are cut into blocks of asam.block_size summarised by their mean, each token keeps its
-  asam.blocks_per_query best blocks by (W_s h_i) . dbar_b plus the local blocks of its query chunk
-  (selection.block_candidates, causal by construction; asam.block_select applies too), and N_i is the exact
-  top-m over the visible tokens of the kept blocks. Time O(T (T / block_size + kept keys) r) instead of
-  O(T^2 r); equal to the exact graph when the kept blocks cover every visible token (tested). Blocks are
-  contiguous positions, so this mode is not permutation-equivariant in encoder mode (the exact one is).
-* Graph indices address the key axis of ASAM, whose first T keys are the tokens, so they apply unchanged
-  when R2MU memory keys are appended after the tokens.
-* smoothness_penalty works on the sparse rows: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>, the overlap
-  <a, b> from the (m x m) index equality of the two rows; no T x T tensor.
+* Sparse `Graph` rows (idx, val) (B, T, m): spare slots have val 0 and idx = i (a visible index, no mask needed);
+  valid slots hold distinct indices into ASAM's key axis (the tokens first, memory keys after).
+* Neighbours are chosen without grad, a query chunk at a time (memory linear in T); the kept edges' scores are then
+  recomputed with grad. Under asam.impl=block the choice is restricted to key blocks as in ASAM (selection.py):
+  O(T (T / block_size + kept keys) r), exact when the kept blocks cover every visible token.
+* smoothness_penalty works on the sparse rows: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>, no T x T tensor.
 """
 
 from __future__ import annotations
