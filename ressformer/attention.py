@@ -38,7 +38,7 @@ class Attended(NamedTuple):
     """The attention of Q queries."""
 
     out: torch.Tensor  # (B, H, Q, D)
-    nnz: torch.Tensor  # () nonzero probabilities, detached float
+    nnz: torch.Tensor | None  # () nonzero probabilities, detached float; None: counted with the batched pass
     pattern: tuple[torch.Tensor, torch.Tensor] | None = None  # their SOES graph rows (idx, val) (B, Q, m), if asked
 
 

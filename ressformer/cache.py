@@ -27,6 +27,7 @@ import torch
 from ressformer.attention import asam_options, sparse_attention
 from ressformer.selection import UNBOUNDED_WINDOW, block_candidates, block_summaries, topk_first
 from ressformer.sparse import at_least_fp32, masked_softmax
+from ressformer.structure import Graph
 
 
 class _Seq:
@@ -216,8 +217,6 @@ def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
     """LatentGraph (structure.py) rows of the new tokens over the cached + new tokens: a Graph (idx, val) of shape
     (B, n, m). The same selection as LatentGraph.forward, query chunk by query chunk (block mode: the same blocks,
     block_select=chunk with the chunk's first query as a ghost, as in `attend`)."""
-    from ressformer.structure import Graph
-
     a = lg.cfg.asam
     B, n, _ = xn.shape
     src = lg.src_proj(xn)  # (B, n, r)
