@@ -185,11 +185,13 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
-def _dense_chunk(q_c, k_c, v_c, *, mask, edge_slot, edge_val, activation, keys, q_pos, pattern) -> Attended:
+def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activation, pattern) -> Attended:
     """Attention of a query chunk q_c (B, H, c, D) over all its candidate keys k_c, v_c (B, H, n, D).
 
     mask (B|1, H|1, c, n) bool; edge_slot / edge_val (B, H, c, m) or None; keys (B, H, n) key index of each
-    candidate, None: all keys in order (for the pattern); pattern (n_tokens, degree) or None.
+    candidate, None: all keys in order (for the pattern); pattern (n_tokens, degree) or None. The tensors are
+    positional: torch.utils.checkpoint keeps positional inputs through the saved-tensor hooks (the memory
+    accounting of pretrain/act_memory.py sees them), keyword ones only by reference.
     """
     s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
     if edge_slot is not None:
@@ -347,12 +349,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             else:
                 gi = keys[..., None].expand(B, H, n, D)
                 k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
-            args = dict(mask=mask, edge_slot=edge_slot, edge_val=edge_val, activation=activation, keys=keys,
-                        q_pos=qp_c, pattern=pattern)
+            args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qp_c)
             if grad:  # keep the chunk's inputs only: its scores are recomputed in backward
-                res = torch.utils.checkpoint.checkpoint(_dense_chunk, q_c, k_c, v_c, use_reentrant=False, **args)
+                res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False,
+                                                        activation=activation, pattern=pattern)
             else:
-                res = _dense_chunk(q_c, k_c, v_c, **args)
+                res = _dense_chunk(*args, activation=activation, pattern=pattern)
             results.append(res)
             continue
         sel = _select_topk(q_c, k, keys=keys, mask=mask, edge_slot=edge_slot, edge_val=edge_val, topk=topk)

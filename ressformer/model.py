@@ -183,11 +183,12 @@ class ReSSFormerForCausalLM(CausalLM):
         return UnitOut(h, router_logits, stats.get("density"))
 
     def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
-              g_idx: torch.Tensor | None, g_val: torch.Tensor | None, *, t: int, pos: torch.Tensor,
+              g_idx: torch.Tensor | None, g_val: torch.Tensor | None, pos: torch.Tensor, *, t: int,
               need_summary: bool) -> UnitOut:
         """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t)).
 
-        g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise."""
+        g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise. The tensors are
+        positional, as the checkpointing hook's fn(function, *args) passes them."""
         mem = self.model.memory
         summary, gate, memory = None, None, None
         if mem is not None:
@@ -242,8 +243,8 @@ class ReSSFormerForCausalLM(CausalLM):
         smooth = []
         for t in range(K):
             g_idx, g_val = (None, None) if graph is None else graph
-            out = self._checkpointed(unit, partial(self._step, t=t, pos=pos, need_summary=need_summary),
-                                     h, h_prev, summary, g_idx, g_val)
+            out = self._checkpointed(unit, partial(self._step, t=t, need_summary=need_summary),
+                                     h, h_prev, summary, g_idx, g_val, pos)
             unit += 1
             h_prev, h = h, collect(out)
             summary = out.summary
