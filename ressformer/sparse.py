@@ -47,6 +47,20 @@ def _sorted_valid(z: torch.Tensor, valid: torch.Tensor):
     return zs, vs, rho
 
 
+def _save_output(ctx, p: torch.Tensor, any_valid: torch.Tensor, dim: int) -> torch.Tensor:
+    """Forward's end: rows with no valid entry -> zeros; p (dim last) kept for backward; `dim` moved back."""
+    p = torch.where(any_valid, p, torch.zeros((), dtype=p.dtype, device=p.device))
+    ctx.dim = dim
+    ctx.save_for_backward(p)
+    return p.movedim(-1, dim)
+
+
+def _saved_output(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward's start: (p, g), both with `dim` last."""
+    (p,) = ctx.saved_tensors
+    return p, g.movedim(ctx.dim, -1)
+
+
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -57,15 +71,11 @@ class _Sparsemax(torch.autograd.Function):
         k = support.sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
         tau = (cs.gather(-1, k - 1) - 1) / k.to(z.dtype)  # (..., 1)
         p = torch.clamp(z - tau, min=0)  # -inf - tau -> -inf -> 0
-        p = torch.where(any_valid, p, torch.zeros((), dtype=p.dtype, device=p.device))
-        ctx.dim = dim
-        ctx.save_for_backward(p)
-        return p.movedim(-1, dim)
+        return _save_output(ctx, p, any_valid, dim)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (p,) = ctx.saved_tensors  # (..., n), dim last
-        g = g.movedim(ctx.dim, -1)
+        p, g = _saved_output(ctx, g)  # (..., n), dim last
         s = (p > 0).to(g.dtype)
         v = (g * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp(min=1)
         return (s * (g - v)).movedim(-1, ctx.dim), None
@@ -86,15 +96,11 @@ class _Entmax15(torch.autograd.Function):
         k = support.sum(-1, keepdim=True).clamp(min=1)
         tau_star = tau.gather(-1, k - 1)  # (..., 1)
         p = torch.clamp(z - tau_star, min=0) ** 2
-        p = torch.where(any_valid, p, torch.zeros((), dtype=p.dtype, device=p.device))
-        ctx.dim = dim
-        ctx.save_for_backward(p)
-        return p.movedim(-1, dim)
+        return _save_output(ctx, p, any_valid, dim)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (p,) = ctx.saved_tensors
-        g = g.movedim(ctx.dim, -1)
+        p, g = _saved_output(ctx, g)
         r = p.sqrt()
         dz = g * r
         q = dz.sum(-1, keepdim=True) / r.sum(-1, keepdim=True).clamp(min=torch.finfo(r.dtype).tiny)
