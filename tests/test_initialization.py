@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain.config import RunConfig
-from pretrain.trainer import build_model_for, set_initial_weights as initialise_parameters
+from pretrain.trainer import build_model_for, set_initial_weights
 from ressformer import ModelConfig, build_model
 from ressformer.initialization import check_plan, run_plan
 
@@ -93,18 +93,18 @@ def test_init_state_loads_and_rejects_a_foreign_state():
     torch.manual_seed(1)
     src = build_model(cfg).state_dict()
     model = build_model(cfg)
-    initialise_parameters(model, 0, init_state=src)
+    set_initial_weights(model, 0, init_state=src)
     for k, v in model.state_dict().items():
         assert torch.equal(v, src[k]), k
     bad = dict(src)
     del bad["model.norm.weight"]
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
-        initialise_parameters(model, 0, init_state=bad)
+        set_initial_weights(model, 0, init_state=bad)
     bad = {**src, "model.extra": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"unexpected \['model.extra'\]"):
-        initialise_parameters(model, 0, init_state=bad)
+        set_initial_weights(model, 0, init_state=bad)
     bad = {**src, "model.norm.weight": torch.ones(3)}
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \(3,\)"):
-        initialise_parameters(model, 0, init_state=bad)
+        set_initial_weights(model, 0, init_state=bad)
     for k, v in model.state_dict().items():  # a rejected state changed nothing
         assert torch.equal(v, src[k]), k
