@@ -153,7 +153,8 @@ def describe_os_error(exc: BaseException, path: str | Path) -> str:
         free = None
     free_s = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
     if err in (errno.ENOSPC, errno.EDQUOT) or (err is None and free is not None and free < 64 * 2**20):
-        return (f"no space left on device writing {p} ({free_s} on its filesystem{', quota exceeded' if err == errno.EDQUOT else ''}): "
+        quota = ", quota exceeded" if err == errno.EDQUOT else ""
+        return (f"no space left on device writing {p} ({free_s} on its filesystem{quota}): "
                 f"free space or lower keep_last, then resume with --resume auto")
     if err == errno.EROFS:
         return f"read-only filesystem: cannot write {p}; point run_dir at a writable folder"
@@ -341,7 +342,8 @@ def verify_tag(tag: Path, *, quick: bool = False) -> str | None:
                 if not p.is_file():
                     problem = problem or f"{p} is missing (listed in {MANIFEST})"
                 elif p.stat().st_size != want["size"]:
-                    problem = problem or f"{p} has {p.stat().st_size} bytes, {MANIFEST} says {want['size']} (truncated or overwritten)"
+                    problem = problem or (f"{p} has {p.stat().st_size} bytes, {MANIFEST} says {want['size']} "
+                                          f"(truncated or overwritten)")
                 elif not quick and i % _world() == _rank() and file_digest(p)["sha256"] != want["sha256"]:
                     problem = problem or f"{p} does not match its sha256 in {MANIFEST} (corrupted)"
     else:
@@ -401,7 +403,7 @@ def _legacy_layout(tag: Path) -> dict | None:
     backend = "autoep" if ep.get("enabled") else "native" if nat.get("enabled") else "none"
     return {"world_size": int(m.get("dp_world_size", 1)),
             "zero_stage": int((ds.get("zero_optimization") or {}).get("stage", 0)), "ep_backend": backend,
-            "ep_size": int(ep.get("autoep_size", 1) if backend == "autoep" else nat.get("ep_size", 1) if backend == "native" else 1)}
+            "ep_size": int({"autoep": ep.get("autoep_size", 1), "native": nat.get("ep_size", 1)}.get(backend, 1))}
 
 
 def tag_layout(tag: Path) -> dict | None:
@@ -642,7 +644,8 @@ def save(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, m
         prev = complete_tags(d)
         raise CheckpointSaveError(f"saving checkpoint {tdir} failed: {errors[0]}"
                                   + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
-                                  + f". The partial save was removed; {prev[-1].name if prev else 'no earlier checkpoint'}"
+                                  + ". The partial save was removed; "
+                                  + (prev[-1].name if prev else "no earlier checkpoint")
                                   + (" is intact and --resume auto continues from it" if prev else " exists"))
     if rank == 0:
         for old in complete_tags(d)[:-keep_last]:

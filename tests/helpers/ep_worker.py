@@ -12,6 +12,7 @@ argv: IN.pt OUT.pt; IN holds {"input_ids", "cfg", "cases": [{name, ds, aux_coef,
 state}).
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def main(inp: str, outp: str) -> None:
         lt = torch.tensor([loss.item()])
         dist.all_reduce(lt)
         m = engine.module
-        with deepspeed.zero.GatheredParameters(list(m.parameters())) if stage == 3 else _Null():
+        with deepspeed.zero.GatheredParameters(list(m.parameters())) if stage == 3 else contextlib.nullcontext():
             sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
         if plan.backend == "native":
             per = [None] * world
@@ -187,7 +188,8 @@ def _engine_case(case, input_ids, rank, world) -> dict:
     lt = torch.tensor([o.loss.item()])
     dist.all_reduce(lt)
     m, plan = engine.module, engine.module._expert_parallel_plan
-    with deepspeed.zero.GatheredParameters(list(m.parameters())) if trainer.zero_stage(ds) == 3 else _Null():
+    gather = trainer.zero_stage(ds) == 3
+    with deepspeed.zero.GatheredParameters(list(m.parameters())) if gather else contextlib.nullcontext():
         sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     if plan.backend != "none":
         per = [None] * world
@@ -201,14 +203,6 @@ def _engine_case(case, input_ids, rank, world) -> dict:
         print(f"[ep_worker] {case['name']}: loss {out['loss']:.6f} aux {out['aux']}", flush=True)
     engine.destroy()
     return out
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ rank 0 writes {case: {"loss", "state"}} (gathered full parameters after the step
 {"seed_init": {"state", "gathered"}}: the full initial parameters and the numel of every GatheredParameters
 call made while building."""
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -51,21 +52,13 @@ def main(inp: str, out: str) -> None:
         engine.step()
         loss = trainer.all_mean(o.loss.item())
         params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params) if trainer.zero_stage(ds) == 3 else _null():
+        with deepspeed.zero.GatheredParameters(params) if trainer.zero_stage(ds) == 3 else contextlib.nullcontext():
             state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         results[case["name"]] = {"loss": loss, "state": state}
         engine.destroy()
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 if __name__ == "__main__":
