@@ -1,46 +1,72 @@
 """Per-GPU training memory of a ReSSFormer / baseline run, computed from the model's own numbers.
 
-    python -m pretrain.memory_estimate --preset 1b-long --seq-len 32768 --micro-batch 1 --world-size 32
+    python -m pretrain.memory_estimate --config pretrain/configs/1b_long.yaml \
+        --ds-config ds_configs/zero3_autoep_ep8.json --world-size 32
+    python -m pretrain.memory_estimate --preset 1b-long --asam-kernel off --fused-loss off   # the PyTorch paths
     python -m pretrain.memory_estimate --preset 1b-long --set asam.topk=0 --ckpt-every 1 --zero-stage 3
-    python -m pretrain.memory_estimate --config pretrain/configs/1b_long.yaml --world-size 32
 
-Parameter counts come from `ressformer.flops.count_params` (exact, tested against the built model); the
-number of keys each query attends to from the same formulas `ressformer.flops` uses for FLOPs; the
-checkpoint units from the model's `set_checkpointing` contract (one unit = a prelude block, one whole
-R2MU step, or a coda block). Terms, in bytes per GPU:
+The estimate is for a bf16 GPU run. Two kernels, which ressformer.kernels picks by itself on CUDA, change what it
+keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the gathered top-k path) and liger's
+fused LM head + cross-entropy (`--fused-loss`, auto = on). Parameter counts come from
+`ressformer.flops.count_params`, the checkpoint units from the model's `set_checkpointing` contract (a prelude
+block, one whole R2MU step, or a coda block). Terms, in bytes per GPU (B micro batch, T tokens, D width, H heads,
+F expert hidden, V vocabulary, E experts, P parameters, k = asam.topk, m = soes.degree, c = asam.chunk_size,
+Tk = T + memory keys):
 
-  model_states   ZeRO mixed-precision Adam: 2 (bf16 weights) + 2 (grads) + 12 (fp32 master, m, v) bytes per
-                 parameter (Rajbhandari et al. 2020, sec. 3), divided by the data-parallel world size for
-                 every part ZeRO partitions (stage 1: optimizer; 2: + grads; 3: + weights).
-  zero3_gathered weights ZeRO-3 gathers for compute, bf16, plus their bf16 gradients before reduce-scatter:
-                 min(stage3_max_live_parameters, total params) (DeepSpeed default 1e9, i.e. the whole 1B model).
-  checkpoints    the input of every `ckpt_every`-th unit kept through the forward, bf16 (B, T, D); an R2MU step
-                 also keeps H^(t-1) (the token cache) when the previous unit is not stored, and S^(t-1).
-                 Without checkpointing every unit keeps its full activations instead.
-  unit_recompute activations one unit keeps for its backward while it is recomputed (the largest unit, an R2MU
-                 step reading its memory): norms, q/k/v (+ k/v of the memory keys), attention scores (fp32)
-                 and probabilities (bf16) for every (query, key) pair that carries a gradient, the gathered keys
-                 and values when ASAM takes top-k per query (chunked / block impl), SOES graph projections,
-                 SwiGLU (gate/up, silu, product) for the routed experts_per_token + shared experts.
-  logits         (B, T, V) bf16 lm_head output, its fp32 log-softmax kept by cross-entropy and the fp32 gradient:
-                 10 bytes per logit; at T = 32k and V = 32k this alone is ~10 GiB, hence micro batch 1.
+  model_states   16 B per parameter, ZeRO mixed-precision Adam: 2 (bf16 weights) + 2 (grads) + 12 (fp32 master,
+                 m, v) (Rajbhandari et al. 2020, sec. 3), / world size for what ZeRO partitions (stage 1: optimizer;
+                 2: + grads; 3: + weights). AutoEP: an expert lives on 1 of ep ranks, partitioned over the other
+                 world / ep: the same 1 / world.
+  zero3_gathered 4 B x min(stage3_max_live_parameters, P - P_experts + P_experts / ep): gathered bf16 weights and
+                 their bf16 gradients; under AutoEP a rank gathers only its E / ep experts.
+  checkpoints    per stored unit: its input 2BTD; an R2MU step also S^(t-1) (2D per summary entry), H^(t-1) when the
+                 previous unit is not stored, its SOES graph (12m per token: int64 idx + fp32 val) and the
+                 smoothness loss's (B, T, m, m) fp32 match (4m^2 per token); every MoE call's router logits, returned
+                 to the aux losses (10E per token). Units between stored ones keep what they save (`unit_kept`).
+  unit_recompute the largest unit's recompute + backward: its saved tensors `unit_kept` x BT, at the peak
+                 max(saved before the attention + `selection`, all saved + `backward`). Saved, bytes per token:
+                   norms        (8D + 4) per normalised row: x, x after attention, the memory states (PyTorch's
+                                composite rms_norm: fp32 input + fp32 normalised row; a fused CUDA one keeps less)
+                   memory_pool  16D + 4 + 4 summary_slots per pooled token + 8D per summary entry (R2MU pool + gate)
+                   projections  2D q_proj input + 2D Tk/T k/v_proj input (with memory) + 4D Tk/T k, v + 2D o_proj input
+                   attention    PyTorch top-k: 8kD (gathered keys and values as fp32 copies) + 4D (fp32 q) + 13Hk
+                                (fp32 probabilities, mask, int64 indices). Triton kernel: 2D (q) + 12Hk (int64
+                                indices, fp32 probabilities); no gathered (T, k, D) keys / values, no T x T scores.
+                                Dense chunks (topk 0): only each chunk's checkpoint inputs
+                   graph_bias   9Hm + 4m: the SOES graph's slot indices and mask (top-k path)
+                   pattern      25Hk + 13m + 20: attention.pattern_edges making the next graph (sort order, run ids,
+                                values)
+                   ffn          per routed slot 6D + 8F + 16 (input, gate/up, silu, product, weighted output, ids),
+                                per token 2D + 4E + 12 top_k + 4 (router); dense SwiGLU 2D + 8F. ressformer.moe's
+                                layer; AutoEP's replacement keeps the same kinds of tensors, not measured
+                 transients per micro batch: `selection` (chunked top-k, no grad): 3 fp32 (B, H, c, Tk) score
+                 buffers with a graph (2 without) + fp32 keys 4BTkD. `backward`: PyTorch top-k 6kD BT (fp32 + bf16
+                 gradient of the gathered keys); kernel 12 B Tk D (fp32 dk / dv and their casts) + 2BTD (dq)
+                 + 4HkBT (graph bias gradient); dense chunks (n candidates) one recomputed chunk: 24 BHcn + its
+                 SOES pattern (block 40 BHcn, chunked 8 Bcn) + 8BnD, block + 8 B Tk D: the roughest (within 25 %).
+  logits         PyTorch: 10 B per logit ((B, T, V) bf16 logits, the fp32 log-softmax and its gradient). Fused
+                 (liger): 2BTD (the gradient of h, computed in the forward) + 4VD (fp32 lm_head gradient) + 4BT
+                 (per-token loss) + one bf16 chunk of logits, chunk = next_pow2(BT / ceil(V / D)) tokens. Both:
+                 the final norm, (8D + 4) BT. The terms are added, though the logits' peak comes before the units'.
 
-Not counted: the CUDA context and NCCL buffers (~1-2 GiB) and allocator fragmentation; `with_slack` adds 20 %
-+ 2 GiB for them. An estimate to choose settings with, not a measurement: check with
-`torch.cuda.max_memory_allocated()` on the first steps of a real run.
+Not counted: the CUDA context and NCCL buffers (~1-2 GiB), AutoEP's all-to-all buffers and allocator
+fragmentation; `with_slack` adds 20 % + 2 GiB for them. tests/test_memory_estimate.py checks the saved bytes and
+the unit peaks against a bf16 run on CPU (the kernel path with the kernel in the Triton interpreter). No GPU peak was
+measured: check `torch.cuda.max_memory_allocated()` on the first steps of a real run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 
-
 from ressformer.config import ModelConfig, parse_sets
-from ressformer.flops import _attention_macs, count_params
+from ressformer.flops import _block_kept_keys, count_params
 
 GiB = 1024**3
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass
@@ -63,51 +89,177 @@ class MemoryEstimate:
         return "\n".join(rows)
 
 
-def _memory_tokens(cfg: ModelConfig, T: int) -> int:
-    """Memory keys an R2MU step t >= 1 reads: the token cache H^(t-1) (T states) + segment summaries."""
-    r = cfg.r2mu
-    if cfg.arch != "ressformer" or not (r.enabled and r.memory):
-        return 0
-    n_seg = T // r.segment_len if cfg.causal else 1
-    return T + n_seg * r.summary_slots
+# --- the units and what they keep --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One checkpoint unit: a prelude / coda block, or R2MU step t."""
+
+    n_mem: int = 0  # memory keys its attention reads (token cache + summaries)
+    summary: bool = False  # pools S^(t) (R2MU memory with K > 1)
+    n_sum: int = 0  # summary entries of the sequence
+    graph_in: bool = False  # a SOES graph biases its attention
+    pattern: bool = False  # it makes the next step's graph from its attention probabilities
+    recurrent: bool = False
 
 
-def _unit_activation_elems(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]:
-    """(bf16 elements, fp32 elements) one block keeps for backward, per token."""
-    d, f, h = cfg.d_model, cfg.ffn_hidden, cfg.n_heads
-    half = 2.0 * d  # two RMSNorm outputs
-    half += 3.0 * d + 2.0 * d * n_mem / T  # q, k, v on tokens; k, v on memory keys
-    half += d  # attention output (o_proj input)
+def units(cfg: ModelConfig, T: int, num_steps: int | None = None) -> list[Unit]:
+    """The checkpoint units of one forward, in order."""
+    if cfg.arch != "ressformer":
+        return [Unit() for _ in range(cfg.n_layers)]
+    r, s = cfg.r2mu, cfg.soes
+    K = r.steps if num_steps is None else num_steps
+    memory = r.enabled and r.memory
+    n_sum = (T // r.segment_len if cfg.causal else 1) * r.summary_slots if memory else 0
+    bilinear = s.enabled and s.graph == "bilinear"
+    steps = [Unit(n_mem=T + n_sum if (memory and t >= 1) else 0, summary=memory and K > 1, n_sum=n_sum,
+                  graph_in=bilinear or (s.enabled and t >= 1), pattern=s.enabled and s.graph == "attention",
+                  recurrent=True) for t in range(K)]
+    plain = Unit(graph_in=bilinear)
+    return [plain] * r.n_prelude + steps + [plain] * r.n_coda
+
+
+def asam_path(cfg: ModelConfig, T: int, n_mem: int) -> tuple[str, int]:
+    """(path, keys per query) of ASAM in a unit: reference | gathered (top-k of the candidates) | dense_chunks."""
+    a, tk = cfg.asam, T + n_mem
+    if a.impl == "reference":
+        return "reference", tk
+    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk)
+    if a.topk == 0 or a.topk >= cand:
+        return "dense_chunks", cand
+    return "gathered", a.topk
+
+
+def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> dict[str, float]:
+    """Bytes per token one unit saves for its backward (bf16 activations), by part (module docstring)."""
+    D, H, F, m = cfg.d_model, cfg.n_heads, cfg.ffn_hidden, cfg.soes.degree
+    tk = (T + u.n_mem) / T
+    out = {"norms": (8.0 * D + 4) * (2 + u.n_mem / T)}
+    if u.summary:
+        r = cfg.r2mu
+        covered = 1.0 if not cfg.causal else (T // r.segment_len) * r.segment_len / T
+        out["memory_pool"] = covered * (16.0 * D + 4 + 4 * r.summary_slots) + 8.0 * D * u.n_sum / T
+    out["projections"] = 2.0 * D + (2.0 * D * tk if u.n_mem else 0.0) + 4.0 * D * tk + 2.0 * D
     if cfg.arch == "ressformer":
-        grad_macs, _ = _attention_macs(cfg, T, n_mem)
-        keys = grad_macs / (2.0 * d)  # (query, key) pairs per query that carry a gradient
-        if cfg.asam.topk > 0 and cfg.asam.impl != "reference":
-            half += 2.0 * keys * d  # gathered top-k keys and values, (T, k, D) each
+        path, n = asam_path(cfg, T, u.n_mem)
+        if path == "gathered":
+            out["attention"] = 2.0 * D + 12.0 * H * n if asam_kernel else 8.0 * n * D + 4.0 * D + 13.0 * H * n
+            if u.graph_in:
+                out["graph_bias"] = 9.0 * H * m + 4.0 * m
+        elif path == "dense_chunks":  # the chunks' checkpoint inputs: q, the keys / values and mask of each chunk
+            block = cfg.asam.impl == "block"
+            out["attention"] = 2.0 * D + (4.0 * D * n / min(cfg.asam.chunk_size, T) + H * n if block
+                                          else n / micro_batch)
+            if u.graph_in:  # per chunk: edge slots (block only) and the scaled edge values
+                out["graph_bias"] = (12.0 if block else 4.0) * H * m + 4.0 * m
+        else:  # reference: (B, H, T, Tk) fp32 scores and probabilities, fp32 q / k / v
+            out["attention"] = 8.0 * H * n + 4.0 * D * (1 + 2 * tk)
+        if u.graph_in and cfg.soes.graph == "bilinear":  # LatentGraph: src / dst projections, edge scores
+            out["graph_bias"] = out.get("graph_bias", 0.0) + 4.0 * cfg.soes.rank + 12.0 * m
+        if u.pattern and path == "gathered":
+            out["pattern"] = 25.0 * H * n + 13.0 * m + 20
+    else:  # dense baseline: causal attention, fp32 scores and bf16 probabilities over (T + 1) / 2 keys
+        out["attention"] = 2.0 * D + 6.0 * H * (T + 1) / 2
+    e = cfg.moe
+    if e.num_experts > 1:
+        ke = e.experts_per_token
+        out["ffn"] = ke * (6.0 * D + 8.0 * F + 16) + 2.0 * D + 4.0 * e.num_experts + 12.0 * ke + 4
+        out["ffn"] += 8.0 * F * e.shared_experts
     else:
-        keys = (T + 1) / 2.0  # causal dense attention, average visible keys
-    fp32 = h * keys  # scores
-    half += h * keys  # probabilities
-    if cfg.arch == "ressformer" and cfg.soes.enabled:
-        half += 2.0 * cfg.soes.rank + 2.0 * min(cfg.soes.degree, T)  # src/dst projections, edge weights
-    m = cfg.moe
-    n_ffn = m.experts_per_token + m.shared_experts if m.num_experts > 1 else 1
-    half += n_ffn * (d + 4.0 * f)  # expert input, gate_up (2F), silu(gate) (F), silu*up (F)
-    if m.num_experts > 1:
-        fp32 += m.num_experts  # router logits / probabilities
-    return half, fp32
+        out["ffn"] = 2.0 * D + 8.0 * F
+    return out
+
+
+def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> dict[str, float]:
+    """Bytes (per micro batch) a unit holds briefly on top of what it keeps, during its recompute / backward."""
+    if cfg.arch != "ressformer":
+        return {}
+    B, D, H = micro_batch, cfg.d_model, cfg.n_heads
+    path, n = asam_path(cfg, T, u.n_mem)
+    Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
+    if path == "gathered":
+        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, Tk)
+        sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * cand * D
+        if asam_kernel:
+            bwd = 12.0 * B * Tk * D + 2.0 * B * T * D + (4.0 * B * H * n * T if u.graph_in else 0.0)
+        else:
+            bwd = 6.0 * B * T * n * D
+        return {"selection": sel, "backward": bwd}
+    if path == "dense_chunks":  # one recomputed chunk (scores, bias, masked scores, probabilities, their
+        # gradients; the SOES pattern over its H x n probabilities) + fp32 candidate keys / values; block: the k / v
+        # gradients the chunks' gathers scatter into
+        block = cfg.asam.impl == "block"
+        pattern = 0.0
+        if u.pattern:  # block: pattern_edges over H x n per query; chunked: the head mean, top-m of n
+            pattern = 40.0 * B * H * c * n if block else 8.0 * B * c * n
+        return {"backward": 24.0 * B * H * c * n + pattern + 8.0 * B * n * D + (8.0 * B * Tk * D if block else 0.0)}
+    return {}
+
+
+def unit_bytes(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> tuple[float, float]:
+    """(kept bytes, peak bytes) of one unit's recompute + backward for a micro batch. The selection runs after the
+    norms, memory pooling and projections are saved and before the rest; the backward transients come with all."""
+    parts = unit_kept(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch)
+    per_token = micro_batch * T
+    kept = sum(parts.values()) * per_token
+    before = sum(parts.get(k, 0.0) for k in ("norms", "memory_pool", "projections")) * per_token
+    trans = unit_transient(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch)
+    return kept, max(before + trans.get("selection", 0.0), kept + trans.get("backward", 0.0))
+
+
+def logits_bytes(cfg: ModelConfig, T: int, micro_batch: int = 1, *, fused_loss: bool) -> float:
+    """The LM head and loss (module docstring), with the final norm."""
+    BT, D, V = micro_batch * T, cfg.d_model, cfg.vocab_size
+    norm = (8.0 * D + 4) * BT
+    if not fused_loss:
+        return 10.0 * BT * V + norm
+    chunk = min(BT, 1 << (-(-BT // -(-V // D)) - 1).bit_length())  # liger: next_pow2(ceil(BT / ceil(V / D)))
+    return 2.0 * BT * D + 4.0 * V * D + 4.0 * BT + 2.0 * chunk * V + norm
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of the routed experts (what AutoEP spreads over ep ranks)."""
+    e = cfg.moe
+    if e.num_experts == 1:
+        return 0
+    n_blocks = (1 if cfg.r2mu.enabled else cfg.r2mu.steps) + cfg.r2mu.n_prelude + cfg.r2mu.n_coda \
+        if cfg.arch == "ressformer" else cfg.n_layers
+    return n_blocks * e.num_experts * 3 * cfg.d_model * cfg.ffn_hidden
+
+
+def resolve_kernels(cfg: ModelConfig, asam_kernel: str = "auto", fused_loss: str = "auto",
+                    seq_len: int | None = None) -> tuple[bool, bool]:
+    """(Triton ASAM kernel on, fused LM loss on) for a CUDA run: auto = on where ressformer.kernels uses them
+    (the ASAM kernel: the gathered top-k path, up to its MAX_SLOTS keys per query)."""
+    for name, v in (("asam_kernel", asam_kernel), ("fused_loss", fused_loss)):
+        if v not in SWITCHES:
+            raise ValueError(f"{name}={v!r}: choose one of {SWITCHES}")
+    T = seq_len or cfg.max_seq_len
+    gathered = cfg.arch == "ressformer" and any(asam_path(cfg, T, u.n_mem)[0] == "gathered" for u in units(cfg, T))
+    kernel = asam_kernel == "on" or (asam_kernel == "auto" and gathered)
+    if kernel and gathered:
+        from ressformer.kernels.asam_triton import MAX_SLOTS
+
+        if cfg.asam.topk > MAX_SLOTS:
+            raise ValueError(f"asam.topk={cfg.asam.topk} exceeds the Triton kernel's {MAX_SLOTS} keys per query: "
+                             "lower asam.topk or estimate the PyTorch path (--asam-kernel off)")
+    return kernel, fused_loss != "off"
 
 
 def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, world_size: int = 1,
                     zero_stage: int = 3, ckpt_every: int | None = 1, num_steps: int | None = None,
-                    max_live_parameters: float = 1e9) -> MemoryEstimate:
+                    max_live_parameters: float = 1e9, ep_size: int = 1, asam_kernel: bool = False,
+                    fused_loss: bool = False) -> MemoryEstimate:
     """Bytes per GPU of one training micro-step (see the module docstring for each term)."""
-    if seq_len < 1 or micro_batch < 1 or world_size < 1:
-        raise ValueError(f"estimate_memory: seq_len={seq_len}, micro_batch={micro_batch}, world_size={world_size} "
-                         "must all be >= 1")
+    if seq_len < 1 or micro_batch < 1 or world_size < 1 or ep_size < 1:
+        raise ValueError(f"estimate_memory: seq_len={seq_len}, micro_batch={micro_batch}, world_size={world_size}, "
+                         f"ep_size={ep_size} must all be >= 1")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory: zero_stage={zero_stage} must be 0, 1, 2 or 3")
     if ckpt_every is not None and ckpt_every < 1:
         raise ValueError(f"estimate_memory: ckpt_every={ckpt_every} must be >= 1 (None = no checkpointing)")
+    if ep_size > 1 and (cfg.moe.num_experts % ep_size or world_size % ep_size):
+        raise ValueError(f"estimate_memory: ep_size={ep_size} must divide moe.num_experts={cfg.moe.num_experts} "
+                         f"and world_size={world_size}")
     est = MemoryEstimate()
     T, B, D = seq_len, micro_batch, cfg.d_model
     P = count_params(cfg)["total"]
@@ -118,48 +270,47 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
                                  + optim / (n if zero_stage >= 1 else 1))
     est.notes["model_states"] = f"{P / 1e9:.3f} B params x 16 B, ZeRO-{zero_stage} over {n} GPUs"
     if zero_stage == 3:
-        live = min(max_live_parameters, P)
+        Pe = expert_params(cfg)
+        live = min(max_live_parameters, P - Pe + Pe / ep_size)
         est.terms["zero3_gathered"] = 4.0 * live
-        est.notes["zero3_gathered"] = f"{live / 1e9:.3f} B live params gathered (bf16 weight + grad)"
+        ep = f", experts / {ep_size} (AutoEP)" if ep_size > 1 else ""
+        est.notes["zero3_gathered"] = f"{live / 1e9:.3f} B live params gathered (bf16 weight + grad){ep}"
 
-    if cfg.arch == "ressformer":
-        r = cfg.r2mu
-        K = r.steps if num_steps is None else num_steps
-        units = [0] * r.n_prelude + [_memory_tokens(cfg, T) if (t >= 1 and K > 1) else 0 for t in range(K)] \
-            + [0] * r.n_coda
-        recurrent = set(range(r.n_prelude, r.n_prelude + K))
-        n_sum = (T // r.segment_len if cfg.causal else 1) * r.summary_slots if (r.enabled and r.memory) else 0
-    else:
-        units = [0] * cfg.n_layers
-        recurrent, n_sum = set(), 0
-    per_unit = [_unit_activation_elems(cfg, T, n_mem) for n_mem in units]
-    unit_bytes = [B * T * (2.0 * h + 4.0 * f) for h, f in per_unit]
+    us = units(cfg, T, num_steps)
+    per_unit = [unit_bytes(cfg, T, u, asam_kernel=asam_kernel, micro_batch=B) for u in us]
+    m, E = cfg.soes.degree, cfg.moe.num_experts
+    # Outside the units: what each returns and the losses read (graphs, smoothness match, router logits).
+    extra = sum((12.0 * m + 4.0 * m * m) * B * T for u in us if u.pattern)
+    extra += (10.0 * E * B * T) * len(us) if E > 1 else 0.0
     if ckpt_every is None:
-        est.terms["activations"] = float(sum(unit_bytes))
-        est.notes["activations"] = f"{len(units)} units, no checkpointing"
+        est.terms["activations"] = sum(k for k, _ in per_unit) + max(p - k for k, p in per_unit) + extra
+        est.notes["activations"] = f"{len(us)} units, no checkpointing"
     else:
-        stored = 0.0
-        n_stored = 0
-        for i in range(len(units)):
+        stored, n_stored = 0.0, 0
+        first_step = next((i for i, u in enumerate(us) if u.recurrent), None)
+        for i, u in enumerate(us):
             if i % ckpt_every:
                 continue
             n_stored += 1
             stored += 2.0 * B * T * D  # unit input h, bf16
-            if i in recurrent:
-                if ckpt_every > 1 and i > min(recurrent):
+            if u.recurrent:
+                if ckpt_every > 1 and i != first_step:
                     stored += 2.0 * B * T * D  # H^(t-1): not another checkpoint's input
-                stored += 2.0 * B * n_sum * D  # S^(t-1)
+                stored += 2.0 * B * u.n_sum * D  # S^(t-1)
         # Units between checkpoints run normally and keep everything until backward reaches them.
-        kept = sum(b for i, b in enumerate(unit_bytes) if i % ckpt_every)
-        est.terms["checkpoints"] = stored + kept
-        est.notes["checkpoints"] = f"{n_stored} of {len(units)} unit inputs kept (every {ckpt_every})"
-        est.terms["unit_recompute"] = max(unit_bytes)
-        est.notes["unit_recompute"] = "largest unit's activations during its recompute + backward"
-    est.terms["logits"] = 10.0 * B * T * cfg.vocab_size
-    est.notes["logits"] = f"B*T*V = {B}*{T}*{cfg.vocab_size} x 10 B"
+        kept = sum(k for i, (k, _) in enumerate(per_unit) if i % ckpt_every)
+        est.terms["checkpoints"] = stored + kept + extra
+        est.notes["checkpoints"] = f"{n_stored} of {len(us)} unit inputs kept (every {ckpt_every})"
+        est.terms["unit_recompute"] = max(p for _, p in per_unit)
+        path = "Triton ASAM kernel" if asam_kernel else "PyTorch ASAM"
+        est.notes["unit_recompute"] = f"largest unit's saved tensors + transients in recompute / backward ({path})"
+    est.terms["logits"] = logits_bytes(cfg, T, B, fused_loss=fused_loss)
+    est.notes["logits"] = ("fused LM loss: grad of h + fp32 grad of lm_head + one logits chunk" if fused_loss
+                           else f"B*T*V = {B}*{T}*{cfg.vocab_size} x 10 B")
     return est
 
 
+# --- inputs from the run's files -----------------------------------------------------------------------------------
 def run_config_settings(path: str) -> dict:
     """Model + memory-relevant settings of a run config YAML, read by the trainer's own loader
     (pretrain.config.load_run_config: model preset + model_overrides, seq_len, micro_batch, checkpointing)."""
@@ -171,19 +322,36 @@ def run_config_settings(path: str) -> dict:
             "ckpt_every": ac["every"] if ac["enabled"] else None}
 
 
+def ds_config_settings(path: str) -> dict:
+    """ZeRO stage, stage3_max_live_parameters and the AutoEP size of a DeepSpeed JSON."""
+    with open(path) as f:
+        ds = json.load(f)
+    zo = ds.get("zero_optimization", {})
+    ep = ds.get("expert_parallel") or {}
+    return {"zero_stage": int(zo.get("stage", 0)),
+            "max_live_parameters": float(zo.get("stage3_max_live_parameters", 1e9)),
+            "ep_size": int(ep.get("autoep_size", 1)) if ep.get("enabled", False) else 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.memory_estimate",
                                  description="Per-GPU training memory from the model's parameter and key counts.")
     ap.add_argument("--config", default=None, help="run config YAML (model, seq_len, micro_batch, checkpointing)")
+    ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (ZeRO stage, max live parameters, AutoEP size)")
     ap.add_argument("--preset", default="1b-long", help="model preset (ressformer.config.PRESETS)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model field override")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: max_seq_len)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--world-size", type=int, default=32, help="data-parallel GPUs (ZeRO partitions over them)")
-    ap.add_argument("--zero-stage", type=int, default=3)
+    ap.add_argument("--zero-stage", type=int, default=None, help="default: the DeepSpeed JSON's, else 3")
     ap.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every N units; 0 = off")
     ap.add_argument("--num-steps", type=int, default=None, help="R2MU steps K (default: r2mu.steps)")
-    ap.add_argument("--max-live-parameters", type=float, default=1e9, help="DeepSpeed stage3_max_live_parameters")
+    ap.add_argument("--max-live-parameters", type=float, default=None,
+                    help="DeepSpeed stage3_max_live_parameters (default: the JSON's, else 1e9)")
+    ap.add_argument("--ep-size", type=int, default=None, help="AutoEP size (default: the JSON's, else 1)")
+    ap.add_argument("--asam-kernel", choices=SWITCHES, default="auto",
+                    help="Triton ASAM kernel of a CUDA run (auto: on for the gathered top-k path)")
+    ap.add_argument("--fused-loss", choices=SWITCHES, default="auto", help="liger fused LM loss (auto: on)")
     args = ap.parse_args(argv)
     try:
         sets = parse_sets(args.set)
@@ -196,11 +364,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = ModelConfig.from_preset(args.preset, **sets)
         seq, mb, every, name = args.seq_len or cfg.max_seq_len, args.micro_batch, args.ckpt_every or None, args.preset
-    est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.world_size,
-                          zero_stage=args.zero_stage, ckpt_every=every,
-                          num_steps=args.num_steps, max_live_parameters=args.max_live_parameters)
-    sys.stdout.write(f"# {name} {' '.join(args.set)} T={seq} micro_batch={mb} "
-                     f"world_size={args.world_size} ZeRO-{args.zero_stage} ckpt_every={every}\n")
+    ds = ds_config_settings(args.ds_config) if args.ds_config else {}
+    stage = args.zero_stage if args.zero_stage is not None else ds.get("zero_stage", 3)
+    live = args.max_live_parameters if args.max_live_parameters is not None else ds.get("max_live_parameters", 1e9)
+    ep = args.ep_size if args.ep_size is not None else ds.get("ep_size", 1)
+    try:
+        kernel, fused = resolve_kernels(cfg, args.asam_kernel, args.fused_loss, seq)
+        est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.world_size, zero_stage=stage,
+                              ckpt_every=every, num_steps=args.num_steps, max_live_parameters=live, ep_size=ep,
+                              asam_kernel=kernel, fused_loss=fused)
+    except ValueError as e:
+        ap.error(str(e))
+    sys.stdout.write(f"# {name} {' '.join(args.set)} T={seq} micro_batch={mb} world_size={args.world_size} "
+                     f"ZeRO-{stage} ep={ep} ckpt_every={every} asam_kernel={'on' if kernel else 'off'} "
+                     f"fused_loss={'on' if fused else 'off'}\n")
     sys.stdout.write(est.table() + "\n")
     return 0
 

@@ -1,16 +1,18 @@
 #!/bin/bash
-# Pretrain the 1B long-context ReSSFormer (32k tokens, ZeRO-3) on a multi-node GPU Slurm cluster.
+# Pretrain the paper's 1B ReSSFormer at a 32k context (ZeRO-3 + AutoEP expert parallelism) on a multi-node GPU
+# Slurm cluster. pretrain/configs/1b_long.yaml says why it fits an 80 GiB GPU (with the Triton ASAM kernel).
 #
 #   sbatch slurm/pretrain_1b.sh                                   # 4 nodes x 8 GPUs, defaults below
 #   sbatch --nodes=16 --time=72:00:00 slurm/pretrain_1b.sh        # any #SBATCH line can be overridden
 #   RUN_DIR=/scratch/me/1b DATA=/data/fineweb_text_document WANDB_PROJECT=me-1b sbatch slurm/pretrain_1b.sh
 #   GPUS_PER_NODE=4 sbatch --gpus-per-node=4 --ntasks-per-node=4 slurm/pretrain_1b.sh
+#   CONFIG=pretrain/configs/1b_long_blocks.yaml sbatch slurm/pretrain_1b.sh   # no triton on the cluster
 #
 # Submit from the repository root (sbatch runs a copy of this file; REPO defaults to the submit folder).
 # Variables (environment overrides; sbatch exports the submitting shell's environment):
 #   GPUS_PER_NODE  tasks (= GPUs) per node; keep equal to --gpus-per-node/--ntasks-per-node   [8]
 #   CONFIG         run config (model preset, seq len, batch, activation checkpointing)  [pretrain/configs/1b_long.yaml]
-#   DS_CONFIG      DeepSpeed JSON (ZeRO-3, bf16)                                      [ds_configs/zero3.json]
+#   DS_CONFIG      DeepSpeed JSON (ZeRO-3 + AutoEP, autoep_size 8 = one node, bf16)  [ds_configs/zero3_autoep_ep8.json]
 #   DATA           megatron .bin/.idx prefix, or a YAML blend "[[0.7, a], [0.3, b]]" -> data.blend  [config's]
 #   RUN_DIR        checkpoints, metrics.jsonl, FINISHED; keep it on a shared file system [$REPO/runs/1b_long]
 #   WANDB_PROJECT  wandb project (WANDB_MODE=offline works on nodes without network)  [ressformer]
@@ -42,7 +44,7 @@
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CONFIG=${CONFIG:-pretrain/configs/1b_long.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_autoep_ep8.json}
 DATA=${DATA:-}
 RUN_DIR=${RUN_DIR:-$REPO/runs/1b_long}
 WANDB_PROJECT=${WANDB_PROJECT:-ressformer}

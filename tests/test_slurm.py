@@ -88,7 +88,8 @@ def _launch_with_stub_srun(tmp_path, script: str, env: dict) -> tuple[list[str],
 
 
 @pytest.mark.parametrize("script,defaults", [
-    ("pretrain_1b.sh", {"per_node": "8", "config": "pretrain/configs/1b_long.yaml", "ds": "ds_configs/zero3.json"}),
+    ("pretrain_1b.sh", {"per_node": "8", "config": "pretrain/configs/1b_long.yaml",
+                        "ds": "ds_configs/zero3_autoep_ep8.json"}),
     ("pretrain_debug.sh", {"per_node": "1", "config": "pretrain/configs/debug.yaml", "ds": "ds_configs/zero1.json"})])
 def test_scripts_launch_the_trainer_with_their_defaults_and_overrides(tmp_path, script, defaults):
     args, out = _launch_with_stub_srun(tmp_path / "a", script, {"RUN_DIR": str(tmp_path / "run_a")})
@@ -333,17 +334,41 @@ def test_pretrain_debug_script(cluster, trainer, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_pretrain_1b_script_scaled_to_debug(cluster, trainer, tmp_path):
-    """The 1B script itself, with its GPU defaults overridden the documented way (variables + sbatch options)."""
+    """The 1B script itself, with its GPU defaults overridden the documented way (variables + sbatch options), on
+    plain ZeRO-3 (the AutoEP layout it defaults to: test_pretrain_1b_script_runs_the_paper_model_with_autoep)."""
     run_dir, log, steps = tmp_path / "run", tmp_path / "1b.out", 20
     job = _sbatch(cluster, "slurm/pretrain_1b.sh", log, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                   "--cpus-per-task=1", "--time=00:10:00",
                   RUN_DIR=run_dir, GPUS_PER_NODE=1, CONFIG="pretrain/configs/debug.yaml", DATA=trainer["prefix"],
-                  WANDB_PROJECT="", EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
+                  DS_CONFIG="ds_configs/zero3.json", WANDB_PROJECT="",
+                  EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED")
     assert info.get("NumNodes") == "2" and info.get("NumTasks") == "2"
     text = log.read_text()
-    assert "--ds_config ds_configs/zero3.json" in text, "the 1B script must launch with the ZeRO-3 config"
+    assert "--ds_config ds_configs/zero3.json" in text, "the 1B script must launch with the DS_CONFIG given"
     _check_finished_run(run_dir, steps, log)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_pretrain_1b_script_runs_the_paper_model_with_autoep(cluster, trainer, tmp_path):
+    """slurm/pretrain_1b.sh end to end in its flagship layout at debug size: the debug paper model (per-query top-k,
+    sparsemax, routed experts, R2MU memory, SOES; pretrain/configs/debug_autoep.yaml) under ZeRO-3 + AutoEP
+    (ds_configs/zero3_autoep.json, autoep_size 2) with activation checkpointing every unit, one CPU rank on each of
+    the 2 nodes (DS_ACCELERATOR=cpu from _slurm_env)."""
+    run_dir, log, steps = tmp_path / "run", tmp_path / "1b_autoep.out", 12
+    job = _sbatch(cluster, "slurm/pretrain_1b.sh", log, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                  "--cpus-per-task=1", "--time=00:10:00",
+                  RUN_DIR=run_dir, GPUS_PER_NODE=1, CONFIG="pretrain/configs/debug_autoep.yaml",
+                  DS_CONFIG="ds_configs/zero3_autoep.json", DATA=trainer["prefix"], WANDB_PROJECT="",
+                  EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
+    info = _wait(cluster, job, log, _completed, 300, "COMPLETED")
+    assert info.get("NumNodes") == "2" and info.get("NumTasks") == "2" and info.get("Restarts") == "0"
+    text = log.read_bytes().decode(errors="replace")  # two ranks' progress bars may split a character
+    assert "--ds_config ds_configs/zero3_autoep.json --config pretrain/configs/debug_autoep.yaml" in text
+    _check_finished_run(run_dir, steps, log)
+    manifest = json.loads(sorted(run_dir.glob("step_*/manifest.json"))[-1].read_text())
+    assert manifest["layout"] == {"world_size": 2, "zero_stage": 3, "ep_backend": "autoep", "ep_size": 2}
 
 
 @pytest.mark.slow
