@@ -321,10 +321,14 @@ def _checkpoint_files(tag: Path) -> list[str]:
                   and not p.name.startswith("."))
 
 
-def verify_tag(tag: Path, *, quick: bool = False) -> str | None:
+MODEL_FILES = ("model.safetensors", "model_config.yaml", "tokenizer/")
+
+
+def verify_tag(tag: Path, *, quick: bool = False, skip: tuple[str, ...] = ()) -> str | None:
     """Check `tag` against its manifest (collective: ranks hash disjoint files). -> None if good, else one line
-    naming the first bad file. A tag without a manifest (written before manifests existed) is checked for
-    completeness and readable DeepSpeed files only."""
+    naming the first bad file. Files whose names start with one of `skip` are not checked (MODEL_FILES: a
+    reader of the DeepSpeed shards only). A tag without a manifest (written before manifests existed) is checked
+    for completeness and readable DeepSpeed files only."""
     problem = None
     mpath = tag / MANIFEST
     if not (tag / COMPLETE).is_file():
@@ -336,7 +340,7 @@ def verify_tag(tag: Path, *, quick: bool = False) -> str | None:
         except (OSError, ValueError, KeyError) as e:
             problem = f"{mpath} is unreadable ({type(e).__name__}: {e})"
         else:
-            names = sorted(files)
+            names = sorted(n for n in files if not n.startswith(skip))
             for i, name in enumerate(names):
                 p, want = tag / name, files[name]
                 if not p.is_file():

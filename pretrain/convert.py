@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import MANIFEST, complete_tags, tag_step, verify_tag
+from pretrain.checkpoint import MANIFEST, MODEL_FILES, complete_tags, tag_step, verify_tag
 from pretrain.ds_recovery import (COMPLETE, CheckpointError, check_complete, has_shards, newest_complete_tag,
                                   read_deepspeed_checkpoint)
 from pretrain.model_dir import (CONFIG, TOKENIZER, TOKENIZER_FILES, WEIGHTS, ModelDirError, is_model_dir,
@@ -57,9 +57,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # --- locating the model -----------------------------------------------------------------------------
-def locate(path: str | Path) -> tuple[Path, bool]:
-    """-> (folder, whether it is a model folder). RUN_DIR -> its newest complete tag; a tag (holding COMPLETE,
-    DeepSpeed files or named step_N) must be complete; any other model folder is taken as it is."""
+def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
+    """-> (folder, whether it is a model folder). RUN_DIR -> its newest complete tag whose files match its
+    manifest (only the DeepSpeed files with `from_shards`); a tag (holding COMPLETE, DeepSpeed files or named
+    step_N) must be complete and match; any other model folder is taken as it is."""
+    skip = MODEL_FILES if from_shards else ()
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(p)!r} is not a folder: give RUN_DIR, RUN_DIR/TAG or a model "
@@ -68,15 +70,17 @@ def locate(path: str | Path) -> tuple[Path, bool]:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"{p} has no {COMPLETE} marker: its save did not finish; convert an earlier tag "
                                   f"(RUN_DIR picks the newest complete one)")
-        bad = verify_tag(p) if (p / MANIFEST).is_file() else None
+        bad = verify_tag(p, skip=skip) if (p / MANIFEST).is_file() else None
         if bad:
-            raise CheckpointError(f"{bad}: convert an earlier tag (RUN_DIR picks the newest usable one)")
+            hint = " or recover the weights from the DeepSpeed files with --from-shards" \
+                if not from_shards and WEIGHTS in bad else ""
+            raise CheckpointError(f"{bad}: convert an earlier tag (RUN_DIR picks the newest usable one){hint}")
         tag = p
     elif is_model_dir(p):
         return p, True
     else:
         tag = newest_complete_tag(p, lambda d: is_model_dir(d) or has_shards(d), f"{WEIGHTS} or *_model_states.pt")
-        while (tag / MANIFEST).is_file() and (bad := verify_tag(tag)):  # the run's own fallback rule
+        while (tag / MANIFEST).is_file() and (bad := verify_tag(tag, skip=skip)):  # the run's fallback rule
             print(f"[convert] skipping {tag.name}: {bad}", file=sys.stderr)
             older = [t for t in complete_tags(p) if tag_step(t) < tag_step(tag) and (is_model_dir(t) or has_shards(t))]
             if not older:
@@ -100,7 +104,7 @@ def _run_config(tag: Path) -> dict | None:
 def read_any(path: str | Path, from_shards: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """RUN_DIR, RUN_DIR/TAG or a model folder -> (state_dict, model-config dict, info). info["source"] is
     "model folder", or "deepspeed shards" when the tag holds no model folder or `from_shards` is set."""
-    folder, is_model = locate(path)
+    folder, is_model = locate(path, from_shards)
     if is_model and not from_shards:
         cfg, sd = load_model_dir(folder)
         return sd, cfg.to_dict(), {"tag": str(folder), "source": "model folder", "zero_stage": None,
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             tok = f"{TOKENIZER}/" if (out / TOKENIZER).is_dir() else f"no tokenizer ({a.checkpoint} has none)"
             print(f"[convert] wrote {out}/{WEIGHTS}, {CONFIG} and {tok}")
             return 0
-        folder, is_model = locate(a.checkpoint)
+        folder, is_model = locate(a.checkpoint, a.from_shards)
         if not is_model:
             print(f"[convert] {folder} holds no {WEIGHTS} (saved before checkpoints carried the model folder): "
                   f"rebuilding the weights from its DeepSpeed shard files (pretrain.ds_recovery)", flush=True)

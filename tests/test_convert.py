@@ -292,6 +292,7 @@ def test_convert_reads_the_model_folder_of_a_checkpoint_tag(tmp_path, tok_dir):
     assert "step_00000002 (model folder)" in p.stdout
     p = _convert_cli(["--checkpoint", str(run / "step_00000004"), "--out", str(tmp_path / "w")])
     assert p.returncode == 2 and "model.safetensors" in p.stderr and "sha256" in p.stderr
+    assert "--from-shards" in p.stderr  # the DeepSpeed files may still be intact
 
 
 # --- 2-rank DeepSpeed checkpoints from the trainer CLI ----------------------------------------------------------
@@ -330,9 +331,10 @@ def _run_config(tag: Path) -> dict:
 
 
 def _drop_model_folder(tag: Path) -> None:
-    """Make `tag` look like a checkpoint saved before tags carried the model folder."""
-    for name in ("model.safetensors", "model_config.yaml"):
+    """Make `tag` look like a checkpoint saved before tags carried the model folder and a manifest."""
+    for name in ("model.safetensors", "model_config.yaml", "manifest.json"):
         (tag / name).unlink(missing_ok=True)
+    shutil.rmtree(tag / "tokenizer", ignore_errors=True)
 
 
 def _convert_cli(args: list[str]) -> subprocess.CompletedProcess:
