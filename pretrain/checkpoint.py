@@ -18,7 +18,7 @@
 - A tag written with another world size, ZeRO stage or expert-parallel size is resharded: DeepSpeed's
   `ds_to_universal` writes every parameter's fp32 value and Adam moments whole, the engine is built from those
   weights and the moments are set with `deepspeed.utils.safe_set_full_optimizer_state`. Expert-parallel
-  layouts are not resharded (`_check_reshardable` says so and how to continue).
+  layouts are not resharded (`check_reshardable` says so and how to continue).
 """
 
 from __future__ import annotations
