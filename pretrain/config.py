@@ -48,6 +48,10 @@ class RunConfig:
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1234
     activation_checkpointing: dict = field(default_factory=lambda: {"enabled": False, "every": 1})
+    # torch.compile (inductor) each unit the model repeats, in place (ressformer CausalLM.compile_units: every block,
+    # the R2MU memory); checkpoints are unchanged. The first step compiles (tens of seconds on CPU). Not with
+    # expert parallelism (AutoEP, native MoE).
+    compile: bool = False
     log_every: int = 10
     save_every: int = 100
     eval_every: int = 50
@@ -88,6 +92,7 @@ class RunConfig:
         need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.eps > 0, "weight_decay",
              "weight_decay and grad_clip must be >= 0, eps > 0")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose auto, fp32 or bf16")
+        need(isinstance(self.compile, bool), "compile", "true or false")
         need(isinstance(self.model, (str, dict)), "model", "give a preset name, a model-config YAML path or a dict")
         ac = self.activation_checkpointing
         need(isinstance(ac, dict) and set(ac) <= _AC_KEYS and int(ac.get("every", 1)) >= 1,

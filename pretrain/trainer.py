@@ -100,11 +100,22 @@ def zero_stage(ds: dict) -> int:
 
 
 def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
-    """Build the model (under zero.Init for ZeRO-3), initialise it from the seed (or `init_state`)."""
+    """Build the model (under zero.Init for ZeRO-3), initialise it from the seed (or `init_state`), set activation
+    checkpointing and, with `compile: true`, compile its units (`CausalLM.compile_units`; ZeRO-1/2/3, with or
+    without checkpointing). Expert parallelism with compile is refused: its MoE layer replaces the compiled blocks'
+    `mlp` after compilation and runs all-to-alls inside them."""
     from ressformer import build_model
 
     cfg = run.model_config()
     zero3 = zero_stage(ds) == 3
+    if run.compile:
+        from pretrain.expert_parallel import AUTOEP_KEY, NATIVE_KEY
+
+        ep = [k for k in (AUTOEP_KEY, NATIVE_KEY) if (ds.get(k) or {}).get("enabled")]
+        if ep:
+            raise ValueError(f"compile: true with expert parallelism ('{ep[0]}' in the DeepSpeed JSON) is not "
+                             "supported: set compile: false, or use a DeepSpeed JSON without it (ds_configs/zero1.json "
+                             "or zero3.json: the experts are then ZeRO-partitioned like any weight)")
     if zero3:
         import deepspeed
 
@@ -115,6 +126,8 @@ def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
     set_initial_weights(model, run.seed, init_state, partitioned=zero3)
     if run.activation_checkpointing["enabled"]:
         model.set_checkpointing(checkpoint_fn, every=run.activation_checkpointing["every"])
+    if run.compile:
+        model.compile_units()
     return model
 
 

@@ -4,8 +4,8 @@
 
 The base owns `model.embed_tokens`, `model.norm` and `lm_head` (tied to the embedding when cfg.tie_embeddings),
 the initialisation plan of those and of `model.layers` (output projections scaled by 1/sqrt(2 * depth)),
-the activation-checkpointing hook, parameter counts and the forward's tail: final norm, logits / LM loss
-(output.logits_and_loss), MoE aux losses (moe.moe_aux) and loss = LM loss + every weighted aux loss.
+the activation-checkpointing and torch.compile hooks, parameter counts and the forward's tail: final norm, logits /
+LM loss (output.logits_and_loss), MoE aux losses (moe.moe_aux) and loss = LM loss + every weighted aux loss.
 A subclass builds `self.model` (with embed_tokens, layers, norm), sets `arch` and `depth`, and implements
 `_forward` and `_forward_cached`.
 """
@@ -13,6 +13,7 @@ A subclass builds `self.model` (with embed_tokens, layers, norm), sets `arch` an
 from __future__ import annotations
 
 import math
+import types
 from typing import Callable
 
 import torch
@@ -20,8 +21,9 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
-from ressformer.moe import moe_aux
+from ressformer.moe import MoEExperts, moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
+from ressformer.selection import topk_first
 
 
 class CausalLM(nn.Module):
@@ -72,6 +74,57 @@ class CausalLM(nn.Module):
         if self._ckpt_fn is not None and unit % self._ckpt_every == 0:
             return self._ckpt_fn(fn, *args)
         return fn(*args)
+
+    # --- torch.compile ------------------------------------------------------------------------
+    def compile_units(self, **compile_kwargs) -> None:
+        """torch.compile, in place, each unit the forward repeats (`_compile_targets`: the blocks of `model.layers`,
+        and ReSSFormer's R2MU memory), as torchtitan compiles each transformer block; compile_kwargs go to
+        torch.compile (backend, mode, fullgraph, dynamic). The embedding, loss tail and cached (generation) path stay
+        eager. nn.Module.compile keeps the state_dict keys, so checkpoints are those of the eager model.
+
+        * The K loop calls one compiled block: step 0 (no memory, no graph) and steps >= 1 are two variants of its
+          graphs whatever K is, so neither a fixed nor a sampled K recompiles per call (data-dependent recompiles
+          are listed below). Identical blocks (the baseline's layers) share their graphs.
+        * Activation checkpointing (`set_checkpointing`) wraps the eager unit function around the compiled modules;
+          the recomputation in backward runs the graphs the forward ran (see the two settings below).
+        * Graph breaks (torch._dynamo.explain, TORCH_LOGS=graph_breaks; tests/test_compile.py). None in the dense
+          baseline's block with a dense FFN (fullgraph=True works), nor in ReSSFormer's recurrent step with
+          asam.topk=0, soes.enabled=False and a dense FFN. Otherwise a ReSSFormer block breaks where the CPU path
+          reads data on the host, and those calls run eagerly:
+          - selection.topk_first (eager by design, below), from attention._select_topk (ASAM's per-chunk top-k),
+            attention._pad_edges (the SOES attention-pattern graph), structure.LatentGraph (soes.graph=bilinear) and
+            selection.block_candidates: `if bool(tie.any())` branches on whether a row's k-th value is tied within
+            TIE_RTOL, and the redone rows are a data-dependent count (nonzero).
+          - moe.MoEExperts (eager by design, below): a loop over experts on token counts read from the data
+            (bincount -> tolist); torchtitan leaves its experts out of the compiled block too.
+          - asam.impl=block: selection.block_summaries' `int(x.min())` / `int(x.max())` and block_candidates'
+            `int(union.sum(-1).max())` (the number of kept blocks is a shape).
+          A break inside a for loop makes Dynamo run that whole frame eagerly: attention.sparse_attention's and
+          LatentGraph's chunk loops do, while the functions they call (visibility, top-k scoring, the gathered
+          attention with its sparsemax and pattern) compile as frames of their own; with asam.topk=0 the dense
+          chunks, checkpointed inside ASAM around the SOES pattern's top-k, stay eager (no speedup).
+          topk_first returns a view of stride k + 1 when no row ties and a contiguous tensor when some does, so the
+          frame that takes every chunk's index (attention._gathered_attend_all) recompiles for each new pattern of
+          tied chunks until Dynamo's recompile_limit (8) leaves it eager (seen within 40 debug steps).
+        """
+        # The recomputation of a checkpointed unit must run the graph its forward ran. A frame the block reaches
+        # with several shapes (ASAM sees T keys at step 0, T + memory keys after) holds a static and an
+        # automatic-dynamic graph that both accept the first shape, and Dynamo's most-recently-used lookup may pick
+        # the other one (other saved tensors: torch.utils.checkpoint raises; or other rounding). Insertion order
+        # (process-wide; torchtitan does the same).
+        torch._C._dynamo.eval_frame._set_lru_cache(False)
+        # Traced, topk_first's tie branch splits it into frames whose first (compiling) call saves other tensors for
+        # backward than later calls do (the redone rows' indices), which a checkpointed recomputation rejects.
+        torch._dynamo.decorators.skip(topk_first)
+        for module in self.modules():
+            if isinstance(module, MoEExperts):  # this instance only
+                module.forward = types.MethodType(torch.compiler.disable(type(module).forward), module)
+        for unit in self._compile_targets():
+            unit.compile(**compile_kwargs)
+
+    def _compile_targets(self) -> list[nn.Module]:
+        """The modules `compile_units` compiles: the blocks of `model.layers`."""
+        return list(self.model.layers)
 
     # --- initialisation -----------------------------------------------------------------------
     def init_plan(self) -> Plan:

@@ -162,6 +162,10 @@ class ReSSFormerForCausalLM(CausalLM):
         """The block applied at recurrent step t (the shared one, or the t-th distinct one in the ablation)."""
         return self.model.layers[self.n_prelude + (0 if self.config.r2mu.enabled else t)]
 
+    def _compile_targets(self) -> list[nn.Module]:
+        """Every block and the R2MU memory (pooling and gate, called at each step)."""
+        return super()._compile_targets() + ([self.model.memory] if self.model.memory is not None else [])
+
     def extra_init_plan(self, std: float) -> Plan:
         if self.model.memory is None:
             return []
