@@ -63,16 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer.setup_distributed()
     from pretrain.checkpoint import CheckpointSaveError, RunFolderError
 
+    import torch.distributed as dist
+
     try:
         trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
     except (RunFolderError, CheckpointSaveError) as e:  # raised on every rank alike
         print(f"[pretrain] error: {e}", file=sys.stderr, flush=True)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()  # leave together: a rank exiting under a live group can abort its peer
-        return 2
-    return 0
+        rc = 2
+    else:
+        rc = 0
+    if dist.is_initialized():
+        dist.destroy_process_group()  # leave together: a rank exiting under a live gloo group can abort its peer
+    return rc
 
 
 if __name__ == "__main__":
