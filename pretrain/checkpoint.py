@@ -389,12 +389,6 @@ def read_manifest(tag: Path) -> dict | None:
 
 
 # --- layout -----------------------------------------------------------------------------------------------
-def layout_of(engine, ds: dict) -> dict:
-    plan = getattr(engine.module, "_expert_parallel_plan", None)
-    return {"world_size": _world(), "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
-            "ep_backend": plan.backend if plan else "none", "ep_size": plan.ep_size if plan else 1}
-
-
 def _legacy_layout(tag: Path) -> dict | None:
     load_ds_file = _ds_reader().load_ds_file
     f = next(iter(sorted(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt"))), tag / "mp_rank_00_model_states.pt")
