@@ -77,14 +77,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _any(flag: bool) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _gather(obj) -> list:
     if not dist.is_initialized():
         return [obj]
@@ -356,18 +348,9 @@ def verify_tag(tag: Path, *, quick: bool = False, skip: tuple[str, ...] = ()) ->
     return found[0] if found else None
 
 
-def _ds_reader():
-    try:
-        from pretrain import ds_recovery as r
-    except ImportError:
-        from pretrain import convert as r
-    return r
-
-
 def _legacy_check(tag: Path) -> str | None:
     """A tag from before manifests: each rank opens its share of the DeepSpeed files with a safe loader."""
-    r = _ds_reader()
-    CheckpointError, load_ds_file = r.CheckpointError, r.load_ds_file
+    from pretrain.ds_recovery import CheckpointError, load_ds_file
 
     files = sorted(f for f in tag.glob("*.pt") if f.name.endswith(("model_states.pt", "optim_states.pt")))
     if not any(f.name.endswith("model_states.pt") for f in files):
@@ -390,7 +373,8 @@ def read_manifest(tag: Path) -> dict | None:
 
 # --- layout -----------------------------------------------------------------------------------------------
 def _legacy_layout(tag: Path) -> dict | None:
-    load_ds_file = _ds_reader().load_ds_file
+    from pretrain.ds_recovery import load_ds_file
+
     f = next(iter(sorted(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt"))), tag / "mp_rank_00_model_states.pt")
     if not f.is_file():
         return None

@@ -32,19 +32,26 @@ def is_model_dir(path: str | Path) -> bool:
     return (p / WEIGHTS).is_file() and (p / CONFIG).is_file()
 
 
-def tied_aliases(cfg) -> dict[str, str]:
-    """{alias: source} for parameters the model ties (the alias is not stored)."""
+def _meta_state(cfg) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """Keys -> shapes of the model `cfg` describes (built on the meta device), and {alias: source} for the
+    parameters it ties (the alias is not stored)."""
     from ressformer import build_model
 
     with torch.device("meta"):
         m = build_model(cfg)
-    first, tied = {}, {}
+    first, tied, shapes = {}, {}, {}
     for k, v in m.state_dict(keep_vars=True).items():
+        shapes[k] = v.shape
         if id(v) in first:
             tied[k] = first[id(v)]
         else:
             first[id(v)] = k
-    return tied
+    return shapes, tied
+
+
+def tied_aliases(cfg) -> dict[str, str]:
+    """{alias: source} for parameters the model ties (the alias is not stored)."""
+    return _meta_state(cfg)[1]
 
 
 def save_model_dir(path: str | Path, state_dict: dict[str, torch.Tensor], cfg,
@@ -102,13 +109,9 @@ def load_model_dir(path: str | Path):
 
 def check_state(sd: dict[str, torch.Tensor], cfg, where: str) -> dict[str, torch.Tensor]:
     """Exactly the keys and shapes of the model `cfg` describes (tied aliases filled in), or ModelDirError."""
-    from ressformer import build_model
-
-    with torch.device("meta"):
-        m = build_model(cfg)
-    shapes = {k: v.shape for k, v in m.state_dict().items()}
+    shapes, tied = _meta_state(cfg)
     sd = dict(sd)
-    for alias, src in tied_aliases(cfg).items():
+    for alias, src in tied.items():
         if alias not in sd and src in sd:
             sd[alias] = sd[src]
     missing = [k for k in shapes if k not in sd]

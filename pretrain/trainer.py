@@ -571,7 +571,7 @@ def _layout(run: RunConfig, ds: dict, world: int) -> dict:
 
 
 def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
-    """Build the engine; continue from `point` (a ResumePoint or None). -> (engine, sched, ds, state)."""
+    """Build the engine; continue from `point` (a ResumePoint or None). -> (engine, sched, ds, state, layout)."""
     from pretrain import checkpoint as ckpt
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -579,7 +579,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
     layout = _layout(run, ds, world)
     if point is None:
         engine, _, sched, ds = build_engine(run, ds_json, init_state=load_init_from(run))
-        return engine, sched, ds, {}
+        return engine, sched, ds, {}, layout
     diff = config_diff(point.state.get("model_config") or {}, run.model_config().to_dict())
     if diff:
         raise ckpt.RunFolderError(f"{point.tag} was written for another model config: {diff} (checkpoint value, "
@@ -589,7 +589,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
     if old == layout:
         engine, _, sched, ds = build_engine(run, ds_json)
         ckpt.load_same_layout(engine, point.tag)
-        return engine, sched, ds, point.state
+        return engine, sched, ds, point.state, layout
     ckpt.check_reshardable(old, layout, point.tag)
     udir = rundir / ckpt.RESHARD_DIR / point.tag.name
     if rank == 0:
@@ -613,7 +613,7 @@ def _restore(run: RunConfig, ds_json: dict, point, rundir: Path):
     dist.barrier()
     if rank == 0:
         shutil.rmtree(udir, ignore_errors=True)
-    return engine, sched, ds, point.state
+    return engine, sched, ds, point.state, layout
 
 
 def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals: StopSignals) -> dict:
@@ -627,9 +627,8 @@ def _train(run: RunConfig, ds_json: dict, resume: str, overwrite: bool, signals:
         _collective(ckpt.prepare_fresh, rundir, overwrite)
     dcfg = run.data_config()  # fail on a missing data prefix / tokenizer before building anything
     point = _resume_point(rundir, resume)
-    engine, sched, ds, state = _restore(run, ds_json, point, rundir)
+    engine, sched, ds, state, layout = _restore(run, ds_json, point, rundir)
     mcfg = run.model_config()
-    layout = _layout(run, ds, world)
     info = run_info(run, ds)
     step, tokens = int(state.get("step", 0)), int(state.get("tokens_seen", 0))
     gb = run.global_batch(world)
