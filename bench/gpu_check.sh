@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the fast paths (about 8 minutes at most on one H100 / H200), run from the repo root:
-#   1. the kernel parity tests natively on CUDA: tests/test_asam_kernel.py (ASAM Triton top-k kernel) and
-#      tests/test_fused_loss.py (liger fused LM loss)
+#   1. the kernel parity tests natively on CUDA: tests/test_asam_kernel.py (ASAM Triton top-k kernel),
+#      tests/test_fused_loss.py (liger fused LM loss) and tests/test_moe.py (grouped GEMM experts vs the loop)
+#   1b. bench/moe_experts.py: the MoE layer's loop vs torch._grouped_mm, 125m and 1b widths, bf16
 #   2. bench/attention.py, T = 1k .. 64k: ASAM (torch paths and the Triton kernel) vs SDPA / FlexAttention / AdaSplash
 #   3. bench/train_throughput.py: tokens/s, TFLOP/s and MFU of 125m, 1b and their compute-matched dense Transformers
-# Everything goes to $OUT (default ./gpu_out): gpu_check.log (all output), env.txt, pytest.xml, attention.json,
-# train_throughput.json. Each step has its own time limit and the benches write their JSON after every row, so a
-# step that runs long still leaves its finished rows and the next step runs.
+# Everything goes to $OUT (default ./gpu_out): gpu_check.log (all output), env.txt, pytest.xml, moe_experts.json,
+# attention.json, train_throughput.json. Each step has its own time limit and the benches write their JSON after
+# every row, so a step that runs long still leaves its finished rows and the next step runs.
 #
 # Python: $PYTHON (default python3; it needs torch with CUDA, triton, pytest, pyyaml, numpy). liger-kernel and
 # adasplash are optional: the fused-loss tests need liger, the AdaSplash rows need adasplash. On a machine without
@@ -61,7 +62,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, report, keep going
 }
 
 step "kernel parity tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_asam_kernel.py \
-  tests/test_fused_loss.py --junitxml="$OUT/pytest.xml"
+  tests/test_fused_loss.py tests/test_moe.py --junitxml="$OUT/pytest.xml"
+step "moe experts bench" 40 "$PY" bench/moe_experts.py --device cuda --dtype bfloat16 --presets 125m 1b \
+  --tokens 16384 --json "$OUT/moe_experts.json"
 step "attention bench" 200 "$PY" bench/attention.py --device cuda --dtype bfloat16 \
   --seq-lens 1024 2048 4096 8192 16384 32768 65536 --repeats 2 --budget-s 5 --max-total-s 150 \
   --json "$OUT/attention.json"

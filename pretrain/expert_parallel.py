@@ -101,6 +101,11 @@ def resolve_plan(model_cfg, ds: dict, world_size: int) -> ExpertParallelPlan:
         raise ValueError(f"AutoEP with moe.shared_experts={model_cfg.moe.shared_experts} is not supported (the "
                          f"replaced layer calls shared experts expecting a tensor, ours return (y, None)): set "
                          f"moe.shared_experts: 0 or use native MoE (ds_configs/zero2_moe.json)")
+    widths = {"d_model": model_cfg.d_model, "ffn_hidden": model_cfg.ffn_hidden}
+    if ep_block.get("use_grouped_mm", True) and any(w % 8 for w in widths.values()):
+        raise ValueError(f"{AUTOEP_KEY}.use_grouped_mm (DeepSpeed's default) runs torch._grouped_mm, which needs "
+                         f"16-byte rows: {widths} must be multiples of 8 (bfloat16); change them or set "
+                         f"\"use_grouped_mm\": false (one matmul per expert)")
     return ExpertParallelPlan("autoep", ep, stage)
 
 

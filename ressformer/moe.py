@@ -7,7 +7,9 @@
 * Layout and routing are DeepSpeed AutoEP's "mixtral" preset (module_inject/auto_ep_presets/mixtral.py,
   moe/ep_router.py): router `gate`, fused experts gate_up_proj [E, 2F, D] (gate rows first) and down_proj
   [E, D, F], softmax in float32, top-k renormalised. One process computes what a ZeRO-3 + AutoEP run computes.
-* Dropless: assignments sorted by expert, one matmul per expert, index_add back; empty experts get zero gradient.
+* Dropless: assignments sorted by expert, then either one matmul per expert on counts read on the host (the loop,
+  the reference) or one torch._grouped_mm per projection over all experts with device-side offsets (no host sync;
+  bfloat16 on CUDA sm90+, `ressformer.kernels.moe_experts`); index_add back; empty experts get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressformer.config import ModelConfig, MoEConfig
+from ressformer.kernels import use_grouped_mm
 
 # AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
 _ROUTE_NORM_EPS = 1e-20
@@ -68,6 +71,13 @@ class MoEExperts(nn.Module):
         g, u = (x @ self.gate_up_proj[e].t()).chunk(2, dim=-1)  # (n, F) each
         return (F.silu(g) * u) @ self.down_proj[e].t()
 
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert on its rows of x (n, D), sorted by expert with counts (E,) rows each -> (n, D): one
+        torch._grouped_mm per projection (the loop's math, DeepSpeed AutoEP's and torchtitan's grouped experts)."""
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
+        g, u = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # (n, F) each
+        return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), topk_idx (N, k) long, topk_weight (N, k) -> (N, D), dropless."""
         N, k = topk_idx.shape
@@ -75,15 +85,21 @@ class MoEExperts(nn.Module):
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
         token = order // k  # (N*k,) source token of each sorted assignment
         weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
-        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()  # host sync, one per call
         out = torch.zeros_like(x)  # (N, D)
+        if use_grouped_mm(x, (x.shape[-1], self.hidden)):
+            counts = torch.bincount(flat_idx, minlength=self.num_experts)  # stays on the device
+            return out.index_add_(0, token, self.grouped(x[token], counts) * weight)
+        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()  # host sync, one per call
+        # unbind: one gradient buffer per weight in backward (indexing gate_up_proj[e] would zero-fill a full
+        # [E, 2F, D] buffer for each expert)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue  # empty expert: no work, zero gradient
             sl = slice(start, start + n)
-            y = self.expert(e, x[token[sl]]) * weight[sl]  # (n, D)
-            out.index_add_(0, token[sl], y)
+            g, u = (x[token[sl]] @ gate_up[e].t()).chunk(2, dim=-1)  # (n, F) each
+            out.index_add_(0, token[sl], ((F.silu(g) * u) @ down[e].t()) * weight[sl])  # (n, D)
             start += n
         return out
 

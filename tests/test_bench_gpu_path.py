@@ -1,4 +1,4 @@
-"""bench/attention.py and bench/train_throughput.py at their smallest sizes on CPU (quick tier): the rows, ratios and
+"""bench/attention.py, bench/moe_experts.py and bench/train_throughput.py at their smallest sizes on CPU (quick tier): the rows, ratios and
 fits they report have the right structure, and their helpers compute what they claim."""
 
 import io
@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import attention as attn_bench  # noqa: E402
+import moe_experts as moe_bench  # noqa: E402
 import train_throughput as tt_bench  # noqa: E402
 
 
@@ -109,3 +110,20 @@ def test_train_throughput_rows(tmp_path):
         assert r["mfu"] is None  # no known peak on CPU
         assert math.isfinite(r["loss"])
     assert res["config"]["peak_tflops"] is None and res["config"]["causal_skip"] is False
+
+
+def test_moe_experts_bench_rows(tmp_path, capsys):
+    from ressformer import kernels
+
+    out = tmp_path / "moe.json"
+    assert moe_bench.main(["--device", "cpu", "--presets", "debug", "debug-transformer", "--tokens", "256",
+                           "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["preset"] for r in rows] == ["debug"]  # the dense preset is skipped, and says so
+    assert "dense FFN (moe.num_experts=1): skipped" in capsys.readouterr().out
+    r = rows[0]
+    assert (r["experts"], r["top_k"], r["d_model"], r["tokens"]) == (4, 2, 64, 256)
+    assert r["loop_ms"] > 0 and r["grouped_mm_ms"] > 0
+    assert r["speedup"] == pytest.approx(r["loop_ms"] / r["grouped_mm_ms"])
+    assert r["max_abs_diff"] < 1e-5  # both implementations computed the same layer
+    assert kernels.moe_experts == "auto"  # the bench leaves the mode as it found it

@@ -75,6 +75,12 @@ def test_impossible_combinations():
     a["zero_optimization"]["stage"] = 2
     with pytest.raises(ValueError, match="zero stage 2 given"):
         xp.resolve_plan(_cfg(), a, 2)
+    odd = ModelConfig.from_dict({**_cfg().to_dict(), "ffn_hidden": 44})
+    with pytest.raises(ValueError, match=r"'ffn_hidden': 44\} must be multiples of 8"):
+        xp.resolve_plan(odd, _ds("zero3_autoep"), 2)
+    a = _ds("zero3_autoep")
+    a["expert_parallel"]["use_grouped_mm"] = False
+    assert xp.resolve_plan(odd, a, 2).backend == "autoep"
     assert xp.resolve_plan(_cfg(), _ds("zero3_autoep"), 4) == xp.ExpertParallelPlan("autoep", 2, 3)
     assert xp.resolve_plan(_cfg(), _ds("zero2_moe"), 2) == xp.ExpertParallelPlan("native", 2, 2)
     assert xp.resolve_plan(_cfg(), {"zero_optimization": {"stage": 3}}, 2).backend == "none"
@@ -144,8 +150,11 @@ def test_expert_parallel_step_matches_single_process(tmp_path):
     forced = _forced(state, cfg)
     ids = torch.randint(0, cfg.vocab_size, (B, T))
     z3 = {"zero_optimization": _ds("zero3_autoep")["zero_optimization"]}
+    grouped = _ds("zero3_autoep")
+    grouped["expert_parallel"]["use_grouped_mm"] = True  # torch._grouped_mm instead of AutoEP's expert loop
     cases = []
-    for name, ds in [("autoep", _ds("zero3_autoep")), ("native", _ds("zero2_moe")), ("zero3_replicated", z3)]:
+    for name, ds in [("autoep", _ds("zero3_autoep")), ("autoep_grouped_mm", grouped), ("native", _ds("zero2_moe")),
+                     ("zero3_replicated", z3)]:
         cases += [{"name": name, "ds": ds, "aux_coef": 0.05, "state": state},
                   {"name": name + "_forced", "ds": ds, "aux_coef": 0.05, "state": forced}]
     torch.save({"input_ids": ids, "cfg": cfg.to_dict(), "cases": cases}, tmp_path / "in.pt")
@@ -171,6 +180,7 @@ def test_expert_parallel_step_matches_single_process(tmp_path):
     print("max |diff| (loss, grad norm, weights):", report)
     # the backends really ran, and the balance loss acts on the router (its update differs without it)
     assert "AutoEPMoELayer" in res["autoep"]["module_types"] and "NativeMoEBlock" in res["native"]["module_types"]
+    assert res["autoep"]["grouped_mm"] == [False] and res["autoep_grouped_mm"]["grouped_mm"] == [True]
     router = "model.layers.0.mlp.gate.weight"
     for name in ("autoep", "native"):
         assert (res[name]["state"][router] - no_aux[router]).abs().max() > 100 * TOL

@@ -168,3 +168,98 @@ def test_meta_device_init():
     assert abs(b.experts.down_proj.std().item() - 0.01) < 0.003
     y, _ = b(torch.randn(1, 3, 16))
     assert torch.isfinite(y).all()
+
+
+# --- grouped GEMM (torch._grouped_mm) vs the per-expert loop ----------------------------------------------------
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+
+
+@pytest.fixture
+def moe_mode():
+    from ressformer import kernels
+
+    yield kernels.set_moe_experts
+    kernels.set_moe_experts("auto")
+
+
+def _fwd_bwd(b, x, g):
+    b.zero_grad()
+    x = x.clone().requires_grad_()
+    y, logits = b(x)
+    y.backward(g)
+    return [y.detach(), x.grad, b.gate.weight.grad, b.experts.gate_up_proj.grad, b.experts.down_proj.grad]
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,k,empty", [(4, 1, False), (8, 2, False), (8, 2, True)])
+def test_grouped_mm_matches_loop(moe_mode, dtype, E, k, empty):
+    """One torch._grouped_mm per projection == one matmul per expert: output and every gradient, an expert that
+    gets no token included (zero gradient either way)."""
+    torch.manual_seed(0)
+    b = MoEBlock(_cfg(E, k, 0, d=32, f=64)).to(DEV, dtype)
+    b.init_weights(0.3)
+    x = torch.randn(2, 40, 32, device=DEV, dtype=dtype)
+    if empty:  # no token routes to the last expert: a constant feature 0 and its router row -20 along it
+        x[..., 0] = 1.0
+        with torch.no_grad():
+            b.gate.weight[-1] = 0.0
+            b.gate.weight[-1, 0] = -20.0
+    g = torch.randn(2, 40, 32, device=DEV, dtype=dtype)
+    loop_counts = torch.bincount(route(b.gate(x.reshape(-1, 32)), k)[1].reshape(-1), minlength=E)
+    assert (loop_counts[-1] == 0) == empty and (loop_counts > 0).sum() >= E - 1
+    moe_mode("loop")
+    ref = _fwd_bwd(b, x, g)
+    moe_mode("grouped_mm")
+    out = _fwd_bwd(b, x, g)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}  # bf16: other GEMM blocking on CUDA
+    for name, r, o in zip(("y", "dx", "gate", "gate_up_proj", "down_proj"), ref, out):
+        torch.testing.assert_close(o, r, **tol, msg=lambda m: f"{name}: {m}")
+    if empty:
+        assert out[3][-1].abs().sum() == 0 and out[4][-1].abs().sum() == 0
+
+
+@needs_grouped_mm
+def test_grouped_mm_model_matches_loop(moe_mode):
+    """The debug ReSSFormer (4 experts top-2 in the shared block, K = 3) trains the same either way: loss and every
+    gradient."""
+    from ressformer import build_model
+
+    cfg = ModelConfig.from_preset("debug")
+    assert cfg.moe.enabled
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    res = {}
+    for mode in ("loop", "grouped_mm"):
+        moe_mode(mode)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        res[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(res["grouped_mm"][0], res["loop"][0], rtol=1e-6, atol=0)
+    assert res["grouped_mm"][1].keys() == res["loop"][1].keys()
+    for n, g in res["loop"][1].items():
+        torch.testing.assert_close(res["grouped_mm"][1][n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_experts_mode_decision(moe_mode):
+    from ressformer import kernels
+
+    x32 = torch.zeros(3, 8, device=DEV)
+    moe_mode("auto")  # grouped only for bf16 on CUDA sm90+
+    assert not kernels.use_grouped_mm(x32, (8, 16))
+    sm90 = CUDA and torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
+    assert kernels.use_grouped_mm(x32.bfloat16(), (8, 16)) == sm90
+    assert not kernels.use_grouped_mm(x32.bfloat16(), (8, 12))  # 24 bytes: not 16-byte aligned
+    moe_mode("loop")
+    assert not kernels.use_grouped_mm(x32.bfloat16(), (8, 16))
+    moe_mode("grouped_mm")
+    if hasattr(torch, "_grouped_mm"):
+        assert kernels.use_grouped_mm(x32, (8, 16))
+        with pytest.raises(ValueError, match=r"widths \(8, 6\).*multiples of 4"):
+            kernels.use_grouped_mm(x32, (8, 6))
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.set_moe_experts("cuda")

@@ -16,6 +16,12 @@ and likewise `lm_loss_kernel` (`set_lm_loss_kernel`) for the loss of a forward t
     "liger"  always liger (CPU tensors need TRITON_INTERPRET=1 set before ressformer.kernels.fused_loss is
              imported); an error when liger-kernel is missing
     "torch"  always the PyTorch path
+and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEExperts):
+    "auto"        one torch._grouped_mm per projection for all experts, for bfloat16 CUDA tensors on compute
+                  capability >= 9.0 (where torch's grouped GEMM is native), else the loop
+    "grouped_mm"  always torch._grouped_mm (it runs on CPU too, as a loop inside torch: slower than ours there);
+                  an error when torch lacks it or the widths are not 16-byte multiples
+    "loop"        one matmul per expert on the token counts read on the host (the reference)
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
 
@@ -84,3 +90,37 @@ def liger_available() -> bool:
 def use_lm_loss_kernel(h: torch.Tensor) -> bool:
     """Whether the LM loss of final hidden states h runs liger's fused kernel under the `lm_loss_kernel` mode."""
     return _use_kernel(lm_loss_kernel, LM_LOSS_KERNEL_MODES, "lm_loss_kernel", "liger-kernel", liger_available, h)
+
+
+MOE_EXPERTS_MODES = ("auto", "grouped_mm", "loop")
+moe_experts = "auto"
+
+
+def set_moe_experts(mode: str) -> None:
+    """Choose how the routed experts' matmuls run: auto | grouped_mm | loop."""
+    global moe_experts
+    if mode not in MOE_EXPERTS_MODES:
+        raise ValueError(f"moe experts mode {mode!r}: choose one of {MOE_EXPERTS_MODES}")
+    moe_experts = mode
+
+
+def use_grouped_mm(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
+    """Whether the experts' matmuls of tokens x (n, D) with weight widths `widths` (D, F, ...) run as
+    torch._grouped_mm under the `moe_experts` mode. torch._grouped_mm needs every row stride a multiple of 16 bytes."""
+    if moe_experts == "loop":
+        return False
+    aligned = all(w * x.element_size() % 16 == 0 for w in widths)
+    if moe_experts == "grouped_mm":
+        if not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError(f"ressformer.kernels.moe_experts is 'grouped_mm' but torch {torch.__version__} has no "
+                               "torch._grouped_mm: upgrade torch or set_moe_experts('loop')")
+        if not aligned:
+            raise ValueError(f"ressformer.kernels.moe_experts is 'grouped_mm' but the expert widths {widths} times "
+                             f"{x.element_size()} bytes ({x.dtype}) are not multiples of 16 bytes, which "
+                             "torch._grouped_mm requires: choose d_model and ffn_hidden multiples of "
+                             f"{16 // x.element_size()}, or set_moe_experts('auto')")
+        return True
+    if moe_experts == "auto":
+        return (aligned and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")

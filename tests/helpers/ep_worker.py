@@ -159,7 +159,9 @@ def main(inp: str, outp: str) -> None:
         results[case["name"]] = {"loss": lt.item() / world, "grad_norm": gnorm, "state": sd,
                                  "balance": m.last["balance"].item(), "load": (load / world).tolist(),
                                  "n_router_logits": m.last["n_router_logits"], "backend": plan.backend,
-                                 "module_types": sorted({type(x).__name__ for x in m.modules()})}
+                                 "module_types": sorted({type(x).__name__ for x in m.modules()}),
+                                 "grouped_mm": sorted({bool(x.use_grouped_mm) for x in m.modules()
+                                                       if hasattr(x, "use_grouped_mm")})}
         if rank == 0:
             print(f"[ep_worker] {case['name']}: loss {results[case['name']]['loss']:.6f} grad_norm {gnorm:.6f}",
                   flush=True)
