@@ -103,9 +103,6 @@ class CausalLM(nn.Module):
           LatentGraph's chunk loops do, while the functions they call (visibility, top-k scoring, the gathered
           attention with its sparsemax and pattern) compile as frames of their own; with asam.topk=0 the dense
           chunks, checkpointed inside ASAM around the SOES pattern's top-k, stay eager (no speedup).
-          topk_first returns a view of stride k + 1 when no row ties and a contiguous tensor when some does, so the
-          frame that takes every chunk's index (attention._gathered_attend_all) recompiles for each new pattern of
-          tied chunks until Dynamo's recompile_limit (8) leaves it eager (seen within 40 debug steps).
         """
         # The recomputation of a checkpointed unit must run the graph its forward ran. A frame the block reaches
         # with several shapes (ASAM sees T keys at step 0, T + memory keys after) holds a static and an

@@ -43,13 +43,14 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.T
     TIE_RTOL break ties by the lower index (entries <= floor are unused: their ties do not matter).
 
     torch.topk orders equal entries arbitrarily. Only rows with an entry near the k-th value left out are redone;
-    the cost is one topk of k + 1 and a host sync.
+    the cost is one topk of k + 1 and a host sync. The result is contiguous whether or not a row was redone (a
+    compiled caller sees one layout and does not recompile per pattern of ties).
     """
     n = x.shape[-1]
     if k >= n:
         return x.topk(k, dim=-1).indices
     vals, idx = x.topk(k + 1, dim=-1)  # (..., k + 1) descending
-    idx = idx[..., :k]
+    idx = idx[..., :k].contiguous()
     thr, nxt = vals[..., k - 1], vals[..., k]  # the k-th and the (k+1)-th value
     tol = TIE_RTOL * torch.maximum(vals[..., 0].abs(), nxt.abs())
     tie = (nxt > floor) & (thr - nxt <= tol)  # (...,) an entry within tol of the k-th value is left out
@@ -60,7 +61,6 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.T
         # the entries clearly above the k-th value (fewer than k), then those within tol of it (and > floor) by index
         near = (xr >= t - tl) & (xr > floor)
         key = torch.where(xr > t + tl, 2 * n - ar, torch.where(near, n - ar, torch.full_like(ar, -1)))  # (R, n)
-        idx = idx.clone()
         idx[rows] = key.topk(k, dim=-1).indices
     return idx
 

@@ -133,6 +133,29 @@ def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, overrides, 
     assert counter.frame_count == graphs
 
 
+def test_a_compiled_consumer_of_topk_first_does_not_recompile_on_ties():
+    """topk_first redoes tied rows; its result has one layout either way, so the compiled frame that takes the
+    indices (attention._gathered_attend_all) keeps its graph as the pattern of tied rows changes."""
+    from torch._dynamo.testing import CompileCounter
+
+    from ressformer.selection import topk_first
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    consume = torch.compile(lambda x, idx: x.gather(-1, idx).sum(-1), backend=counter, dynamic=False)
+    untied = torch.arange(24.0).repeat(3, 1)  # distinct values: no row redone
+    tied = untied.clone()
+    tied[1, 21:] = 100.0
+    tied[1, [16, 9, 2]] = 50.0  # row 1: three clear winners, then a three-way tie for the 4th place
+    a, b = topk_first(untied, 4), topk_first(tied, 4)
+    assert a.is_contiguous() and b.is_contiguous() and a.stride() == b.stride()
+    assert b[1].sort().values.tolist() == [2, 21, 22, 23]  # the tie broke by index, so that row was redone
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x, idx in ((untied, a), (tied, b), (untied, a)):
+            consume(x, idx)
+    assert counter.frame_count == 1
+
+
 def test_graph_breaks_of_the_ressformer_block_are_the_documented_ones():
     """The debug preset's shared block at a step >= 1 (memory keys and the previous step's graph): every graph
     break is a call of the eager top-k selection (ASAM per-chunk selection, SOES pattern) or of the eager MoE
