@@ -49,6 +49,12 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(g) * u), None
 
 
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: x (n, D), gate_up (2F, D), down (D, F) -> (n, D)."""
+    g, u = (x @ gate_up.t()).chunk(2, dim=-1)  # (n, F) each
+    return (F.silu(g) * u) @ down.t()
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts as fused 3-D parameters: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
 
@@ -68,8 +74,7 @@ class MoEExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x (n, D) -> (n, D)."""
-        g, u = (x @ self.gate_up_proj[e].t()).chunk(2, dim=-1)  # (n, F) each
-        return (F.silu(g) * u) @ self.down_proj[e].t()
+        return _swiglu(x, self.gate_up_proj[e], self.down_proj[e])
 
     def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert on its rows of x (n, D), sorted by expert with counts (E,) rows each -> (n, D): one
@@ -98,8 +103,7 @@ class MoEExperts(nn.Module):
             if n == 0:
                 continue  # empty expert: no work, zero gradient
             sl = slice(start, start + n)
-            g, u = (x[token[sl]] @ gate_up[e].t()).chunk(2, dim=-1)  # (n, F) each
-            out.index_add_(0, token[sl], ((F.silu(g) * u) @ down[e].t()) * weight[sl])  # (n, D)
+            out.index_add_(0, token[sl], _swiglu(x[token[sl]], gate_up[e], down[e]) * weight[sl])  # (n, D)
             start += n
         return out
 

@@ -19,8 +19,8 @@ and likewise `lm_loss_kernel` (`set_lm_loss_kernel`) for the loss of a forward t
 and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEExperts):
     "auto"        one torch._grouped_mm per projection for all experts, for bfloat16 CUDA tensors on compute
                   capability >= 9.0 (where torch's grouped GEMM is native), else the loop
-    "grouped_mm"  always torch._grouped_mm (it runs on CPU too, as a loop inside torch: slower than ours there);
-                  an error when torch lacks it or the widths are not 16-byte multiples
+    "grouped_mm"  always torch._grouped_mm (on CPU too: the loop's results bit for bit in torch 2.13, 1-2x its
+                  speed, bench/moe_experts.py); an error when torch lacks it or the widths are not 16-byte multiples
     "loop"        one matmul per expert on the token counts read on the host (the reference)
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
