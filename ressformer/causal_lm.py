@@ -89,14 +89,16 @@ class CausalLM(nn.Module):
           the recomputation in backward runs the graphs the forward ran (see the two settings below).
         * Graph breaks (torch._dynamo.explain, TORCH_LOGS=graph_breaks; tests/test_compile.py). None in the dense
           baseline's block with a dense FFN (fullgraph=True works), nor in ReSSFormer's recurrent step with
-          asam.topk=0, soes.enabled=False and a dense FFN. Otherwise a ReSSFormer block breaks where the CPU path
+          asam.topk=0, soes.enabled=False and a dense FFN or grouped-GEMM experts. Otherwise a ReSSFormer block breaks where the CPU path
           reads data on the host, and those calls run eagerly:
           - selection.topk_first (eager by design, below), from attention._select_topk (ASAM's per-chunk top-k),
             attention._pad_edges (the SOES attention-pattern graph), structure.LatentGraph (soes.graph=bilinear) and
             selection.block_candidates: `if bool(tie.any())` branches on whether a row's k-th value is tied within
             TIE_RTOL, and the redone rows are a data-dependent count (nonzero).
-          - moe.MoEExperts (eager by design, below): a loop over experts on token counts read from the data
-            (bincount -> tolist); torchtitan leaves its experts out of the compiled block too.
+          - moe.MoEExperts.loop (eager by design, below): a loop over experts on token counts read from the data
+            (bincount -> tolist). The grouped-GEMM path (`ressformer.kernels.moe_experts`, bf16 on CUDA sm90+ by
+            default) keeps the counts on the device and compiles inside the block (torch 2.13 traces
+            torch._grouped_mm for bfloat16 only).
           - asam.impl=block: selection.block_summaries' `int(x.min())` / `int(x.max())` and block_candidates'
             `int(union.sum(-1).max())` (the number of kept blocks is a shape).
           A break inside a for loop makes Dynamo run that whole frame eagerly: attention.sparse_attention's and
@@ -115,7 +117,7 @@ class CausalLM(nn.Module):
         torch._dynamo.decorators.skip(topk_first)
         for module in self.modules():
             if isinstance(module, MoEExperts):  # this instance only
-                module.forward = types.MethodType(torch.compiler.disable(type(module).forward), module)
+                module.loop = types.MethodType(torch.compiler.disable(type(module).loop), module)
         for unit in self._compile_targets():
             unit.compile(**compile_kwargs)
 

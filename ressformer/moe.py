@@ -90,14 +90,22 @@ class MoEExperts(nn.Module):
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
         token = order // k  # (N*k,) source token of each sorted assignment
         weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
-        out = torch.zeros_like(x)  # (N, D)
-        if use_grouped_mm(x, (x.shape[-1], self.hidden)):
-            counts = torch.bincount(flat_idx, minlength=self.num_experts)  # stays on the device
-            return out.index_add_(0, token, self.grouped(x[token], counts) * weight)
+        if not use_grouped_mm(x, (x.shape[-1], self.hidden)):
+            return self.loop(x, flat_idx, token, weight)
+        # counts on the device by scatter_add (bincount's output shape depends on the data): torch.compile traces
+        # this path whole
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        return torch.zeros_like(x).index_add_(0, token, self.grouped(x[token], counts) * weight)
+
+    def loop(self, x: torch.Tensor, flat_idx: torch.Tensor, token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The reference: one matmul per expert on counts read on the host, over the assignments sorted by expert
+        (token (N*k,) and weight (N*k, 1) in that order; flat_idx (N*k,) unsorted) -> (N, D)."""
         counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()  # host sync, one per call
         # unbind: one gradient buffer per weight in backward (indexing gate_up_proj[e] would zero-fill a full
         # [E, 2F, D] buffer for each expert)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        out = torch.zeros_like(x)  # (N, D)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:

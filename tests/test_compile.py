@@ -97,7 +97,7 @@ def test_compile_units_keeps_keys_and_leaves_experts_and_cached_path_eager():
     targets = [*compiled.model.layers, compiled.model.memory]
     assert len(targets) == 4 and all(m._compiled_call_impl is not None for m in targets)
     experts = [m for m in compiled.modules() if isinstance(m, MoEExperts)]
-    assert experts and all(getattr(m.forward, "_torchdynamo_disable", False) for m in experts)
+    assert experts and all(getattr(m.loop, "_torchdynamo_disable", False) for m in experts)
     compiled.load_state_dict(eager.state_dict())  # a checkpoint of the eager model loads as is
     # generation (the cached path) calls forward_cached, which stays eager, and agrees with the full forward
     from ressformer.cache import ModelCache
@@ -131,6 +131,35 @@ def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, overrides, 
             for ac in (False, True):
                 _fwd_bwd(model, ids, k, ac)
     assert counter.frame_count == graphs
+
+
+def test_grouped_gemm_experts_compile_inside_the_block():
+    """The routed experts on the grouped-GEMM path (what a bf16 run on an sm90+ GPU takes) break no graph: the
+    recurrent step with routed experts (asam.topk=0, no SOES) compiles with fullgraph=True in bf16, K = 1..3 with
+    and without checkpointing reuse its graphs, and the compiled model gives eager's logits, loss and gradients."""
+    from torch._dynamo.testing import CompileCounter
+
+    from ressformer import kernels
+
+    kernels.set_moe_experts("grouped_mm")
+    try:
+        torch._dynamo.reset()
+        cfg = ModelConfig.from_preset("debug", **{"asam.topk": 0, "soes.enabled": False})
+        assert cfg.moe.enabled
+        counter = CompileCounter()
+        _, model = _pair(cfg, backend=counter, fullgraph=True)
+        ids = torch.randint(0, cfg.vocab_size, (B, T))
+        _fwd_bwd(model.bfloat16(), ids, 2, ac=False)
+        graphs = counter.frame_count
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for k, ac in ((1, False), (3, True), (2, True)):
+                _fwd_bwd(model, ids, k, ac)
+        assert counter.frame_count == graphs == 4
+        torch._dynamo.reset()
+        eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
+        _assert_parity(eager.bfloat16(), compiled.bfloat16(), [(2, False), (3, True)], tol=1e-2)
+    finally:
+        kernels.set_moe_experts("auto")
 
 
 def test_a_compiled_consumer_of_topk_first_does_not_recompile_on_ties():
@@ -172,11 +201,11 @@ def test_graph_breaks_of_the_ressformer_block_are_the_documented_ones():
     sites = set()
     for brk in explained.break_reasons:
         frame = [f for f in brk.user_stack if "/ressformer/" in f.filename][-1]  # innermost frame of ours
-        call = [c for c in ("topk_first(", "self.experts(") if c in frame.line]
+        call = [c for c in ("topk_first(", "self.loop(") if c in frame.line]
         sites.add((Path(frame.filename).name, frame.name, *call))
         assert "disable()" in brk.reason, brk.reason  # a call of an eager function, not an unsupported op
     assert sites == {("attention.py", "_select_topk", "topk_first("), ("attention.py", "_pad_edges", "topk_first("),
-                     ("moe.py", "forward", "self.experts(")}, sites
+                     ("moe.py", "forward", "self.loop(")}, sites
 
 
 # --- parity -----------------------------------------------------------------------------------------------------
