@@ -150,13 +150,15 @@ def test_expert_parallel_step_matches_single_process(tmp_path):
     forced = _forced(state, cfg)
     ids = torch.randint(0, cfg.vocab_size, (B, T))
     z3 = {"zero_optimization": _ds("zero3_autoep")["zero_optimization"]}
-    grouped = _ds("zero3_autoep")
-    grouped["expert_parallel"]["use_grouped_mm"] = True  # torch._grouped_mm instead of AutoEP's expert loop
+    loop = _ds("zero3_autoep")
+    loop["expert_parallel"]["use_grouped_mm"] = False  # AutoEP's expert loop instead of torch._grouped_mm
     cases = []
-    for name, ds in [("autoep", _ds("zero3_autoep")), ("autoep_grouped_mm", grouped), ("native", _ds("zero2_moe")),
-                     ("zero3_replicated", z3)]:
-        cases += [{"name": name, "ds": ds, "aux_coef": 0.05, "state": state},
-                  {"name": name + "_forced", "ds": ds, "aux_coef": 0.05, "state": forced}]
+    # zero3_replicated_grouped_mm: our MoEExperts on torch._grouped_mm with ZeRO-3's gathered parameters
+    for name, ds, experts in [("autoep", _ds("zero3_autoep"), "auto"), ("autoep_loop", loop, "auto"),
+                              ("native", _ds("zero2_moe"), "auto"), ("zero3_replicated", z3, "loop"),
+                              ("zero3_replicated_grouped_mm", z3, "grouped_mm")]:
+        cases += [{"name": name, "ds": ds, "aux_coef": 0.05, "state": state, "moe_experts": experts},
+                  {"name": name + "_forced", "ds": ds, "aux_coef": 0.05, "state": forced, "moe_experts": experts}]
     torch.save({"input_ids": ids, "cfg": cfg.to_dict(), "cases": cases}, tmp_path / "in.pt")
     _launch(tmp_path / "in.pt", tmp_path / "out.pt", timeout=280)
     res = torch.load(tmp_path / "out.pt", weights_only=False)
@@ -180,7 +182,7 @@ def test_expert_parallel_step_matches_single_process(tmp_path):
     print("max |diff| (loss, grad norm, weights):", report)
     # the backends really ran, and the balance loss acts on the router (its update differs without it)
     assert "AutoEPMoELayer" in res["autoep"]["module_types"] and "NativeMoEBlock" in res["native"]["module_types"]
-    assert res["autoep"]["grouped_mm"] == [False] and res["autoep_grouped_mm"]["grouped_mm"] == [True]
+    assert res["autoep"]["grouped_mm"] == [True] and res["autoep_loop"]["grouped_mm"] == [False]
     router = "model.layers.0.mlp.gate.weight"
     for name in ("autoep", "native"):
         assert (res[name]["state"][router] - no_aux[router]).abs().max() > 100 * TOL

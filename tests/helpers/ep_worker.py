@@ -25,6 +25,7 @@ _REPO = str(Path(__file__).resolve().parents[2])
 if _REPO not in sys.path:
     sys.path.append(_REPO)  # after PYTHONPATH, so the launcher's PYTHONPATH decides
 
+from ressformer import kernels  # noqa: E402
 from ressformer.config import ModelConfig  # noqa: E402
 
 LR, EPS, WD, CLIP, Z_COEF = 1e-2, 1e-3, 0.1, 1.0, 1e-3
@@ -115,6 +116,7 @@ def main(inp: str, outp: str) -> None:
     cfg = ModelConfig.from_dict(spec["cfg"])
     results = {}
     for case in spec["cases"]:
+        kernels.set_moe_experts(case.get("moe_experts", "auto"))
         if case.get("engine"):
             results[case["name"]] = _engine_case(case, spec["input_ids"], rank, world)
             continue
