@@ -52,7 +52,8 @@ Tk = T + memory keys):
 Not counted: the CUDA context and NCCL buffers (~1-2 GiB), AutoEP's all-to-all buffers and allocator
 fragmentation; `with_slack` adds 20 % + 2 GiB for them. tests/test_memory_estimate.py checks the saved bytes and
 the unit peaks against a bf16 run on CPU (the kernel path with the kernel in the Triton interpreter). No GPU peak was
-measured: check `torch.cuda.max_memory_allocated()` on the first steps of a real run.
+measured yet: `python bench/memory_check.py` runs the trainer for a few steps and puts its
+`torch.cuda.max_memory_allocated()` beside this estimate.
 """
 
 from __future__ import annotations
@@ -311,12 +312,13 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
 
 
 # --- inputs from the run's files -----------------------------------------------------------------------------------
-def run_config_settings(path: str) -> dict:
-    """Model + memory-relevant settings of a run config YAML, read by the trainer's own loader
-    (pretrain.config.load_run_config: model preset + model_overrides, seq_len, micro_batch, checkpointing)."""
+def run_config_settings(path: str, sets: list[str] | None = None) -> dict:
+    """Model + memory-relevant settings of a run config YAML with `pretrain/main.py --set` overrides, read by the
+    trainer's own loader (pretrain.config.load_run_config: model preset + model_overrides, seq_len, micro_batch,
+    checkpointing)."""
     from pretrain.config import load_run_config
 
-    run = load_run_config(path)
+    run = load_run_config(path, sets)
     ac = run.activation_checkpointing
     return {"cfg": run.model_config(), "seq_len": run.seq_len, "micro_batch": run.micro_batch,
             "ckpt_every": ac["every"] if ac["enabled"] else None}

@@ -127,3 +127,55 @@ def test_moe_experts_bench_rows(tmp_path, capsys):
     assert r["speedup"] == pytest.approx(r["loop_ms"] / r["grouped_mm_ms"])
     assert r["max_abs_diff"] < 1e-5  # both implementations computed the same layer
     assert kernels.moe_experts == "auto"  # the bench leaves the mode as it found it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_memory_check_measures_a_real_run_against_the_estimate(tmp_path, capsys):
+    """bench/memory_check.py on CPU, 1 rank, 2 steps: the `deepspeed` launch of pretrain/main.py finishes, the JSON
+    holds estimate_memory's terms for the same settings, the run's peak and their ratio; a failing run exits 1 and
+    names its log."""
+    import shutil
+    import subprocess
+
+    import memory_check as mc_bench
+    from pretrain.config import load_run_config
+    from pretrain.memory_estimate import estimate_memory
+    from tests.helpers.dist import base_env
+
+    if not (REPO / "artifacts" / "data" / "shakespeare.idx").is_file():  # the debug config's data
+        subprocess.run([sys.executable, "-m", "pretrain.data", "prepare"], cwd=REPO, env=base_env(), check=True,
+                       timeout=300)
+    sets = ["seq_len=32", "micro_batch=1"]
+    out = tmp_path / "mc.json"
+    argv = [a for s in sets for a in ("--set", s)] + ["--steps", "2", "--timeout", "150"]
+    assert mc_bench.main(argv + ["--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    run_dir = Path(res["run_dir"])
+    try:
+        run = load_run_config(REPO / "pretrain/configs/debug.yaml", sets)
+        est = estimate_memory(run.model_config(), seq_len=32, micro_batch=1, world_size=1, zero_stage=3,
+                              ckpt_every=1, max_live_parameters=1e9, ep_size=1)  # zero3.json; kernels off on CPU
+        assert res["estimate"]["terms"] == est.terms and res["estimate"]["total"] == est.total
+        assert list(res["estimate"]["terms"]) == ["model_states", "zero3_gathered", "checkpoints", "unit_recompute",
+                                                  "logits"]
+        assert est.table() in printed and res["output"] in printed
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if "loss" in r] == [1, 2] and res["steps"] == 2
+        assert res["measured_peak_gib"] == max(r["peak_mem_gib"] for r in recs) > 0
+        assert res["ratio"] == pytest.approx(res["measured_peak_gib"] * 2**30 / est.total, rel=1e-12)
+        assert not res["cuda"] and res["precision"] == "fp32" and "not a check of the estimator" in res["note"]
+        info = json.loads((run_dir / "run_info.json").read_text())
+        assert (info["run_config"]["seq_len"], info["run_config"]["micro_batch"]) == (32, 1)  # the run estimated
+        assert (run_dir / "FINISHED").exists() and not list(run_dir.glob("step_*"))  # temporary: checkpoints gone
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    bad = tmp_path / "bad"
+    assert mc_bench.main(argv + ["--set", "data.blend=[[1.0, /nonexistent/x]]", "--run-dir", str(bad),
+                                 "--json", str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err
+    log = bad / "memory_check.log"
+    assert f"the training run failed (exit status 1); its log: {log}" in err
+    assert "/nonexistent/x" in log.read_text() and not (tmp_path / "bad.json").exists()
