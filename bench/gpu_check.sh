@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fast paths (about 8 minutes at most on one H100 / H200), run from the repo root:
+# One-shot GPU check of the fast paths (about 9.5 minutes at most on one H100 / H200), run from the repo root:
 #   1. the kernel parity tests natively on CUDA: tests/test_asam_kernel.py (ASAM Triton top-k kernel),
 #      tests/test_fused_loss.py (liger fused LM loss) and tests/test_moe.py (grouped GEMM experts vs the loop)
 #   1b. bench/moe_experts.py: the MoE layer's loop vs torch._grouped_mm, 125m and 1b widths, bf16
 #   2. bench/attention.py, T = 1k .. 64k: ASAM (torch paths and the Triton kernel) vs SDPA / FlexAttention / AdaSplash
 #   3. bench/train_throughput.py: tokens/s, TFLOP/s and MFU of 125m, 1b and their compute-matched dense Transformers
+#   4. bench/memory_check.py: pretrain.memory_estimate vs torch.cuda.max_memory_allocated of a 3-step DeepSpeed run
+#      (125m, T=4096, ZeRO-3, one GPU; skipped without the train extra)
 # Everything goes to $OUT (default ./gpu_out): gpu_check.log (all output), env.txt, pytest.xml, moe_experts.json,
-# attention.json, train_throughput.json. Each step has its own time limit and the benches write their JSON after
-# every row, so a step that runs long still leaves its finished rows and the next step runs.
+# attention.json, train_throughput.json, memory_check.json. Each step has its own time limit and the benches write
+# their JSON after every row, so a step that runs long still leaves its finished rows and the next step runs.
 #
 # Python: $PYTHON (default python3; it needs torch with CUDA, triton, pytest, pyyaml, numpy). liger-kernel and
 # adasplash are optional: the fused-loss tests need liger, the AdaSplash rows need adasplash. On a machine without
@@ -65,11 +67,19 @@ step "kernel parity tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test
   tests/test_fused_loss.py tests/test_moe.py --junitxml="$OUT/pytest.xml"
 step "moe experts bench" 40 "$PY" bench/moe_experts.py --device cuda --dtype bfloat16 --presets 125m 1b \
   --tokens 16384 --json "$OUT/moe_experts.json"
-step "attention bench" 200 "$PY" bench/attention.py --device cuda --dtype bfloat16 \
-  --seq-lens 1024 2048 4096 8192 16384 32768 65536 --repeats 2 --budget-s 5 --max-total-s 150 \
+step "attention bench" 160 "$PY" bench/attention.py --device cuda --dtype bfloat16 \
+  --seq-lens 1024 2048 4096 8192 16384 32768 65536 --repeats 2 --budget-s 5 --max-total-s 120 \
   --json "$OUT/attention.json"
-step "training throughput" 150 "$PY" bench/train_throughput.py --device cuda \
-  --presets 125m dense:125m 1b dense:1b --batch 1 --steps 8 --warmup 2 --max-seconds 15 \
+step "training throughput" 110 "$PY" bench/train_throughput.py --device cuda \
+  --presets 125m dense:125m 1b dense:1b --batch 1 --steps 8 --warmup 2 --max-seconds 12 \
   --json "$OUT/train_throughput.json"
+if "$PY" -c "import deepspeed, megatron.core, sentencepiece" 2>/dev/null; then
+  step "memory estimate vs measured" 110 bash -c '"$0" -m pretrain.data prepare --out "$1/artifacts" \
+    > "$1/prepare.log" 2>&1 && "$0" bench/memory_check.py --set model=125m --set seq_len=4096 \
+    --set micro_batch=1 --set model.r2mu.step_sampling=fixed --set "data.blend=[[1.0, $1/artifacts/data/shakespeare]]" \
+    --set "data.tokenizer=$1/artifacts/tokenizer" --steps 3 --timeout 90 --json "$1/memory_check.json"' "$PY" "$OUT"
+else
+  echo "=== memory estimate vs measured: skipped (needs deepspeed, megatron-core and sentencepiece: pip install -e '.[train]')"
+fi
 echo "gpu_check: done, status $status; results in $OUT"
 exit $status
