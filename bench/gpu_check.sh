@@ -79,7 +79,8 @@ if "$PY" -c "import deepspeed, megatron.core, sentencepiece" 2>/dev/null; then
     --set micro_batch=1 --set model.r2mu.step_sampling=fixed --set "data.blend=[[1.0, $1/artifacts/data/shakespeare]]" \
     --set "data.tokenizer=$1/artifacts/tokenizer" --steps 3 --timeout 90 --json "$1/memory_check.json"' "$PY" "$OUT"
 else
-  echo "=== memory estimate vs measured: skipped (needs deepspeed, megatron-core and sentencepiece: pip install -e '.[train]')"
+  echo "=== memory estimate vs measured: skipped (needs deepspeed, megatron-core and sentencepiece:" \
+       "pip install -e '.[train]')"
 fi
 echo "gpu_check: done, status $status; results in $OUT"
 exit $status

@@ -28,7 +28,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_block(block: MoEBlock, x: torch.Tensor, g: torch.Tensor, mode: str, repeats: int) -> tuple[float, torch.Tensor]:
+def time_block(block: MoEBlock, x: torch.Tensor, g: torch.Tensor, mode: str,
+               repeats: int) -> tuple[float, torch.Tensor]:
     """(min fwd+bwd seconds over `repeats` after one warm-up, the output) of `block` on x with experts mode `mode`."""
     before = kernels.moe_experts
     kernels.set_moe_experts(mode)
