@@ -24,24 +24,14 @@ Halley step is rejected when the threshold lands exactly on its lower bound max(
 its threshold, hence out and dv, is off by ~1e-3 (dq / dk depend on the support only and still agree).
 """
 
-import os
-
 import pytest
 import torch
 
-_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton (and adasplash's kernel modules) are imported
+from tests.helpers.triton_interpreter import for_this_module
+
+_interpreter_for_this_module_only = for_this_module()  # before triton (and adasplash's kernel modules) are imported
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' or '.[gpu]')")
 pytest.importorskip("adasplash", reason="adasplash is not installed (pip install -e '.[dev]' or '.[gpu]')")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_for_this_module_only():
-    """The kernels here run in the interpreter; processes the later tests start (DeepSpeed ranks) do not inherit it."""
-    yield
-    if _SET_INTERPRET:
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 import adasplash  # noqa: E402

@@ -3,23 +3,13 @@
 Without CUDA the kernels run in the Triton interpreter (numpy underneath, slow): sizes stay tiny here.
 """
 
-import os
-
 import pytest
 import torch
 
-_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton (and the kernel module) is imported
+from tests.helpers.triton_interpreter import for_this_module
+
+_interpreter_for_this_module_only = for_this_module()  # before triton (and the kernel module) is imported
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' or '.[gpu]')")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_for_this_module_only():
-    """The kernels here run in the interpreter; processes the later tests start (DeepSpeed ranks) do not inherit it."""
-    yield
-    if _SET_INTERPRET:
-        os.environ.pop("TRITON_INTERPRET", None)
 
 import ressformer.kernels as kernels  # noqa: E402
 from ressformer.attention import Selection, _edge_bias, _gathered_attend, sparse_attention  # noqa: E402

@@ -4,22 +4,12 @@ return logits exactly when the contract says so (ressformer.output.logits_and_lo
 Without CUDA liger's Triton kernels run in the Triton interpreter (numpy underneath, slow): sizes stay tiny here.
 """
 
-import os
-
 import pytest
 import torch
 
-_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton (and liger's kernels) are imported
+from tests.helpers.triton_interpreter import for_this_module
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_for_this_module_only():
-    """The kernels here run in the interpreter; processes the later tests start (DeepSpeed ranks) do not inherit it."""
-    yield
-    if _SET_INTERPRET:
-        os.environ.pop("TRITON_INTERPRET", None)
+_interpreter_for_this_module_only = for_this_module()  # before triton (and liger's kernels) are imported
 
 
 import ressformer.kernels as kernels  # noqa: E402
