@@ -37,12 +37,17 @@ asam_kernel = "auto"
 lm_loss_kernel = "auto"
 
 
+def _checked(mode: str, modes: tuple[str, ...], what: str) -> str:
+    """mode, when it is one of `modes`; else a ValueError naming `what` and the choices."""
+    if mode not in modes:
+        raise ValueError(f"{what} mode {mode!r}: choose one of {modes}")
+    return mode
+
+
 def set_asam_kernel(mode: str) -> None:
     """Choose the implementation of ASAM's top-k gradient pass: auto | triton | torch."""
     global asam_kernel
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"asam kernel mode {mode!r}: choose one of {KERNEL_MODES}")
-    asam_kernel = mode
+    asam_kernel = _checked(mode, KERNEL_MODES, "asam kernel")
 
 
 def triton_available() -> bool:
@@ -75,9 +80,7 @@ def use_asam_kernel(q: torch.Tensor) -> bool:
 def set_lm_loss_kernel(mode: str) -> None:
     """Choose the implementation of the LM loss when no logits are returned: auto | liger | torch."""
     global lm_loss_kernel
-    if mode not in LM_LOSS_KERNEL_MODES:
-        raise ValueError(f"lm loss kernel mode {mode!r}: choose one of {LM_LOSS_KERNEL_MODES}")
-    lm_loss_kernel = mode
+    lm_loss_kernel = _checked(mode, LM_LOSS_KERNEL_MODES, "lm loss kernel")
 
 
 def liger_available() -> bool:
@@ -99,9 +102,7 @@ moe_experts = "auto"
 def set_moe_experts(mode: str) -> None:
     """Choose how the routed experts' matmuls run: auto | grouped_mm | loop."""
     global moe_experts
-    if mode not in MOE_EXPERTS_MODES:
-        raise ValueError(f"moe experts mode {mode!r}: choose one of {MOE_EXPERTS_MODES}")
-    moe_experts = mode
+    moe_experts = _checked(mode, MOE_EXPERTS_MODES, "moe experts")
 
 
 def use_grouped_mm(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
