@@ -217,6 +217,38 @@ def _blocks(kk: int, D: int) -> dict:
     return dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=warps)
 
 
+def _fwd_launches(q, k, v, key_idx, sel_mask, bias, out, p, activation: str) -> list:
+    """The forward's kernel launches [(kernel, grid, args, keyword args)]: key_idx contiguous, out / p the
+    outputs. bench/kernel_resources.py compiles these same launches (with meta tensors) for GPU targets."""
+    B, H, NQ, D = q.shape
+    kk = key_idx.shape[-1]
+    cfg = _blocks(kk, D)
+    grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
+    sel = sel_mask.contiguous().view(torch.uint8)
+    bias_c = bias.contiguous() if bias is not None else p  # p: a placeholder pointer, never read
+    args = (q, k, v, key_idx, sel, bias_c, out, p, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, kk, D,
+            1.0 / math.sqrt(D))
+    kw = dict(ACT=ACTIVATION_IDS[activation], HAS_BIAS=bias is not None, BISECT_ITERS=BISECT_ITERS,
+              NEWTON_ITERS=NEWTON_ITERS, **cfg)
+    return [(_asam_fwd_kernel, grid, args, kw)]
+
+
+def _bwd_launches(q, k, v, key_idx, p, dout, dp, dq, dk, dv, ds, activation: str) -> list:
+    """The backward's kernel launches [(kernel, grid, args, keyword args)]; dout / dp / ds None when absent, dq
+    (B, H, Q, D) in q's dtype, dk / dv (B, H, Tk, D) float32 zero-filled, ds (B, H, Q, kk) float32 or None."""
+    B, H, NQ, D = q.shape
+    Tk, kk = k.shape[2], key_idx.shape[-1]
+    cfg = _blocks(kk, D)
+    grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
+    g = dout if dout is not None else dq  # placeholders for absent pointers are never read
+    dp_c = dp.contiguous() if dp is not None else p
+    args = (q, k, v, key_idx, p, g, dp_c, dq, dk, dv, ds if ds is not None else p, *q.stride(), *k.stride(),
+            *v.stride(), *g.stride(), H, NQ, Tk, kk, D, 1.0 / math.sqrt(D))
+    kw = dict(ACT=ACTIVATION_IDS[activation], HAS_DOUT=dout is not None, HAS_DP=dp is not None, HAS_DS=ds is not None,
+              **cfg)
+    return [(_asam_bwd_kernel, grid, args, kw)]
+
+
 def _check(q, k, v, key_idx, sel_mask, bias, activation) -> None:
     if triton is None:
         raise RuntimeError("topk_attention needs triton: pip install -e '.[gpu]', or run ASAM's PyTorch path "
@@ -260,14 +292,8 @@ class _TopkAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, key_idx, p)
         if out.numel() == 0 or kk == 0:
             return out.zero_(), p
-        cfg = _blocks(kk, D)
-        grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
-        sel = sel_mask.contiguous().view(torch.uint8)
-        bias_c = bias.contiguous() if bias is not None else p  # p: a placeholder pointer, never read
-        _asam_fwd_kernel[grid](q, k, v, key_idx, sel, bias_c, out, p, *q.stride(), *k.stride(), *v.stride(),
-                               *out.stride(), H, NQ, kk, D, 1.0 / math.sqrt(D), ACT=ACTIVATION_IDS[activation],
-                               HAS_BIAS=bias is not None, BISECT_ITERS=BISECT_ITERS, NEWTON_ITERS=NEWTON_ITERS,
-                               **cfg)
+        for fn, grid, args, kw in _fwd_launches(q, k, v, key_idx, sel_mask, bias, out, p, activation):
+            fn[grid](*args, **kw)
         return out, p
 
     @staticmethod
@@ -281,14 +307,8 @@ class _TopkAttention(torch.autograd.Function):
         want_ds = ctx.bias_dtype is not None and ctx.needs_input_grad[5]
         ds = torch.zeros(B, H, NQ, kk, dtype=torch.float32, device=q.device) if want_ds else None
         if (dout is not None or dp is not None) and dq.numel() > 0 and kk > 0:
-            cfg = _blocks(kk, D)
-            grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
-            g = dout if dout is not None else dq  # placeholders for absent pointers are never read
-            dp_c = dp.contiguous() if dp is not None else p
-            _asam_bwd_kernel[grid](q, k, v, key_idx, p, g, dp_c, dq, dk, dv, ds if want_ds else p,
-                                   *q.stride(), *k.stride(), *v.stride(), *g.stride(), H, NQ, Tk, kk, D,
-                                   1.0 / math.sqrt(D), ACT=ACTIVATION_IDS[ctx.activation], HAS_DOUT=dout is not None,
-                                   HAS_DP=dp is not None, HAS_DS=want_ds, **cfg)
+            for fn, grid, args, kw in _bwd_launches(q, k, v, key_idx, p, dout, dp, dq, dk, dv, ds, ctx.activation):
+                fn[grid](*args, **kw)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, ds if ds is None else ds.to(ctx.bias_dtype), None
 
 
