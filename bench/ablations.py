@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.trainer import free_port  # noqa: E402
+from pretrain.distributed import free_port  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],  # the paper's ReSSFormer (preset debug): R2MU K=4 + memory, ASAM top-k sparsemax + MoE, SOES graph

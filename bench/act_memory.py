@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.trainer import checkpoint_fn
+from pretrain.engine import checkpoint_fn
 
 
 def saved_bytes(model, input_ids: torch.Tensor, num_steps: int, checkpointing: bool) -> int:

@@ -18,7 +18,7 @@ T defaults to each preset's max_seq_len (--seq-len sets one T for all).
 FLOPs are the ones the implementation computes (ressformer.flops.flops_per_token, K = r2mu.steps): the dense
 baseline's causal attention counts (T + 1) / 2 keys per query on CUDA (FlashAttention skips the masked half)
 and all T on CPU (SDPA's CPU kernel computes the full product). TFLOP/s = FLOPs/token x tokens/s;
-MFU = TFLOP/s / the device's dense bf16 peak (pretrain.trainer.PEAK_TFLOPS: H100 / H200 989, A100 312), "n/a"
+MFU = TFLOP/s / the device's dense bf16 peak (pretrain.metrics.PEAK_TFLOPS: H100 / H200 989, A100 312), "n/a"
 where the peak is unknown (CPU, other GPUs). Activation checkpointing (--checkpoint on) recomputes the forward,
 which MFU does not count; --checkpoint auto runs without it and retries a preset that runs out of memory with it.
 Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS (ru_maxrss, monotonic over the run)
@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pretrain.trainer import PEAK_TFLOPS, checkpoint_fn, peak_tflops  # noqa: E402
+from pretrain.engine import checkpoint_fn  # noqa: E402
+from pretrain.metrics import PEAK_TFLOPS, peak_tflops  # noqa: E402
 from ressformer import ModelConfig, build_model  # noqa: E402
 from ressformer.config import PRESETS  # noqa: E402
 from ressformer.flops import count_params, flops_per_token, matched_dense  # noqa: E402

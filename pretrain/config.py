@@ -1,109 +1,254 @@
-"""Run configuration of the pretraining engine (`pretrain/main.py`): one validated dataclass.
+"""Run configuration of the pretraining job (`pretrain/main.py`): typed dataclasses, validated once, at construction.
+
+    RunConfig                    the top level: model, schedule, batch, checkpoints, logging (`python -m pretrain.config`
+      .data: DataConfig          lists every key with its type, default and meaning)
+      .activation_checkpointing: ActivationCheckpointing
+      .wandb: WandbConfig
 
 Design choices
-- Flat top-level fields (the schema `pretrain/configs/*.yaml`, `pretrain.memory_estimate` and the Slurm
-  scripts already read): `model` is a preset name (or a full model-config dict), `model_overrides` holds
-  dotted model keys (`asam.topk: 8`), `data` is `pretrain.data.DataConfig`'s dict.
-- The model config is resolved once, at construction (`model_config()` returns it): a bad preset, override
-  or seq_len fails before anything is built.
-- `--set key=value` overrides any field (parsed by `ressformer.config.parse_sets`, values as YAML);
-  `--set model.asam.topk=8` goes into `model_overrides` when `model` is a preset name or YAML path. Unknown
-  keys raise ValueError naming the allowed ones.
-- The DeepSpeed batch fields are derived here, never duplicated: train_batch_size = micro_batch *
-  grad_accum * world_size (`ds_batch_fields`); a JSON that sets them to something else is an error.
+- One schema for the YAML files (`pretrain/configs/*.yaml`), `--set key=value` overrides, run_state.json and
+  run_info.json: `to_dict()` / `from_dict()` round-trip, nested sections as mappings.
+- Every field is checked against its annotation at construction (`_check_types`): an int is an int (a YAML `true`
+  is not), a float is finite (`.inf` and `.nan` are refused; YAML's `1e-3`, a string, is read as a number), a
+  choice is one of its `Literal` values; then ranges (`__post_init__`). Errors name the key, the value and the fix.
+- The model config is resolved once, at construction (`model_config()`): `model` is a preset name, a
+  model-config YAML path or a full model-config dict, with `model_overrides` (dotted model keys) applied.
+- `--set` means the same in every command that takes a run config (pretrain/main.py, pretrain.memory_estimate,
+  bench/memory_check.py): run keys (`steps=40`, `data.split=90,5,5`), and model keys under `model.`
+  (`model.asam.topk=8`, collected into `model_overrides` when `model` is a preset or a YAML path).
+- The DeepSpeed batch fields are derived here, never duplicated: train_batch_size = micro_batch * grad_accum *
+  world_size (`ds_batch_fields`).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
+import inspect
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from ressformer.config import ModelConfig, apply_overrides, parse_sets
+from pretrain.data import DataConfig
+from ressformer.config import ModelConfig, parse_sets
 
-_AC_KEYS = {"enabled", "every"}
-_WANDB_KEYS = {"mode", "project", "name"}
+
+def _field_docs(cls) -> dict[str, str]:
+    """{field: the docstring written under it} (the litgpt convention), read from the class source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError):
+        return {}
+    body, out = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            out[a.target.id] = " ".join(b.value.value.split())
+    return out
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(section: str, name: str, value, tp):
+    """`value` checked (and normalised: numbers to float, mappings to their section) against annotation `tp`."""
+    key = f"{section}{name}"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _check_value(section, name, value, rest[0])
+        for a in rest:
+            try:
+                return _check_value(section, name, value, a)
+            except ValueError:
+                continue
+        raise ValueError(f"run config {key}={value!r}: give one of {' | '.join(_type_name(a) for a in rest)}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"run config {key}={value!r}: choose one of {', '.join(map(str, args))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"run config {key}={value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"run config {key}={value!r}: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"run config {key}={value!r}: must be a number")
+        try:
+            f = float(value)  # YAML reads 1e-3 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ValueError(f"run config {key}={value!r}: must be a number") from None
+        if not math.isfinite(f):
+            raise ValueError(f"run config {key}={value!r}: must be a finite number")
+        return f
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"run config {key}={value!r}: must be a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"run config {key}={value!r}: must be a mapping of {sorted(f.name for f in fields(tp))}")
+        unknown = sorted(set(value) - {f.name for f in fields(tp)})
+        if unknown:
+            raise ValueError(f"run config {key}: unknown keys {unknown}; allowed keys are "
+                             f"{sorted(f.name for f in fields(tp))}")
+        return tp(**copy.deepcopy(value))
+    if origin is list and args and args[0] is float:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"run config {key}={value!r}: must be a list of numbers")
+        return [_check_value(section, f"{name}[{i}]", v, float) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"run config {key}={value!r}: must be a mapping")
+        return value
+    return value
+
+
+def _check_types(obj, section: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, _check_value(section, f.name, getattr(obj, f.name), hints[f.name]))
+
+
+def _need(cond: bool, key: str, value, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"run config {key}={value!r}: {fix}")
+
+
+@dataclass
+class ActivationCheckpointing:
+    """Recompute units in backward instead of keeping their activations (torch's non-reentrant checkpoint)."""
+
+    enabled: bool = False
+    """Checkpoint the model's units: each recurrent R2MU step (and prelude / coda block, if any)."""
+    every: int = 1
+    """Checkpoint every N-th unit (1: all of them)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "activation_checkpointing.")
+        _need(self.every >= 1, "activation_checkpointing.every", self.every, "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging on rank 0 (never fatal: metrics.jsonl keeps every record)."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline (files under RUN_DIR/wandb), online, or disabled; the WANDB_MODE environment variable wins."""
+    project: str = "ressformer"
+    """wandb project."""
+    name: str | None = None
+    """wandb run name (default: wandb's)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "wandb.")
 
 
 @dataclass
 class RunConfig:
-    model: Any = "debug"  # preset name, a model-config YAML path, or a full ModelConfig dict
-    model_overrides: dict = field(default_factory=dict)  # {"asam.topk": 8, ...}
-    data: dict = field(default_factory=dict)  # pretrain.data.DataConfig fields
+    """One pretraining run: what to train, on what, how long, and where its folder is."""
+
+    model: str | dict = "debug"
+    """Model preset name (ressformer.config.PRESETS), a model-config YAML path, or a full model-config mapping."""
+    model_overrides: dict = field(default_factory=dict)
+    """Dotted model keys applied to `model`, e.g. {asam.topk: 8} (`--set model.asam.topk=8` adds here)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the tokens come from: megatron prefixes, split, tokenizer (pretrain.data.DataConfig)."""
     run_dir: str = "runs/debug"
+    """The run folder: checkpoints, metrics.jsonl, run_info.json, FINISHED (one job at a time: LOCK)."""
     seq_len: int = 128
+    """Tokens per training sample (at least 2: the loss predicts token t+1 from token t)."""
     micro_batch: int = 4
+    """Samples per rank per forward."""
     grad_accum: int = 1
+    """Micro batches per optimizer step (global batch = micro_batch x grad_accum x world size)."""
     steps: int = 200
+    """Optimizer steps of the whole run."""
     lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
     min_lr: float = 1e-4
+    """Learning rate at the last step (the decay's floor)."""
     warmup_steps: int = 20
-    decay: str = "cosine"  # cosine | linear (to min_lr at `steps`)
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """Linear warmup steps from lr / warmup_steps to lr."""
+    decay: Literal["cosine", "linear"] = "cosine"
+    """Decay from lr to min_lr between warmup_steps and steps."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (two numbers in [0, 1))."""
     eps: float = 1e-8
-    weight_decay: float = 0.1  # matrices only; norms, biases, embeddings get 0
-    grad_clip: float = 1.0  # 0 = off
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices; norms, biases and embeddings get 0."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0: off)."""
     seed: int = 1234
-    activation_checkpointing: dict = field(default_factory=lambda: {"enabled": False, "every": 1})
-    # torch.compile (inductor) each unit the model repeats, in place (ressformer CausalLM.compile_units: every block,
-    # the R2MU memory); checkpoints are unchanged. The first step compiles (tens of seconds on CPU). Not with
-    # expert parallelism (AutoEP, native MoE).
+    """Seed of the initial weights, the data order and sampled K (0 <= seed < 2**32)."""
+    activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
+    """Recompute units in backward (enabled, every)."""
     compile: bool = False
+    """torch.compile (inductor) each unit the model repeats, in place (CausalLM.compile_units: every block, the R2MU
+    memory); checkpoints are unchanged. The first step compiles. Not with expert parallelism (AutoEP, native MoE)."""
     log_every: int = 10
+    """Steps between metrics records (metrics.jsonl, wandb, the progress bar)."""
     save_every: int = 100
+    """Steps between checkpoints (the last step and a stop signal save too)."""
     eval_every: int = 50
+    """Steps between validation losses."""
     eval_iters: int = 4
+    """Micro batches per rank in a validation (0: no validation)."""
     keep_last: int = 2
-    # Every Nth checkpoint also holds the consolidated fp32 model (model.safetensors, model_config.yaml,
-    # tokenizer/) that pretrain.convert, init_from and pretrain.evaluate read; 0 = only the final one. It costs
-    # one gather of every parameter (an all-gather per parameter under ZeRO-3) and 4 bytes per parameter on disk.
+    """Complete checkpoints kept in the run folder (older ones are removed after each save)."""
     save_model_every: int = 1
-    precision: str = "auto"  # auto (bf16 on a GPU with bf16, fp32 on CPU) | fp32 | bf16
-    nan_max_consecutive: int = 5  # stop after this many skipped non-finite steps in a row
-    wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "ressformer", "name": None})
-    # Continued pretraining: start from the weights of a model folder (a checkpoint tag, or a `python -m
-    # pretrain.convert --to-ressformer` folder); its model_config.yaml must equal this run's model config. A
-    # checkpoint found by --resume wins.
+    """Every N-th checkpoint also holds the consolidated fp32 model (model.safetensors, model_config.yaml, tokenizer/)
+    that pretrain.convert, init_from and pretrain.evaluate read; 0: only the final one. It costs one gather of every
+    parameter and 4 bytes per parameter on disk."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on a GPU with bf16, fp32 on CPU."""
+    nan_max_consecutive: int = 5
+    """Stop after this many micro batches in a row skipped for a non-finite loss."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (mode, project, name)."""
     init_from: str | None = None
+    """Continued pretraining: start from the weights of a model folder (a checkpoint tag, or a `python -m
+    pretrain.convert --to-ressformer` folder) whose model_config.yaml equals this run's; a checkpoint found by
+    --resume wins."""
 
     def __post_init__(self) -> None:
-        def need(cond, name, fix):
-            if not cond:
-                raise ValueError(f"run config {name}={getattr(self, name)!r}: {fix}")
-
-        for n in ("lr", "min_lr", "eps", "weight_decay", "grad_clip"):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                setattr(self, n, float(getattr(self, n)))
-            except (TypeError, ValueError):
-                raise ValueError(f"run config {n}={getattr(self, n)!r} is not a number") from None
+        _check_types(self)
         for n in ("seq_len", "micro_batch", "grad_accum", "steps", "log_every", "save_every", "eval_every",
                   "keep_last", "nan_max_consecutive"):
-            need(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an integer >= 1")
-        need(isinstance(self.eval_iters, int) and self.eval_iters >= 0, "eval_iters", "must be an integer >= 0")
-        need(isinstance(self.save_model_every, int) and self.save_model_every >= 0, "save_model_every",
-             "must be an integer >= 0 (0: only the final checkpoint holds model.safetensors)")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
-        need(self.decay in ("cosine", "linear"), "decay", "choose cosine or linear")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0 and self.eps > 0, "weight_decay",
-             "weight_decay and grad_clip must be >= 0, eps > 0")
-        need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose auto, fp32 or bf16")
-        need(isinstance(self.compile, bool), "compile", "true or false")
-        need(isinstance(self.model, (str, dict)), "model", "give a preset name, a model-config YAML path or a dict")
-        ac = self.activation_checkpointing
-        need(isinstance(ac, dict) and set(ac) <= _AC_KEYS and int(ac.get("every", 1)) >= 1,
-             "activation_checkpointing", f"a dict with keys {sorted(_AC_KEYS)} and every >= 1")
-        self.activation_checkpointing = {"enabled": bool(ac.get("enabled", False)), "every": int(ac.get("every", 1))}
-        wb = self.wandb
-        need(isinstance(wb, dict) and set(wb) <= _WANDB_KEYS, "wandb", f"a dict with keys {sorted(_WANDB_KEYS)}")
-        self.wandb = {"mode": "offline", "project": "ressformer", "name": None, **wb}
-        need(self.wandb["mode"] in ("offline", "online", "disabled"), "wandb", "mode: offline | online | disabled")
-        need(self.init_from is None or isinstance(self.init_from, str), "init_from",
-             "give the folder written by `python -m pretrain.convert --to-ressformer` (or leave it unset)")
+            _need(getattr(self, n) >= 1, n, getattr(self, n), "must be an integer >= 1")
+        _need(self.seq_len >= 2, "seq_len", self.seq_len,
+              "must be >= 2 (the loss predicts each token from the ones before it)")
+        for n in ("eval_iters", "warmup_steps"):
+            _need(getattr(self, n) >= 0, n, getattr(self, n), "must be an integer >= 0")
+        _need(self.save_model_every >= 0, "save_model_every", self.save_model_every,
+              "must be an integer >= 0 (0: only the final checkpoint holds model.safetensors)")
+        _need(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", self.lr,
+              f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+              "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _need(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0: off)")
+        _need(self.eps > 0, "eps", self.eps, "must be > 0")
+        _need(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         self._model_config = self._resolve_model()  # not a field: equality and to_dict see only the inputs
 
     def _resolve_model(self) -> ModelConfig:
@@ -116,7 +261,7 @@ class RunConfig:
         else:
             base = ModelConfig.from_preset(self.model)
         if self.model_overrides:
-            base = ModelConfig.from_dict(apply_overrides(base.to_dict(), dict(self.model_overrides)))
+            base = base.replace(**dict(self.model_overrides))
         if self.seq_len > base.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model max_seq_len={base.max_seq_len}: lower seq_len or "
                              f"set model_overrides max_seq_len")
@@ -126,11 +271,6 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         """The model config: `model` (preset, YAML path or dict) with `model_overrides` applied."""
         return self._model_config
-
-    def data_config(self):
-        from pretrain.data import DataConfig
-
-        return DataConfig.from_dict(self.data)
 
     def global_batch(self, world_size: int) -> int:
         return self.micro_batch * self.grad_accum * world_size
@@ -152,12 +292,20 @@ class RunConfig:
         return cls(**copy.deepcopy(d))
 
 
+SECTIONS = {"data": DataConfig, "activation_checkpointing": ActivationCheckpointing, "wandb": WandbConfig}
+
+
 def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:
-    """Read the YAML at `path` (None = defaults) and apply `--set` overrides."""
+    """Read the YAML at `path` (None = defaults) and apply `--set` overrides (module docstring)."""
     d = {}
     if path is not None:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"--config {path}: no such file (the shipped run configs are in pretrain/configs/)") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: the run config must be a YAML mapping, got {type(d).__name__}")
     allowed = {f.name for f in fields(RunConfig)}
@@ -169,7 +317,7 @@ def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> R
             d[head] = value
         elif head == "model_overrides" or (head == "model" and isinstance(d.get("model", "debug"), str)):
             d["model_overrides"] = {**(d.get("model_overrides") or {}), rest: value}  # flat dotted model keys
-        else:  # a nested field: data, wandb, activation_checkpointing, or a model given as a dict
+        else:  # a section (data, wandb, activation_checkpointing), or a model given as a dict
             *parents, leaf = rest.split(".")
             node = d.setdefault(head, {})
             for p in parents:
@@ -178,3 +326,26 @@ def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> R
                 raise ValueError(f"--set {key}: {head}={d[head]!r} has no mapping to hold {rest!r}")
             node[leaf] = value
     return RunConfig.from_dict(d)
+
+
+def describe() -> str:
+    """Every run-config key with its type, default and meaning (`python -m pretrain.config`)."""
+    lines = []
+
+    def walk(cls, prefix: str) -> None:
+        docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp = hints[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{prefix}{f.name}:  {docs.get(f.name, '')}")
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {default!r}\n    {docs.get(f.name, '')}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())

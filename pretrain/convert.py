@@ -6,9 +6,9 @@
 Design choices
 - The input is a model folder (`pretrain.model_dir`: model.safetensors + model_config.yaml + tokenizer/): the
   one the trainer writes into every checkpoint tag, or one `--to-ressformer` wrote. `--checkpoint` takes RUN_DIR
-  (its newest complete tag: a sub-folder holding COMPLETE, the one `latest` names if complete), RUN_DIR/TAG
+  (its newest complete tag: a sub-folder holding COMPLETE whose files match its manifest), RUN_DIR/TAG
   (refused without COMPLETE) or a model folder. A complete tag without model.safetensors (written before tags
-  carried one) is read from DeepSpeed's shard files by `pretrain.ds_recovery`, which one printed line says;
+  carried one) is read from DeepSpeed's shard files by `pretrain.checkpoint.ds_recovery`, which one printed line says;
   `--from-shards` forces that reader (a damaged model.safetensors). Errors name the file and the fix, before
   anything is written.
 - Export = transformers' own path: `RessformerForCausalLM` (pretrain/hf) built from the `RessformerConfig` of
@@ -45,9 +45,11 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import MANIFEST, MODEL_FILES, complete_tags, tag_step, verify_tag
-from pretrain.ds_recovery import (COMPLETE, CheckpointError, check_complete, has_shards, newest_complete_tag,
-                                  read_deepspeed_checkpoint)
+from pretrain.checkpoint.ds_recovery import (CheckpointError, check_complete, has_shards, newest_complete_tag,
+                                             read_deepspeed_checkpoint)
+from pretrain.checkpoint.tags import (COMPLETE, LEGACY_RUN_STATE, MANIFEST, MODEL_FILES, RUN_STATE, complete_tags,
+                                      tag_step)
+from pretrain.checkpoint.verify import verify_tag
 from pretrain.model_dir import (CONFIG, TOKENIZER, TOKENIZER_FILES, WEIGHTS, ModelDirError, is_model_dir,
                                 load_model_dir, save_model_dir)
 
@@ -66,7 +68,7 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(p)!r} is not a folder: give RUN_DIR, RUN_DIR/TAG or a model "
                               f"folder")
-    if (p / COMPLETE).is_file() or has_shards(p) or re.fullmatch(r"step_\d+", p.name):
+    if (p / COMPLETE).is_file() or has_shards(p) or tag_step(p) is not None:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"{p} has no {COMPLETE} marker: its save did not finish; convert an earlier tag "
                                   f"(RUN_DIR picks the newest complete one)")
@@ -95,7 +97,7 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
 
 def _run_config(tag: Path) -> dict | None:
     """The run config a tag's client-state file records (run_state.json; run_config.json in older tags)."""
-    for name in ("run_state.json", "run_config.json"):
+    for name in (RUN_STATE, LEGACY_RUN_STATE):
         if (tag / name).is_file():
             return json.loads((tag / name).read_text()).get("run_config")
     return None
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="default recurrent steps K of the exported model (default: the training r2mu.steps)")
     ap.add_argument("--from-shards", action="store_true",
                     help="rebuild the weights from the tag's DeepSpeed shard files even when it holds "
-                         "model.safetensors (pretrain.ds_recovery; for a damaged model.safetensors)")
+                         "model.safetensors (pretrain.checkpoint.ds_recovery; for a damaged model.safetensors)")
     ap.add_argument("--to-ressformer", action="store_true",
                     help="reverse direction: HF folder -> model folder (model.safetensors + model_config.yaml + "
                          "tokenizer/) for continued pretraining")
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, is_model = locate(a.checkpoint, a.from_shards)
         if not is_model:
             print(f"[convert] {folder} holds no {WEIGHTS} (saved before checkpoints carried the model folder): "
-                  f"rebuilding the weights from its DeepSpeed shard files (pretrain.ds_recovery)", flush=True)
+                  f"rebuilding the weights from its DeepSpeed shard files (pretrain.checkpoint.ds_recovery)", flush=True)
         try:
             sd, mcfg, info = read_any(folder, from_shards=a.from_shards)
         except ModelDirError as e:

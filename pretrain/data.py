@@ -12,7 +12,7 @@ Design choices
   masks labels[j+1].
 - Index cache: megatron-core's builder builds it on rank 0, then a barrier, then the other ranks load it
   (upstream users hit missing-index errors when every rank built at once); outside a launched job a
-  one-process group stands in (`_process_group`).
+  one-process group stands in (`pretrain.distributed.local_group`).
 - megatron keys its index cache on the prefix path, seed, split and tokenizer; the content fingerprint
   of every prefix (`_fingerprint`) is added to that key, so a prefix re-written in place never reuses a
   stale document / sample index (it would silently give windows that straddle the wrong offsets).
@@ -22,7 +22,7 @@ Design choices
   document lengths, which must be identical (checked), so mask sample i lines up with token sample i token for
   token, and labels[j] = -100 where mask[j] == 0. A blend mixes masked and unmasked prefixes only by refusal.
 - Before megatron is called, every split of every prefix is checked to hold at least one document and
-  `seq_len + 1` tokens: megatron spins forever on an empty split (FACTS.md: 45 minutes on a tiny corpus).
+  `seq_len + 1` tokens: megatron spins forever on an empty split (seen: 45 minutes on a tiny corpus).
 - Sampling is deterministic given the seed (GPTDataset shuffles with it). `TrainBatches` walks the
   global sample order like megatron's `MegatronPretrainingSampler`: each micro step consumes
   `micro_batch * dp_size` samples and rank r takes its slice. `consumed_samples` is the whole data
@@ -32,7 +32,6 @@ Design choices
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import struct
@@ -43,6 +42,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from pretrain.distributed import local_group
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
 DEFAULT_ROOT = "artifacts"
@@ -86,13 +87,19 @@ def read_index(prefix: str | Path) -> dict:
 
 @dataclass
 class DataConfig:
-    """Where the pretraining tokens come from (the `data:` section of the run config)."""
+    """Where the pretraining tokens come from (the `data:` section of the run config). Constructing one checks
+    the values; `check_files()` checks that the files exist."""
 
-    blend: list = field(default_factory=lambda: [[1.0, DEFAULT_PREFIX]])  # [[weight, prefix], ...]
-    split: str = "949,50,1"  # train,valid,test document proportions (megatron split string)
-    tokenizer: str = DEFAULT_TOKENIZER  # folder written by `python -m tokenizer.train`
-    cache_dir: str | None = None  # megatron index cache; default: <first prefix's folder>/index_cache
-    num_workers: int = 0  # DataLoader worker processes for TrainBatches
+    blend: list = field(default_factory=lambda: [[1.0, DEFAULT_PREFIX]])
+    """[[weight, prefix], ...]: megatron indexed datasets (PREFIX.bin / .idx) mixed by weight."""
+    split: str = "949,50,1"
+    """train,valid,test document proportions (a megatron split string)."""
+    tokenizer: str = DEFAULT_TOKENIZER
+    """Folder written by `python -m tokenizer.train` (tokenizer.model)."""
+    cache_dir: str | None = None
+    """megatron's index cache; default: <first prefix's folder>/index_cache."""
+    num_workers: int = 0
+    """DataLoader worker processes reading training batches."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.blend, (list, tuple)) or not self.blend:
@@ -120,22 +127,31 @@ class DataConfig:
             vals = [float(x) for x in parts]
         except ValueError:
             vals = []
-        if not 1 <= len(vals) <= 3 or any(v < 0 for v in vals) or vals[0] <= 0:
+        if not 1 <= len(vals) <= 3 or any(not 0 <= v < float("inf") for v in vals) or vals[0] <= 0:
             raise ValueError(f"data.split={self.split!r} must be 1-3 comma-separated non-negative numbers "
                              f"(train,valid,test) with train > 0, e.g. '949,50,1'")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers!r} must be an integer >= 0")
+        for name in ("tokenizer", "cache_dir"):
+            v = getattr(self, name)
+            if not (isinstance(v, str) or (name == "cache_dir" and v is None)):
+                raise ValueError(f"data.{name}={v!r} must be a folder path")
+
+    def check_files(self) -> "DataConfig":
+        """The tokenizer and every prefix exist and their indexes are readable (ValueError naming the file and
+        the command that writes it). Reads every .idx: call once, before building datasets."""
         tok = Path(self.tokenizer)
         if not (tok / "tokenizer.model").is_file():
             raise ValueError(f"data.tokenizer={self.tokenizer!r} holds no tokenizer.model: train one with "
                              f"`python -m tokenizer.train --input ... --out {self.tokenizer}` "
                              f"(or `python -m pretrain.data prepare` for the default corpus)")
-        for p in prefixes:
+        for _, p in self.blend:
             if not (Path(f"{p}.bin").exists() or Path(f"{p}.idx").exists()):
                 raise ValueError(f"data.blend prefix {p!r} has no {p}.bin / {p}.idx: write it with "
                                  f"`python -m tokenizer.preprocess --tokenizer {self.tokenizer} --input ... --out {p}` "
                                  f"(or `python -m pretrain.data prepare` for the default corpus)")
             read_index(p)
+        return self
 
     @property
     def split_vector(self) -> list[float]:
@@ -155,26 +171,6 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown data config fields {sorted(unknown)}: allowed {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
-
-
-@contextlib.contextmanager
-def _process_group():
-    """megatron-core's builders order the ranks of a process group themselves (rank 0 builds the index cache, a
-    barrier, then the other ranks read it) and ask for the rank when they build a blend. A launched job has the
-    group; elsewhere (tools, tests) a one-process gloo group stands in while they run."""
-    import tempfile
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/pg", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 def _check_splits(data_cfg: DataConfig, seq_len: int) -> None:
@@ -315,7 +311,7 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int,
             create_attention_mask=False, add_extra_token_to_sequence=False, mmap_bin_files=True)
         return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
 
-    with _process_group():
+    with local_group():
         tokens = build(prefixes)
         masks_ds = build(masks) if masks else [None] * 3
     return tuple(HFSamples(d, m) if d is not None and sizes[i] > 0 else None
@@ -345,19 +341,16 @@ class TrainBatches:
     """Deterministic, resumable iterator over this data-parallel rank's micro batches.
 
     Global order: micro step s covers samples [consumed + s*mb*dp, consumed + (s+1)*mb*dp), rank r gets
-    the slice [r*mb, (r+1)*mb) of it; one optimizer step = global_batch / (mb*dp) micro steps.
+    the slice [r*mb, (r+1)*mb) of it (an optimizer step takes grad_accum micro steps: the trainer's count).
     `consumed_samples` counts samples consumed by all ranks up to the last batch yielded; save it in the
     checkpoint and pass it back to continue exactly.
     """
 
-    def __init__(self, dataset, *, micro_batch: int, global_batch: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, dataset, *, micro_batch: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 num_workers: int = 0) -> None:
         if micro_batch < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need micro_batch >= 1 and 0 <= dp_rank < dp_size, got micro_batch={micro_batch}, "
                              f"dp_rank={dp_rank}, dp_size={dp_size}")
-        if global_batch % (micro_batch * dp_size):
-            raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch*dp_size="
-                             f"{micro_batch * dp_size}: choose gradient accumulation so it divides")
         if consumed_samples < 0 or consumed_samples % (micro_batch * dp_size):
             raise ValueError(f"consumed_samples={consumed_samples} must be a non-negative multiple of "
                              f"micro_batch*dp_size={micro_batch * dp_size} (the checkpoint was written with another "
@@ -365,9 +358,8 @@ class TrainBatches:
         if len(dataset) < micro_batch * dp_size:
             raise ValueError(f"the training split has {len(dataset)} samples, fewer than one micro batch on every "
                              f"rank ({micro_batch} x {dp_size}): use more data or a smaller micro_batch")
-        self.dataset, self.micro_batch, self.global_batch = dataset, micro_batch, global_batch
+        self.dataset, self.micro_batch = dataset, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.grad_accum = global_batch // (micro_batch * dp_size)
         self.consumed_samples = consumed_samples
         sampler = _PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch, dp_rank, dp_size)
         self._loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.ds_config import zero_stage
+
 NATIVE_KEY = "native_moe"  # our DeepSpeed-JSON block for the native backend
 AUTOEP_KEY = "expert_parallel"  # DeepSpeed's AutoEP block
 _NATIVE_PREFIX = "moe.deepspeed_moe."  # NativeMoEBlock -> deepspeed.moe.layer.MoE -> MOELayer
@@ -38,13 +40,9 @@ class ExpertParallelPlan:
     zero_stage: int
 
 
-def _zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 def resolve_plan(model_cfg, ds: dict, world_size: int) -> ExpertParallelPlan:
     """Backend and EP size from the DeepSpeed JSON; every impossible combination raises ValueError here."""
-    stage = _zero_stage(ds)
+    stage = zero_stage(ds)
     ep_block = ds.get(AUTOEP_KEY) or {}
     nat_block = ds.get(NATIVE_KEY) or {}
     autoep, native = bool(ep_block.get("enabled", False)), bool(nat_block.get("enabled", False))
@@ -299,7 +297,7 @@ def _autoep_return_router_logits(model: nn.Module, block_cls: type, n_blocks: in
 
 
 # --- entry points ---------------------------------------------------------------------------------------------
-def prepare_expert_parallel(model: nn.Module, run_cfg, ds_config: dict) -> nn.Module:
+def prepare_expert_parallel(model: nn.Module, ds_config: dict) -> nn.Module:
     """Apply the backend named by `ds_config` to `model` (call right before `deepspeed.initialize`).
 
     Fills `expert_parallel.top_k` from the model when "auto"/absent. Returns the (possibly modified) model.

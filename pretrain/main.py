@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pretrain/main.py` from anywhere
 
-EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint.py owns it):
+EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint/ owns it):
   LOCK                  the job writing here (host, pid); a second job on the folder is refused
   metrics.jsonl         one JSON object per logged step ({"step", "loss", "lm_loss", aux losses, "lr",
                         "grad_norm", "tokens_per_s", "tflops", "skipped_micro_batches", ...}) and per evaluation
@@ -25,14 +25,16 @@ EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint.py owns it):
   run_info.json         resolved run/model/DeepSpeed configs, git SHA, library versions, precision
   step_XXXXXXXX/        one checkpoint: DeepSpeed's files, model.safetensors + model_config.yaml + tokenizer/
                         (the consolidated fp32 model), run_state.json, manifest.json (sha256 of every file),
-                        COMPLETE (written last); `latest` names the newest
+                        COMPLETE (written last); `latest` names the newest (for people and DeepSpeed's tools)
   superseded/           checkpoints newer than the one a run was resumed from (--resume TAG)
   FINISHED              written only when all `steps` are done
 resume: --resume auto verifies the newest complete checkpoint and falls back to the previous one when a file
   is damaged (the warning names it); another world size or ZeRO stage is resharded (ds_to_universal).
 exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1/SIGINT (checkpoint saved, no
-  FINISHED): a wrapper requeues when FINISHED is absent. 2: the run folder is in use or holds another run, no
-  usable checkpoint, or a save failed (the message names the cause and file; the previous checkpoint is intact).
+  FINISHED): a wrapper requeues when FINISHED is absent. 2: a bad config, the run folder is in use or holds
+  another run, no usable checkpoint, or a save failed (one line names the cause and file; the previous checkpoint
+  is intact).
+every run-config key, with its default and meaning: python -m pretrain.config
 a hung rank: `kill -USR2 PID` prints every thread's Python stack to its stderr; the run goes on."""
 
 
@@ -51,30 +53,43 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --resume none: delete the checkpoints and logs of an earlier run in run_dir first")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = ap.parse_args(argv)
+    if a.overwrite and a.resume != "none":
+        return _fail(f"--overwrite deletes the run folder's checkpoints and starts over, --resume {a.resume} "
+                     f"continues from one: give one of them")
+
+    from pretrain.config import load_run_config
+    from pretrain.ds_config import load_ds_json
+
+    try:  # before any process group: every rank finds the same error, rank 0 says it
+        run = load_run_config(a.config, a.set)
+        ds_json = load_ds_json(a.ds_config)
+        from pretrain.metrics import wandb_mode
+
+        wandb_mode(run)  # WANDB_MODE from the environment, checked before rank 0 alone would meet it
+    except ValueError as e:
+        return _fail(f"config error: {e}")
+
+    from pretrain import distributed, trainer
+    from pretrain.checkpoint import CheckpointSaveError, RunFolderError
 
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr and the run goes on: for a hung rank.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    from pretrain.config import load_run_config
-    from pretrain import trainer
-
-    run = load_run_config(a.config, a.set)
-    with open(a.ds_config) as f:
-        ds_json = json.load(f)
-    trainer.setup_distributed()
-    from pretrain.checkpoint import CheckpointSaveError, RunFolderError
-
-    import torch.distributed as dist
-
+    distributed.setup_distributed()
     try:
         trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
     except (RunFolderError, CheckpointSaveError) as e:  # raised on every rank alike
-        print(f"[pretrain] error: {e}", file=sys.stderr, flush=True)
-        rc = 2
+        rc = _fail(f"error: {e}")
     else:
         rc = 0
-    if dist.is_initialized():
-        dist.destroy_process_group()  # leave together: a rank exiting under a live gloo group can abort its peer
+    distributed.teardown_distributed()  # leave together: a rank exiting under a live gloo group can abort its peer
     return rc
+
+
+def _fail(msg: str) -> int:
+    """One line per job (global rank 0 prints it; every rank exits 2)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[pretrain] {msg}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m pretrain.memory_estimate --config pretrain/configs/1b_long.yaml \
         --ds-config ds_configs/zero3_autoep_ep8.json --world-size 32
     python -m pretrain.memory_estimate --preset 1b-long --asam-kernel off --fused-loss off   # the PyTorch paths
-    python -m pretrain.memory_estimate --preset 1b-long --set asam.topk=0 --ckpt-every 1 --zero-stage 3
+    python -m pretrain.memory_estimate --preset 1b-long --set model.asam.topk=0 --ckpt-every 1 --zero-stage 3
 
 The estimate is for a bf16 GPU run. Two kernels, which ressformer.kernels picks by itself on CUDA, change what it
 keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the gathered top-k path) and liger's
@@ -59,11 +59,10 @@ measured yet: `python bench/memory_check.py` runs the trainer for a few steps an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 
-from ressformer.config import ModelConfig, parse_sets
+from ressformer.config import ModelConfig
 from ressformer.flops import _block_kept_keys, count_params
 
 GiB = 1024**3
@@ -312,27 +311,26 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
 
 
 # --- inputs from the run's files -----------------------------------------------------------------------------------
-def run_config_settings(path: str, sets: list[str] | None = None) -> dict:
-    """Model + memory-relevant settings of a run config YAML with `pretrain/main.py --set` overrides, read by the
-    trainer's own loader (pretrain.config.load_run_config: model preset + model_overrides, seq_len, micro_batch,
-    checkpointing)."""
-    from pretrain.config import load_run_config
-
-    run = load_run_config(path, sets)
+def run_settings(run) -> dict:
+    """Model + memory-relevant settings of a RunConfig: model config, seq_len, micro_batch, checkpointing."""
     ac = run.activation_checkpointing
     return {"cfg": run.model_config(), "seq_len": run.seq_len, "micro_batch": run.micro_batch,
-            "ckpt_every": ac["every"] if ac["enabled"] else None}
+            "ckpt_every": ac.every if ac.enabled else None}
+
+
+def run_config_settings(path: str | None, sets: list[str] | None = None) -> dict:
+    """`run_settings` of a run config YAML with `pretrain/main.py --set` overrides, read by the trainer's own
+    loader (pretrain.config.load_run_config)."""
+    from pretrain.config import load_run_config
+
+    return run_settings(load_run_config(path, sets))
 
 
 def ds_config_settings(path: str) -> dict:
-    """ZeRO stage, stage3_max_live_parameters and the AutoEP size of a DeepSpeed JSON."""
-    with open(path) as f:
-        ds = json.load(f)
-    zo = ds.get("zero_optimization", {})
-    ep = ds.get("expert_parallel") or {}
-    return {"zero_stage": int(zo.get("stage", 0)),
-            "max_live_parameters": float(zo.get("stage3_max_live_parameters", 1e9)),
-            "ep_size": int(ep.get("autoep_size", 1)) if ep.get("enabled", False) else 1}
+    """ZeRO stage, stage3_max_live_parameters and the AutoEP size of a DeepSpeed JSON (pretrain.ds_config)."""
+    from pretrain.ds_config import ds_settings, load_ds_json
+
+    return ds_settings(load_ds_json(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,13 +338,16 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Per-GPU training memory from the model's parameter and key counts.")
     ap.add_argument("--config", default=None, help="run config YAML (model, seq_len, micro_batch, checkpointing)")
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (ZeRO stage, max live parameters, AutoEP size)")
-    ap.add_argument("--preset", default="1b-long", help="model preset (ressformer.config.PRESETS)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model field override")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: max_seq_len)")
-    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--preset", default="1b-long", help="model preset (ressformer.config.PRESETS), without --config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override as in pretrain/main.py: model.asam.topk=8, seq_len=4096, micro_batch=2")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sample (default: the config's seq_len; with --preset the model's max_seq_len)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="default: the config's micro_batch, else 1")
     ap.add_argument("--world-size", type=int, default=32, help="data-parallel GPUs (ZeRO partitions over them)")
     ap.add_argument("--zero-stage", type=int, default=None, help="default: the DeepSpeed JSON's, else 3")
-    ap.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every N units; 0 = off")
+    ap.add_argument("--ckpt-every", type=int, default=None,
+                    help="checkpoint every N units; 0 = off (default: the config's activation_checkpointing, else 1)")
     ap.add_argument("--num-steps", type=int, default=None, help="R2MU steps K (default: r2mu.steps)")
     ap.add_argument("--max-live-parameters", type=float, default=None,
                     help="DeepSpeed stage3_max_live_parameters (default: the JSON's, else 1e9)")
@@ -356,17 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-loss", choices=SWITCHES, default="auto", help="liger fused LM loss (auto: on)")
     args = ap.parse_args(argv)
     try:
-        sets = parse_sets(args.set)
+        if args.config:
+            run = run_config_settings(args.config, args.set)
+            name = args.config
+        else:  # the preset at its full context, one sample, every unit checkpointed, then the --set overrides
+            max_len = ModelConfig.from_preset(args.preset).max_seq_len
+            run = run_config_settings(None, [f"model={args.preset}", f"seq_len={max_len}", "micro_batch=1",
+                                             "activation_checkpointing.enabled=true", *args.set])
+            name = args.preset
     except ValueError as e:
         ap.error(str(e))
-    if args.config:
-        run = run_config_settings(args.config)
-        cfg = run["cfg"].replace(**sets)
-        seq, mb, every, name = args.seq_len or run["seq_len"], run["micro_batch"], run["ckpt_every"], args.config
-    else:
-        cfg = ModelConfig.from_preset(args.preset, **sets)
-        seq, mb, every, name = args.seq_len or cfg.max_seq_len, args.micro_batch, args.ckpt_every or None, args.preset
-    ds = ds_config_settings(args.ds_config) if args.ds_config else {}
+    cfg = run["cfg"]
+    seq = args.seq_len or run["seq_len"]
+    mb = args.micro_batch or run["micro_batch"]
+    every = run["ckpt_every"] if args.ckpt_every is None else (args.ckpt_every or None)
+    try:
+        ds = ds_config_settings(args.ds_config) if args.ds_config else {}
+    except ValueError as e:
+        ap.error(str(e))
     stage = args.zero_stage if args.zero_stage is not None else ds.get("zero_stage", 3)
     live = args.max_live_parameters if args.max_live_parameters is not None else ds.get("max_live_parameters", 1e9)
     ep = args.ep_size if args.ep_size is not None else ds.get("ep_size", 1)

@@ -4,16 +4,19 @@
     DIR/model_config.yaml   ModelConfig.to_yaml
     DIR/tokenizer/          tokenizer.model + ressformer_tokenizer.json (absent when the run had none)
 
-The trainer writes one into every checkpoint tag (`pretrain.checkpoint`), `pretrain.convert --to-ressformer`
+The trainer writes one into every checkpoint tag (`pretrain.checkpoint.writer`), `pretrain.convert --to-ressformer`
 writes one from a Hugging Face export; `init_from`, `pretrain.convert`, `pretrain.evaluate` and the benches
 read it with `load_model_dir`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,13 +35,21 @@ def is_model_dir(path: str | Path) -> bool:
     return (p / WEIGHTS).is_file() and (p / CONFIG).is_file()
 
 
-def _meta_state(cfg) -> tuple[dict[str, torch.Size], dict[str, str]]:
-    """Keys -> shapes of the model `cfg` describes (built on the meta device), and {alias: source} for the
-    parameters it ties (the alias is not stored)."""
+class ModelKeys(NamedTuple):
+    """The keys of the model a config describes (built once on the meta device, `model_keys`)."""
+
+    shapes: dict[str, torch.Size]  # state_dict key -> shape (parameters, tied aliases and buffers)
+    tied: dict[str, str]  # {alias: source} for the parameters the model ties (the alias is not stored)
+    params: dict[str, torch.Size]  # named_parameters() -> shape (each tied parameter once)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_keys(cfg_json: str) -> ModelKeys:
     from ressformer import build_model
+    from ressformer.config import ModelConfig
 
     with torch.device("meta"):
-        m = build_model(cfg)
+        m = build_model(ModelConfig.from_dict(json.loads(cfg_json)))
     first, tied, shapes = {}, {}, {}
     for k, v in m.state_dict(keep_vars=True).items():
         shapes[k] = v.shape
@@ -46,12 +57,18 @@ def _meta_state(cfg) -> tuple[dict[str, torch.Size], dict[str, str]]:
             tied[k] = first[id(v)]
         else:
             first[id(v)] = k
-    return shapes, tied
+    return ModelKeys(shapes, tied, {n: p.shape for n, p in m.named_parameters()})
+
+
+def model_keys(cfg) -> ModelKeys:
+    """Keys and shapes of the model `cfg` (a ModelConfig) describes: the one place that builds a model to learn them
+    (cached per config)."""
+    return _model_keys(json.dumps(cfg.to_dict(), sort_keys=True))
 
 
 def tied_aliases(cfg) -> dict[str, str]:
     """{alias: source} for parameters the model ties (the alias is not stored)."""
-    return _meta_state(cfg)[1]
+    return model_keys(cfg).tied
 
 
 def save_model_dir(path: str | Path, state_dict: dict[str, torch.Tensor], cfg,
@@ -109,7 +126,7 @@ def load_model_dir(path: str | Path):
 
 def check_state(sd: dict[str, torch.Tensor], cfg, where: str) -> dict[str, torch.Tensor]:
     """Exactly the keys and shapes of the model `cfg` describes (tied aliases filled in), or ModelDirError."""
-    shapes, tied = _meta_state(cfg)
+    shapes, tied, _ = model_keys(cfg)
     sd = dict(sd)
     for alias, src in tied.items():
         if alias not in sd and src in sd:

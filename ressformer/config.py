@@ -133,6 +133,7 @@ class SOESConfig:
 
 
 _SUB = {"r2mu": R2MUConfig, "asam": ASAMConfig, "moe": MoEConfig, "soes": SOESConfig}
+TRANSFORMER_ONLY = ("n_layers", "position", "rope_theta")  # read by the dense baseline alone
 
 
 @dataclass
@@ -188,7 +189,14 @@ class ModelConfig:
 
     # --- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the dense baseline's own (n_layers, position, rope_theta) in a ReSSFormer's dict: it has
+        one shared block and no positional encoding, and its saved config should not say otherwise. `from_dict`
+        fills absent fields with their defaults and accepts configs that carry them."""
+        d = dataclasses.asdict(self)
+        if self.arch != "transformer":
+            for k in TRANSFORMER_ONLY:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -217,12 +225,12 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}: choose one of {sorted(PRESETS)}")
-        d = PRESETS[name]().to_dict()
+        d = dataclasses.asdict(PRESETS[name]())  # every field: an override may switch arch
         return cls.from_dict(apply_overrides(d, overrides))
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with dotted-key overrides applied, e.g. replace(**{"asam.topk": 8})."""
-        return ModelConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+        return ModelConfig.from_dict(apply_overrides(dataclasses.asdict(self), overrides))
 
 
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:

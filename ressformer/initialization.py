@@ -4,7 +4,7 @@
     run_plan(model, plan)             # what model.init_weights() does after re-tying embeddings
 
 Why a list and not one function: under ZeRO-3 the parameters are partitioned across ranks, and the trainer
-(pretrain/trainer.py) initialises them one at a time (gather one parameter, init it on rank 0, re-partition),
+(pretrain/engine.py) initialises them one at a time (gather one parameter, init it on rank 0, re-partition),
 so no rank ever holds the whole model. The plan's order is the order random numbers are drawn in, so a
 seeded plan gives the same weights however it is run (one process, ZeRO-1/2/3, any world size).
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install ressformer with its pinned stack (CPU torch first: an open torch range
-# would pull a multi-GB CUDA build; see ../shared/FACTS.md). Idempotent: re-running is fast.
+# would pull a multi-GB CUDA build). Idempotent: re-running is fast.
 # It installs the `dev` extra (train + eval + gpu + test tools), what scripts/main.sh and scripts/test.sh
 # need; pyproject.toml's extras give lighter installs: `pip install -e .` (model + tokenizer),
 # `.[train]`, `.[eval]`, `.[gpu]`.

@@ -242,7 +242,7 @@ def test_run_config_compile_field():
 
 @pytest.mark.parametrize("ds_json", ["zero3_autoep.json", "zero2_moe.json"])
 def test_compile_with_expert_parallel_is_refused(ds_json):
-    from pretrain.trainer import build_model_for
+    from pretrain.engine import build_model_for
 
     ds = json.loads((REPO / "ds_configs" / ds_json).read_text())
     with pytest.raises(ValueError, match="compile: true with expert parallelism .* set compile: false"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain.config import RunConfig
-from pretrain.trainer import build_model_for, set_initial_weights
+from pretrain.engine import build_model_for, set_initial_weights
 from ressformer import ModelConfig, build_model
 from ressformer.initialization import check_plan, run_plan
 

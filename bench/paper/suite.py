@@ -230,7 +230,7 @@ def job_command(job: Job, suite: Suite, data: dict, out: Path, slot: int = 0, gp
     sets = [f"run_dir={out / 'runs' / job.name}", f"seed={1234 + job.seed}", f"lr={job.lr}", f"min_lr={job.lr / 10}",
             f"warmup_steps={max(1, steps // 15)}", f"save_every={steps}", "log_every=10", "wandb.mode=disabled",
             "activation_checkpointing.enabled=false", "keep_last=1", *data_sets, *job.sets]
-    from pretrain.trainer import free_port
+    from pretrain.distributed import free_port
 
     where = ["--include", f"localhost:{slot}"] if gpus else ["--num_gpus", "1"]
     cmd = [launcher, *where, "--master_port", str(free_port()), "pretrain/main.py",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-from pretrain.trainer import free_port  # noqa: E402  (re-exported for the tests)
+from pretrain.distributed import free_port  # noqa: E402  (re-exported for the tests)
 
 
 

@@ -15,17 +15,17 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import trainer  # noqa: E402
+from pretrain import distributed, engine as engines  # noqa: E402
 from pretrain.config import RunConfig  # noqa: E402
 
 
 def main(inp: str, out: str) -> None:
     spec = torch.load(inp, weights_only=False)
-    trainer.setup_distributed()
+    distributed.setup_distributed()
     results = {}
     for case in spec["cases"]:
         tag = Path(case["tag"])
-        engine, _, _, _ = trainer.build_engine(RunConfig.from_dict(case["run"]), json.loads(case["ds_json"]))
+        engine, _, _, _ = engines.build_engine(RunConfig.from_dict(case["run"]), json.loads(case["ds_json"]))
         path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name)
         if path is None:
             raise RuntimeError(f"engine.load_checkpoint found nothing to load in {tag}")

@@ -8,7 +8,7 @@ DeepSpeed step on its slice of the global batch (through `pretrain.expert_parall
 {case: {loss, grad_norm, state (full, fused layout), aux, load, n_router_logits}} to OUT.
 
 argv: IN.pt OUT.pt; IN holds {"input_ids", "cfg", "cases": [{name, ds, aux_coef, state}]}; a case with
-"engine": True instead runs the real model through `pretrain.trainer.build_engine` ({name, run, ds, num_steps,
+"engine": True instead runs the real model through `pretrain.engine.build_engine` ({name, run, ds, num_steps,
 state}).
 """
 
@@ -107,7 +107,7 @@ def main(inp: str, outp: str) -> None:
 
     from pretrain import expert_parallel as xp
 
-    from pretrain.trainer import skip_deepspeed_shm_allreduce
+    from pretrain.distributed import skip_deepspeed_shm_allreduce
 
     spec = torch.load(inp, weights_only=False)
     skip_deepspeed_shm_allreduce()
@@ -134,7 +134,7 @@ def main(inp: str, outp: str) -> None:
         else:
             model = TinyMoELM(cfg, case["aux_coef"])
             model.load_state_dict(state)
-        model = xp.prepare_expert_parallel(model, None, ds)
+        model = xp.prepare_expert_parallel(model, ds)
         plan = model._expert_parallel_plan
         opt = torch.optim.AdamW(xp.param_groups_for(model, param_groups(model)), lr=LR, eps=EPS)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
@@ -175,16 +175,17 @@ def main(inp: str, outp: str) -> None:
 
 
 def _engine_case(case, input_ids, rank, world) -> dict:
-    """The product path: `pretrain.trainer.build_engine` (zero.Init, prepare_expert_parallel, param_groups_for,
+    """The product path: `pretrain.engine.build_engine` (zero.Init, prepare_expert_parallel, param_groups_for,
     deepspeed.initialize) on the real ReSSFormer, one step on this rank's slice; full fused state back."""
     import deepspeed
 
     from pretrain import expert_parallel as xp
-    from pretrain import trainer
+    from pretrain import engine as engines
+    from pretrain.ds_config import zero_stage
     from pretrain.config import RunConfig
 
     run = RunConfig.from_dict(case["run"])
-    engine, _, _, ds = trainer.build_engine(run, case["ds"], init_state=case["state"])
+    engine, _, _, ds = engines.build_engine(run, case["ds"], init_state=case["state"])
     ids = input_ids.chunk(world)[rank]
     o = engine(ids, labels=ids, num_steps=case["num_steps"])
     engine.backward(o.loss)
@@ -192,7 +193,7 @@ def _engine_case(case, input_ids, rank, world) -> dict:
     lt = torch.tensor([o.loss.item()])
     dist.all_reduce(lt)
     m, plan = engine.module, engine.module._expert_parallel_plan
-    gather = trainer.zero_stage(ds) == 3
+    gather = zero_stage(ds) == 3
     with deepspeed.zero.GatheredParameters(list(m.parameters())) if gather else contextlib.nullcontext():
         sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     if plan.backend != "none":

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import trainer  # noqa: E402
+from pretrain import distributed, trainer  # noqa: E402
 from ressformer.output import ModelOutput  # noqa: E402
 
 
@@ -28,7 +28,7 @@ class Scalar(torch.nn.Module):
 def main() -> None:
     import deepspeed
 
-    trainer.setup_distributed()
+    distributed.setup_distributed()
     model = Scalar()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={

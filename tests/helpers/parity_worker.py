@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import trainer  # noqa: E402
+from pretrain import distributed, engine as engines
+from pretrain.ds_config import build_ds_config, zero_stage  # noqa: E402
 from pretrain.config import RunConfig  # noqa: E402
 
 
@@ -23,12 +24,12 @@ def main(inp: str, out: str) -> None:
     import deepspeed
 
     spec = torch.load(inp, weights_only=False)
-    trainer.setup_distributed()
+    distributed.setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     if spec.get("seed_init"):
         run = RunConfig.from_dict(spec["seed_init"]["run"])
-        ds = trainer.build_ds_config(json.loads(spec["seed_init"]["ds_json"]), run, world)
+        ds = build_ds_config(json.loads(spec["seed_init"]["ds_json"]), run, world)
         gathered, real = [], deepspeed.zero.GatheredParameters
 
         def counting(params, *a, **kw):
@@ -37,7 +38,7 @@ def main(inp: str, out: str) -> None:
 
         deepspeed.zero.GatheredParameters = counting
         try:
-            model = trainer.build_model_for(run, ds)
+            model = engines.build_model_for(run, ds)
         finally:
             deepspeed.zero.GatheredParameters = real
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -45,14 +46,14 @@ def main(inp: str, out: str) -> None:
         results["seed_init"] = {"state": state, "gathered": gathered}
     for case in spec["cases"]:
         run = RunConfig.from_dict(case["run"])
-        engine, _, _, ds = trainer.build_engine(run, json.loads(case["ds_json"]), init_state=spec["state"])
+        engine, _, _, ds = engines.build_engine(run, json.loads(case["ds_json"]), init_state=spec["state"])
         ids = spec["input_ids"].chunk(world)[rank]  # (B/world, T)
         o = engine(ids, labels=ids, num_steps=case["num_steps"])
         engine.backward(o.loss)
         engine.step()
-        loss = trainer.all_mean(o.loss.item())
+        loss = distributed.all_mean(o.loss.item())
         params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params) if trainer.zero_stage(ds) == 3 else contextlib.nullcontext():
+        with deepspeed.zero.GatheredParameters(params) if zero_stage(ds) == 3 else contextlib.nullcontext():
             state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         results[case["name"]] = {"loss": loss, "state": state}
         engine.destroy()

@@ -6,7 +6,7 @@
 #   bash tests/slurm/setup.sh down DIR       # stop the daemons started by `up DIR`
 #   export SLURM_CONF=DIR/slurm.conf         # then sbatch / squeue / scontrol talk to that cluster
 #
-# Design (see /work/shared/FACTS.md "Slurm", verified on Debian's Slurm 22.05):
+# Design (verified on Debian's Slurm 22.05):
 # - Two nodes on one host: n1 and n2 both have NodeAddr=127.0.0.1 and their own slurmd port, started as
 #   `slurmd -N n1` / `slurmd -N n2`, so a `--nodes=2 --ntasks-per-node=1` job runs the real multi-node
 #   path (two srun tasks on two nodes, rendezvous over TCP, gloo).

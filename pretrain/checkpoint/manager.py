@@ -1,0 +1,163 @@
+"""The run's checkpoints behind two calls: `load()` once at the start, `save(step, ...)` after every step.
+
+    ckpt = CheckpointManager(run, ds_json, resume="auto", overwrite=False)   # takes the run folder's lock
+    restored = ckpt.load()            # the engine: fresh (seed or init_from), resumed, or resharded
+    ...
+    ckpt.save(step, train_state, final=stopping)   # writes when the policy says so
+    ckpt.close()
+
+The manager owns the policy: `save_every`, `save_model_every` (which tags also hold the consolidated model),
+`keep_last`, the FINISHED marker (written with the last step's checkpoint), and what a resume does to the folder
+(newer tags set aside, interrupted saves removed, metrics.jsonl trimmed to the resumed step). What a tag holds and how
+it is written, verified, chosen and resharded live in the modules beside this one.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain import distributed as D
+from pretrain.checkpoint import run_folder as folder
+from pretrain.checkpoint.reshard import reshard
+from pretrain.checkpoint.resume import ResumePoint, find_resume, load_same_layout
+from pretrain.checkpoint.tags import RunFolderError, all_tags, remove_tag
+from pretrain.checkpoint.writer import write_tag
+from pretrain.config import RunConfig
+
+
+@dataclass
+class Restored:
+    """What `CheckpointManager.load` built: the engine and the state to continue from."""
+
+    engine: object
+    scheduler: object
+    ds: dict  # the DeepSpeed config the engine runs with
+    state: dict  # run_state.json of the resumed tag ({} for a fresh run)
+    layout: dict  # this run's world size, ZeRO stage, expert-parallel backend and size
+    point: ResumePoint | None  # the tag resumed from (None: a fresh run)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+class CheckpointManager:
+    """Collective: every rank constructs it and calls load / save / close alike."""
+
+    def __init__(self, run: RunConfig, ds_json: dict, *, resume: str = "none", overwrite: bool = False) -> None:
+        self.run, self.ds_json, self.resume, self.overwrite = run, ds_json, resume, overwrite
+        self.dir = Path(run.run_dir)
+        self.restored: Restored | None = None
+        folder.make_run_dir(self.dir)
+        self._lock = folder.acquire_run_folder(self.dir)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # --- start -----------------------------------------------------------------------------------------
+    def load(self) -> Restored:
+        """Build the engine and continue from the checkpoint `resume` names (none: a fresh run, refused in a folder
+        that holds another run's checkpoints unless `overwrite`)."""
+        from pretrain.ds_config import build_ds_config
+        from pretrain.engine import build_engine, config_diff, layout, load_init_from
+
+        run = self.run
+        if self.resume == "none":
+            D.on_rank0(folder.prepare_fresh, self.dir, self.overwrite, errors=(RunFolderError,))
+        point = self._resume_point()
+        world = D.world_size()
+        lay = layout(run, build_ds_config(self.ds_json, run, world), world)
+        if point is None:
+            engine, _, sched, ds = build_engine(run, self.ds_json, init_state=load_init_from(run))
+            state = {}
+        else:
+            diff = config_diff(_normalised(point.state.get("model_config")), run.model_config().to_dict())
+            if diff:
+                raise RunFolderError(f"{point.tag} was written for another model config: {diff} (checkpoint value, "
+                                     f"this run's value). Resume with the checkpoint's model settings, or start a "
+                                     f"new run from its weights with --set init_from={point.tag}")
+            if (point.layout or lay) == lay:
+                engine, _, sched, ds = build_engine(run, self.ds_json)
+                load_same_layout(engine, point.tag)
+            else:
+                engine, sched, ds = reshard(run, self.ds_json, point, self.dir, lay)
+            state = point.state
+        self.restored = Restored(engine, sched, ds, state, lay, point)
+        D.on_rank0(self._after_load, errors=(RunFolderError,))
+        return self.restored
+
+    def _resume_point(self) -> ResumePoint | None:
+        """Collective: the checkpoint to continue from; rank 0 tidies the folder for it."""
+        point = find_resume(self.dir, self.resume)
+        if D.rank() == 0:
+            for w in (point.skipped if point else []):
+                print(f"[checkpoint] warning: {w}", file=sys.stderr, flush=True)
+            if point is not None:
+                for m in folder.set_aside_newer(self.dir, point.tag):
+                    print(f"[checkpoint] {m}", flush=True)
+            else:
+                for t in all_tags(self.dir):  # only interrupted saves can be left here
+                    remove_tag(t)
+        D.barrier()
+        return point
+
+    def _after_load(self) -> None:
+        """Rank 0: say what was resumed, drop metrics after the resumed step and a stale FINISHED."""
+        r, run = self.restored, self.run
+        gb = run.global_batch(D.world_size())
+        if r.point is not None:
+            print(f"[pretrain] resumed from {r.point.tag} (step {r.step}, {r.state.get('tokens_seen')} tokens, "
+                  f"{r.state.get('consumed_samples')} samples)", flush=True)
+            if r.state.get("global_batch", gb) != gb:
+                print(f"[pretrain] warning: the checkpoint trained with global batch {r.state['global_batch']}, this "
+                      f"run uses {gb} (micro_batch x grad_accum x world size): the data order continues by samples, "
+                      f"the schedule by steps", file=sys.stderr, flush=True)
+        folder.trim_metrics(self.dir / folder.METRICS, r.step)
+        if folder.is_finished(self.dir) and r.step < run.steps:
+            folder.clear_finished(self.dir)
+
+    # --- in the loop -----------------------------------------------------------------------------------
+    def due(self, step: int, final: bool = False) -> bool:
+        """Whether `save(step, final=final)` writes a checkpoint."""
+        return final or step % self.run.save_every == 0 or step >= self.run.steps
+
+    def save(self, step: int, train_state: dict, *, final: bool = False) -> Path | None:
+        """Collective. Write tag `step` when it is due (every `save_every` steps, the last step, or `final`: the run
+        stops after this step); keep the `keep_last` newest; after the last step, mark the run FINISHED.
+        `train_state`: the loop's counters (tokens_seen, skipped_micro_batches, consumed_samples, ...)."""
+        if not self.due(step, final):
+            return None
+        run, r = self.run, self.restored
+        every = run.save_model_every
+        last = step >= run.steps
+        world = D.world_size()
+        state = {"run_config": run.to_dict(), "model_config": run.model_config().to_dict(), "step": step,
+                 "optimizer_steps": int(r.engine.global_steps), "global_batch": run.global_batch(world),
+                 "world_size": world, **train_state}
+        tag = write_tag(r.engine, run_dir=self.dir, step=step, state=state, layout=r.layout,
+                        model_cfg=run.model_config(), tokenizer_dir=run.data.tokenizer,
+                        write_model=last or (every > 0 and (step // run.save_every) % every == 0))
+        if D.rank() == 0:
+            folder.prune(self.dir, run.keep_last)
+        D.barrier()
+        return tag
+
+    def finish(self, step: int) -> None:
+        """Collective: mark the run FINISHED (all `steps` done; a wrapper then stops requeueing)."""
+        D.on_rank0(folder.mark_finished, self.dir, step, errors=(RunFolderError,))
+        D.barrier()
+
+
+def _normalised(model_config: dict | None) -> dict:
+    """A checkpoint's model-config dict as this version writes it (fields it leaves out dropped, defaults filled), so
+    only real differences count; an unreadable one is compared as it is."""
+    from ressformer.config import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(model_config).to_dict()
+    except (TypeError, ValueError):
+        return model_config or {}

@@ -1,0 +1,195 @@
+"""Building the DeepSpeed engine of a run: model, initial weights, optimizer, schedule, expert parallelism.
+
+- The model package stays single-device; DeepSpeed is applied here. ZeRO-3 builds the model under
+  `deepspeed.zero.Init`; `set_initial_weights` then sets every parameter from the seed (the model's `init_plan()`)
+  or from a state dict, one gathered parameter at a time, so a seed gives the same weights under any ZeRO stage
+  and world size. Expert parallelism is applied by `pretrain.expert_parallel` right before `deepspeed.initialize`.
+- Optimizer: torch AdamW (decay on >= 2-D weights except embeddings) + LambdaLR (warmup, cosine or linear decay
+  to min_lr), the same objects a plain torch run uses as the parity reference. Activation checkpointing: torch's
+  non-reentrant checkpoint at every `every`-th recurrent step.
+- `layout`: world size, ZeRO stage and expert-parallel backend / size, recorded in every checkpoint's manifest
+  and compared on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import RunConfig
+from pretrain.ds_config import build_ds_config, zero_stage
+
+
+# --- optimizer / schedule -------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions hold a 1-D shard
+        (decay if ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(run: RunConfig, step: int) -> float:
+    """Multiplier of run.lr at optimizer step `step` (0-based): linear warmup, then decay to min_lr."""
+    if run.warmup_steps and step < run.warmup_steps:
+        return (step + 1) / run.warmup_steps
+    frac = min(1.0, (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if run.decay == "cosine" else 1 - frac
+    floor = run.min_lr / run.lr
+    return floor + (1 - floor) * shape
+
+
+def build_optimizer(model, run: RunConfig):
+    from pretrain.expert_parallel import param_groups_for  # native MoE experts need their own `moe` groups
+
+    groups = param_groups_for(model, param_groups(model, run.weight_decay))
+    opt = torch.optim.AdamW(groups, lr=run.lr, betas=tuple(run.betas), eps=run.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_lambda, run))
+    return opt, sched
+
+
+def checkpoint_fn(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+# --- model and engine ------------------------------------------------------------------------------
+def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
+    """Build the model (under zero.Init for ZeRO-3), initialise it from the seed (or `init_state`), set activation
+    checkpointing and, with `compile: true`, compile its units (`CausalLM.compile_units`; ZeRO-1/2/3, with or
+    without checkpointing). Expert parallelism with compile is refused: its MoE layer replaces the compiled blocks'
+    `mlp` after compilation and runs all-to-alls inside them."""
+    from ressformer import build_model
+
+    cfg = run.model_config()
+    zero3 = zero_stage(ds) == 3
+    if run.compile:
+        from pretrain.expert_parallel import AUTOEP_KEY, NATIVE_KEY
+
+        ep = [k for k in (AUTOEP_KEY, NATIVE_KEY) if (ds.get(k) or {}).get("enabled")]
+        if ep:
+            raise ValueError(f"compile: true with expert parallelism ('{ep[0]}' in the DeepSpeed JSON) is not "
+                             "supported: set compile: false, or use a DeepSpeed JSON without it (ds_configs/zero1.json "
+                             "or zero3.json: the experts are then ZeRO-partitioned like any weight)")
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = build_model(cfg)
+    else:
+        model = build_model(cfg)
+    set_initial_weights(model, run.seed, init_state, partitioned=zero3)
+    if run.activation_checkpointing.enabled:
+        model.set_checkpointing(checkpoint_fn, every=run.activation_checkpointing.every)
+    if run.compile:
+        model.compile_units()
+    return model
+
+
+@torch.no_grad()
+def set_initial_weights(model: torch.nn.Module, seed: int, init_state: dict | None = None,
+                          partitioned: bool = False) -> None:
+    """Set every parameter from the seed (`model.init_plan()`, drawn in plan order) or from `init_state`.
+
+    The same seed gives the same weights whatever the ZeRO stage or world size. `partitioned` (ZeRO-3, the
+    model built under zero.Init): each parameter is gathered alone (`GatheredParameters([p], modifier_rank=0)`),
+    set on rank 0 and re-partitioned on leaving, so no rank holds more than one full parameter at a time
+    (the constructor's own initialisation ran on partitions and is overwritten here).
+    """
+    from ressformer.initialization import check_plan
+
+    params = dict(model.named_parameters())
+    if init_state is None:
+        steps = model.init_plan()
+        check_plan(model, steps)
+    else:
+        keys = set(model.state_dict().keys())  # names of tied parameters included, as load_state_dict expects
+        missing, unexpected = sorted(keys - set(init_state)), sorted(set(init_state) - keys)
+        if missing or unexpected:
+            raise ValueError(f"init state does not fit the model: missing {missing}, unexpected {unexpected}; "
+                             "it was written for another model config (check init_from and the model overrides)")
+        for name, p in params.items():
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(init_state[name].shape) != shape:
+                raise ValueError(f"init state: {name} has shape {tuple(init_state[name].shape)}, the model's is "
+                                 f"{shape}; it was written for another model config")
+        for name, buf in model.named_buffers():  # buffers are never partitioned: every rank sets its own
+            if name in init_state:
+                buf.copy_(init_state[name])
+        steps = [(name, lambda p, name=name: p.copy_(init_state[name])) for name in params]
+    writer = not partitioned or dist.get_rank() == 0
+    if partitioned:
+        import deepspeed
+    torch.manual_seed(seed)
+    for name, fn in steps:
+        p = params[name]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if partitioned else contextlib.nullcontext():
+            if writer:
+                fn(p)
+
+
+def load_init_from(run: RunConfig) -> dict | None:
+    """The state_dict of the model folder `run.init_from` (a checkpoint tag, or a `pretrain.convert
+    --to-ressformer` folder), checked against the run's model config."""
+    if not run.init_from:
+        return None
+    from pretrain.model_dir import is_model_dir, load_model_dir
+
+    d = Path(run.init_from)
+    if not is_model_dir(d):
+        raise FileNotFoundError(f"init_from={run.init_from!r} holds no model.safetensors + model_config.yaml: give a "
+                                f"checkpoint tag folder (runs/x/step_00000100) or write one with `python -m "
+                                f"pretrain.convert --to-ressformer --checkpoint HF_DIR --out {run.init_from}`")
+    cfg, sd = load_model_dir(d)
+    diff = config_diff(cfg.to_dict(), run.model_config().to_dict())
+    if diff:
+        raise ValueError(f"init_from={run.init_from}: its model_config.yaml differs from this run's model config in "
+                         f"{diff} (init value, run value); set `model: {d / 'model_config.yaml'}` and no model overrides")
+    return sd
+
+
+def config_diff(got: dict, want: dict, prefix: str = "") -> dict:
+    """{dotted key: (got, want)} for every leaf that differs."""
+    out = {}
+    for k in sorted(set(got) | set(want)):
+        g, w = got.get(k), want.get(k)
+        if isinstance(g, dict) and isinstance(w, dict):
+            out.update(config_diff(g, w, f"{prefix}{k}."))
+        elif g != w:
+            out[f"{prefix}{k}"] = (g, w)
+    return out
+
+
+def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
+    """-> (engine, optimizer, scheduler, ds_config). torch.distributed must be initialised."""
+    import deepspeed
+
+    world = dist.get_world_size()
+    ds = build_ds_config(ds_json, run, world)
+    model = build_model_for(run, ds, init_state)
+    from pretrain.expert_parallel import prepare_expert_parallel
+
+    model = prepare_expert_parallel(model, ds)
+    # ds_to_universal (resharding on resume, pretrain.checkpoint) requires this record in ZeRO-1/2 checkpoints;
+    # the model has no tensor or pipeline parallelism, so no parameter patterns are needed.
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    opt, sched = build_optimizer(model, run)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    return engine, opt, sched, ds
+
+
+def layout(run: RunConfig, ds: dict, world: int) -> dict:
+    """{"world_size", "zero_stage", "ep_backend", "ep_size"} of a run on `world` ranks with DeepSpeed config `ds`."""
+    from pretrain.expert_parallel import resolve_plan
+
+    plan = resolve_plan(run.model_config(), ds, world)
+    return {"world_size": world, "zero_stage": zero_stage(ds), "ep_backend": plan.backend, "ep_size": plan.ep_size}

@@ -1,0 +1,368 @@
+"""Faults a cluster throws at a run folder, on 2 real gloo ranks through the `deepspeed` launcher and the trainer
+CLI (ZeRO-3, the debug model, 12 steps, a checkpoint every 3). Each test checks the behaviour and that the
+loss curve after recovery equals the uninterrupted run's (`ref`): bit for bit where the layout is the same,
+within fp32 tolerance where the run was resharded to another world size / ZeRO stage.
+
+Covered: a second writer (refused while the first holds the folder), a fresh run into a used folder (refused,
+then --overwrite), every kind of damage to a file of the newest checkpoint (fallback, the file named), a named
+tag that is damaged (refused, never replaced) or older than the newest (the newer ones set aside), a kill
+during a save, SIGTERM to the process group with wandb offline, SIGTERM to the launcher alone, a NaN on the last
+micro batch, a full disk (simulated ENOSPC on one rank, and a real tmpfs where a mount namespace is allowed),
+resharding 2 -> 1 ranks with ZeRO-3 -> ZeRO-1 and back, and a resume with another model config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.dist import REPO, base_env, free_port, run_group
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.usefixtures("default_data")]
+
+STEPS = 12
+ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "log_every=1", "--set", "save_every=3",
+        "--set", "eval_iters=0", "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2",
+        "--set", "keep_last=10", "--set", f"steps={STEPS}"]
+DS = "ds_configs/zero3.json"
+
+
+def cmd(run_dir, *extra, ranks=2, ds=DS, script="pretrain/main.py"):
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+                str(free_port())] if ranks > 1 else [sys.executable]
+    return [*launcher, script, "--ds_config", ds, *ARGS, "--set", f"run_dir={run_dir}", *extra]
+
+
+def run(run_dir, *extra, ok=True, env=None, **kw):
+    p = run_group(cmd(run_dir, *extra, **kw), timeout=300, cwd=REPO, env=env or base_env())
+    if ok:
+        assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    return p
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice in {run_dir}/metrics.jsonl"
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def tags(run_dir) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).glob("step_*") if (p / "COMPLETE").is_file())
+
+
+def truncate_to(run_dir, step):
+    """The run folder as a kill right after the save of `step` leaves it (later tags and FINISHED absent)."""
+    d = Path(run_dir)
+    for t in d.glob("step_*"):
+        if int(t.name[5:]) > step:
+            shutil.rmtree(t)
+    (d / "FINISHED").unlink(missing_ok=True)
+
+
+def same_after(got, ref, first, exact=True):
+    for s in range(first, STEPS + 1):
+        if exact:
+            assert got[s] == ref[s], (s, got[s], ref[s])
+        else:
+            assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, got[s], ref[s])
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref") / "run"
+    run(d)
+    got = losses(d)
+    assert sorted(got) == list(range(1, STEPS + 1)) and (d / "FINISHED").is_file()
+    assert tags(d) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
+    return d, got
+
+
+def copy_run(ref_dir, dst) -> Path:
+    shutil.copytree(ref_dir, dst, ignore=shutil.ignore_patterns("LOCK"))
+    return dst
+
+
+def test_second_writer_is_refused_while_the_first_runs(ref, tmp_path):
+    d = tmp_path / "r"
+    first = subprocess.Popen(cmd(d), cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (d / "metrics.jsonl").is_file() or not (d / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.time() - t0 < 200, "first job never logged a step"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGSTOP)  # the first job holds the folder, paused mid-run
+        try:
+            second = run(d, "--resume", "auto", ok=False)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert second.returncode != 0
+    msg = second.stdout + second.stderr
+    assert "is in use by pid" in msg and "LOCK" in msg, msg[-3000:]
+    assert first.returncode == 0, out[-3000:]
+    assert losses(d) == ref[1]  # every step once, the first job's curve untouched
+    assert json.loads((d / "LOCK").read_text())["released"] is True
+
+
+def test_fresh_run_into_a_used_folder_is_refused_then_overwrite(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    before = (d / "metrics.jsonl").read_text()
+    p = run(d, ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode == 2 and "--resume auto" in msg and "--overwrite" in msg and "step_00000012" in msg, msg[-3000:]
+    assert "Traceback" not in msg and "terminate called" not in msg, msg[-3000:]  # a clean error, every rank rc 2
+    assert (d / "metrics.jsonl").read_text() == before and tags(d) == tags(ref[0])
+    run(d, "--overwrite")
+    assert losses(d) == ref[1] and tags(d) == tags(ref[0]) and (d / "FINISHED").is_file()
+
+
+def _damage(path: Path, kind: str) -> None:
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    elif kind == "flipped":  # same size, a few bytes inside the tensor data: loads silently without checksums
+        b = bytearray(data)
+        for i in range(len(b) // 2, len(b) // 2 + 16):
+            b[i] ^= 0xFF
+        path.write_bytes(bytes(b))
+    elif kind == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize("kind,name", [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                       ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                                       ("garbage", "rng_rank1.pt"),
+                                       ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                                       ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(ref, tmp_path, kind, name):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 9)
+    _damage(d / "step_00000009" / name, kind)
+    p = run(d, "--resume", "auto")
+    msg = p.stdout + p.stderr
+    assert "skipping step_00000009" in msg and name in msg, msg[-3000:]
+    assert "resumed from" in msg and "step_00000006" in msg
+    same_after(losses(d), ref[1], 1)  # 7..12 retrained after the trim of metrics.jsonl: every step once
+    assert tags(d) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
+    assert list((d / "superseded").glob("*/step_00000009")), "the damaged tag is set aside, not deleted"
+
+
+def test_named_tag_is_never_replaced_and_an_older_one_sets_newer_aside(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 9)
+    _damage(d / "step_00000009" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "flipped")
+    p = run(d, "--resume", "step_00000009", ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode != 0 and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in msg and "sha256" in msg, msg[-3000:]
+    # a NaN storm after step 3: go back to it by name; 6 and 9 are moved aside, the run continues from 3
+    run(d, "--resume", "step_00000003")
+    same_after(losses(d), ref[1], 1)
+    moved = sorted(p.name for p in (d / "superseded").glob("*/step_*"))
+    assert moved == ["step_00000006", "step_00000009"], moved
+
+
+def test_kill_during_save_resumes_from_the_previous_checkpoint(ref, tmp_path):
+    d = tmp_path / "r"
+    p = subprocess.Popen(cmd(d), cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while not (d / "step_00000006").exists():
+        assert p.poll() is None and time.time() - t0 < 200, p.stdout.read()[-3000:]
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole job, in the middle of writing step 6
+    p.wait()
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 1)
+    assert tags(d) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
+
+
+def _no_processes_left(pgid: int, timeout: float = 60) -> bool:
+    import psutil
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        alive = [q for q in psutil.process_iter(["pid"]) if _pgid(q.pid) == pgid]
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _start_and_wait_for_step(d, *extra, env=None, ranks=2):
+    p = subprocess.Popen(cmd(d, "--set", "steps=400", "--set", "save_every=1000", *extra, ranks=ranks), cwd=REPO, env=env or base_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0 = time.time()
+    while not (d / "metrics.jsonl").is_file() or len((d / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert p.poll() is None and time.time() - t0 < 200, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    return p
+
+
+def test_sigterm_to_the_process_group_with_wandb_offline_saves_once(tmp_path):
+    d = tmp_path / "r"
+    env = dict(base_env(), WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    p = _start_and_wait_for_step(d, env=env)
+    os.killpg(p.pid, signal.SIGTERM)  # what scancel and timeout do: the launcher, the ranks, wandb's service
+    out, _ = p.communicate(timeout=120)
+    assert _no_processes_left(p.pid), "processes of the job outlived it"
+    assert "saved step" in out and "Traceback" not in out, out[-4000:]
+    done = tags(d)
+    assert len(done) == 1 and not (d / "FINISHED").exists(), done
+    assert list((d / "wandb").glob("offline-run-*")), "wandb's offline files are missing"
+    step = int(done[0][5:])
+    assert max(json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()) == step
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_process_with_wandb_offline_exits_zero(tmp_path, sig):
+    d = tmp_path / "r"
+    env = dict(base_env(), WANDB_MODE="offline", WANDB_SILENT="true")
+    p = _start_and_wait_for_step(d, env=env, ranks=1)
+    os.killpg(p.pid, sig)  # the trainer and wandb's service, as Slurm signals a job step (SIGINT: Ctrl-C)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "saved step" in out and "Traceback" not in out, out[-4000:]
+    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_after_one_save(tmp_path):
+    import psutil
+
+    d = tmp_path / "r"
+    p = _start_and_wait_for_step(d)
+    ranks = [q for q in psutil.Process(p.pid).children(recursive=True) if "--local_rank=1" in " ".join(q.cmdline())]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@T reaches the tasks, here only one of them
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "saved step" in out, out[-3000:]
+    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
+
+
+def test_a_tag_written_before_manifests_still_resumes(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    for t in d.glob("step_*"):  # the layout of earlier versions: no manifest, no model folder, run_config.json
+        for name in ("manifest.json", "model.safetensors", "model_config.yaml"):
+            (t / name).unlink()
+        shutil.rmtree(t / "tokenizer")
+        (t / "run_state.json").rename(t / "run_config.json")
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 1)
+
+
+def test_sigterm_to_the_launcher_alone_leaves_no_ranks(tmp_path):
+    d = tmp_path / "r"
+    p = _start_and_wait_for_step(d)
+    p.send_signal(signal.SIGTERM)  # the `deepspeed` runner dies; its launcher child and the ranks remain
+    p.communicate(timeout=60)
+    assert _no_processes_left(p.pid, timeout=90), "ranks kept running after the launcher died"
+    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
+
+
+def test_nan_in_the_last_micro_batch_does_not_end_the_run(ref, tmp_path):
+    d = tmp_path / "r"
+    env = dict(base_env(), FAULT=f"nan:{STEPS}:1")
+    p = run(d, env=env, script="tests/helpers/fault_worker.py")
+    assert (d / "FINISHED").is_file(), (p.stdout + p.stderr)[-3000:]
+    got = losses(d)
+    assert [got[s] for s in range(1, STEPS)] == [ref[1][s] for s in range(1, STEPS)]
+    last = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped_micro_batches"] == 1
+    assert json.loads((d / f"step_{STEPS:08d}" / "run_state.json").read_text())["skipped_micro_batches"] == 1
+
+
+def test_enospc_on_one_rank_names_the_cause_and_keeps_the_previous_checkpoint(ref, tmp_path):
+    d = tmp_path / "r"
+    p = run(d, env=dict(base_env(), FAULT="enospc:6:1"), script="tests/helpers/fault_worker.py", ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode != 0 and "no space left on device" in msg and "step_00000006" in msg, msg[-4000:]
+    assert "step_00000003 is intact" in msg
+    assert tags(d) == ["step_00000003"] and not (d / "step_00000006").exists()
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 1)
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no mount namespace here (unshare -rm): the simulated ENOSPC "
+                                                   "test covers the path")
+def test_full_tmpfs_run_folder(ref, tmp_path):
+    d, out = tmp_path / "r", tmp_path / "out"
+    d.mkdir()
+    out.mkdir()
+    q = " ".join
+    script = f"""
+set -u
+mount -t tmpfs -o size=16m tmpfs {d}
+head -c 9000000 /dev/zero > {d}/filler
+{q(map(str, cmd(d)))} > {out}/first.log 2>&1; echo $? > {out}/first.rc
+ls {d} > {out}/ls.txt
+rm {d}/filler
+{q(map(str, cmd(d, '--resume', 'auto')))} > {out}/second.log 2>&1; echo $? > {out}/second.rc
+cp {d}/metrics.jsonl {out}/
+"""
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=base_env(), timeout=400)
+    first = (out / "first.log").read_text()
+    assert (out / "first.rc").read_text().strip() != "0" and "no space left on device" in first, first[-4000:]
+    assert "step_00000003" in (out / "ls.txt").read_text()
+    assert (out / "second.rc").read_text().strip() == "0", (out / "second.log").read_text()[-4000:]
+    same_after(losses(out), ref[1], 1)
+
+
+def test_resume_on_one_rank_with_zero1_and_back_to_two_with_zero3(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    p = run(d, "--resume", "auto", "--set", "grad_accum=2", ranks=1, ds="ds_configs/zero1.json")
+    assert "resharding" in p.stdout + p.stderr
+    got = losses(d)
+    same_after(got, ref[1], 7, exact=False)
+    truncate_to(d, 9)  # now a ZeRO-1 world-1 checkpoint: back to 2 ranks with ZeRO-3
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 10, exact=False)
+
+
+def test_resume_with_another_model_config_is_refused(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    p = run(d, "--resume", "auto", "--set", "model.asam.topk=8", ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode != 0 and "asam.topk" in msg and "init_from" in msg, msg[-3000:]
+
+
+def test_wandb_online_without_credentials_does_not_stop_training(tmp_path):
+    d = tmp_path / "r"
+    env = dict(base_env(), WANDB_MODE="online", WANDB_API_KEY="", WANDB_DIR=str(tmp_path))
+    p = run(d, "--set", "steps=3", env=env, ranks=1)
+    assert "wandb init failed" in p.stderr and (d / "FINISHED").is_file(), (p.stdout + p.stderr)[-3000:]
+    assert sorted(losses(d)) == [1, 2, 3]  # every record in metrics.jsonl
