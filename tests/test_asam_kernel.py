@@ -62,8 +62,8 @@ def _loss(out, p):
     return (out.float() * wo).sum() + (p * wp).sum()
 
 
-SHAPES = {"pow2": dict(B=2, H=2, Q=16, Tk=40, D=16, kk=8),  # one program per (batch, head), one feature chunk
-          "padded": dict(B=1, H=2, Q=9, Tk=80, D=40, kk=40)}  # padded queries / slots, features in chunks 16+16+8
+SHAPES = {"pow2": dict(B=2, H=2, Q=16, Tk=40, D=16, kk=8),  # one program per (batch, head), feature chunks 8+8
+          "padded": dict(B=1, H=2, Q=9, Tk=80, D=40, kk=40)}  # padded queries / slots, five feature chunks of 8
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -89,6 +89,32 @@ def test_kernel_matches_torch_path_forward_and_backward(activation, bias, shape)
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
         assert (g - r).abs().max() < 1e-4, (name, (g - r).abs().max().item())
     assert all(g[0, 0, 0].abs().max() == 0 for g in (grads[0], *grads[3:]))  # nothing flows from a masked row
+
+
+FORCED_TILES = {"one_query": dict(BLOCK_Q=1),  # kk = 1024's query block
+                "wide": dict(BLOCK_Q=4, BLOCK_DC=16, BLOCK_DA=8),  # gather chunks 16+2, scatter chunks 8+8+2
+                "narrow": dict(BLOCK_DC=2, BLOCK_DA=1)}
+
+
+@pytest.mark.parametrize("tiles", list(FORCED_TILES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_kernel_with_forced_tiles_and_strided_features(activation, tiles, monkeypatch):
+    """Tiles other than those _blocks picks at this size (ragged feature chunks: D = 18) and q / k / v whose features
+    are not contiguous (the launcher copies them to unit stride) give the PyTorch path's outputs and gradients."""
+    from ressformer.kernels import asam_triton
+
+    blocks = asam_triton._blocks
+    monkeypatch.setattr(asam_triton, "_blocks", lambda *a, **kw: {**blocks(*a, **kw), **FORCED_TILES[tiles]})
+    leaves, key_idx, sel_mask = _problem(9, B=1, H=2, Q=6, Tk=30, D=18, kk=12, bias=True)
+    strided = [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in leaves[:3]]  # feature stride Q or Tk
+    assert all(x.stride(-1) != 1 for x in strided)
+    out, p = topk_attention(*strided, key_idx, sel_mask, leaves[3], activation)
+    ref_out, ref_p = _torch_topk(*leaves[:3], key_idx, sel_mask, leaves[3], activation)
+    assert (out - ref_out).abs().max() < 1e-4 and (p - ref_p).abs().max() < 1e-4
+    grads = torch.autograd.grad(_loss(out, p), leaves)
+    ref_grads = torch.autograd.grad(_loss(ref_out, ref_p), leaves)
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert (g - r).abs().max() < 1e-4, (name, (g - r).abs().max().item())
 
 
 @pytest.mark.parametrize("activation", ["sparsemax", "entmax15"])

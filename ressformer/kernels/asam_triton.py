@@ -21,6 +21,18 @@ Design choices:
   and reads keys / values by index, BLOCK_DC features at a time, as (BLOCK_Q, BLOCK_K, BLOCK_DC) tiles: the
   gathered (Q, kk, D) keys / values never exist in memory. Loads of values (forward) and of keys / values
   (backward) are masked to the slots with p > 0, so a sparse activation also skips their memory traffic.
+* Tiles (`_blocks`): up to 16 queries and 1024 (query, slot) pairs per program (kk = 128: 8 queries x 128 slots,
+  kk = 256: 4 x 256), 128 pairs per warp from kk = 8 on (8 warps from kk = 64 on; kk < 8: one warp, 16 queries
+  x kk slots), i.e. 4 pairs per thread. Gathers step through
+  the features 8 at a time (BLOCK_DC: one 16-byte vector of bf16 per pair, a 32-element tile per thread), the
+  backward's float32 atomic scatters 4 at a time (BLOCK_DA: 16 elements per thread, one 16-byte vector). Each loop
+  over the features has one such tile live: the forward's score and value loops, and the backward's four loops
+  (gather v for g, gather k for dq, scatter dk, scatter dv). Features are read at unit stride (the launcher copies
+  a tensor whose last stride is not 1), so their loads are vectors. Every launch sets ptxas's register cap to 255
+  (MAX_REGISTERS) explicitly. Compiled for sm_80 / sm_90 on CPU (bench/kernel_resources.py) with Triton 3.6 and
+  3.9, no kernel of the debug / 125m / 1b presets spills (0 bytes of stack and local memory, 71-150 registers);
+  a backward with 16-feature steps and the scatters inside its gather loops used all 255 registers and spilled
+  720-856 bytes per thread on sm_80 (Triton 3.9).
 * Thresholds without sorting: p = [z - tau]_+ (sparsemax) or [z/2 - tau]_+^2 (entmax15) with z the scores
   minus the row max, so tau lies in [-1, -1/n] (sparsemax) or [-1, -1/sqrt(n)] (entmax15), n the unmasked
   slots. BISECT_ITERS bisection steps on f(tau) = sum_j p_j(tau) - 1 keep f(lo) >= 0, then NEWTON_ITERS
@@ -35,8 +47,9 @@ Design choices:
   out is cast to q's dtype, p stays float32.
 
 Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before this module is imported;
-the kernels are decorated at import). ressformer imports without triton: `triton` is None here then and
-topk_attention raises.
+the kernels are decorated at import). The launches are built by `_fwd_launches` / `_bwd_launches`, which
+bench/kernel_resources.py reuses to compile the same kernels for GPU targets without a GPU. ressformer imports
+without triton: `triton` is None here then and topk_attention raises.
 """
 
 from __future__ import annotations
@@ -56,6 +69,10 @@ MAX_SLOTS = 1024  # kk above this would not fit one row of scores per program in
 BISECT_ITERS = 24  # bracket width 2**-24 on [-1, 0]: inside float32 resolution of the threshold
 NEWTON_ITERS = 2
 INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+# ptxas register cap (PTX .maxnreg) of every launch: the hardware's 255, stated so that ptxas works to it. Without a
+# cap ptxas (CUDA 12.8 and 13) lowers its own register target on some of these kernels for occupancy and spills
+# 8-16 bytes (sm_90 forward: 64 registers + 8 bytes of stack instead of 96 registers).
+MAX_REGISTERS = 255
 
 if triton is not None:
 
@@ -113,10 +130,10 @@ if triton is not None:
 
     @triton.jit
     def _asam_fwd_kernel(Q, K, V, IDX, SEL, BIAS, OUT, P,
-                         s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                         s_ob, s_oh, s_ot, s_od, H, NQ, KK, D, scale,
+                         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, H, NQ, KK, D, scale,
                          ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_DC: tl.constexpr, BISECT_ITERS: tl.constexpr, NEWTON_ITERS: tl.constexpr):
+        """Q, K, V, OUT with unit stride along the features (the launcher ensures it)."""
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,) query rows
@@ -133,8 +150,8 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_DC):
             rd = d0 + tl.arange(0, BLOCK_DC)
             d_ok = rd < D
-            qd = tl.load(q_row + rd[None, :] * s_qd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-            kd = tl.load(k_row[:, :, None] + rd[None, None, :] * s_kd, mask=valid[:, :, None] & d_ok[None, None, :],
+            qd = tl.load(q_row + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            kd = tl.load(k_row[:, :, None] + rd[None, None, :], mask=valid[:, :, None] & d_ok[None, None, :],
                          other=0.0)  # (BQ, BK, BDC) selected keys
             s += tl.sum(qd.to(tl.float32)[:, None, :] * kd.to(tl.float32), axis=2)
         s = s * scale
@@ -149,18 +166,20 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_DC):
             rd = d0 + tl.arange(0, BLOCK_DC)
             d_ok = rd < D
-            vd = tl.load(v_row[:, :, None] + rd[None, None, :] * s_vd, mask=live[:, :, None] & d_ok[None, None, :],
+            vd = tl.load(v_row[:, :, None] + rd[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
                          other=0.0)  # (BQ, BK, BDC) values of the support
             o = tl.sum(p[:, :, None] * vd.to(tl.float32), axis=1)  # (BQ, BDC)
-            tl.store(o_row + rd[None, :] * s_od, o.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+            tl.store(o_row + rd[None, :], o.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _asam_bwd_kernel(Q, K, V, IDX, P, DOUT, DP, DQ, DK, DV, DS,
-                         s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                         s_gb, s_gh, s_gt, s_gd, H, NQ, TK, KK, D, scale,
-                         ACT: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DP: tl.constexpr, HAS_DS: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr):
-        """DQ contiguous (B, H, Q, D) in q's dtype; DK, DV contiguous (B, H, Tk, D) float32, zero-filled."""
+                         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_gb, s_gh, s_gt, H, NQ, TK, KK, D,
+                         scale, ACT: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DP: tl.constexpr,
+                         HAS_DS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr,
+                         BLOCK_DA: tl.constexpr):
+        """DQ contiguous (B, H, Q, D) in q's dtype; DK, DV contiguous (B, H, Tk, D) float32, zero-filled; Q, K, V,
+        DOUT with unit stride along the features. Four loops over the features, each with one
+        (BQ, BK, BLOCK_DC | BLOCK_DA) tile live: gather v (g), gather k (dq), scatter dk, scatter dv."""
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,)
@@ -171,50 +190,80 @@ if triton is not None:
         p = tl.load(P + slot, mask=in_row, other=0.0)  # (BQ, BK) float32
         live = p > 0  # every gradient below vanishes off the support
         idx = tl.load(IDX + slot, mask=live, other=0)
-        acc = (bh * TK + idx) * D  # (BQ, BK) key rows of the DK / DV buffers
+        q_row = Q + b * s_qb + h * s_qh + rq.to(tl.int64)[:, None] * s_qt  # (BQ, 1)
+        g_row = DOUT + b * s_gb + h * s_gh + rq.to(tl.int64)[:, None] * s_gt  # (BQ, 1)
         if HAS_DP:
             g = tl.load(DP + slot, mask=in_row, other=0.0).to(tl.float32)
         else:
             g = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-        if HAS_DOUT:
+        if HAS_DOUT:  # g_ij += dout_i . v_{n_ij}
             v_row = V + b * s_vb + h * s_vh + idx * s_vt  # (BQ, BK)
-            g_row = DOUT + b * s_gb + h * s_gh + rq.to(tl.int64)[:, None] * s_gt  # (BQ, 1)
             for d0 in range(0, D, BLOCK_DC):
                 rd = d0 + tl.arange(0, BLOCK_DC)
                 d_ok = rd < D
-                m3 = live[:, :, None] & d_ok[None, None, :]
-                do = tl.load(g_row + rd[None, :] * s_gd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-                do = do.to(tl.float32)  # (BQ, BDC)
-                vd = tl.load(v_row[:, :, None] + rd[None, None, :] * s_vd, mask=m3, other=0.0)  # (BQ, BK, BDC)
-                g += tl.sum(do[:, None, :] * vd.to(tl.float32), axis=2)
-                tl.atomic_add(DV + acc[:, :, None] + rd[None, None, :], p[:, :, None] * do[:, None, :], mask=m3,
-                              sem="relaxed")
+                do = tl.load(g_row + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BQ, BDC)
+                vd = tl.load(v_row[:, :, None] + rd[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
+                             other=0.0)  # (BQ, BK, BDC)
+                g += tl.sum(do.to(tl.float32)[:, None, :] * vd.to(tl.float32), axis=2)
         dz = _score_grad(p, g, ACT)  # (BQ, BK)
         if HAS_DS:
             tl.store(DS + slot, dz, mask=in_row)
         dz = dz * scale
-        q_row = Q + b * s_qb + h * s_qh + rq.to(tl.int64)[:, None] * s_qt  # (BQ, 1)
         k_row = K + b * s_kb + h * s_kh + idx * s_kt  # (BQ, BK)
         dq_row = DQ + (bh * NQ + rq)[:, None] * D  # (BQ, 1)
-        for d0 in range(0, D, BLOCK_DC):
+        for d0 in range(0, D, BLOCK_DC):  # dq_i = sum_j dz_ij k_{n_ij}
             rd = d0 + tl.arange(0, BLOCK_DC)
             d_ok = rd < D
-            m3 = live[:, :, None] & d_ok[None, None, :]
-            kd = tl.load(k_row[:, :, None] + rd[None, None, :] * s_kd, mask=m3, other=0.0)  # (BQ, BK, BDC)
+            kd = tl.load(k_row[:, :, None] + rd[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
+                         other=0.0)  # (BQ, BK, BDC)
             dq = tl.sum(dz[:, :, None] * kd.to(tl.float32), axis=1)  # (BQ, BDC)
             tl.store(dq_row + rd[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-            qd = tl.load(q_row + rd[None, :] * s_qd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = (bh * TK + idx) * D  # (BQ, BK) key rows of the DK / DV buffers
+        for d0 in range(0, D, BLOCK_DA):  # dk_n += dz_ij q_i
+            rd = d0 + tl.arange(0, BLOCK_DA)
+            d_ok = rd < D
+            qd = tl.load(q_row + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BQ, BDA)
             tl.atomic_add(DK + acc[:, :, None] + rd[None, None, :], dz[:, :, None] * qd.to(tl.float32)[:, None, :],
-                          mask=m3, sem="relaxed")
+                          mask=live[:, :, None] & d_ok[None, None, :], sem="relaxed")
+        if HAS_DOUT:
+            for d0 in range(0, D, BLOCK_DA):  # dv_n += p_ij dout_i
+                rd = d0 + tl.arange(0, BLOCK_DA)
+                d_ok = rd < D
+                do = tl.load(g_row + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BQ, BDA)
+                tl.atomic_add(DV + acc[:, :, None] + rd[None, None, :], p[:, :, None] * do.to(tl.float32)[:, None, :],
+                              mask=live[:, :, None] & d_ok[None, None, :], sem="relaxed")
 
 
-def _blocks(kk: int, D: int) -> dict:
-    """Tile sizes: about 1024 scores and 16384 gathered elements per program (not yet tuned on a GPU)."""
+PAIRS_PER_WARP = 128  # (query, slot) pairs of a program per warp: 4 per thread
+GATHER_DC = 8  # features per (query, slot) pair and step of a gather loop: one 16-byte vector of bf16 / fp16
+SCATTER_DA = 4  # features per pair and step of a scatter loop: one 16-byte vector of float32 atomics
+
+
+def _blocks(kk: int, D: int, backward: bool = False) -> dict:
+    """Tiles of one program: BLOCK_Q queries x BLOCK_K slots (kk padded to a power of two), at most 16 queries and
+    1024 pairs (kk = 128: 8 x 128, kk = 256: 4 x 256), one warp per PAIRS_PER_WARP pairs (8 warps from kk = 64 on),
+    features in steps of BLOCK_DC (gathers) / BLOCK_DA (the backward's scatters). Per thread that is 4 pairs, a
+    gathered (BQ, BK, BLOCK_DC) tile of 32 elements and a scattered (BQ, BK, BLOCK_DA) float32 tile of 16: every
+    kernel then fits the registers without spilling (bench/kernel_resources.py checks sm_80 / sm_90)."""
     block_k = triton.next_power_of_2(kk)
     block_q = max(1, min(16, 1024 // block_k))
-    block_dc = max(1, min(triton.next_power_of_2(D), 16384 // (block_q * block_k)))  # >= 16 unless D < 16
-    warps = 4 if block_q * block_k <= 512 else 8
-    return dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=warps)
+    warps = max(1, min(8, block_q * block_k // PAIRS_PER_WARP))
+    d_pow = triton.next_power_of_2(D)
+    cfg = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_DC=min(d_pow, GATHER_DC), num_warps=warps,
+               maxnreg=MAX_REGISTERS)
+    if backward:
+        cfg["BLOCK_DA"] = min(d_pow, SCATTER_DA)
+    return cfg
+
+def _unit_feature_stride(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when its last (feature) stride is not 1: the kernels read features at unit stride,
+    which lets them load a tile's features as vectors."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, rows, D) tensor with unit feature stride."""
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _fwd_launches(q, k, v, key_idx, sel_mask, bias, out, p, activation: str) -> list:
@@ -224,10 +273,11 @@ def _fwd_launches(q, k, v, key_idx, sel_mask, bias, out, p, activation: str) -> 
     kk = key_idx.shape[-1]
     cfg = _blocks(kk, D)
     grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
+    q, k, v = (_unit_feature_stride(t) for t in (q, k, v))
     sel = sel_mask.contiguous().view(torch.uint8)
     bias_c = bias.contiguous() if bias is not None else p  # p: a placeholder pointer, never read
-    args = (q, k, v, key_idx, sel, bias_c, out, p, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, kk, D,
-            1.0 / math.sqrt(D))
+    args = (q, k, v, key_idx, sel, bias_c, out, p, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, kk,
+            D, 1.0 / math.sqrt(D))
     kw = dict(ACT=ACTIVATION_IDS[activation], HAS_BIAS=bias is not None, BISECT_ITERS=BISECT_ITERS,
               NEWTON_ITERS=NEWTON_ITERS, **cfg)
     return [(_asam_fwd_kernel, grid, args, kw)]
@@ -238,12 +288,13 @@ def _bwd_launches(q, k, v, key_idx, p, dout, dp, dq, dk, dv, ds, activation: str
     (B, H, Q, D) in q's dtype, dk / dv (B, H, Tk, D) float32 zero-filled, ds (B, H, Q, kk) float32 or None."""
     B, H, NQ, D = q.shape
     Tk, kk = k.shape[2], key_idx.shape[-1]
-    cfg = _blocks(kk, D)
+    cfg = _blocks(kk, D, backward=True)
     grid = (triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)
-    g = dout if dout is not None else dq  # placeholders for absent pointers are never read
+    q, k, v = (_unit_feature_stride(t) for t in (q, k, v))
+    g = _unit_feature_stride(dout) if dout is not None else dq  # placeholders for absent pointers are never read
     dp_c = dp.contiguous() if dp is not None else p
-    args = (q, k, v, key_idx, p, g, dp_c, dq, dk, dv, ds if ds is not None else p, *q.stride(), *k.stride(),
-            *v.stride(), *g.stride(), H, NQ, Tk, kk, D, 1.0 / math.sqrt(D))
+    args = (q, k, v, key_idx, p, g, dp_c, dq, dk, dv, ds if ds is not None else p, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(g), H, NQ, Tk, kk, D, 1.0 / math.sqrt(D))
     kw = dict(ACT=ACTIVATION_IDS[activation], HAS_DOUT=dout is not None, HAS_DP=dp is not None, HAS_DS=ds is not None,
               **cfg)
     return [(_asam_bwd_kernel, grid, args, kw)]
