@@ -39,6 +39,11 @@ from pretrain.data import DataConfig
 from ressformer.config import ModelConfig, parse_sets
 
 
+class ConfigError(ValueError):
+    """A run-config value that cannot work, found once the job has started (data files, init_from): raised on every
+    rank alike and reported like the errors found while loading the config (one line, exit status 2)."""
+
+
 def _field_docs(cls) -> dict[str, str]:
     """{field: the docstring written under it} (the litgpt convention), read from the class source."""
     try:
@@ -223,6 +228,10 @@ class RunConfig:
     """auto: bf16 on a GPU with bf16, fp32 on CPU."""
     nan_max_consecutive: int = 5
     """Stop after this many micro batches in a row skipped for a non-finite loss."""
+    nan_max_fraction: float = 0.01
+    """Stop when more than this fraction of the run's micro batches (steps x grad_accum; at least nan_max_consecutive
+    of them) were skipped for a non-finite loss in all: a storm with gaps. The training split holds spare samples
+    for exactly this many skips, so the data never wraps."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (mode, project, name)."""
     init_from: str | None = None
@@ -249,6 +258,7 @@ class RunConfig:
         _need(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0: off)")
         _need(self.eps > 0, "eps", self.eps, "must be > 0")
         _need(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
+        _need(0 < self.nan_max_fraction <= 1, "nan_max_fraction", self.nan_max_fraction, "must be in (0, 1]")
         self._model_config = self._resolve_model()  # not a field: equality and to_dict see only the inputs
 
     def _resolve_model(self) -> ModelConfig:

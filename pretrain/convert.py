@@ -37,6 +37,7 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -47,8 +48,8 @@ import torch
 
 from pretrain.checkpoint.ds_recovery import (CheckpointError, check_complete, has_shards, newest_complete_tag,
                                              read_deepspeed_checkpoint)
-from pretrain.checkpoint.tags import (COMPLETE, LEGACY_RUN_STATE, MANIFEST, MODEL_FILES, RUN_STATE, complete_tags,
-                                      tag_step)
+from pretrain.checkpoint.tags import (COMPLETE, LEGACY_RUN_STATE, MANIFEST, MODEL_FILES, RUN_STATE, TagGone,
+                                      complete_tags, has_run_state, is_complete, reading, tag_step)
 from pretrain.checkpoint.verify import verify_tag
 from pretrain.model_dir import (CONFIG, TOKENIZER, TOKENIZER_FILES, WEIGHTS, ModelDirError, is_model_dir,
                                 load_model_dir, save_model_dir)
@@ -72,7 +73,7 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"{p} has no {COMPLETE} marker: its save did not finish; convert an earlier tag "
                                   f"(RUN_DIR picks the newest complete one)")
-        bad = verify_tag(p, skip=skip) if (p / MANIFEST).is_file() else None
+        bad = verify_tag(p, skip=skip) if _manifest_format(p) else None
         if bad:
             hint = " or recover the weights from the DeepSpeed files with --from-shards" \
                 if not from_shards and WEIGHTS in bad else ""
@@ -82,7 +83,7 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
         return p, True
     else:
         tag = newest_complete_tag(p, lambda d: is_model_dir(d) or has_shards(d), f"{WEIGHTS} or *_model_states.pt")
-        while (tag / MANIFEST).is_file() and (bad := verify_tag(tag, skip=skip)):  # the run's fallback rule
+        while _manifest_format(tag) and (bad := verify_tag(tag, skip=skip)):  # the run's fallback rule
             print(f"[convert] skipping {tag.name}: {bad}", file=sys.stderr)
             older = [t for t in complete_tags(p) if tag_step(t) < tag_step(tag) and (is_model_dir(t) or has_shards(t))]
             if not older:
@@ -95,6 +96,11 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
     raise CheckpointError(f"{tag} holds neither a model folder ({WEIGHTS} + {CONFIG}) nor DeepSpeed shard files")
 
 
+def _manifest_format(tag: Path) -> bool:
+    """A tag written with a manifest (it has one, or run_state.json says it should): verified before reading."""
+    return (tag / MANIFEST).is_file() or has_run_state(tag)
+
+
 def _run_config(tag: Path) -> dict | None:
     """The run config a tag's client-state file records (run_state.json; run_config.json in older tags)."""
     for name in (RUN_STATE, LEGACY_RUN_STATE):
@@ -103,10 +109,43 @@ def _run_config(tag: Path) -> dict | None:
     return None
 
 
+@contextlib.contextmanager
+def opened(path: str | Path, from_shards: bool = False):
+    """`locate(path)` -> (folder, is_model), with a checkpoint tag held against removal by the job writing its run
+    folder (`tags.reading`: keep_last leaves it until a later save) while the block reads it. A tag that went
+    away before the lock was taken is chosen again (a run folder) or named (a tag asked for by path)."""
+    p = Path(path)
+    for attempt in range(3):
+        folder, is_model = locate(p, from_shards)
+        if not is_complete(folder):  # a model folder that is not a checkpoint tag
+            yield folder, is_model
+            return
+        held = reading(folder)
+        try:
+            held.__enter__()
+        except TagGone as e:
+            if folder == p or attempt == 2:
+                raise CheckpointError(str(e)) from None
+            continue
+        try:
+            yield folder, is_model
+        except (FileNotFoundError, ModelDirError, CheckpointError) as e:
+            if not is_complete(folder):  # no file locks here: removed under us
+                raise CheckpointError(str(TagGone(folder))) from e
+            raise
+        finally:
+            held.__exit__(None, None, None)
+        return
+
+
 def read_any(path: str | Path, from_shards: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """RUN_DIR, RUN_DIR/TAG or a model folder -> (state_dict, model-config dict, info). info["source"] is
     "model folder", or "deepspeed shards" when the tag holds no model folder or `from_shards` is set."""
-    folder, is_model = locate(path, from_shards)
+    with opened(path, from_shards) as (folder, is_model):
+        return _read(folder, is_model, from_shards)
+
+
+def _read(folder: Path, is_model: bool, from_shards: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
     if is_model and not from_shards:
         cfg, sd = load_model_dir(folder)
         return sd, cfg.to_dict(), {"tag": str(folder), "source": "model folder", "zero_stage": None,
@@ -343,23 +382,24 @@ def main(argv: list[str] | None = None) -> int:
             tok = f"{TOKENIZER}/" if (out / TOKENIZER).is_dir() else f"no tokenizer ({a.checkpoint} has none)"
             print(f"[convert] wrote {out}/{WEIGHTS}, {CONFIG} and {tok}")
             return 0
-        folder, is_model = locate(a.checkpoint, a.from_shards)
-        if not is_model:
-            print(f"[convert] {folder} holds no {WEIGHTS} (saved before checkpoints carried the model folder): "
-                  f"rebuilding the weights from its DeepSpeed shard files (pretrain.checkpoint.ds_recovery)", flush=True)
-        try:
-            sd, mcfg, info = read_any(folder, from_shards=a.from_shards)
-        except ModelDirError as e:
-            fix = " Pass --from-shards to rebuild the weights from its DeepSpeed shard files." * has_shards(folder)
-            raise CheckpointError(f"{e}{fix}") from e
-        tok = None
-        if not a.no_tokenizer:
-            tok = Path(a.tokenizer) if a.tokenizer else _find_tokenizer(info, folder)
-            if tok is None:
-                raise CheckpointError(f"no tokenizer folder found ({folder / TOKENIZER}, run config data.tokenizer): "
-                                      f"pass --tokenizer DIR or --no-tokenizer")
-        out = export_hf(sd, mcfg, a.out, dtype=a.dtype, max_shard_size=shard, tokenizer_dir=tok,
-                        num_steps=a.num_steps)
+        with opened(a.checkpoint, a.from_shards) as (folder, is_model):  # the tag stays while it is read
+            if not is_model:
+                print(f"[convert] {folder} holds no {WEIGHTS} (saved before checkpoints carried the model folder): "
+                      f"rebuilding the weights from its DeepSpeed shard files (pretrain.checkpoint.ds_recovery)",
+                      flush=True)
+            try:
+                sd, mcfg, info = _read(folder, is_model, a.from_shards)
+            except ModelDirError as e:
+                fix = " Pass --from-shards to rebuild the weights from its DeepSpeed shard files." * has_shards(folder)
+                raise CheckpointError(f"{e}{fix}") from e
+            tok = None
+            if not a.no_tokenizer:
+                tok = Path(a.tokenizer) if a.tokenizer else _find_tokenizer(info, folder)
+                if tok is None:
+                    raise CheckpointError(f"no tokenizer folder found ({folder / TOKENIZER}, run config "
+                                          f"data.tokenizer): pass --tokenizer DIR or --no-tokenizer")
+            out = export_hf(sd, mcfg, a.out, dtype=a.dtype, max_shard_size=shard, tokenizer_dir=tok,
+                            num_steps=a.num_steps)
     except (CheckpointError, ModelDirError) as e:
         print(f"[convert] error: {e}", file=sys.stderr)
         return 2

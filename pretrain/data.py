@@ -376,12 +376,51 @@ class TrainBatches:
 
     @property
     def epochs_completed(self) -> int:
-        """How often the order has gone past the last sample (skipped micro batches use up the spare samples
-        the trainer builds; after them the data starts again from the first sample rather than end the run)."""
+        """How often the order has gone past the last sample of the split (the trainer sizes the split so that
+        this stays 0 up to the last step, skipped micro batches within their budget included)."""
         return self.consumed_samples // len(self.dataset)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
+
+
+def sample_ids(dataset: HFSamples, positions) -> np.ndarray:
+    """(n, 5) int64 identity of the samples at `positions` of a split's order: blend member, first document and the
+    offset in it, last document and the offset in it (megatron's sample index resolved). Equal rows are the same
+    tokens; a different data blend, prefix content, split, seed, seq_len or sample budget shows as other rows."""
+    m = dataset.megatron
+    pos = np.asarray(positions, dtype=np.int64) % len(m)
+    if hasattr(m, "dataset_index"):  # a BlendedDataset: member and position in it
+        which = np.asarray(m.dataset_index)[pos].astype(np.int64)
+        inner = np.asarray(m.dataset_sample_index)[pos].astype(np.int64)
+        members = m.datasets
+    else:
+        which, inner, members = np.zeros_like(pos), pos, [m]
+    out = np.zeros((len(pos), 5), dtype=np.int64)
+    out[:, 0] = which
+    for j, g in enumerate(members):
+        sel = which == j
+        if not sel.any():
+            continue
+        if g.shuffle_index is None:
+            g._query_document_sample_shuffle_indices(0)  # megatron maps its indices lazily on the first read
+        docs = np.asarray(g.document_index)
+        s = np.asarray(g.shuffle_index)[inner[sel]]
+        beg, end = np.asarray(g.sample_index)[s], np.asarray(g.sample_index)[s + 1]  # (k, 2) doc position, offset
+        out[sel, 1], out[sel, 2] = docs[beg[:, 0]], beg[:, 1]
+        out[sel, 3], out[sel, 4] = docs[np.minimum(end[:, 0], len(docs) - 1)], end[:, 1]
+    return out
+
+
+def stream_digest(dataset: HFSamples, n: int, probes: int = 4096, tail: int = 64) -> str | None:
+    """sha256 of the identities (`sample_ids`) of the first `n` samples of the order: `probes` evenly spaced ones
+    and the last `tail`. Saved with every checkpoint (consumed samples) and compared on resume, so a resume whose
+    data stream differs from the one the checkpoint trained on is named, not silent."""
+    if n <= 0:
+        return None
+    pos = np.unique(np.concatenate([np.linspace(0, n - 1, min(n, probes)).round().astype(np.int64),
+                                    np.arange(max(0, n - tail), n, dtype=np.int64)]))
+    return hashlib.sha256(sample_ids(dataset, pos).tobytes()).hexdigest()
 
 
 def eval_batches(dataset, micro_batch: int, dp_rank: int, dp_size: int, num_batches: int) -> Iterator[dict]:

@@ -71,6 +71,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_ranks(*flags: bool) -> tuple[bool, ...]:
+    """`any_rank` of several flags in one all-reduce."""
+    if not dist.is_initialized():
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
 def on_rank0(fn, *args, errors: tuple[type[BaseException], ...] = (), wrap=None):
     """Collective: run `fn(*args)` on rank 0 only. An exception of a type in `errors` is re-raised on every rank
     (as `wrap(message)` when `wrap` is given, else as the same type with the same message), so no rank is left

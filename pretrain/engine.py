@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.ds_config import build_ds_config, zero_stage
 
 
@@ -139,18 +139,28 @@ def load_init_from(run: RunConfig) -> dict | None:
     --to-ressformer` folder), checked against the run's model config."""
     if not run.init_from:
         return None
-    from pretrain.model_dir import is_model_dir, load_model_dir
+    from pretrain.checkpoint.tags import MODEL_FILES, TagGone, is_complete, reading
+    from pretrain.checkpoint.verify import verify_tag
+    from pretrain.model_dir import ModelDirError, is_model_dir, load_model_dir
 
     d = Path(run.init_from)
     if not is_model_dir(d):
-        raise FileNotFoundError(f"init_from={run.init_from!r} holds no model.safetensors + model_config.yaml: give a "
-                                f"checkpoint tag folder (runs/x/step_00000100) or write one with `python -m "
-                                f"pretrain.convert --to-ressformer --checkpoint HF_DIR --out {run.init_from}`")
-    cfg, sd = load_model_dir(d)
+        raise ConfigError(f"init_from={run.init_from!r} holds no model.safetensors + model_config.yaml: give a "
+                          f"checkpoint tag folder (runs/x/step_00000100) or write one with `python -m "
+                          f"pretrain.convert --to-ressformer --checkpoint HF_DIR --out {run.init_from}`")
+    try:
+        with reading(d) if is_complete(d) else contextlib.nullcontext():  # another job's keep_last waits
+            bad = verify_tag(d, only=MODEL_FILES) if is_complete(d) else None  # collective
+            if bad:
+                raise ConfigError(f"init_from={run.init_from}: {bad}; give another checkpoint tag")
+            cfg, sd = load_model_dir(d)
+    except (TagGone, ModelDirError) as e:
+        raise ConfigError(f"init_from={run.init_from}: {e}") from None
     diff = config_diff(cfg.to_dict(), run.model_config().to_dict())
     if diff:
-        raise ValueError(f"init_from={run.init_from}: its model_config.yaml differs from this run's model config in "
-                         f"{diff} (init value, run value); set `model: {d / 'model_config.yaml'}` and no model overrides")
+        raise ConfigError(f"init_from={run.init_from}: its model_config.yaml differs from this run's model config in "
+                          f"{diff} (init value, run value); set `model: {d / 'model_config.yaml'}` and no model "
+                          f"overrides")
     return sd
 
 

@@ -28,12 +28,15 @@ EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint/ owns it):
                         COMPLETE (written last); `latest` names the newest (for people and DeepSpeed's tools)
   superseded/           checkpoints newer than the one a run was resumed from (--resume TAG)
   FINISHED              written only when all `steps` are done
+  nan_storm.json        the last launch stopped in a NaN storm (step, the checkpoint it started from)
 resume: --resume auto verifies the newest complete checkpoint and falls back to the previous one when a file
   is damaged (the warning names it); another world size or ZeRO stage is resharded (ds_to_universal).
 exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1/SIGINT (checkpoint saved, no
-  FINISHED): a wrapper requeues when FINISHED is absent. 2: a bad config, the run folder is in use or holds
-  another run, no usable checkpoint, or a save failed (one line names the cause and file; the previous checkpoint
-  is intact).
+  FINISHED; a signal while resharding saves nothing): a wrapper requeues when FINISHED is absent. 2: a bad config,
+  the run folder is in use or holds another run, no usable checkpoint, or a write of the run's files failed (a save,
+  metrics, logs: one line names the cause and file; the previous checkpoint is intact). 3: a NaN storm
+  (nan_max_consecutive in a row, or more than nan_max_fraction of the run's micro batches; nan_storm.json records
+  it and the next --resume auto warns when it picks the same checkpoint).
 every run-config key, with its default and meaning: python -m pretrain.config
 a hung rank: `kill -USR2 PID` prints every thread's Python stack to its stderr; the run goes on."""
 
@@ -71,25 +74,35 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain import distributed, trainer
     from pretrain.checkpoint import CheckpointSaveError, RunFolderError
+    from pretrain.config import ConfigError
+    from pretrain.run_files import RunWriteError
 
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr and the run goes on: for a hung rank.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     distributed.setup_distributed()
-    try:
+    try:  # every error below is raised on every rank alike
         trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
-    except (RunFolderError, CheckpointSaveError) as e:  # raised on every rank alike
+    except ConfigError as e:
+        rc = _fail(f"config error: {e}")
+    except (RunFolderError, CheckpointSaveError, RunWriteError) as e:
         rc = _fail(f"error: {e}")
+    except trainer.NanStormError as e:
+        rc = _fail(f"stopped: {e}", rc=3)
     else:
         rc = 0
     distributed.teardown_distributed()  # leave together: a rank exiting under a live gloo group can abort its peer
     return rc
 
 
-def _fail(msg: str) -> int:
-    """One line per job (global rank 0 prints it; every rank exits 2)."""
+def _fail(msg: str, rc: int = 2) -> int:
+    """One line per job (global rank 0 prints it; every rank exits `rc`). A log that cannot be written (a full disk)
+    leaves the exit status to say it."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"[pretrain] {msg}", file=sys.stderr, flush=True)
-    return 2
+        try:
+            print(f"[pretrain] {msg}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+    return rc
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
 - Rank 0 writes; every rank joins the reductions (`MetricsLog.training` is collective: the mean over ranks of
   every summed value).
-- wandb is never fatal: an error in init / log / finish (its service killed by a signal, a full disk) is printed
-  once and wandb is switched off; metrics.jsonl keeps every record.
+- wandb is never fatal by itself: an error in init / log / finish (its service killed by a signal) is printed once
+  and wandb is switched off; metrics.jsonl keeps every record. A full disk under it stops the run like any other
+  failed write of the run's files (`pretrain.run_files.WriteGuard`).
 - Throughput over the steps since the last record; TFLOP/s from `ressformer.flops` (FLOPs counted as computed);
   MFU against the device's dense bf16 peak (`PEAK_TFLOPS`) on known GPUs.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from pretrain.config import RunConfig
 from pretrain.distributed import all_mean
 from pretrain.ds_config import resolve_precision
+from pretrain.run_files import LOW_SPACE, WriteGuard, write_atomic, writing
 from ressformer.flops import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,11 +72,11 @@ def wandb_mode(run: RunConfig) -> str:
 
 
 class WandbLog:
-    """wandb on rank 0, never fatal: an error in init/log/finish (its service killed by a signal, a full disk)
-    is printed once and wandb is switched off; metrics.jsonl keeps every record."""
+    """wandb on rank 0: an error in init/log/finish (its service killed by a signal) is printed once and wandb is
+    switched off; metrics.jsonl keeps every record. An error from a full disk also goes to `guard`."""
 
-    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals) -> None:
-        self.wb = None
+    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals, guard: WriteGuard | None = None) -> None:
+        self.wb, self.dir, self.guard = None, rundir / "wandb", guard
         mode = wandb_mode(run)
         if mode == "disabled":
             return
@@ -86,6 +90,8 @@ class WandbLog:
             self._off("init", e)
 
     def _off(self, what: str, e: BaseException) -> None:
+        if self.guard is not None and _disk_full(e, self.dir):  # not wandb's problem alone: the run stops
+            self.guard.record(e, self.dir)
         print(f"[pretrain] wandb {what} failed ({type(e).__name__}: {str(e)[:200]}); wandb is off for the rest "
               f"of this run, metrics.jsonl has every record", file=sys.stderr, flush=True)
         self.wb = None
@@ -111,28 +117,45 @@ class WandbLog:
                 self._off("finish", e)
 
 
+def _disk_full(e: BaseException, path: Path) -> bool:
+    """Whether an error of wandb's is the run folder's filesystem running out of space."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free < LOW_SPACE
+    except (OSError, StopIteration):
+        return False
+
+
 class MetricsLog:
     """metrics.jsonl, wandb and the progress bar on rank 0 (other ranks only join the reductions); throughput
-    over the steps since the last record."""
+    over the steps since the last record. A failed write goes to `guard` (the loop stops every rank with it)."""
 
-    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals, step: int, tokens: int) -> None:
+    def __init__(self, run: RunConfig, rundir: Path, info: dict, signals, step: int, tokens: int,
+                 guard: WriteGuard | None = None) -> None:
         self.run, self.rank = run, dist.get_rank()
         self.mcfg = run.model_config()
         self.t0, self.tok0 = time.time(), tokens
+        self.guard = guard or WriteGuard()
+        self.path = rundir / "metrics.jsonl"
         self.wb = self.bar = self.file = None
         if self.rank == 0:
             from tqdm import tqdm
 
-            self.wb = WandbLog(run, rundir, info, signals)
+            self.wb = WandbLog(run, rundir, info, signals, self.guard)
             self.bar = tqdm(total=run.steps, initial=step, desc="pretrain", file=sys.stdout, dynamic_ncols=True)
-            self.file = open(rundir / "metrics.jsonl", "a")
+            self.file = self.guard.run(lambda: open(self.path, "a"), self.path)
+
+    def _append(self, rec: dict) -> None:
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
 
     def write(self, rec: dict) -> None:
-        if self.rank == 0:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-            self.wb.log(rec)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "val_ppl", "lr")})
+        if self.rank == 0 and self.guard.error is None:
+            self.guard.run(lambda: self._append(rec), self.path)
+            if self.guard.error is None:
+                self.wb.log(rec)
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "val_ppl", "lr")})
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -160,16 +183,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.rank == 0:
             self.bar.close()
-            self.file.close()
+            if self.file is not None:
+                self.guard.run(self.file.close, self.path)
             self.wb.finish()
 
 
 def announce(run: RunConfig, rundir: Path, info: dict, ds: dict) -> None:
     """Rank 0: write run_info.json and print the resolved configs, so a run is reproducible from its log."""
     from pretrain.checkpoint.run_folder import RUN_INFO
-    from pretrain.run_files import write_atomic
 
-    write_atomic(rundir / RUN_INFO, json.dumps(info, indent=1, default=str))
+    with writing(rundir / RUN_INFO):
+        write_atomic(rundir / RUN_INFO, json.dumps(info, indent=1, default=str))
     print(f"[pretrain] precision={info['precision']} world={info['world_size']} git={info['git_sha']} "
           f"versions={info['versions']}\n[pretrain] run config: {json.dumps(run.to_dict())}\n"
           f"[pretrain] model config: {json.dumps(info['model_config'])}\n[pretrain] ds config: {json.dumps(ds)}",

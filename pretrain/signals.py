@@ -73,3 +73,8 @@ def _is_deepspeed_launcher(cmdline: list[str]) -> bool:
     """The `deepspeed` runner script or its `python -m deepspeed.launcher.launch` child."""
     head = cmdline[:4]
     return "deepspeed.launcher.launch" in head or any(Path(c).name == "deepspeed" for c in head[:2])
+
+
+class Interrupted(Exception):
+    """A stop signal arrived during a phase that cannot save (resharding a checkpoint before the first step); the
+    message names the phase. The job exits 0 with nothing new to save; --resume auto starts the phase again."""

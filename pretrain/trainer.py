@@ -6,9 +6,16 @@ The pieces it drives live beside it: the engine (`pretrain.engine`), the checkpo
 stop signals (`pretrain.signals`).
 
 - A non-finite loss on any rank skips that micro batch on all ranks (no backward, no optimizer step) and the
-  next batch takes its place; `nan_max_consecutive` skips in a row stop the run.
-- Stops: SIGTERM / SIGUSR1 / SIGINT or the launcher's death set a flag; after the step every rank agrees, saves
-  and returns.
+  next batch takes its place. The run stops (`NanStormError`, exit status 3, RUN_DIR/nan_storm.json) after
+  `nan_max_consecutive` skips in a row, or when its skips exceed `nan_budget` (nan_max_fraction of its micro
+  batches): a storm with gaps stops too.
+- The training split holds the samples the run needs (`train_samples`): what the checkpoint consumed, the
+  remaining steps at this run's global batch, and the skip budget left; so the order never wraps to its start.
+  Each checkpoint records a digest of the samples it consumed (`pretrain.data.stream_digest`); a resume whose
+  data stream differs says so.
+- After each step the ranks agree, in one all-reduce, on a stop signal and on a failed write of the run's files
+  (`pretrain.run_files.WriteGuard`: metrics, logs, wandb). A signal saves and returns; a failed write stops every
+  rank with `RunWriteError` naming the file (exit status 2), the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -20,16 +27,38 @@ from pathlib import Path
 import torch
 
 from pretrain import distributed as D
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.distributed import all_mean, any_rank
+from pretrain.run_files import RunWriteError, WriteGuard, guard_std_streams
+
+
+class NanStormError(RuntimeError):
+    """Too many micro batches skipped for a non-finite loss (raised on every rank alike)."""
+
+
+def nan_budget(run: RunConfig) -> int:
+    """Micro batches a run may skip as non-finite in all: nan_max_fraction of its micro batches (steps x
+    grad_accum), at least nan_max_consecutive."""
+    return max(run.nan_max_consecutive, math.ceil(run.nan_max_fraction * run.steps * run.grad_accum))
 
 
 class NanGuard:
     """Counts skipped non-finite micro batches (`skipped` in all, `in_a_row` since the last good one); `micro_step`
-    stops the run when `in_a_row` reaches `max_consecutive`."""
+    stops the run when `in_a_row` reaches `max_consecutive` or `skipped` exceeds `max_skipped`."""
 
-    def __init__(self, max_consecutive: int, skipped: int = 0) -> None:
+    def __init__(self, max_consecutive: int, skipped: int = 0, max_skipped: int | None = None,
+                 budget_note: str = "") -> None:
         self.max_consecutive, self.skipped, self.in_a_row = max_consecutive, skipped, 0
+        self.max_skipped, self.budget_note = max_skipped, budget_note
+
+    def check(self) -> None:
+        fix = "lower lr, raise warmup_steps or resume from an earlier checkpoint"
+        if self.in_a_row >= self.max_consecutive:
+            raise NanStormError(f"non-finite loss in {self.in_a_row} consecutive micro batches "
+                                f"(nan_max_consecutive={self.max_consecutive}, {self.skipped} skipped in all): {fix}")
+        if self.max_skipped is not None and self.skipped > self.max_skipped:
+            raise NanStormError(f"{self.skipped} micro batches skipped for a non-finite loss, more than this run's "
+                                f"budget of {self.max_skipped} ({self.budget_note}): {fix}")
 
 
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
@@ -38,10 +67,7 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
         guard.in_a_row += 1
-        if guard.in_a_row >= guard.max_consecutive:
-            raise RuntimeError(f"non-finite loss in {guard.in_a_row} consecutive micro batches "
-                               f"(nan_max_consecutive={guard.max_consecutive}, {guard.skipped} skipped in all): "
-                               f"lower lr, raise warmup_steps or resume from an earlier checkpoint")
+        guard.check()
         return None
     guard.in_a_row = 0
     engine.backward(out.loss)
@@ -78,10 +104,16 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     return all_mean(tot / run.eval_iters)
 
 
-def spare_samples(run: RunConfig, global_batch: int) -> int:
-    """Training samples beyond steps x global batch, for micro batches skipped as non-finite: 1 % of the run,
-    at least one global batch (past them the data wraps to the start of the split)."""
-    return global_batch * max(1, math.ceil(run.steps / 100))
+def train_samples(run: RunConfig, world: int, state: dict) -> int:
+    """Training samples the split must hold for this run on `world` ranks, continuing `state` (a checkpoint's
+    run_state; {} for a fresh run): the samples it consumed, the remaining steps at this run's global batch, and the
+    skip budget left (a skipped micro step consumes micro_batch x world samples). Never fewer than the run's
+    earlier launches built (`train_samples` of the state): the same size keeps megatron's sample order."""
+    consumed = int(state.get("consumed_samples", 0))
+    steps_left = max(0, run.steps - int(state.get("step", 0)))
+    skips_left = max(0, nan_budget(run) - int(state.get("skipped_micro_batches", 0)))
+    need = consumed + steps_left * run.global_batch(world) + skips_left * run.micro_batch * world
+    return max(need, int(state.get("train_samples", 0)))
 
 
 def train(run: RunConfig, ds_json: dict, resume: str = "none", overwrite: bool = False) -> dict:
@@ -90,72 +122,105 @@ def train(run: RunConfig, ds_json: dict, resume: str = "none", overwrite: bool =
     `resume`: none (a fresh run; a folder holding checkpoints is refused unless `overwrite`), auto (the newest
     usable checkpoint, else fresh), or a tag name / tag folder."""
     from pretrain.checkpoint.manager import CheckpointManager
-    from pretrain.signals import StopSignals
+    from pretrain.signals import Interrupted, StopSignals
 
     signals = StopSignals()
-    ckpt = CheckpointManager(run, ds_json, resume=resume, overwrite=overwrite)
+    guard = WriteGuard()
+    guard_std_streams(guard)
+    ckpt = CheckpointManager(run, ds_json, resume=resume, overwrite=overwrite, should_stop=lambda: signals.stop)
     try:
-        return _train(run, ckpt, signals)
+        return _train(run, ckpt, signals, guard)
+    except Interrupted as e:
+        if D.rank() == 0:
+            print(f"[pretrain] {signals.received or 'a signal on another rank'} while {e}: nothing new to save; "
+                  f"--resume auto starts there again", flush=True)
+        return {"step": None, "finished": False, "interrupted": True}
     finally:
         ckpt.close()
 
 
-def _train(run: RunConfig, ckpt, signals) -> dict:
-    from pretrain.data import TrainBatches, build_datasets
+def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
+    from pretrain.data import TrainBatches, build_datasets, stream_digest
     from pretrain.metrics import MetricsLog, announce, run_info
     from ressformer.recurrence import sample_num_steps
 
     rank, world = D.rank(), D.world_size()
-    run.data.check_files()  # fail on a missing data prefix / tokenizer before building anything
+    try:
+        run.data.check_files()  # fail on a missing data prefix / tokenizer before building anything
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     restored = ckpt.load()
     engine, sched, state = restored.engine, restored.scheduler, restored.state
     mcfg = run.model_config()
     info = run_info(run, restored.ds)
     step, tokens = restored.step, int(state.get("tokens_seen", 0))
     gb = run.global_batch(world)
-    if rank == 0:
-        announce(run, Path(run.run_dir), info, restored.ds)
+    D.on_rank0(announce, run, Path(run.run_dir), info, restored.ds, errors=(RunWriteError,))
 
-    train_ds, valid_ds, _ = build_datasets(
-        run.data, seq_len=run.seq_len, seed=run.seed,
-        num_samples=(run.steps * gb + spare_samples(run, gb), max(1, run.eval_iters) * run.micro_batch * world, 0))
+    n_train = train_samples(run, world, state)
+    train_ds, valid_ds, _ = build_datasets(run.data, seq_len=run.seq_len, seed=run.seed,
+                                           num_samples=(n_train, max(1, run.eval_iters) * run.micro_batch * world, 0))
+    consumed = int(state.get("consumed_samples", 0))
+    if rank == 0 and state.get("data_digest") and stream_digest(train_ds, consumed) != state["data_digest"]:
+        print(f"[pretrain] warning: the first {consumed} samples of this run's training stream are not the ones "
+              f"{restored.point.tag.name} trained on: the data (blend, prefix contents, split, seed, seq_len) or the "
+              f"sample budget ({n_train} samples now, {state.get('train_samples')} then) changed; samples may repeat "
+              f"or be skipped from here on", file=sys.stderr, flush=True)
     batches = TrainBatches(train_ds, micro_batch=run.micro_batch, dp_rank=rank, dp_size=world,
-                           consumed_samples=int(state.get("consumed_samples", 0)), num_workers=run.data.num_workers)
-    guard = NanGuard(run.nan_max_consecutive, skipped=int(state.get("skipped_micro_batches", 0)))
-    log = MetricsLog(run, Path(run.run_dir), info, signals, step, tokens)
+                           consumed_samples=consumed, num_workers=run.data.num_workers)
+    budget = nan_budget(run)
+    nan = NanGuard(run.nan_max_consecutive, skipped=int(state.get("skipped_micro_batches", 0)), max_skipped=budget,
+                   budget_note=f"nan_max_fraction={run.nan_max_fraction} of {run.steps * run.grad_accum} micro "
+                               f"batches, at least nan_max_consecutive={run.nan_max_consecutive}")
+    log = MetricsLog(run, Path(run.run_dir), info, signals, step, tokens, guard)
     evaluating = bool(run.eval_iters and valid_ds is not None)
 
     if evaluating and step == 0:
         log.validation(0, evaluate(engine, valid_ds, run))
     sums: dict[str, list] = {}
     interrupted, wrapped_warned = False, False
-    while step < run.steps:
-        k = sample_num_steps(mcfg, step, run.seed)
-        optimizer_step(engine, batches, k, run.grad_accum, guard, sums)
-        step += 1
-        tokens += gb * run.seq_len
-        log.advance()
-        if batches.epochs_completed and not wrapped_warned and rank == 0:
-            wrapped_warned = True
-            print("[pretrain] warning: skipped micro batches used up the spare training samples; the data "
-                  "continues from the start of the training split", file=sys.stderr, flush=True)
-        if step % run.log_every == 0 or step == run.steps:
-            log.training(step, sums, engine=engine, sched=sched, num_steps=k, tokens=tokens, skipped=guard.skipped)
-            sums = {}
-        if evaluating and (step % run.eval_every == 0 or step == run.steps):
-            log.validation(step, evaluate(engine, valid_ds, run))
-        stop = any_rank(signals.stop)
-        ckpt.save(step, {"tokens_seen": tokens, "skipped_micro_batches": guard.skipped, **batches.state_dict()},
-                  final=stop)
-        if stop and step < run.steps:
-            interrupted = True
-            if rank == 0:
-                print(f"[pretrain] {signals.received or 'signal on another rank'}: saved step {step}, exiting (no "
-                      f"FINISHED marker; --resume auto continues)", flush=True)
-            break
+    try:
+        while step < run.steps:
+            k = sample_num_steps(mcfg, step, run.seed)
+            optimizer_step(engine, batches, k, run.grad_accum, nan, sums)
+            step += 1
+            tokens += gb * run.seq_len
+            log.advance()
+            if batches.epochs_completed and not wrapped_warned and rank == 0:
+                wrapped_warned = True
+                print(f"[pretrain] warning: the training split's {len(train_ds)} samples are used up at step {step} "
+                      f"({batches.consumed_samples} consumed, {nan.skipped} micro batches skipped): the data "
+                      f"continues from its start", file=sys.stderr, flush=True)
+            if step % run.log_every == 0 or step == run.steps:
+                log.training(step, sums, engine=engine, sched=sched, num_steps=k, tokens=tokens, skipped=nan.skipped)
+                sums = {}
+            if evaluating and (step % run.eval_every == 0 or step == run.steps):
+                log.validation(step, evaluate(engine, valid_ds, run))
+            stop, failed = D.any_ranks(signals.stop, guard.error is not None)
+            if failed:  # the run's files cannot be written: stop every rank now, the last checkpoint stays
+                _raise_write_error(guard)
+            ckpt.save(step, {"tokens_seen": tokens, "skipped_micro_batches": nan.skipped, "train_samples": n_train,
+                             "data_digest": stream_digest(train_ds, batches.consumed_samples) if rank == 0 else None,
+                             **batches.state_dict()}, final=stop)
+            if stop and step < run.steps:
+                interrupted = True
+                if rank == 0:
+                    print(f"[pretrain] {signals.received or 'signal on another rank'}: saved step {step}, exiting "
+                          f"(no FINISHED marker; --resume auto continues)", flush=True)
+                break
+    except NanStormError as e:
+        ckpt.record_nan_storm(step, str(e))
+        raise
     finished = step >= run.steps
     log.close()
+    if D.any_rank(guard.error is not None):
+        _raise_write_error(guard)
     if finished:
         ckpt.finish(step)
     D.barrier()
     return {"step": step, "finished": finished, "interrupted": interrupted}
+
+
+def _raise_write_error(guard: WriteGuard) -> None:
+    """Collective: raise on every rank the failed write some rank recorded."""
+    raise RunWriteError(next(e for e in D.all_gather_object(guard.error) if e))

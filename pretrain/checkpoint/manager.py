@@ -7,8 +7,10 @@
     ckpt.close()
 
 The manager owns the policy: `save_every`, `save_model_every` (which tags also hold the consolidated model),
-`keep_last`, the FINISHED marker (written with the last step's checkpoint), and what a resume does to the folder
-(newer tags set aside, interrupted saves removed, metrics.jsonl trimmed to the resumed step). What a tag holds and how
+`keep_last` (a tag a reader holds stays until a later save), the FINISHED marker, the NaN-storm note
+(RUN_DIR/nan_storm.json: the next --resume auto warns when it picks the checkpoint the storm started from), and what
+a resume does to the folder (newer tags set aside, interrupted saves removed, metrics.jsonl trimmed to the resumed
+step). What a tag holds and how
 it is written, verified, chosen and resharded live in the modules beside this one.
 """
 
@@ -22,9 +24,10 @@ from pretrain import distributed as D
 from pretrain.checkpoint import run_folder as folder
 from pretrain.checkpoint.reshard import reshard
 from pretrain.checkpoint.resume import ResumePoint, find_resume, load_same_layout
-from pretrain.checkpoint.tags import RunFolderError, all_tags, remove_tag
+from pretrain.checkpoint.tags import RunFolderError, all_tags, complete_tags, remove_tag, tag_step
 from pretrain.checkpoint.writer import write_tag
 from pretrain.config import RunConfig
+from pretrain.run_files import RunWriteError
 
 
 @dataclass
@@ -46,10 +49,13 @@ class Restored:
 class CheckpointManager:
     """Collective: every rank constructs it and calls load / save / close alike."""
 
-    def __init__(self, run: RunConfig, ds_json: dict, *, resume: str = "none", overwrite: bool = False) -> None:
+    def __init__(self, run: RunConfig, ds_json: dict, *, resume: str = "none", overwrite: bool = False,
+                 should_stop=lambda: False) -> None:
         self.run, self.ds_json, self.resume, self.overwrite = run, ds_json, resume, overwrite
+        self.should_stop = should_stop  # a stop signal arrived: a long phase (resharding) is abandoned
         self.dir = Path(run.run_dir)
         self.restored: Restored | None = None
+        self.storm: dict | None = None  # RUN_DIR/nan_storm.json of an earlier launch (rank 0)
         folder.make_run_dir(self.dir)
         self._lock = folder.acquire_run_folder(self.dir)
 
@@ -84,10 +90,10 @@ class CheckpointManager:
                 engine, _, sched, ds = build_engine(run, self.ds_json)
                 load_same_layout(engine, point.tag)
             else:
-                engine, sched, ds = reshard(run, self.ds_json, point, self.dir, lay)
+                engine, sched, ds = reshard(run, self.ds_json, point, self.dir, lay, self.should_stop)
             state = point.state
         self.restored = Restored(engine, sched, ds, state, lay, point)
-        D.on_rank0(self._after_load, errors=(RunFolderError,))
+        D.on_rank0(self._after_load, errors=(RunFolderError, RunWriteError))
         return self.restored
 
     def _resume_point(self) -> ResumePoint | None:
@@ -96,6 +102,16 @@ class CheckpointManager:
         if D.rank() == 0:
             for w in (point.skipped if point else []):
                 print(f"[checkpoint] warning: {w}", file=sys.stderr, flush=True)
+            self.storm = folder.read_nan_storm(self.dir)
+            if self.storm and point is not None and point.tag.name == self.storm.get("last_checkpoint"):
+                older = [t.name for t in complete_tags(self.dir) if tag_step(t) < tag_step(point.tag)]
+                n = self.storm.get("storms", 1)
+                print(f"[checkpoint] warning: resuming from {point.tag.name}, the checkpoint the last "
+                      f"{'run' if n == 1 else f'{n} runs'} started from before stopping in a NaN storm after step "
+                      f"{self.storm.get('step')} ({self.storm.get('message')}). The same data and settings may "
+                      f"storm again: change lr / warmup_steps, or resume an older tag by name"
+                      + (f" (--resume {older[-1]})" if older else "") + f"; {folder.NAN_STORM} records it",
+                      file=sys.stderr, flush=True)
             if point is not None:
                 for m in folder.set_aside_newer(self.dir, point.tag):
                     print(f"[checkpoint] {m}", flush=True)
@@ -142,13 +158,30 @@ class CheckpointManager:
                         model_cfg=run.model_config(), tokenizer_dir=run.data.tokenizer,
                         write_model=last or (every > 0 and (step // run.save_every) % every == 0))
         if D.rank() == 0:
-            folder.prune(self.dir, run.keep_last)
+            held = folder.prune(self.dir, run.keep_last)
+            if held:
+                print(f"[checkpoint] kept {', '.join(held)} beyond keep_last={run.keep_last}: a reader (pretrain.convert, "
+                      f"pretrain.evaluate, an init_from) holds it; a later save removes it", flush=True)
+            if self.storm and step > int(self.storm.get("step", 0)):  # past the storm: it is history
+                folder.clear_nan_storm(self.dir)
+                self.storm = None
         D.barrier()
         return tag
 
+    def record_nan_storm(self, step: int, message: str) -> None:
+        """Collective: note the NaN storm this run stopped in (RUN_DIR/nan_storm.json) for the next resume."""
+        def record():
+            tags = complete_tags(self.dir)
+            point = self.restored.point if self.restored else None
+            folder.record_nan_storm(self.dir, {"step": step, "message": message,
+                                               "last_checkpoint": tags[-1].name if tags else None,
+                                               "resumed_from": point.tag.name if point else None})
+
+        D.on_rank0(record, errors=(RunWriteError,))
+
     def finish(self, step: int) -> None:
         """Collective: mark the run FINISHED (all `steps` done; a wrapper then stops requeueing)."""
-        D.on_rank0(folder.mark_finished, self.dir, step, errors=(RunFolderError,))
+        D.on_rank0(folder.mark_finished, self.dir, step, errors=(RunWriteError,))
         D.barrier()
 
 

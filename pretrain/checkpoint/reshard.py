@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,11 +21,13 @@ from pretrain import distributed as D
 from pretrain.checkpoint.resume import ResumePoint, load_rng
 from pretrain.checkpoint.run_folder import RESHARD_DIR
 from pretrain.checkpoint.tags import RunFolderError
+from pretrain.signals import Interrupted
 
 
-def reshard(run, ds_json: dict, point: ResumePoint, run_dir: Path, layout: dict):
+def reshard(run, ds_json: dict, point: ResumePoint, run_dir: Path, layout: dict, should_stop=lambda: False):
     """Collective: the engine of this run's layout with the state of `point` (written with another layout).
-    -> (engine, scheduler, DeepSpeed config)."""
+    -> (engine, scheduler, DeepSpeed config). A stop signal during the conversion (`should_stop`) ends it and
+    raises `pretrain.signals.Interrupted` on every rank; the partial conversion is removed."""
     from pretrain.engine import build_engine
     from pretrain.model_dir import check_state, model_keys
 
@@ -35,7 +38,7 @@ def reshard(run, ds_json: dict, point: ResumePoint, run_dir: Path, layout: dict)
         print(f"[pretrain] {point.tag.name} was written with world size {old['world_size']}, ZeRO-{old['zero_stage']}; "
               f"this run has {layout['world_size']}, ZeRO-{layout['zero_stage']}: resharding through ds_to_universal",
               flush=True)
-    D.on_rank0(universal_from, point.tag, udir, errors=(RunFolderError,))
+    D.on_rank0(universal_from, point.tag, udir, should_stop, errors=(RunFolderError, Interrupted))
     D.barrier()
     cfg = run.model_config()
     init_state = check_state(universal_tensors(udir, "fp32", model_keys(cfg).params), cfg, str(udir))
@@ -64,17 +67,36 @@ def check_reshardable(tag_layout_: dict, layout: dict, tag: Path) -> None:
                 f"--set init_from={tag} (the Adam moments restart)")
 
 
-def universal_from(tag: Path, out: Path) -> Path:
-    """Rank 0: DeepSpeed's ds_to_universal of `tag` into `out` (each parameter's fp32 value and moments whole)."""
+def universal_from(tag: Path, out: Path, should_stop=lambda: False) -> Path:
+    """Rank 0: DeepSpeed's ds_to_universal of `tag` into `out` (each parameter's fp32 value and moments whole). A
+    stop signal (`should_stop`, or the conversion killed by the job's own SIGTERM) removes `out` and raises
+    Interrupted; any other failure is a RunFolderError with the converter's last output."""
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
            "--output_folder", str(out), "--num_extract_workers", "2", "--num_merge_workers", "2"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        while p.poll() is None and not should_stop():
+            time.sleep(0.2)
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if should_stop():
+        shutil.rmtree(out, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        raise Interrupted(f"resharding {tag.name} (ds_to_universal)")
+    text = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
     if p.returncode != 0 or not (out / "zero").is_dir():
         raise RunFolderError(f"ds_to_universal could not convert {tag} for resharding (rc {p.returncode}): "
-                             f"{(p.stderr or p.stdout)[-1500:]}")
+                             f"{text[-1500:]}")
     return out
 
 

@@ -9,6 +9,7 @@
                             after its checkpoint, so every step appears once
     RUN_DIR/run_info.json   resolved configs, versions, precision (pretrain.metrics.run_info)
     RUN_DIR/FINISHED        written only when all steps are done
+    RUN_DIR/nan_storm.json  the last run stopped in a NaN storm: its step and the checkpoint it started from
     RUN_DIR/wandb/          wandb's files
 
 Rank 0 does the chores here; collective callers go through `pretrain.distributed.on_rank0`, so a refusal reaches
@@ -27,8 +28,9 @@ import time
 from pathlib import Path
 
 from pretrain import distributed as D
-from pretrain.checkpoint.tags import COMPLETE, RunFolderError, all_tags, complete_tags, remove_tag, tag_step
-from pretrain.run_files import describe_os_error, write_atomic
+from pretrain.checkpoint.tags import (COMPLETE, RunFolderError, all_tags, complete_tags, remove_tag, tag_step,
+                                      try_remove_tag)
+from pretrain.run_files import describe_os_error, write_atomic, writing
 
 LOCK = "LOCK"
 LATEST = "latest"
@@ -37,8 +39,9 @@ SUPERSEDED = "superseded"
 RESHARD_DIR = ".reshard"
 METRICS = "metrics.jsonl"
 RUN_INFO = "run_info.json"
+NAN_STORM = "nan_storm.json"
 # Files and folders a run writes in its run folder; --overwrite removes exactly these.
-RUN_FILES = (METRICS, RUN_INFO, FINISHED, LATEST, "wandb", SUPERSEDED, RESHARD_DIR)
+RUN_FILES = (METRICS, RUN_INFO, FINISHED, LATEST, NAN_STORM, "wandb", SUPERSEDED, RESHARD_DIR)
 
 
 # --- the lock ---------------------------------------------------------------------------------------------
@@ -208,13 +211,35 @@ def trim_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue  # a line cut by a kill
-    write_atomic(path, "".join(k + "\n" for k in keep))
+    with writing(path):
+        write_atomic(path, "".join(k + "\n" for k in keep))
 
 
-def prune(run_dir: str | Path, keep_last: int) -> None:
-    """Rank 0: remove all but the `keep_last` newest complete tags."""
-    for old in complete_tags(run_dir)[:-keep_last]:
-        remove_tag(old)
+def prune(run_dir: str | Path, keep_last: int) -> list[str]:
+    """Rank 0: remove all but the `keep_last` newest complete tags; -> the older tags kept because a reader holds
+    them (pretrain.convert, pretrain.evaluate, another run's init_from): a later save removes them."""
+    return [old.name for old in complete_tags(run_dir)[:-keep_last] if not try_remove_tag(old)]
+
+
+def record_nan_storm(run_dir: str | Path, record: dict) -> None:
+    """Rank 0: note in RUN_DIR/nan_storm.json that the run stopped in a NaN storm (step, the checkpoint it started
+    from, the message), so the next --resume auto says so when it picks that checkpoint again."""
+    path = Path(run_dir) / NAN_STORM
+    with writing(path):
+        old = read_nan_storm(run_dir) or {}
+        same = old.get("last_checkpoint") == record.get("last_checkpoint")
+        write_atomic(path, json.dumps({**record, "storms": (old.get("storms", 1) + 1) if same else 1}, indent=1))
+
+
+def read_nan_storm(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / NAN_STORM).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clear_nan_storm(run_dir: str | Path) -> None:
+    (Path(run_dir) / NAN_STORM).unlink(missing_ok=True)
 
 
 def mark_latest(run_dir: str | Path, tag: Path) -> None:
@@ -222,7 +247,8 @@ def mark_latest(run_dir: str | Path, tag: Path) -> None:
 
 
 def mark_finished(run_dir: str | Path, step: int) -> None:
-    write_atomic(Path(run_dir) / FINISHED, f"step {step}\n")
+    with writing(Path(run_dir) / FINISHED):
+        write_atomic(Path(run_dir) / FINISHED, f"step {step}\n")
 
 
 def clear_finished(run_dir: str | Path) -> None:

@@ -6,10 +6,15 @@
 
 A tag is *complete* when it holds COMPLETE. Every tag written with run_state.json also has a manifest; tags of the
 format before manifests (run_config.json, no manifest) are checked by `pretrain.checkpoint.verify` instead.
+
+Readers (pretrain.convert, pretrain.evaluate, init_from) hold a shared flock on TAG/.readers while they read
+(`reading`); the job's keep_last removes a tag only after taking that lock exclusively without waiting
+(`try_remove_tag`), so a tag being read stays until a later save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +29,7 @@ MANIFEST = "manifest.json"
 RUN_STATE = "run_state.json"
 LEGACY_RUN_STATE = "run_config.json"  # the client state of tags written before run_state.json
 MODEL_FILES = ("model.safetensors", "model_config.yaml", "tokenizer/")  # the consolidated model folder's files
+READERS = ".readers"  # the readers' lock file (hidden: no manifest lists it)
 
 
 class RunFolderError(RuntimeError):
@@ -32,6 +38,16 @@ class RunFolderError(RuntimeError):
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; the partial tag was removed and the previous checkpoint is intact."""
+
+
+class TagGone(FileNotFoundError):
+    """A tag was removed (or lost COMPLETE) while it was chosen or read: a running job's keep_last."""
+
+    def __init__(self, tag: Path) -> None:
+        super().__init__(f"{tag} was removed while it was being read: the job writing {Path(tag).parent} keeps only "
+                         f"its keep_last newest checkpoints. Retry (a run folder picks its newest complete tag), or "
+                         f"name a tag the job keeps")
+        self.tag = tag
 
 
 def tag_name(step: int) -> str:
@@ -65,6 +81,60 @@ def remove_tag(tag: Path) -> None:
     for name in (COMPLETE, MANIFEST):
         (tag / name).unlink(missing_ok=True)
     shutil.rmtree(tag, ignore_errors=True)
+
+
+def try_remove_tag(tag: Path) -> bool:
+    """Remove `tag` unless a reader holds it (`reading`); -> whether it was removed. Without file locks on this
+    filesystem it is removed (readers then say that the tag went away, `TagGone`)."""
+    import fcntl
+
+    try:
+        fd = os.open(tag / READERS, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return True  # already gone
+    except OSError:
+        remove_tag(tag)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:
+        pass  # no flock here
+    try:
+        remove_tag(tag)  # under the exclusive lock: a reader waiting for it finds COMPLETE gone
+    finally:
+        os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def reading(tag: Path):
+    """Hold `tag` against removal by a running job's keep_last while the block reads it (a shared flock on
+    TAG/.readers). Raises TagGone when the tag is no longer complete once the lock is held. Where the folder
+    cannot be written or has no file locks, the block runs unprotected."""
+    import fcntl
+
+    tag = Path(tag)
+    try:
+        fd = os.open(tag / READERS, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        raise TagGone(tag) from None
+    except OSError:
+        fd = None  # a read-only copy of a run: nothing can remove it under us
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the job removes it
+        except OSError:
+            pass
+    try:
+        if not (tag / COMPLETE).is_file():
+            raise TagGone(tag)
+        yield tag
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 # --- manifests --------------------------------------------------------------------------------------------

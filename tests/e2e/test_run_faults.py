@@ -147,13 +147,17 @@ def _damage(path: Path, kind: str) -> None:
         path.write_bytes(bytes(b))
     elif kind == "missing":
         path.unlink()
+    elif kind == "unmanifested":  # no manifest, and a shard damaged where only its sha256 would show it
+        path.unlink()
+        _damage(path.parent / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "flipped")
 
 
 @pytest.mark.parametrize("kind,name", [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
                                        ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
                                        ("garbage", "rng_rank1.pt"),
                                        ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                                       ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+                                       ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt"),
+                                       ("unmanifested", "manifest.json")])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(ref, tmp_path, kind, name):
     d = copy_run(ref[0], tmp_path / "r")
     truncate_to(d, 9)
@@ -316,17 +320,20 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="no mount namespace here (unshare -rm): the simulated ENOSPC "
-                                                   "test covers the path")
-def test_full_tmpfs_run_folder(ref, tmp_path):
+                                                   "tests cover the paths")
+def test_full_tmpfs_run_folder_filled_right_after_a_save(ref, tmp_path):
     d, out = tmp_path / "r", tmp_path / "out"
     d.mkdir()
     out.mkdir()
     q = " ".join
     script = f"""
 set -u
-mount -t tmpfs -o size=16m tmpfs {d}
-head -c 9000000 /dev/zero > {d}/filler
-{q(map(str, cmd(d)))} > {out}/first.log 2>&1; echo $? > {out}/first.rc
+mount -t tmpfs -o size=24m tmpfs {d}
+{q(map(str, cmd(d)))} > {out}/first.log 2>&1 &
+job=$!
+while [ ! -f {d}/step_00000003/COMPLETE ] && kill -0 $job 2>/dev/null; do sleep 0.01; done
+head -c 100000000 /dev/zero > {d}/filler 2>/dev/null
+wait $job; echo $? > {out}/first.rc
 ls {d} > {out}/ls.txt
 rm {d}/filler
 {q(map(str, cmd(d, '--resume', 'auto')))} > {out}/second.log 2>&1; echo $? > {out}/second.rc
@@ -334,16 +341,86 @@ cp {d}/metrics.jsonl {out}/
 """
     subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=base_env(), timeout=400)
     first = (out / "first.log").read_text()
-    assert (out / "first.rc").read_text().strip() != "0" and "no space left on device" in first, first[-4000:]
+    assert (out / "first.rc").read_text().strip() == "2", first[-4000:]
+    assert "no space left on device" in first and "Traceback" not in first, first[-4000:]
     assert "step_00000003" in (out / "ls.txt").read_text()
     assert (out / "second.rc").read_text().strip() == "0", (out / "second.log").read_text()[-4000:]
     same_after(losses(out), ref[1], 1)
 
 
+def test_full_disk_between_saves_stops_every_rank_with_one_line(ref, tmp_path):
+    d = tmp_path / "r"
+    p = run(d, env=dict(base_env(), FAULT="enospc_metrics:5:0"), script="tests/helpers/fault_worker.py", ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode == 2 and "no space left on device writing" in msg and "metrics.jsonl" in msg, msg[-4000:]
+    assert "Traceback" not in msg and "Connection closed" not in msg and msg.count("no space left") == 1, msg[-4000:]
+    assert tags(d) == ["step_00000003"]
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 1)
+
+
+def test_nan_storm_with_gaps_stops_and_the_next_resume_names_it(ref, tmp_path):
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    p = run(d, "--resume", "auto", env=dict(base_env(), FAULT="nanpattern:4:1:1"),
+            script="tests/helpers/fault_worker.py", ok=False)
+    msg = p.stdout + p.stderr
+    assert p.returncode == 3 and "more than this run's budget of 5" in msg and "Traceback" not in msg, msg[-4000:]
+    storm = json.loads((d / "nan_storm.json").read_text())
+    assert storm["last_checkpoint"] == "step_00000006" and storm["step"] == 7 and storm["storms"] == 1, storm
+    p = run(d, "--resume", "auto")
+    msg = p.stdout + p.stderr
+    assert "stopping in a NaN storm after step 7" in msg and "--resume step_00000003" in msg, msg[-3000:]
+    same_after(losses(d), ref[1], 1)
+    assert not (d / "nan_storm.json").exists()  # the run got past it
+
+
+def _stream(n: int) -> list[int]:
+    """crc32 of the first n samples of the uninterrupted run's training order (the debug config's data)."""
+    import zlib
+
+    from pretrain.config import load_run_config
+    from pretrain.data import build_datasets
+
+    run_cfg = load_run_config(REPO / "pretrain/configs/debug.yaml", ["seq_len=64"])
+    train, _, _ = build_datasets(run_cfg.data, seq_len=64, seed=run_cfg.seed, num_samples=(n, 0, 0))
+    return [zlib.crc32(train[i]["input_ids"].numpy().tobytes()) for i in range(n)]
+
+
+@pytest.mark.parametrize("ranks,accum", [(1, 1), (2, 2)])  # global batch 4 -> 2, and 4 -> 8
+def test_resume_with_another_global_batch_sees_every_sample_once_in_order(ref, tmp_path, ranks, accum):
+    d, rec = copy_run(ref[0], tmp_path / "r"), tmp_path / "rec"
+    truncate_to(d, 6)
+    rec.mkdir()
+    p = run(d, "--resume", "auto", "--set", f"grad_accum={accum}", ranks=ranks,
+            env=dict(base_env(), FAULT=f"record:{rec}:-"), script="tests/helpers/fault_worker.py")
+    msg = p.stdout + p.stderr
+    assert "continues from its start" not in msg and "not the ones" not in msg, msg[-3000:]
+    seen = [json.loads(x) for f in sorted(rec.glob("rank*.jsonl")) for x in f.read_text().splitlines()]
+    gb = 2 * ranks * accum
+    positions = sorted(r["position"] for r in seen)
+    assert positions == list(range(24, 24 + (STEPS - 6) * gb)), positions  # each sample once, from where step 6 stopped
+    stream = _stream(positions[-1] + 1)
+    assert all(r["ids"] == stream[r["position"]] for r in seen), "a sample out of the uninterrupted order"
+
+
 def test_resume_on_one_rank_with_zero1_and_back_to_two_with_zero3(ref, tmp_path):
     d = copy_run(ref[0], tmp_path / "r")
     truncate_to(d, 6)
-    p = run(d, "--resume", "auto", "--set", "grad_accum=2", ranks=1, ds="ds_configs/zero1.json")
+    one_rank = ("--resume", "auto", "--set", "grad_accum=2")
+    # SIGTERM while ds_to_universal converts step 6: a clean exit 0 with nothing new saved, no .reshard left
+    q = subprocess.Popen(cmd(d, *one_rank, ranks=1, ds="ds_configs/zero1.json"), cwd=REPO, env=base_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0 = time.time()
+    while not (d / ".reshard").is_dir():
+        assert q.poll() is None and time.time() - t0 < 200, q.stdout.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(q.pid, signal.SIGTERM)
+    out, _ = q.communicate(timeout=120)
+    assert q.returncode == 0 and "while resharding step_00000006" in out and "Traceback" not in out, out[-3000:]
+    assert not list((d / ".reshard").glob("step_*")) and tags(d) == [f"step_{s:08d}" for s in (3, 6)]
+    p = run(d, *one_rank, ranks=1, ds="ds_configs/zero1.json")
     assert "resharding" in p.stdout + p.stderr
     got = losses(d)
     same_after(got, ref[1], 7, exact=False)
@@ -366,3 +443,29 @@ def test_wandb_online_without_credentials_does_not_stop_training(tmp_path):
     p = run(d, "--set", "steps=3", env=env, ranks=1)
     assert "wandb init failed" in p.stderr and (d / "FINISHED").is_file(), (p.stdout + p.stderr)[-3000:]
     assert sorted(losses(d)) == [1, 2, 3]  # every record in metrics.jsonl
+
+
+def test_converting_while_the_job_saves_every_step_with_keep_last_1(tmp_path):
+    """pretrain.convert holds the tag it reads (tags.reading); the job's keep_last leaves it until a later save."""
+    d = tmp_path / "r"
+    job = subprocess.Popen(cmd(d, "--set", "steps=30", "--set", "save_every=1", "--set", "keep_last=1"), cwd=REPO,
+                           env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        t0 = time.time()
+        while not tags(d):
+            assert job.poll() is None and time.time() - t0 < 200, job.stdout.read()[-3000:]
+            time.sleep(0.05)
+        done = []
+        while job.poll() is None and len(done) < 4:
+            c = subprocess.run([sys.executable, "-m", "pretrain.convert", "--checkpoint", str(d), "--out",
+                                str(tmp_path / f"hf{len(done)}")], cwd=REPO, env=base_env(), capture_output=True,
+                               text=True, timeout=300)
+            assert c.returncode == 0, (c.stdout + c.stderr)[-3000:]
+            done.append(c.stdout)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0 and done, out[-3000:]
+    assert tags(d) == ["step_00000030"], tags(d)  # the tags held by readers went at a later save

@@ -187,7 +187,7 @@ def test_save_pretrained_of_a_loaded_export_converts_back_with_its_tokenizer(tmp
 
 def test_init_from_starts_continued_pretraining_from_the_export(tmp_path, tok_dir):
     """HF -> --to-ressformer folder -> run config `init_from` -> the trainer's model holds those weights."""
-    from pretrain.config import RunConfig
+    from pretrain.config import ConfigError, RunConfig
     from pretrain.engine import build_model_for, load_init_from
 
     model = seeded_model(seed=3)
@@ -202,8 +202,19 @@ def test_init_from_starts_continued_pretraining_from_the_export(tmp_path, tok_di
     assert load_init_from(RunConfig()) is None
     with pytest.raises(ValueError, match=r"differs from this run's model config.*d_model"):
         load_init_from(RunConfig(model="debug", model_overrides={"d_model": 32}, init_from=str(init)))
-    with pytest.raises(FileNotFoundError, match="--to-ressformer"):
+    with pytest.raises(ConfigError, match="--to-ressformer"):  # reported like a config error: one line, rc 2
         load_init_from(RunConfig(init_from=str(tmp_path / "missing")))
+    # a checkpoint tag is verified against its manifest first (its model files only)
+    from pretrain.checkpoint.tags import COMPLETE, MANIFEST, checkpoint_files, file_digest
+
+    (init / MANIFEST).write_text(json.dumps({"files": {n: file_digest(init / n) for n in checkpoint_files(init)}}))
+    (init / COMPLETE).write_text("1\n")
+    assert load_init_from(run).keys() == sd.keys()
+    w = bytearray((init / "model.safetensors").read_bytes())
+    w[len(w) // 2] ^= 0xFF  # same size: only the sha256 shows it
+    (init / "model.safetensors").write_bytes(bytes(w))
+    with pytest.raises(ConfigError, match="model.safetensors does not match its sha256"):
+        load_init_from(run)
 
 
 def test_damaged_hf_folder_and_incomplete_state_dict(tmp_path):
@@ -293,6 +304,35 @@ def test_convert_reads_the_model_folder_of_a_checkpoint_tag(tmp_path, tok_dir):
     p = _convert_cli(["--checkpoint", str(run / "step_00000004"), "--out", str(tmp_path / "w")])
     assert p.returncode == 2 and "model.safetensors" in p.stderr and "sha256" in p.stderr
     assert "--from-shards" in p.stderr  # the DeepSpeed files may still be intact
+
+
+def test_a_tag_removed_while_it_is_chosen_is_named_never_the_tokenizer(tmp_path, tok_dir, monkeypatch, capsys):
+    """A running job's keep_last removes the tag convert chose before convert holds it: a run folder picks again, a
+    tag named by path is refused with that cause (not 'pass --no-tokenizer')."""
+    import pretrain.convert as conv
+    from pretrain.checkpoint.tags import remove_tag
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        m = seeded_model(seed=step)
+        save_model_dir(run / f"step_{step:08d}", m.state_dict(), m.config, tokenizer_dir=tok_dir)
+        (run / f"step_{step:08d}" / "COMPLETE").write_text("1\n")
+    real, removed = conv.reading, []
+
+    def reading_after_keep_last(tag):
+        if not removed:  # the job's keep_last, between convert's choice and its lock
+            removed.append(tag.name)
+            remove_tag(tag)
+        return real(tag)
+
+    monkeypatch.setattr(conv, "reading", reading_after_keep_last)
+    sd, _, info = read_any(run)  # chose step 4, which went: chosen again
+    assert removed == ["step_00000004"] and info["tag"].endswith("step_00000002")
+    removed.clear()
+    rc = conv.main(["--checkpoint", str(run / "step_00000002"), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "hf").exists()
+    assert "removed while it was being read" in err and "keep_last" in err and "--no-tokenizer" not in err, err
 
 
 # --- 2-rank DeepSpeed checkpoints from the trainer CLI ----------------------------------------------------------

@@ -210,7 +210,14 @@ def test_loss_mask_becomes_minus_100_on_the_next_label():
 
 @pytest.mark.timeout(120)
 def test_blend_proportions_within_5_percent(world):
+    from pretrain.data import stream_digest
+
     train, _, _ = _build(world, blend=[[0.25, world["a"]], [0.75, world["b"]]], num_samples=(4000, 64, 64))
+    # the stream of a blend: a larger sample budget keeps its first samples (one pass over the data), another
+    # weighting does not
+    more, _, _ = _build(world, blend=[[0.25, world["a"]], [0.75, world["b"]]], num_samples=(4500, 64, 64))
+    other, _, _ = _build(world, blend=[[0.5, world["a"]], [0.5, world["b"]]], num_samples=(4000, 64, 64))
+    assert stream_digest(train, 3000) == stream_digest(more, 3000) != stream_digest(other, 3000)
     ids = np.array([train.megatron[i]["dataset_id"] for i in range(4000)])
     frac_b = float((ids == 1).mean())
     print(f"blend 0.25/0.75 -> fraction of prefix b over 4000 samples: {frac_b:.4f}")
@@ -245,6 +252,12 @@ def test_same_seed_same_batches_and_resume(world):
         TrainBatches(t1, micro_batch=2, dp_rank=0, dp_size=1, consumed_samples=3)
     with pytest.raises(ValueError, match="dp_rank"):
         TrainBatches(t1, micro_batch=2, dp_rank=2, dp_size=2)
+    # the stream's identity: the same for the same samples, other for another seed or another position
+    from pretrain.data import sample_ids, stream_digest
+
+    assert stream_digest(t1, 100) == stream_digest(t2, 100) != stream_digest(t3, 100)
+    assert stream_digest(t1, 100) != stream_digest(t1, 99) and stream_digest(t1, 0) is None
+    assert sample_ids(t1, [5, 5, 6]).shape == (3, 5) and (sample_ids(t1, [5])[0] == sample_ids(t2, [5])[0]).all()
 
 
 @pytest.mark.timeout(120)

@@ -313,8 +313,8 @@ def test_pytorch_path_matches_a_cpu_run(overrides, T, B):
 
 _KERNEL_SCRIPT = """
 import json, sys
-sys.path.insert(0, {tests!r})
-from test_memory_estimate import measure_units
+sys.path.insert(0, {repo!r})
+from tests.pretrain.test_memory_estimate import measure_units
 print("RESULT " + json.dumps(measure_units({overrides!r}, {T}, {B}, {K}, kernel=True, peak_unit=1)))
 """
 
@@ -328,7 +328,7 @@ def test_kernel_path_matches_a_cpu_run_in_the_triton_interpreter():
     here (no GPU), so the GPU peak is not checked."""
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]')")
     overrides, T, B, K = {"max_seq_len": 256}, 256, 1, 2
-    script = _KERNEL_SCRIPT.format(tests=str(REPO / "tests"), overrides=overrides, T=T, B=B, K=K)
+    script = _KERNEL_SCRIPT.format(repo=str(REPO), overrides=overrides, T=T, B=B, K=K)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=280,
                        cwd=REPO)

@@ -52,3 +52,15 @@ def test_verify_hashes_are_checked_not_only_sizes(tmp_path):
     data[12345] ^= 1
     (t / "big.pt").write_bytes(bytes(data))
     assert "big.pt" in verify_tag(t) and verify_tag(t, quick=True) is None  # quick: sizes only
+
+
+def test_a_tag_written_with_a_manifest_that_lost_it_is_damaged(tmp_path):
+    make_tag(tmp_path, 3)
+    t6 = make_tag(tmp_path, 6)
+    (t6 / MANIFEST).unlink()  # run_state.json is there: the tag was written with a manifest
+    bad = verify_tag(t6)
+    assert bad and MANIFEST in bad and "run_state.json" in bad
+    p = find_resume(tmp_path, "auto")
+    assert p.tag.name == "step_00000003" and MANIFEST in p.skipped[0]
+    with pytest.raises(RunFolderError, match=MANIFEST):
+        find_resume(tmp_path, "step_00000006")

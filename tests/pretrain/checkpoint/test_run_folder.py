@@ -92,3 +92,43 @@ def test_trim_metrics_keeps_steps_up_to_the_resume_point(tmp_path):
     assert [json.loads(x)["step"] for x in m.read_text().splitlines()] == [0, 1, 2]
 
 
+
+
+def test_a_tag_held_by_a_reader_outlives_keep_last_until_it_is_released(tmp_path):
+    for s in (3, 6, 9):
+        make_tag(tmp_path, s)
+    t3 = tmp_path / "step_00000003"
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pretrain.checkpoint.tags import reading\n"
+        "with reading(sys.argv[2]):\n    print('reading', flush=True); time.sleep(60)"),
+        str(REPO), str(t3)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        assert rf.prune(tmp_path, keep_last=1) == ["step_00000003"]  # step 6 removed, 3 held
+        assert [p.name for p in all_tags(tmp_path)] == ["step_00000003", "step_00000009"]
+    finally:
+        reader.kill()
+        reader.wait()
+    assert rf.prune(tmp_path, keep_last=1) == [] and [p.name for p in all_tags(tmp_path)] == ["step_00000009"]
+
+
+def test_reading_a_removed_or_incomplete_tag_says_so(tmp_path):
+    from pretrain.checkpoint.tags import TagGone, reading
+
+    t = make_tag(tmp_path, 3, complete=False)
+    with pytest.raises(TagGone, match="keep_last"):
+        with reading(t):
+            pass
+    with pytest.raises(TagGone):
+        with reading(tmp_path / "step_00000042"):
+            pass
+
+
+def test_nan_storm_note_counts_storms_from_the_same_checkpoint(tmp_path):
+    rf.record_nan_storm(tmp_path, {"step": 7, "last_checkpoint": "step_00000006", "message": "m"})
+    rf.record_nan_storm(tmp_path, {"step": 8, "last_checkpoint": "step_00000006", "message": "m"})
+    assert rf.read_nan_storm(tmp_path)["storms"] == 2 and rf.read_nan_storm(tmp_path)["step"] == 8
+    rf.record_nan_storm(tmp_path, {"step": 12, "last_checkpoint": "step_00000009", "message": "m"})
+    assert rf.read_nan_storm(tmp_path)["storms"] == 1
+    rf.clear_nan_storm(tmp_path)
+    assert rf.read_nan_storm(tmp_path) is None
