@@ -4,6 +4,8 @@
       .data: DataConfig          lists every key with its type, default and meaning)
       .activation_checkpointing: ActivationCheckpointing
       .wandb: WandbConfig
+      .faults: FaultConfig       collective timeout, hang watchdog, stragglers
+      .preflight: PreflightConfig
 
 Design choices
 - One schema for the YAML files (`pretrain/configs/*.yaml`), `--set key=value` overrides, run_state.json and
@@ -109,6 +111,8 @@ def _check_value(section: str, name: str, value, tp):
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, bool) and "enabled" in {f.name for f in fields(tp)}:
+            return tp(enabled=value)  # `preflight: false`, `activation_checkpointing: true`
         if not isinstance(value, dict):
             raise ValueError(f"run config {key}={value!r}: must be a mapping of {sorted(f.name for f in fields(tp))}")
         unknown = sorted(set(value) - {f.name for f in fields(tp)})
@@ -165,6 +169,44 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "wandb.")
+
+
+@dataclass
+class FaultConfig:
+    """How a job on many ranks notices a hung or slow rank (pretrain.monitor)."""
+
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective waits for a peer before it fails (torch.distributed's process-group timeout)."""
+    step_timeout_s: float = 0.0
+    """Watchdog: a rank that completes no step within this many seconds dumps every thread's stack and its last
+    phase to RUN_DIR/hang/ and exits 4, so the launcher and Slurm act. 0: max(10 x the median step, 600) once
+    three steps are done. Before them, and during saves and evaluations, at least 1800."""
+    straggler_ratio: float = 1.3
+    """A rank whose time in a step phase exceeds this multiple of the ranks' median is the window's slow rank."""
+    straggler_windows: int = 3
+    """Warn when the same rank is the slow one for this many log windows in a row."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "faults.")
+        _need(self.dist_timeout_s > 0, "faults.dist_timeout_s", self.dist_timeout_s, "must be > 0 seconds")
+        _need(self.step_timeout_s >= 0, "faults.step_timeout_s", self.step_timeout_s, "must be >= 0 (0: automatic)")
+        _need(self.straggler_ratio > 1, "faults.straggler_ratio", self.straggler_ratio, "must be > 1")
+        _need(self.straggler_windows >= 1, "faults.straggler_windows", self.straggler_windows, "must be >= 1")
+
+
+@dataclass
+class PreflightConfig:
+    """Checks of every rank's device, kernels and links before the first step (pretrain.preflight)."""
+
+    enabled: bool = True
+    """Run the preflight at the start of the job (`preflight: false` skips it); `python -m pretrain.preflight` runs
+    it alone."""
+    min_fraction: float = 0.7
+    """A rank whose matmul TFLOP/s or all-reduce bandwidth is below this fraction of the ranks' median fails."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "preflight.")
+        _need(0 < self.min_fraction <= 1, "preflight.min_fraction", self.min_fraction, "must be in (0, 1]")
 
 
 @dataclass
@@ -234,6 +276,10 @@ class RunConfig:
     for exactly this many skips, so the data never wraps."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (mode, project, name)."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Collective timeout, the hang watchdog and straggler detection."""
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    """Device, kernel and link checks before the first step (`preflight: false` skips them)."""
     init_from: str | None = None
     """Continued pretraining: start from the weights of a model folder (a checkpoint tag, or a `python -m
     pretrain.convert --to-ressformer` folder) whose model_config.yaml equals this run's; a checkpoint found by
@@ -302,7 +348,8 @@ class RunConfig:
         return cls(**copy.deepcopy(d))
 
 
-SECTIONS = {"data": DataConfig, "activation_checkpointing": ActivationCheckpointing, "wandb": WandbConfig}
+SECTIONS = {"data": DataConfig, "activation_checkpointing": ActivationCheckpointing, "wandb": WandbConfig,
+            "faults": FaultConfig, "preflight": PreflightConfig}
 
 
 def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:

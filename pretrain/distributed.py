@@ -10,16 +10,27 @@ DeepSpeed's.
   ranks waiting forever when it fails: the error is broadcast and raised on every rank alike.
 - `local_group()` gives a one-process gloo group to code that needs one (megatron-core's dataset builders) when no
   job started it.
+- Host-side messages (flags, numbers, Python objects) go over gloo: the job's own group when it is gloo (CPU), a
+  second gloo group beside NCCL on GPUs (`control_group`), since NCCL moves CUDA tensors only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+_CONTROL = None  # the gloo group for host-side messages when the job's backend is not gloo (NCCL)
+
+
+def control_group():
+    """The group the host-side collectives below use: CPU tensors and Python objects go over gloo even when the
+    job's default backend is NCCL (which takes CUDA tensors only). None: the default group (already gloo)."""
+    return _CONTROL
 
 
 def rank() -> int:
@@ -32,7 +43,7 @@ def world_size() -> int:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_CONTROL)
 
 
 def all_gather_object(obj) -> list:
@@ -40,7 +51,7 @@ def all_gather_object(obj) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_CONTROL)
     return out
 
 
@@ -49,7 +60,7 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
     return box[0]
 
 
@@ -58,17 +69,13 @@ def all_mean(x: float) -> float:
     if not dist.is_initialized():
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=_CONTROL)
     return t.item() / world_size()
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on some rank."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_ranks(flag)[0]
 
 
 def any_ranks(*flags: bool) -> tuple[bool, ...]:
@@ -76,7 +83,7 @@ def any_ranks(*flags: bool) -> tuple[bool, ...]:
     if not dist.is_initialized():
         return tuple(bool(f) for f in flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
     return tuple(bool(v) for v in t.tolist())
 
 
@@ -124,9 +131,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed() -> None:
+def setup_distributed(timeout_s: float | None = None) -> None:
     """torch.distributed through DeepSpeed: the launcher's (srun, deepspeed) environment, or world size 1 on a
-    free local port for a single process without one."""
+    free local port for a single process without one. `timeout_s`: how long a collective may wait for a peer
+    before it fails (torch's default, 10 or 30 minutes by backend, when None). With NCCL, a gloo group for host-side
+    messages is created too (`control_group`)."""
+    global _CONTROL
     import deepspeed
 
     skip_deepspeed_shm_allreduce()
@@ -137,13 +147,21 @@ def setup_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(free_port())
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        backend = "gloo" if not torch.cuda.is_available() else "nccl"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend=backend, **kw)
+        if dist.get_backend() != "gloo":
+            _CONTROL = dist.new_group(backend="gloo", **kw)
 
 
 def teardown_distributed() -> None:
     """Leave the process group (every rank together: a rank exiting under a live gloo group can abort its peer)."""
+    global _CONTROL
     if dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL = None
 
 
 @contextlib.contextmanager

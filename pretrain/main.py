@@ -31,12 +31,16 @@ EPILOG = """run folder (RUN_DIR = run_dir; pretrain/checkpoint/ owns it):
   nan_storm.json        the last launch stopped in a NaN storm (step, the checkpoint it started from)
 resume: --resume auto verifies the newest complete checkpoint and falls back to the previous one when a file
   is damaged (the warning names it); another world size or ZeRO stage is resharded (ds_to_universal).
+hangs: a rank that completes no step within faults.step_timeout_s (automatic: 10x the median step, at least 10 min)
+  writes its stacks and phase to RUN_DIR/hang/rank<R>.{stacks.txt,json}, names the ranks that stopped reporting, and
+  exits 4; on GPUs NCCL's flight recorder dumps to RUN_DIR/hang/nccl_trace_rank_<R> when a collective times out.
 exit status: 0 when all steps are done AND when stopped by SIGTERM/SIGUSR1/SIGINT (checkpoint saved, no
   FINISHED; a signal while resharding saves nothing): a wrapper requeues when FINISHED is absent. 2: a bad config,
   the run folder is in use or holds another run, no usable checkpoint, or a write of the run's files failed (a save,
   metrics, logs: one line names the cause and file; the previous checkpoint is intact). 3: a NaN storm
   (nan_max_consecutive in a row, or more than nan_max_fraction of the run's micro batches; nan_storm.json records
-  it and the next --resume auto warns when it picks the same checkpoint).
+  it and the next --resume auto warns when it picks the same checkpoint). 4: the watchdog found a hang. 5: the
+  preflight found a rank it cannot trust (python -m pretrain.preflight runs it alone).
 every run-config key, with its default and meaning: python -m pretrain.config
 a hung rank: `kill -USR2 PID` prints every thread's Python stack to its stderr; the run goes on."""
 
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr and the run goes on: for a hung rank.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    distributed.setup_distributed()
+    nccl_flight_recorder(run.run_dir)
+    distributed.setup_distributed(run.faults.dist_timeout_s)
+    from pretrain.preflight import PREFLIGHT_EXIT, PreflightError
+
     try:  # every error below is raised on every rank alike
         trainer.train(run, ds_json, resume=a.resume, overwrite=a.overwrite)
     except ConfigError as e:
@@ -88,10 +95,26 @@ def main(argv: list[str] | None = None) -> int:
         rc = _fail(f"error: {e}")
     except trainer.NanStormError as e:
         rc = _fail(f"stopped: {e}", rc=3)
+    except PreflightError as e:
+        rc = _fail(str(e), rc=PREFLIGHT_EXIT)
     else:
         rc = 0
     distributed.teardown_distributed()  # leave together: a rank exiting under a live gloo group can abort its peer
     return rc
+
+
+def nccl_flight_recorder(run_dir: str) -> None:
+    """On GPUs, NCCL's flight recorder: the last collectives of each rank kept in a ring buffer and dumped to
+    RUN_DIR/hang/nccl_trace_rank_<R> when a collective times out (faults.dist_timeout_s). Values already in the
+    environment (the Slurm script's) win."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(Path(run_dir).resolve() / "hang" / "nccl_trace_rank_"))
+    Path(run_dir, "hang").mkdir(parents=True, exist_ok=True)
 
 
 def _fail(msg: str, rc: int = 2) -> int:

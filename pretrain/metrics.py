@@ -164,7 +164,8 @@ class MetricsLog:
     def validation(self, step: int, loss: float) -> None:
         self.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
 
-    def training(self, step: int, sums: dict, *, engine, sched, num_steps: int, tokens: int, skipped: int) -> None:
+    def training(self, step: int, sums: dict, *, engine, sched, num_steps: int, tokens: int, skipped: int,
+                 extra: dict | None = None) -> None:
         """Collective: the mean over ranks of every summed value, with lr, grad norm and throughput."""
         world = dist.get_world_size()
         tps = (tokens - self.tok0) / max(time.time() - self.t0, 1e-9)
@@ -177,7 +178,7 @@ class MetricsLog:
         peak = peak_tflops()
         if peak:
             rec["mfu"] = rec["tflops"] / world / peak
-        self.write(rec)
+        self.write({**rec, **(extra or {})})
         self.t0, self.tok0 = time.time(), tokens
 
     def close(self) -> None:

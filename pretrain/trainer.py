@@ -29,6 +29,7 @@ import torch
 from pretrain import distributed as D
 from pretrain.config import ConfigError, RunConfig
 from pretrain.distributed import all_mean, any_rank
+from pretrain.monitor import Monitor, phase
 from pretrain.run_files import RunWriteError, WriteGuard, guard_std_streams
 
 
@@ -63,6 +64,7 @@ class NanGuard:
 
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     """Forward, then backward + engine.step unless any rank's loss is non-finite (-> None, counted)."""
+    phase("forward")
     out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps)
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
@@ -70,7 +72,9 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
         guard.check()
         return None
     guard.in_a_row = 0
+    phase("backward")
     engine.backward(out.loss)
+    phase("optimizer")
     engine.step()
     return out
 
@@ -80,6 +84,7 @@ def optimizer_step(engine, batches, num_steps: int, grad_accum: int, guard: NanG
     scalar diagnostics of each are added to `sums` (name -> [sum, count])."""
     done = 0
     while done < grad_accum:
+        phase("data")
         out = micro_step(engine, next(batches), num_steps, guard)
         if out is None:
             continue
@@ -128,18 +133,21 @@ def train(run: RunConfig, ds_json: dict, resume: str = "none", overwrite: bool =
     guard = WriteGuard()
     guard_std_streams(guard)
     ckpt = CheckpointManager(run, ds_json, resume=resume, overwrite=overwrite, should_stop=lambda: signals.stop)
+    monitor = Monitor(run.run_dir, step_timeout_s=run.faults.step_timeout_s, straggler_ratio=run.faults.straggler_ratio,
+                      straggler_windows=run.faults.straggler_windows).start()
     try:
-        return _train(run, ckpt, signals, guard)
+        return _train(run, ds_json, ckpt, signals, guard, monitor)
     except Interrupted as e:
         if D.rank() == 0:
             print(f"[pretrain] {signals.received or 'a signal on another rank'} while {e}: nothing new to save; "
                   f"--resume auto starts there again", flush=True)
         return {"step": None, "finished": False, "interrupted": True}
     finally:
+        monitor.close()
         ckpt.close()
 
 
-def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
+def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, monitor: Monitor) -> dict:
     from pretrain.data import TrainBatches, build_datasets, stream_digest
     from pretrain.metrics import MetricsLog, announce, run_info
     from ressformer.recurrence import sample_num_steps
@@ -149,10 +157,17 @@ def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
         run.data.check_files()  # fail on a missing data prefix / tokenizer before building anything
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    checked = None
+    if run.preflight.enabled:  # before the engine: free memory is measured before it is taken
+        from pretrain.ds_config import build_ds_config
+        from pretrain.preflight import preflight
+
+        checked = preflight(run, build_ds_config(ds_json, run, world), min_fraction=run.preflight.min_fraction)
     restored = ckpt.load()
     engine, sched, state = restored.engine, restored.scheduler, restored.state
     mcfg = run.model_config()
     info = run_info(run, restored.ds)
+    info["preflight"] = checked
     step, tokens = restored.step, int(state.get("tokens_seen", 0))
     gb = run.global_batch(world)
     D.on_rank0(announce, run, Path(run.run_dir), info, restored.ds, errors=(RunWriteError,))
@@ -173,9 +188,12 @@ def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
                    budget_note=f"nan_max_fraction={run.nan_max_fraction} of {run.steps * run.grad_accum} micro "
                                f"batches, at least nan_max_consecutive={run.nan_max_consecutive}")
     log = MetricsLog(run, Path(run.run_dir), info, signals, step, tokens, guard)
+    if checked is not None:
+        log.write(preflight_record(step, checked))
     evaluating = bool(run.eval_iters and valid_ds is not None)
 
     if evaluating and step == 0:
+        phase("eval")
         log.validation(0, evaluate(engine, valid_ds, run))
     sums: dict[str, list] = {}
     interrupted, wrapped_warned = False, False
@@ -184,7 +202,9 @@ def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
             k = sample_num_steps(mcfg, step, run.seed)
             optimizer_step(engine, batches, k, run.grad_accum, nan, sums)
             step += 1
+            monitor.step_done(step)
             tokens += gb * run.seq_len
+            phase("log")
             log.advance()
             if batches.epochs_completed and not wrapped_warned and rank == 0:
                 wrapped_warned = True
@@ -192,13 +212,21 @@ def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
                       f"({batches.consumed_samples} consumed, {nan.skipped} micro batches skipped): the data "
                       f"continues from its start", file=sys.stderr, flush=True)
             if step % run.log_every == 0 or step == run.steps:
-                log.training(step, sums, engine=engine, sched=sched, num_steps=k, tokens=tokens, skipped=nan.skipped)
+                ranks = monitor.window()
+                log.training(step, sums, engine=engine, sched=sched, num_steps=k, tokens=tokens, skipped=nan.skipped,
+                             extra={f"ranks/{n}": v for n, v in ranks.items()})
                 sums = {}
+                warning = monitor.straggler_warning(ranks)
+                if warning and rank == 0:
+                    print(warning, file=sys.stderr, flush=True)
             if evaluating and (step % run.eval_every == 0 or step == run.steps):
+                phase("eval")
                 log.validation(step, evaluate(engine, valid_ds, run))
             stop, failed = D.any_ranks(signals.stop, guard.error is not None)
             if failed:  # the run's files cannot be written: stop every rank now, the last checkpoint stays
                 _raise_write_error(guard)
+            if ckpt.due(step, stop):
+                phase("save")
             ckpt.save(step, {"tokens_seen": tokens, "skipped_micro_batches": nan.skipped, "train_samples": n_train,
                              "data_digest": stream_digest(train_ds, batches.consumed_samples) if rank == 0 else None,
                              **batches.state_dict()}, final=stop)
@@ -224,3 +252,15 @@ def _train(run: RunConfig, ckpt, signals, guard: WriteGuard) -> dict:
 def _raise_write_error(guard: WriteGuard) -> None:
     """Collective: raise on every rank the failed write some rank recorded."""
     raise RunWriteError(next(e for e in D.all_gather_object(guard.error) if e))
+
+
+def preflight_record(step: int, checked: dict) -> dict:
+    """The preflight's result as one metrics.jsonl record (the kernels switched off, the slowest rank's figures)."""
+    ranks = checked["ranks"]
+
+    def low(key):
+        vals = [r[key] for r in ranks if r.get(key) is not None]
+        return min(vals) if vals else None
+
+    return {"step": step, "preflight/kernels_off": checked["kernels_off"],
+            "preflight/matmul_tflops_min": low("matmul_tflops"), "preflight/allreduce_gbps_min": low("allreduce_gbps")}

@@ -13,7 +13,9 @@
 #   DATA            megatron data prefix (or a YAML blend list), passed as `--set data.blend=[[1.0, $DATA]]`
 #   WANDB_PROJECT   passed as `--set wandb.project=$WANDB_PROJECT` when non-empty (WANDB_MODE picks offline/online)
 #   EXTRA_ARGS      more trainer arguments, word-split, e.g. "--set steps=40 --set micro_batch=1"
-#   MAX_REQUEUES    stop requeueing after this many restarts (a job that keeps dying must not loop forever)
+#   MAX_REQUEUES    stop requeueing after this many restarts in all (preemptions and crashes)
+#   MAX_CRASH_RESTARTS  requeue after a crash (a rank killed, a hang the watchdog ended, an error) at most this
+#                   many times for the run folder [3]; the same step failing twice in a row stops at once
 #
 # Flow:
 #   1. RUN_DIR/FINISHED exists -> nothing to do, exit 0 (a finished run is never restarted or requeued).
@@ -25,9 +27,14 @@
 #      the trap sends USR1 to srun, which delivers it to every task; the trainer saves a
 #      checkpoint and exits 0. srun runs in the background and the shell `wait`s, because bash runs traps
 #      only between commands.
-#   5. After srun: FINISHED -> exit 0. Otherwise, if a signal arrived or the trainer stopped cleanly
-#      (rc 0) before the last step, `scontrol requeue` the job: Slurm restarts it with the same id and the
-#      requeued job resumes at step 3. A crash (rc != 0 with no signal) is not requeued: it fails the job.
+#   5. After srun, pretrain/launch_policy.py decides: FINISHED -> exit 0; a signal or a clean stop (rc 0) before
+#      the last step -> `scontrol requeue` (Slurm restarts the job with the same id, it resumes at step 3); exit 2
+#      (a bad config, the run folder refused, a failed write) -> stop; any other failure is a crash -> requeue
+#      within MAX_CRASH_RESTARTS, excluding the node that hung or died (the watchdog's dumps in RUN_DIR/hang/, else
+#      srun's first `srun: error: NODE` line) when the cluster has nodes to spare, and stop when the newest
+#      checkpoint did not move since the previous crash (the same step failed twice).
+#   NCCL's flight recorder is on: the last collectives of each rank go to RUN_DIR/hang/nccl_trace_rank_<R> when a
+#   collective times out (faults.dist_timeout_s in the run config).
 
 ressformer_launch() {
     set -uo pipefail
@@ -56,6 +63,10 @@ ressformer_launch() {
     [ -n "${WANDB_PROJECT:-}" ] && trainer_args+=(--set "wandb.project=$WANDB_PROJECT")
     read -r -a extra <<<"${EXTRA_ARGS:-}"
     trainer_args+=("${extra[@]}" --resume auto)
+    mkdir -p "$RUN_DIR/hang" "$RUN_DIR/.launch"
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$RUN_DIR/hang/nccl_trace_rank_}
 
     local nodes=${SLURM_JOB_NUM_NODES:-1}
     local ntasks=$((nodes * GPUS_PER_NODE))
@@ -65,8 +76,11 @@ ressformer_launch() {
     _RESSFORMER_SRUN_PID=""
     trap '_ressformer_forward USR1' USR1
     trap '_ressformer_forward TERM' TERM
+    local srun_log="$RUN_DIR/.launch/srun-${SLURM_JOB_ID:-local}-$restarts.log" job_start
+    job_start=$(date +%s)
+    # srun's output also goes to a file: its `srun: error: NODE: task N` lines name the node of a rank that died
     srun --nodes="$nodes" --ntasks="$ntasks" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 \
-        "$PYTHON" -m pretrain.slurm_env exec -- "$PYTHON" "${trainer_args[@]}" &
+        "$PYTHON" -m pretrain.slurm_env exec -- "$PYTHON" "${trainer_args[@]}" > >(tee "$srun_log") 2>&1 &
     _RESSFORMER_SRUN_PID=$!
     local rc=0
     # `wait` returns early (rc > 128) when a trapped signal arrives; keep waiting until srun has exited.
@@ -77,25 +91,37 @@ ressformer_launch() {
     trap - USR1 TERM
     echo "[launch] $(date -u +%FT%TZ) srun exited rc=$rc signal=${_RESSFORMER_SIGNAL:-none}"
 
-    if [ -f "$RUN_DIR/FINISHED" ]; then
-        echo "[launch] run finished ($RUN_DIR/FINISHED): not requeueing"
-        return 0
+    local ACTION EXCLUDE REASON
+    eval "$("$PYTHON" -m pretrain.launch_policy --run-dir "$RUN_DIR" --rc "$rc" --signal "${_RESSFORMER_SIGNAL:-}" \
+        --srun-log "$srun_log" --job-start "$job_start" --max-crash-restarts "${MAX_CRASH_RESTARTS:-3}")" \
+        || { echo "[launch] pretrain.launch_policy failed: not requeueing" >&2; return 1; }
+    case "$ACTION" in
+        done)
+            echo "[launch] run finished ($RUN_DIR/FINISHED): not requeueing"
+            return 0 ;;
+        stop)
+            echo "[launch] $REASON: not requeueing" >&2
+            [ "$rc" = 0 ] && return 1
+            return "$rc" ;;
+    esac
+    echo "[launch] $REASON"
+    if [ -z "${SLURM_JOB_ID:-}" ]; then
+        echo "[launch] not under Slurm: rerun the same command to resume"
+        [ "$rc" = 0 ] && return 0
+        return "$rc"
     fi
-    if [ -n "$_RESSFORMER_SIGNAL" ] || [ "$rc" = 0 ]; then
-        if [ -z "${SLURM_JOB_ID:-}" ]; then
-            echo "[launch] stopped before the last step and not under Slurm: rerun the same command to resume"
-            return 0
-        fi
-        if [ "$restarts" -ge "${MAX_REQUEUES:-20}" ]; then
-            echo "[launch] already restarted $restarts times (MAX_REQUEUES=${MAX_REQUEUES:-20}): not requeueing" >&2
-            return 1
-        fi
-        echo "[launch] checkpoint saved, run not finished: scontrol requeue $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID" || { echo "[launch] scontrol requeue failed (JobRequeue=0 on this cluster and no --requeue?)" >&2; return 1; }
-        return 0
+    if [ "$restarts" -ge "${MAX_REQUEUES:-20}" ]; then
+        echo "[launch] already restarted $restarts times (MAX_REQUEUES=${MAX_REQUEUES:-20}): not requeueing" >&2
+        return 1
     fi
-    echo "[launch] trainer failed (rc=$rc) without a preemption signal: not requeueing; see the log above" >&2
-    return "$rc"
+    echo "[launch] scontrol requeue $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || { echo "[launch] scontrol requeue failed (JobRequeue=0 on this cluster and no --requeue?)" >&2; return 1; }
+    if [ -n "$EXCLUDE" ]; then
+        scontrol update "JobId=$SLURM_JOB_ID" "ExcNodeList=$EXCLUDE" \
+            && echo "[launch] the requeued job excludes $EXCLUDE" \
+            || echo "[launch] could not exclude $EXCLUDE from the requeued job" >&2
+    fi
+    return 0
 }
 
 _ressformer_forward() {

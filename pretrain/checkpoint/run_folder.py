@@ -40,8 +40,9 @@ RESHARD_DIR = ".reshard"
 METRICS = "metrics.jsonl"
 RUN_INFO = "run_info.json"
 NAN_STORM = "nan_storm.json"
+HANG = "hang"  # the watchdog's heartbeats and dumps (pretrain.monitor)
 # Files and folders a run writes in its run folder; --overwrite removes exactly these.
-RUN_FILES = (METRICS, RUN_INFO, FINISHED, LATEST, NAN_STORM, "wandb", SUPERSEDED, RESHARD_DIR)
+RUN_FILES = (METRICS, RUN_INFO, FINISHED, LATEST, NAN_STORM, HANG, "wandb", SUPERSEDED, RESHARD_DIR)
 
 
 # --- the lock ---------------------------------------------------------------------------------------------

@@ -469,3 +469,53 @@ def test_converting_while_the_job_saves_every_step_with_keep_last_1(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 0 and done, out[-3000:]
     assert tags(d) == ["step_00000030"], tags(d)  # the tags held by readers went at a later save
+
+
+def test_a_stopped_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path):
+    """SIGSTOP to rank 1 (a hung driver, a frozen node): rank 0 waits in a collective until its watchdog (step_timeout_s
+    10) dumps its stacks, names rank 1 as stopped, and exits 4; the launcher then ends the stopped rank too."""
+    import psutil
+
+    d = tmp_path / "r"
+    p = _start_and_wait_for_step(d, "--set", "faults.step_timeout_s=10")
+    while len((d / "metrics.jsonl").read_text().splitlines()) < 6:  # past the first steps: the limit is 10 s now
+        assert p.poll() is None
+        time.sleep(0.1)
+    rank1 = next(q for q in psutil.Process(p.pid).children(recursive=True) if "--local_rank=1" in " ".join(q.cmdline()))
+    rank1.send_signal(signal.SIGSTOP)
+    t0 = time.time()
+    out, _ = p.communicate(timeout=200)
+    assert p.returncode != 0 and time.time() - t0 < 10 + 60, (p.returncode, time.time() - t0)
+    assert "[watchdog] rank 0" in out and "ranks that stopped reporting: rank 1" in out, out[-3000:]
+    dump = json.loads((d / "hang" / "rank0.json").read_text())
+    assert [x["rank"] for x in dump["stopped_reporting"]] == [1] and dump["phase"] in ("forward", "backward",
+                                                                                        "optimizer", "data", "log")
+    stacks = (d / "hang" / "rank0.stacks.txt").read_text()  # every thread's stack: the main one and the watchdog's
+    assert stacks.count("Thread 0x") >= 2 and "pretrain/monitor.py" in stacks and "pretrain/trainer.py" in stacks
+    assert _no_processes_left(p.pid, timeout=60), "the stopped rank outlived the job"
+
+
+def test_a_straggler_is_named_in_metrics_and_warned_about(tmp_path):
+    d = tmp_path / "r"
+    p = run(d, "--set", "steps=8", "--set", "log_every=2", "--set", "faults.straggler_windows=2",
+            env=dict(base_env(), FAULT="slow:0.4:1"), script="tests/helpers/fault_worker.py")
+    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in recs if "ranks/slow_rank" in r]
+    assert len(windows) == 4 and all(r["ranks/slow_rank"] == 1 and r["ranks/slow_phase"] == "data" for r in windows)
+    assert all(r["ranks/slow_ratio"] > 1.3 and r["ranks/fast_rank"] == 0 for r in windows)
+    msg = p.stdout + p.stderr
+    assert "rank 1 on" in msg and "has been the slow rank for 2 windows" in msg and "its data phase" in msg, msg[-3000:]
+
+
+def test_torchrun_max_restarts_with_resume_auto_recovers_a_crashed_rank(ref, tmp_path):
+    """Outside Slurm: `torchrun --max-restarts 1 ... --resume auto` restarts every rank after one dies, and the run
+    continues from its last checkpoint as if nothing happened."""
+    d = tmp_path / "r"
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", "1"]
+    argv = [*torchrun, "tests/helpers/fault_worker.py", "--ds_config", DS, *ARGS, "--set", f"run_dir={d}",
+            "--resume", "auto"]
+    p = run_group(argv, timeout=300, cwd=REPO, env=dict(base_env(), FAULT="crash:5:1"))
+    assert p.returncode == 0 and (d / "crashed").exists() and (d / "FINISHED").exists(), (p.stdout + p.stderr)[-4000:]
+    assert "resumed from" in p.stdout + p.stderr
+    same_after(losses(d), ref[1], 1)

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -231,7 +232,7 @@ def _release_requeue_hold(cluster, job_id: str) -> None:
 
 
 def _tail(log: Path, n: int = 60) -> str:
-    return "\n".join(log.read_text().splitlines()[-n:]) if log.exists() else "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
 
 
 def _completed(info: dict) -> bool:
@@ -423,16 +424,26 @@ a = ap.parse_args()
 s = dict(x.split("=", 1) for x in a.set)
 rd, steps, rank = s["run_dir"], int(s["steps"]), int(os.environ["RANK"])
 assert os.environ["WORLD_SIZE"] == "2" and os.environ["MASTER_ADDR"] == "127.0.0.1", dict(os.environ)
+crash = os.environ.get("STAND_IN_CRASH", "")  # STEP:RANK:once|always: that rank dies (exit 1) at that step
 stop = []
 signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
 ck = os.path.join(rd, f"ckpt{rank}")
 start = int(open(ck).read()) if a.resume == "auto" and os.path.exists(ck) else 0
 for step in range(start + 1, steps + 1):
     time.sleep(0.3)
+    if crash:
+        c_step, c_rank, mode = crash.split(":")
+        marker = os.path.join(rd, "crashed")
+        if (step, rank) == (int(c_step), int(c_rank)) and (mode == "always" or not os.path.exists(marker)):
+            open(marker, "w").write("1")
+            os._exit(1)
     open(ck, "w").write(str(step))
     if rank == 0:
         with open(os.path.join(rd, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "loss": 10.0 / step}) + "\n")
+        if step % 5 == 0:  # a checkpoint tag, as the trainer leaves them (the launcher's crash policy reads them)
+            os.makedirs(os.path.join(rd, f"step_{step:08d}"), exist_ok=True)
+            open(os.path.join(rd, f"step_{step:08d}", "COMPLETE"), "w").write("1")
     if stop:
         print(f"rank {rank} saved step {step}", flush=True)
         sys.exit(0)
@@ -441,14 +452,20 @@ if rank == 0:
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_launcher_requeue_contract_with_stand_in_trainer(cluster, tmp_path):
+def _stand_in_repo(tmp_path) -> Path:
     repo = tmp_path / "repo"
     (repo / "pretrain").mkdir(parents=True)
     (repo / "slurm").symlink_to(REPO / "slurm")
-    (repo / "pretrain" / "slurm_env.py").symlink_to(REPO / "pretrain" / "slurm_env.py")
+    for name in ("slurm_env.py", "launch_policy.py"):
+        (repo / "pretrain" / name).symlink_to(REPO / "pretrain" / name)
     (repo / "pretrain" / "main.py").write_text(STAND_IN)
+    return repo
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_launcher_requeue_contract_with_stand_in_trainer(cluster, tmp_path):
+    repo = _stand_in_repo(tmp_path)
     run_dir, log, steps = tmp_path / "run", tmp_path / "stand_in.out", 40
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, f"--chdir={repo}", REPO=repo, RUN_DIR=run_dir,
                   EXTRA_ARGS=f"--set steps={steps}")
@@ -470,3 +487,90 @@ def test_launcher_requeue_contract_with_stand_in_trainer(cluster, tmp_path):
     assert "got SIGUSR1" in text and f"scontrol requeue {job}" in text and "restarts=1" in text
     assert "rank 0 saved step" in text and "rank 1 saved step" in text  # srun delivered USR1 to both ranks
     assert "run finished" in text and text.count("scontrol requeue") == 1  # a finished job does not requeue
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_crash_is_requeued_once_and_the_same_step_failing_twice_stops(cluster, tmp_path):
+    """A rank killed (exit 1, as kill -9 looks to srun) is a crash: requeued within MAX_CRASH_RESTARTS, resumed,
+    every step once. A rank that dies at the same step again before any new checkpoint stops the job: not requeued a
+    second time."""
+    repo = _stand_in_repo(tmp_path)
+    runs = {}
+    for mode in ("once", "always"):
+        run_dir, log = tmp_path / f"run_{mode}", tmp_path / f"crash_{mode}.out"
+        job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, f"--chdir={repo}", REPO=repo, RUN_DIR=run_dir,
+                      EXTRA_ARGS="--set steps=20", STAND_IN_CRASH=f"12:1:{mode}")
+        info = _wait(cluster, job, log, lambda i: i.get("Restarts") == "1", 90, "requeued after the crash")
+        if info.get("JobState") == "PENDING":
+            _release_requeue_hold(cluster, job)
+        runs[mode] = (job, run_dir, log)
+    job, run_dir, log = runs["once"]
+    info = _wait(cluster, job, log, _completed, 120, "COMPLETED after the crash restart")
+    text = log.read_text()
+    assert info.get("Restarts") == "1" and "crash restart 1 of 3, resuming from step_00000010" in text, _tail(log)
+    assert "srun: error: n2" in text and "on n2" in text  # the node of the rank that died is named
+    assert "not excluding n2: the cluster would keep 1 node(s) for a job of 2" in text
+    assert sorted({m["step"] for m in _metrics(run_dir)}) == list(range(1, 21)) and (run_dir / FINISHED).exists()
+    job, run_dir, log = runs["always"]
+    t0 = time.time()
+    while _job(cluster, job).get("JobState") not in ("FAILED", "COMPLETED") and time.time() - t0 < 120:
+        time.sleep(1)
+    info = _job(cluster, job)
+    text = log.read_text()
+    assert info.get("JobState") == "FAILED" and info.get("Restarts") == "1", (info.get("JobState"), _tail(log))
+    assert "the same step failed twice in a row" in text and text.count("scontrol requeue") == 1, _tail(log)
+    assert not (run_dir / FINISHED).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_a_hung_rank_ends_the_job_fast_and_the_requeued_job_continues_exactly(cluster, trainer, tmp_path):
+    """SIGSTOP to one rank of the real trainer: the other rank's watchdog (faults.step_timeout_s=12) dumps its stacks,
+    names the stopped rank and its node, exits 4; the launcher requeues (the 2-node test cluster cannot spare n2, and
+    says so), the job resumes from the last checkpoint and its losses equal an uninterrupted run's."""
+    args = f"--set steps=16 --set save_every=4 {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}"
+    ref_dir, ref_log = tmp_path / "ref", tmp_path / "ref.out"
+    job = _sbatch(cluster, "slurm/pretrain_debug.sh", ref_log, RUN_DIR=ref_dir, DATA=trainer["prefix"],
+                  EXTRA_ARGS=args)
+    _wait(cluster, job, ref_log, _completed, 200, "COMPLETED")
+    ref = {m["step"]: m["loss"] for m in _train_steps(ref_dir)}
+    run_dir, log = tmp_path / "run", tmp_path / "hang.out"
+    job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
+                  EXTRA_ARGS=f"{args} --set faults.step_timeout_s=12")
+    t0 = time.time()
+    while len(_train_steps(run_dir)) < 9:
+        assert _job(cluster, job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _tail(log)
+        assert time.time() - t0 < 150, f"no 9 training steps after 150 s; log:\n{_tail(log)}"
+        time.sleep(0.3)
+    victim = _task_pid(job, rank=1)
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.time()
+    info = _wait(cluster, job, log, lambda i: i.get("Restarts") == "1", 120, "requeued after the hang")
+    assert time.time() - stopped < 12 + 60, "the job took too long to end after the hang"
+    hang = json.loads((run_dir / "hang" / "rank0.json").read_text())
+    assert [(p["rank"], p["node"]) for p in hang["stopped_reporting"]] == [(1, "n2")], hang
+    assert (run_dir / "hang" / "rank0.stacks.txt").read_text().count("Thread") >= 2
+    text = log.read_text()
+    assert "[watchdog] rank 0" in text and "rank 1 on n2" in text and "exiting 4" in text, _tail(log)
+    assert "not excluding n2" in text and "crash restart 1 of 3" in text
+    if info.get("JobState") == "PENDING":
+        _release_requeue_hold(cluster, job)
+    _wait(cluster, job, log, _completed, 200, "COMPLETED after the requeue")
+    got = {m["step"]: m["loss"] for m in _train_steps(run_dir)}  # the resumed part replaced the lost one
+    assert sorted(got) == list(range(1, 17)) and all(got[s] == ref[s] for s in ref), (got, ref)
+
+
+def _task_pid(job: str, rank: int) -> int:
+    """The pid of the trainer process of `rank` in Slurm job `job` (both test nodes run on this host)."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("RANK") == str(rank) and "pretrain/main.py" in " ".join(
+                p.info["cmdline"] or []):
+            return p.info["pid"]
+    raise AssertionError(f"no trainer process of rank {rank} in job {job}")

@@ -6,6 +6,8 @@
     enospc_metrics:S:R on rank R, every write to metrics.jsonl from step S on fails with ENOSPC
     record:DIR:-       every rank appends, per micro batch, {"rank", "position", "ids"} of each sample it trained on
                        (position = index in the global sample order) to DIR/rank{R}.jsonl
+    slow:SECONDS:R     on rank R, every micro batch's data takes SECONDS longer (a slow node's data loading)
+    crash:STEP:R       on rank R, the process dies (exit 1) at the start of optimizer step STEP, once per run folder
 """
 
 import errno
@@ -90,7 +92,32 @@ elif kind == "record":
         return batch
 
     data.TrainBatches.__next__ = next_
-elif kind not in ("nan", "nanpattern", "enospc", "enospc_metrics", "record"):
+elif kind == "slow" and mine:
+    import time
+
+    from pretrain import data
+
+    real_next, delay = data.TrainBatches.__next__, float(args[0])
+
+    def slow_next(self):
+        time.sleep(delay)
+        return real_next(self)
+
+    data.TrainBatches.__next__ = slow_next
+elif kind == "crash" and mine:
+    real_step, at, calls = trainer.optimizer_step, int(args[0]), [0]
+
+    def optimizer_step(engine, batches, *a, **k):
+        calls[0] += 1
+        run_dir = next(x.split("=", 1)[1] for x in sys.argv if x.startswith("run_dir="))
+        marker = Path(run_dir) / "crashed"
+        if calls[0] >= at and not marker.exists():
+            marker.write_text("1")
+            os._exit(1)
+        return real_step(engine, batches, *a, **k)
+
+    trainer.optimizer_step = optimizer_step
+elif kind not in ("nan", "nanpattern", "enospc", "enospc_metrics", "record", "slow", "crash"):
     raise SystemExit(f"FAULT={os.environ['FAULT']!r}: unknown fault")
 
 sys.argv[0] = str(REPO / "pretrain" / "main.py")
