@@ -266,6 +266,10 @@ class RunConfig:
     """Every N-th checkpoint also holds the consolidated fp32 model (model.safetensors, model_config.yaml, tokenizer/)
     that pretrain.convert, init_from and pretrain.evaluate read; 0: only the final one. It costs one gather of every
     parameter and 4 bytes per parameter on disk."""
+    async_save: bool = True
+    """Write a checkpoint's model folder and its manifest's hashes in a background thread of each rank while training
+    goes on; the tag gets COMPLETE only when everything is on disk (a kill before leaves it incomplete and resume
+    falls back). DeepSpeed's own files and the gather of the model stay on the critical path."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on a GPU with bf16, fp32 on CPU."""
     nan_max_consecutive: int = 5

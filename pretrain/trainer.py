@@ -222,14 +222,18 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
             if evaluating and (step % run.eval_every == 0 or step == run.steps):
                 phase("eval")
                 log.validation(step, evaluate(engine, valid_ds, run))
-            stop, failed = D.any_ranks(signals.stop, guard.error is not None)
+            stop, failed, writing = D.any_ranks(signals.stop, guard.error is not None, ckpt.busy())
             if failed:  # the run's files cannot be written: stop every rank now, the last checkpoint stays
                 _raise_write_error(guard)
+            saved = None if writing else ckpt.settle()  # a tag written in the background completes once no rank writes
             if ckpt.due(step, stop):
                 phase("save")
-            ckpt.save(step, {"tokens_seen": tokens, "skipped_micro_batches": nan.skipped, "train_samples": n_train,
-                             "data_digest": stream_digest(train_ds, batches.consumed_samples) if rank == 0 else None,
-                             **batches.state_dict()}, final=stop)
+            saved = ckpt.save(step, {"tokens_seen": tokens, "skipped_micro_batches": nan.skipped,
+                                     "train_samples": n_train, "data_digest": stream_digest(
+                                         train_ds, batches.consumed_samples) if rank == 0 else None,
+                                     **batches.state_dict()}, final=stop) or saved
+            if saved:
+                log.write(saved)
             if stop and step < run.steps:
                 interrupted = True
                 if rank == 0:
@@ -240,6 +244,9 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
         ckpt.record_nan_storm(step, str(e))
         raise
     finished = step >= run.steps
+    saved = ckpt.settle()
+    if saved:
+        log.write(saved)
     log.close()
     if D.any_rank(guard.error is not None):
         _raise_write_error(guard)

@@ -4,9 +4,12 @@
     restored = ckpt.load()            # the engine: fresh (seed or init_from), resumed, or resharded
     ...
     ckpt.save(step, train_state, final=stopping)   # writes when the policy says so
+    ckpt.settle()                                  # when no rank still writes: the tag in flight completes
     ckpt.close()
 
 The manager owns the policy: `save_every`, `save_model_every` (which tags also hold the consolidated model),
+`async_save` (the model folder and the manifest's hashes written while training goes on; COMPLETE only once all is on
+disk),
 `keep_last` (a tag a reader holds stays until a later save), the FINISHED marker, the NaN-storm note
 (RUN_DIR/nan_storm.json: the next --resume auto warns when it picks the checkpoint the storm started from), and what
 a resume does to the folder (newer tags set aside, interrupted saves removed, metrics.jsonl trimmed to the resumed
@@ -25,7 +28,7 @@ from pretrain.checkpoint import run_folder as folder
 from pretrain.checkpoint.reshard import reshard
 from pretrain.checkpoint.resume import ResumePoint, find_resume, load_same_layout
 from pretrain.checkpoint.tags import RunFolderError, all_tags, complete_tags, remove_tag, tag_step
-from pretrain.checkpoint.writer import write_tag
+from pretrain.checkpoint.writer import PendingTag, begin_tag, finish_tag
 from pretrain.config import RunConfig
 from pretrain.run_files import RunWriteError
 
@@ -56,6 +59,7 @@ class CheckpointManager:
         self.dir = Path(run.run_dir)
         self.restored: Restored | None = None
         self.storm: dict | None = None  # RUN_DIR/nan_storm.json of an earlier launch (rank 0)
+        self.pending: PendingTag | None = None  # a tag whose background writes are not complete
         folder.make_run_dir(self.dir)
         self._lock = folder.acquire_run_folder(self.dir)
 
@@ -141,32 +145,53 @@ class CheckpointManager:
         """Whether `save(step, final=final)` writes a checkpoint."""
         return final or step % self.run.save_every == 0 or step >= self.run.steps
 
-    def save(self, step: int, train_state: dict, *, final: bool = False) -> Path | None:
-        """Collective. Write tag `step` when it is due (every `save_every` steps, the last step, or `final`: the run
-        stops after this step); keep the `keep_last` newest; after the last step, mark the run FINISHED.
-        `train_state`: the loop's counters (tokens_seen, skipped_micro_batches, consumed_samples, ...)."""
+    def save(self, step: int, train_state: dict, *, final: bool = False) -> dict | None:
+        """Collective. Begin tag `step` when it is due (every `save_every` steps, the last step, or `final`: the run
+        stops after this step). With `async_save` the model folder and the hashes are written in the background
+        and the tag completes at a later `settle` (at the latest before the next save and at the end); the last
+        step's and a final save complete here. `train_state`: the loop's counters (tokens_seen,
+        skipped_micro_batches, consumed_samples, ...). -> the save's timings when it completed here, else None."""
         if not self.due(step, final):
             return None
         run, r = self.run, self.restored
+        done = self.settle()  # one tag in flight at a time
         every = run.save_model_every
         last = step >= run.steps
         world = D.world_size()
         state = {"run_config": run.to_dict(), "model_config": run.model_config().to_dict(), "step": step,
                  "optimizer_steps": int(r.engine.global_steps), "global_batch": run.global_batch(world),
                  "world_size": world, **train_state}
-        tag = write_tag(r.engine, run_dir=self.dir, step=step, state=state, layout=r.layout,
-                        model_cfg=run.model_config(), tokenizer_dir=run.data.tokenizer,
-                        write_model=last or (every > 0 and (step // run.save_every) % every == 0))
+        self.pending = begin_tag(r.engine, run_dir=self.dir, step=step, state=state, layout=r.layout,
+                                 model_cfg=run.model_config(), tokenizer_dir=run.data.tokenizer,
+                                 write_model=last or (every > 0 and (step // run.save_every) % every == 0),
+                                 background=run.async_save and not (final or last))
+        if final or last or not run.async_save:
+            return self.settle() or done
+        return done
+
+    def busy(self) -> bool:
+        """Whether this rank still writes the tag in flight (agreed on across ranks before `settle`)."""
+        return self.pending is not None and self.pending.busy()
+
+    def settle(self) -> dict | None:
+        """Collective. Complete the tag in flight (waiting for the background writes), keep the `keep_last` newest.
+        -> its timings {"step", "save/blocked_s", "save/deepspeed_s", "save/gather_s", "save/background_s"}, or None
+        when none was in flight."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        finish_tag(pending)
+        run = self.run
         if D.rank() == 0:
             held = folder.prune(self.dir, run.keep_last)
             if held:
                 print(f"[checkpoint] kept {', '.join(held)} beyond keep_last={run.keep_last}: a reader (pretrain.convert, "
                       f"pretrain.evaluate, an init_from) holds it; a later save removes it", flush=True)
-            if self.storm and step > int(self.storm.get("step", 0)):  # past the storm: it is history
+            if self.storm and pending.step > int(self.storm.get("step", 0)):  # past the storm: it is history
                 folder.clear_nan_storm(self.dir)
                 self.storm = None
         D.barrier()
-        return tag
+        return {"step": pending.step, **{f"save/{k}": round(v, 3) for k, v in pending.timings.items()}}
 
     def record_nan_storm(self, step: int, message: str) -> None:
         """Collective: note the NaN storm this run stopped in (RUN_DIR/nan_storm.json) for the next resume."""

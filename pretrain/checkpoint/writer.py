@@ -2,6 +2,9 @@
 
 Order: DeepSpeed's files (every rank), rng_rank{r}.pt (every rank), the consolidated fp32 model (gathered to rank
 0: `pretrain.model_dir`), run_state.json, then the manifest (ranks hash disjoint files), COMPLETE and `latest`.
+Training waits only for the first three (`begin_tag`): the model folder, run_state.json and the hashing can run in a
+thread of each rank while training goes on (`background`), and `finish_tag` writes the manifest and COMPLETE once
+every rank's share is on disk. A kill before that leaves a tag without COMPLETE, which resume skips.
 An error of any rank (a full disk, EIO) is held back until DeepSpeed's own collectives are done (`_HeldErrors`), so
 no rank waits forever on a rank that failed; then the partial tag is removed, the previous checkpoint stays, and
 every rank raises `CheckpointSaveError` naming the cause and path.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -111,49 +115,92 @@ def gather_model_state(engine, model_cfg) -> dict[str, torch.Tensor] | None:
     return sd
 
 
-def write_tag(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, model_cfg, tokenizer_dir,
-              write_model: bool = True) -> Path:
-    """Collective. Write tag `step` of `run_dir` completely or not at all (module docstring); -> its folder."""
+class PendingTag:
+    """A tag whose DeepSpeed and RNG files are written; its model folder, run state and hashes are being written by
+    a thread of each rank (`begin_tag(background=True)`), and `finish_tag` completes it (collective)."""
+
+    def __init__(self, run_dir: Path, step: int, layout: dict, held: "_HeldErrors") -> None:
+        self.dir, self.step, self.layout, self.held = run_dir, step, layout, held
+        self.tdir = run_dir / tag_name(step)
+        self.digests: dict = {}
+        self.thread: threading.Thread | None = None
+        self.timings: dict[str, float] = {}
+
+    def busy(self) -> bool:
+        """This rank's share is still being written (the loop agrees across ranks before `finish_tag`)."""
+        return self.thread is not None and self.thread.is_alive()
+
+
+def begin_tag(engine, *, run_dir: str | Path, step: int, state: dict, layout: dict, model_cfg, tokenizer_dir,
+              write_model: bool = True, background: bool = False) -> PendingTag:
+    """Collective. The part of a save that training waits for: DeepSpeed's files, each rank's RNG state and the
+    gather of the consolidated model to rank 0. The rest (the model folder and run_state.json on rank 0, each rank's
+    share of the hashes) runs in a thread when `background`, else here; `finish_tag` writes the manifest and
+    COMPLETE."""
     from pretrain.model_dir import save_model_dir
 
     d = Path(run_dir)
-    tag = tag_name(step)
-    tdir = d / tag
+    t0 = time.perf_counter()
     rank = D.rank()
+    held = _HeldErrors(engine)
+    pending = PendingTag(d, step, layout, held)
+    tdir = pending.tdir
     if rank == 0 and tdir.exists():  # an earlier interrupted save of the same step
         remove_tag(tdir)
     D.barrier()
-    held = _HeldErrors(engine)
     try:
-        engine.save_checkpoint(str(d), tag=tag, client_state=dict(state), save_latest=False)
+        engine.save_checkpoint(str(d), tag=tdir.name, client_state=dict(state), save_latest=False)
     finally:
         held.restore()
     held.run(lambda: torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                                 tdir / f"rng_rank{rank}.pt"), tdir / f"rng_rank{rank}.pt")
+    t1 = time.perf_counter()
     sd = gather_model_state(engine, model_cfg) if write_model else None
-    if rank == 0:
-        if sd is not None:
-            held.run(lambda: save_model_dir(tdir, sd, model_cfg, tokenizer_dir), tdir)
-        held.run(lambda: write_atomic(tdir / RUN_STATE, json.dumps(state, indent=1, default=str)), tdir / RUN_STATE)
-    sd = None  # free the gathered copy before hashing
+    t2 = time.perf_counter()
     D.barrier()
-    # manifest: ranks hash disjoint files, rank 0 writes it, then the COMPLETE marker
+    # each rank hashes every world-th file of the DeepSpeed / RNG files; rank 0 also the files it writes below
     names = D.broadcast_object(checkpoint_files(tdir) if rank == 0 and tdir.is_dir() else [])
-    mine = {}
-    for i, n in enumerate(names):
-        if i % D.world_size() == rank:
+    share = [n for i, n in enumerate(names) if i % D.world_size() == rank]
+
+    def rest() -> None:
+        t = time.perf_counter()
+        mine = share
+        if rank == 0:
+            if sd is not None:
+                held.run(lambda: save_model_dir(tdir, sd, model_cfg, tokenizer_dir), tdir)
+            held.run(lambda: write_atomic(tdir / RUN_STATE, json.dumps(state, indent=1, default=str)),
+                     tdir / RUN_STATE)
+            mine = share + [n for n in checkpoint_files(tdir) if n not in names] if tdir.is_dir() else share
+        for n in mine:
             got = held.run(lambda n=n: file_digest(tdir / n), tdir / n)
             if got is not None:
-                mine[n] = got
+                pending.digests[n] = got
+        pending.timings["background_s"] = time.perf_counter() - t
+
+    if background:
+        pending.thread = threading.Thread(target=rest, name=f"save-{tdir.name}", daemon=True)
+        pending.thread.start()
+    else:
+        rest()
+    pending.timings.update(deepspeed_s=t1 - t0, gather_s=t2 - t1, blocked_s=time.perf_counter() - t0)
+    return pending
+
+
+def finish_tag(pending: PendingTag) -> Path:
+    """Collective. Wait for this rank's background share, then write the manifest (every rank's hashes), COMPLETE
+    and `latest`; on any rank's error remove the tag and raise CheckpointSaveError on every rank."""
+    if pending.thread is not None:
+        pending.thread.join()
+    d, tdir, rank = pending.dir, pending.tdir, D.rank()
     digests = {}
-    for part in D.all_gather_object(mine):
+    for part in D.all_gather_object(pending.digests):
         digests.update(part)
-    errors = [e for part in D.all_gather_object(held.errors) for e in part]
+    errors = [e for part in D.all_gather_object(pending.held.errors) for e in part]
     if not errors and rank == 0:
-        man = {"tag": tag, "step": step, "layout": layout, "files": digests, "written": time.time(),
-               "deepspeed": __import__("deepspeed").__version__, "torch": torch.__version__}
+        man = {"tag": tdir.name, "step": pending.step, "layout": pending.layout, "files": digests,
+               "written": time.time(), "deepspeed": __import__("deepspeed").__version__, "torch": torch.__version__}
         try:
             write_atomic(tdir / MANIFEST, json.dumps(man, indent=1))
             write_atomic(tdir / COMPLETE, f"{time.time()}\n")
@@ -172,3 +219,8 @@ def write_tag(engine, *, run_dir: str | Path, step: int, state: dict, layout: di
                                   + (prev[-1].name if prev else "no earlier checkpoint")
                                   + (" is intact and --resume auto continues from it" if prev else " exists"))
     return tdir
+
+
+def write_tag(engine, **kw) -> Path:
+    """Collective. Write a tag completely or not at all, in the calling thread (`begin_tag` + `finish_tag`)."""
+    return finish_tag(begin_tag(engine, **kw, background=False))
