@@ -1,7 +1,7 @@
 """Run configuration of the pretraining job (`pretrain/main.py`): typed dataclasses, validated once, at construction.
 
-    RunConfig                    the top level: model, schedule, batch, checkpoints, logging (`python -m pretrain.config`
-      .data: DataConfig          lists every key with its type, default and meaning)
+    RunConfig                    the top level: model, schedule, batch, checkpoints, logging
+      .data: DataConfig          (`python -m pretrain.config` lists every key with its type, default and meaning)
       .activation_checkpointing: ActivationCheckpointing
       .wandb: WandbConfig
       .faults: FaultConfig       collective timeout, hang watchdog, stragglers
@@ -364,7 +364,8 @@ def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> R
             with open(path) as f:
                 d = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ValueError(f"--config {path}: no such file (the shipped run configs are in pretrain/configs/)") from None
+            raise ValueError(f"--config {path}: no such file (the shipped run configs are in "
+                             f"pretrain/configs/)") from None
         except yaml.YAMLError as e:
             raise ValueError(f"--config {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):

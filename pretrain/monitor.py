@@ -158,8 +158,8 @@ class Monitor:
         except OSError as e:
             faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
             where = f"stacks on stderr ({self.dir} not writable: {e})"
-        named = ", ".join(f"rank {p['rank']} on {p.get('node') or p.get('host')} (phase {p.get('phase')} after step {p.get('step')}, "
-                          f"silent {p['silent_s']:.0f} s)" for p in stopped) or "none"
+        named = ", ".join(f"rank {p['rank']} on {p.get('node') or p.get('host')} (phase {p.get('phase')} after step "
+                          f"{p.get('step')}, silent {p['silent_s']:.0f} s)" for p in stopped) or "none"
         try:
             print(f"[watchdog] rank {self.rank} on {self.host}: no progress for {stalled:.0f} s (limit "
                   f"{self.limit():.0f} s) in phase {self.current} after step {self.step}; ranks that stopped "

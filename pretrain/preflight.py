@@ -364,7 +364,8 @@ def preflight(run=None, ds: dict | None = None, *, all_kernels: bool = False, mi
     result = {"kernels_off": off, "ranks": [asdict(r) for r in reports]}
     if untrusted:
         raise PreflightError("the preflight found ranks this run cannot trust: " + " | ".join(untrusted) +
-                             ". Exclude those nodes (sbatch --exclude) or set preflight.min_fraction / preflight: false")
+                             ". Exclude those nodes (sbatch --exclude) or set preflight.min_fraction / "
+                             "preflight: false")
     return result
 
 

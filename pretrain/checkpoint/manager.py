@@ -185,8 +185,9 @@ class CheckpointManager:
         if D.rank() == 0:
             held = folder.prune(self.dir, run.keep_last)
             if held:
-                print(f"[checkpoint] kept {', '.join(held)} beyond keep_last={run.keep_last}: a reader (pretrain.convert, "
-                      f"pretrain.evaluate, an init_from) holds it; a later save removes it", flush=True)
+                print(f"[checkpoint] kept {', '.join(held)} beyond keep_last={run.keep_last}: a reader "
+                      f"(pretrain.convert, pretrain.evaluate, an init_from) holds it; a later save removes it",
+                      flush=True)
             if self.storm and pending.step > int(self.storm.get("step", 0)):  # past the storm: it is history
                 folder.clear_nan_storm(self.dir)
                 self.storm = None
