@@ -73,6 +73,20 @@ def all_mean(x: float) -> float:
     return t.item() / world_size()
 
 
+def all_means(values: list) -> list[float]:
+    """The mean over ranks of each value (host numbers or device scalars), read from the device once and reduced in
+    one all-reduce."""
+    if not values:
+        return []
+    xs = [torch.as_tensor(v).detach().reshape(()).double() for v in values]
+    dev = next((x.device for x in xs if x.device.type != "cpu"), xs[0].device)
+    t = torch.stack([x.to(dev) for x in xs]).cpu()  # (n,) the one device -> host copy
+    if dist.is_initialized():
+        dist.all_reduce(t, group=_CONTROL)
+        t /= world_size()
+    return t.tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on some rank."""
     return any_ranks(flag)[0]

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import RunConfig
-from pretrain.distributed import all_mean
+from pretrain.distributed import all_means
 from pretrain.ds_config import resolve_precision
 from pretrain.run_files import LOW_SPACE, WriteGuard, write_atomic, writing
 from ressformer.flops import flops_per_token
@@ -170,7 +170,9 @@ class MetricsLog:
         world = dist.get_world_size()
         tps = (tokens - self.tok0) / max(time.time() - self.t0, 1e-9)
         gn = engine.get_global_grad_norm()
-        rec = {"step": step, **{n: all_mean(v / k) for n, (v, k) in sums.items()},
+        names = list(sums)
+        means = all_means([sums[n][0] / sums[n][1] for n in names])  # one read of the device, one all-reduce
+        rec = {"step": step, **dict(zip(names, means)),
                "lr": sched.get_last_lr()[0], "grad_norm": float(gn) if gn is not None else None,
                "num_steps": num_steps, "tokens_seen": tokens, "tokens_per_s": tps,
                "tflops": tps * flops_per_token(self.mcfg, self.run.seq_len, num_steps) / 1e12,

@@ -81,7 +81,8 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
 
 def optimizer_step(engine, batches, num_steps: int, grad_accum: int, guard: NanGuard, sums: dict) -> None:
     """`grad_accum` micro batches (a skipped one is replaced by the next) = one optimizer step; the losses and
-    scalar diagnostics of each are added to `sums` (name -> [sum, count])."""
+    scalar diagnostics of each are added to `sums` (name -> [sum, count]) on the device: they are read on the host
+    once per log interval (`MetricsLog.training`), not per micro batch."""
     done = 0
     while done < grad_accum:
         phase("data")
@@ -92,7 +93,7 @@ def optimizer_step(engine, batches, num_steps: int, grad_accum: int, guard: NanG
         for name, v in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items(),
                         *[(f"diag/{n}", d) for n, d in out.diagnostics.items() if d.numel() == 1]]:
             acc = sums.setdefault(name, [0.0, 0])
-            acc[0] += float(v.detach().float())
+            acc[0] = acc[0] + v.detach().double()
             acc[1] += 1
 
 
@@ -104,9 +105,9 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     tot = 0.0
     with torch.no_grad():
         for b in eval_batches(valid, run.micro_batch, D.rank(), D.world_size(), run.eval_iters):
-            tot += engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device)).lm_loss.item()
+            tot = tot + engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device)).lm_loss.float()
     engine.train()
-    return all_mean(tot / run.eval_iters)
+    return all_mean(float(tot) / run.eval_iters)  # read once
 
 
 def train_samples(run: RunConfig, world: int, state: dict) -> int:
