@@ -108,22 +108,26 @@ class _Entmax15(torch.autograd.Function):
 
 
 def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Exact sparsemax along `dim` (-inf entries masked; all -inf rows give zeros)."""
-    return _Sparsemax.apply(x, dim)
+    """Exact sparsemax along `dim` (-inf entries masked; all -inf rows give zeros). bf16 / fp16 input is computed
+    in float32 and the result cast back, as torch.softmax does (thresholds and sums in bf16 miss 1 by up to 0.015)."""
+    return _Sparsemax.apply(at_least_fp32(x), dim).to(x.dtype)
 
 
 def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Exact 1.5-entmax along `dim` (-inf entries masked; all -inf rows give zeros)."""
-    return _Entmax15.apply(x, dim)
+    """Exact 1.5-entmax along `dim` (-inf entries masked; all -inf rows give zeros); bf16 / fp16 in float32 inside,
+    as `sparsemax`."""
+    return _Entmax15.apply(at_least_fp32(x), dim).to(x.dtype)
 
 
 def masked_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax along `dim` where -inf entries get 0 and all -inf rows give zeros (not NaN)."""
-    valid = x > float("-inf")
-    m = x.detach().amax(dim, keepdim=True)  # max over valid entries (-inf if none)
-    m = torch.where(m > float("-inf"), m, torch.zeros((), dtype=x.dtype, device=x.device))
-    e = torch.exp(torch.where(valid, x - m, torch.full((), float("-inf"), dtype=x.dtype, device=x.device)))
-    return e / e.sum(dim, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    """Softmax along `dim` where -inf entries get 0 and all -inf rows give zeros (not NaN); bf16 / fp16 in float32
+    inside, as `sparsemax`."""
+    z = at_least_fp32(x)
+    valid = z > float("-inf")
+    m = z.detach().amax(dim, keepdim=True)  # max over valid entries (-inf if none)
+    m = torch.where(m > float("-inf"), m, torch.zeros((), dtype=z.dtype, device=z.device))
+    e = torch.exp(torch.where(valid, z - m, torch.full((), float("-inf"), dtype=z.dtype, device=z.device)))
+    return (e / e.sum(dim, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)).to(x.dtype)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
