@@ -235,8 +235,16 @@ class RunConfig:
     """Learning rate at the last step (the decay's floor)."""
     warmup_steps: int = 20
     """Linear warmup steps from lr / warmup_steps to lr."""
-    decay: Literal["cosine", "linear"] = "cosine"
-    """Decay from lr to min_lr between warmup_steps and steps."""
+    decay: Literal["cosine", "linear", "wsd"] = "cosine"
+    """cosine / linear: decay from lr to min_lr between warmup_steps and steps; wsd: warmup-stable-decay, lr held
+    until the last decay_steps (or decay_fraction x steps) steps, then decay_shape down to min_lr."""
+    decay_fraction: float = 0.2
+    """wsd: the fraction of the run's steps that decay (when decay_steps is 0)."""
+    decay_steps: int = 0
+    """wsd: the number of steps that decay at the end of the run (0: decay_fraction x steps). A cool-down branch
+    resumes a stable-phase checkpoint into a new run_dir with steps = its step + N and decay_steps = N."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
+    """wsd: the shape of the decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas (two numbers in [0, 1))."""
     eps: float = 1e-8
@@ -250,8 +258,12 @@ class RunConfig:
     activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
     """Recompute units in backward (enabled, every)."""
     compile: bool = False
-    """torch.compile (inductor) each unit the model repeats, in place (CausalLM.compile_units: every block, the R2MU
-    memory); checkpoints are unchanged. The first step compiles. Not with expert parallelism (AutoEP, native MoE)."""
+    """torch.compile (inductor) each unit the model repeats, in place (CausalLM.compile_units: the recurrent step with
+    its R2MU memory, each block); checkpoints are unchanged. The first step compiles. With expert parallelism (AutoEP,
+    native MoE) the MoE layer stays eager inside the compiled step."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile's mode: reduce-overhead captures CUDA graphs (needs a step free of host syncs), max-autotune
+    also searches matmul configurations."""
     log_every: int = 10
     """Steps between metrics records (metrics.jsonl, wandb, the progress bar)."""
     save_every: int = 100
@@ -305,6 +317,9 @@ class RunConfig:
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
               "two numbers in [0, 1), e.g. [0.9, 0.95]")
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _need(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        _need(0 <= self.decay_steps <= self.steps, "decay_steps", self.decay_steps,
+              f"must be in [0, steps={self.steps}] (0: decay_fraction x steps)")
         _need(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0: off)")
         _need(self.eps > 0, "eps", self.eps, "must be > 0")
         _need(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")

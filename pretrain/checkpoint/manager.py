@@ -19,6 +19,7 @@ it is written, verified, chosen and resharded live in the modules beside this on
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pretrain import distributed as D
 from pretrain.checkpoint import run_folder as folder
 from pretrain.checkpoint.reshard import reshard
 from pretrain.checkpoint.resume import ResumePoint, find_resume, load_same_layout
-from pretrain.checkpoint.tags import RunFolderError, all_tags, complete_tags, remove_tag, tag_step
+from pretrain.checkpoint.tags import RunFolderError, all_tags, complete_tags, reading, remove_tag, tag_step
 from pretrain.checkpoint.writer import PendingTag, begin_tag, finish_tag
 from pretrain.config import RunConfig
 from pretrain.run_files import RunWriteError
@@ -90,11 +91,14 @@ class CheckpointManager:
                 raise RunFolderError(f"{point.tag} was written for another model config: {diff} (checkpoint value, "
                                      f"this run's value). Resume with the checkpoint's model settings, or start a "
                                      f"new run from its weights with --set init_from={point.tag}")
-            if (point.layout or lay) == lay:
-                engine, _, sched, ds = build_engine(run, self.ds_json)
-                load_same_layout(engine, point.tag)
-            else:
-                engine, sched, ds = reshard(run, self.ds_json, point, self.dir, lay, self.should_stop)
+            # a tag of another run folder (a cool-down branch) is read under its readers' lock, never changed
+            foreign = point.tag.parent.resolve() != self.dir.resolve()
+            with reading(point.tag) if foreign else contextlib.nullcontext():
+                if (point.layout or lay) == lay:
+                    engine, _, sched, ds = build_engine(run, self.ds_json)
+                    load_same_layout(engine, point.tag)
+                else:
+                    engine, sched, ds = reshard(run, self.ds_json, point, self.dir, lay, self.should_stop)
             state = point.state
         self.restored = Restored(engine, sched, ds, state, lay, point)
         D.on_rank0(self._after_load, errors=(RunFolderError, RunWriteError))

@@ -519,3 +519,23 @@ def test_torchrun_max_restarts_with_resume_auto_recovers_a_crashed_rank(ref, tmp
     assert p.returncode == 0 and (d / "crashed").exists() and (d / "FINISHED").exists(), (p.stdout + p.stderr)[-4000:]
     assert "resumed from" in p.stdout + p.stderr
     same_after(losses(d), ref[1], 1)
+
+
+def test_a_cooldown_branch_from_a_stable_checkpoint_leaves_the_run_untouched(ref, tmp_path):
+    """WSD: --resume another run's stable-phase tag into a new run_dir with a decay over the last steps; the branch
+    continues the run exactly up to its branch point (step 6) and the original run folder does not change."""
+    import hashlib
+
+    def snapshot(d):
+        return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.rglob("*"))
+                if f.is_file() and f.name != "LOCK" and ".readers" not in f.name}
+
+    before = snapshot(ref[0])
+    branch = tmp_path / "cool"
+    run(branch, "--resume", str(ref[0] / "step_00000006"), "--set", "decay=wsd", "--set", "steps=10",
+        "--set", "decay_steps=4", "--set", "decay_shape=linear")
+    assert snapshot(ref[0]) == before
+    recs = {r["step"]: r for r in map(json.loads, (branch / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert sorted(recs) == [7, 8, 9, 10] and recs[7]["loss"] == ref[1][7]  # step 7: the stable lr, as the run had
+    lrs = [recs[s]["lr"] for s in (7, 8, 9, 10)]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0] and (branch / "FINISHED").is_file()

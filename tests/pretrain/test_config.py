@@ -74,6 +74,23 @@ def test_lr_schedule_warmup_then_decay_to_min():
         assert lrs[60] == pytest.approx(mid)
 
 
+def test_wsd_holds_lr_then_decays_with_its_shape():
+    base = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=100, decay="wsd", wandb={"mode": "disabled"})
+    for shape, at_half in (("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - 0.5 ** 0.5)):
+        run = RunConfig(**base, decay_steps=20, decay_shape=shape)
+        lrs = [run.lr * lr_lambda(run, s) for s in range(run.steps + 1)]
+        assert lrs[9] == lrs[10] == lrs[79] == lrs[80] == pytest.approx(1e-3)  # warmup, then stable to step 80
+        assert lrs[90] == pytest.approx(1e-4 + 0.9e-3 * at_half) and lrs[100] == pytest.approx(1e-4)
+        assert all(a >= b - 1e-15 for a, b in zip(lrs[80:], lrs[81:]))
+    frac = RunConfig(**base, decay_fraction=0.3)
+    assert lr_lambda(frac, 69) == 1.0 and lr_lambda(frac, 71) < 1.0  # the last 30 % decay
+    # a cool-down branch from the stable phase: the same curve up to its branch point
+    long, branch = RunConfig(**{**base, "steps": 1000}, decay_steps=200), RunConfig(**base, decay_steps=20)
+    assert [lr_lambda(long, s) for s in range(80)] == [lr_lambda(branch, s) for s in range(80)]
+    with pytest.raises(ValueError, match="decay_steps"):
+        RunConfig(**base, decay_steps=101)
+
+
 def test_weight_decay_groups_skip_norms_and_embeddings():
     m = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(5, 4), "proj": torch.nn.Linear(4, 4),
                              "norm": torch.nn.LayerNorm(4)})
