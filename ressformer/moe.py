@@ -7,9 +7,10 @@
 * Layout and routing are DeepSpeed AutoEP's "mixtral" preset (module_inject/auto_ep_presets/mixtral.py,
   moe/ep_router.py): router `gate`, fused experts gate_up_proj [E, 2F, D] (gate rows first) and down_proj
   [E, D, F], softmax in float32, top-k renormalised. One process computes what a ZeRO-3 + AutoEP run computes.
-* Dropless: assignments sorted by expert, then either one matmul per expert on counts read on the host (the loop,
-  the reference) or one torch._grouped_mm per projection over all experts with device-side offsets (no host sync;
-  bfloat16 on CUDA sm90+, `ressformer.kernels.moe_experts`); index_add back; empty experts get zero gradient.
+* Dropless: assignments sorted by expert, then one of (`ressformer.kernels.moe_experts`): one matmul per expert on
+  counts read on the host (the loop, the reference); one torch._grouped_mm per projection over all experts with
+  device-side offsets (bfloat16 on CUDA sm90 / sm100); batched matmuls over tiles of expert-sorted rows with static
+  shapes (`MoEExperts.padded`: no host read anywhere); index_add back; empty experts get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressformer.config import ModelConfig, MoEConfig
-from ressformer.kernels import use_grouped_mm
+from ressformer.kernels import experts_path
 
 # AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
 _ROUTE_NORM_EPS = 1e-20
@@ -55,6 +56,35 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
     return (F.silu(g) * u) @ down.t()
 
 
+def expert_tile(rows: int, num_experts: int) -> int:
+    """Rows per tile of `MoEExperts.padded` for `rows` expert-sorted rows: the largest power of two <= rows / (2E),
+    within [1, 128]. Each expert pads its rows to a multiple of the tile, so the padding is at most E * (tile - 1)
+    < rows / 2 rows; smaller tiles mean more tiles, each with its own copy of its expert's weights."""
+    per = max(1, rows // (2 * num_experts))
+    return min(128, 1 << (per.bit_length() - 1))
+
+
+class _TileMatmul(torch.autograd.Function):
+    """y (n, t, O) = x (n, t, I) @ w[e]^T, w (E, O, I), e (n,) the expert of each tile. Saves x and w (no per-tile
+    copy of the weights: backward gathers them again)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, e)
+        return torch.bmm(x, w[e].transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w, e = ctx.saved_tensors
+        gx = torch.bmm(g, w[e]) if ctx.needs_input_grad[0] else None  # (n, t, I)
+        gw = None
+        if ctx.needs_input_grad[1]:  # per tile (n, O, I), summed into its expert's in at least float32
+            acc = torch.promote_types(w.dtype, torch.float32)
+            per_tile = torch.bmm(g.transpose(1, 2), x).to(acc)
+            gw = torch.zeros(w.shape, dtype=acc, device=w.device).index_add_(0, e, per_tile).to(w.dtype)
+        return gx, gw, None
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts as fused 3-D parameters: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
 
@@ -83,6 +113,30 @@ class MoEExperts(nn.Module):
         g, u = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # (n, F) each
         return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
 
+    def padded(self, x: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """`grouped` with static shapes on any device and dtype: every expert on its rows of x (R, D), sorted by
+        expert (counts (E,), expert (R,) of each row) -> (R, D), no host read.
+
+        Each expert's rows are padded to a multiple of t = expert_tile(R, E) rows; the sum of ceil(count_e / t) is
+        at most (R + E (t - 1)) // t, so that many tiles of t rows hold every row (dropless) whatever the routing:
+        zero rows fill the rest. One batched matmul per projection over the tiles, each tile with its expert's
+        weights (`_TileMatmul`); zero rows contribute nothing to outputs or gradients.
+        """
+        R, D = x.shape
+        E = self.num_experts
+        t = expert_tile(R, E)
+        n_tiles = (R + E * (t - 1)) // t
+        tiles = (counts + t - 1) // t  # (E,) tiles of each expert
+        tile_end = tiles.cumsum(0)  # (E,)
+        row_start = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
+        slot = (tile_end - tiles)[expert] * t + torch.arange(R, device=x.device) - row_start[expert]  # (R,)
+        tile_expert = torch.searchsorted(tile_end, torch.arange(n_tiles, device=x.device), right=True)
+        tile_expert = tile_expert.clamp(max=E - 1)  # (n_tiles,) unused tiles (zero rows): any expert
+        xt = x.new_zeros(n_tiles * t, D).index_copy(0, slot, x).view(n_tiles, t, D)
+        g, u = _TileMatmul.apply(xt, self.gate_up_proj, tile_expert).chunk(2, dim=-1)  # (n_tiles, t, F) each
+        y = _TileMatmul.apply(F.silu(g) * u, self.down_proj, tile_expert)  # (n_tiles, t, D)
+        return y.view(n_tiles * t, D).index_select(0, slot)
+
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), topk_idx (N, k) long, topk_weight (N, k) -> (N, D), dropless."""
         N, k = topk_idx.shape
@@ -90,13 +144,15 @@ class MoEExperts(nn.Module):
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
         token = order // k  # (N*k,) source token of each sorted assignment
         weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
-        if not use_grouped_mm(x, (x.shape[-1], self.hidden)):
+        path = experts_path(x, (x.shape[-1], self.hidden))
+        if path == "loop":
             return self.loop(x, flat_idx, token, weight)
         # counts on the device by scatter_add (bincount's output shape depends on the data): torch.compile traces
-        # this path whole
+        # these paths whole
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
-        return torch.zeros_like(x).index_add_(0, token, self.grouped(x[token], counts) * weight)
+        y = self.grouped(x[token], counts) if path == "grouped_mm" else self.padded(x[token], counts, flat_idx[order])
+        return torch.zeros_like(x).index_add_(0, token, y * weight)
 
     def loop(self, x: torch.Tensor, flat_idx: torch.Tensor, token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The reference: one matmul per expert on counts read on the host, over the assignments sorted by expert

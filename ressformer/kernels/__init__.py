@@ -17,10 +17,19 @@ and likewise `lm_loss_kernel` (`set_lm_loss_kernel`) for the loss of a forward t
              imported); an error when liger-kernel is missing
     "torch"  always the PyTorch path
 and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEExperts):
-    "auto"        one torch._grouped_mm per projection for all experts, for bfloat16 CUDA tensors on compute
-                  capability >= 9.0 (where torch's grouped GEMM is native), else the loop
+    "auto"        CUDA: torch._grouped_mm for bfloat16 on compute capability 9.x / 10.x with 16-byte aligned widths
+                  (torch 2.13 runs its CUTLASS grouped GEMM there, offsets on the device; elsewhere torch falls
+                  back to a loop that copies the offsets to the host), else "padded". CPU: the loop eagerly (a
+                  host read costs no device sync there, and the loop is the fastest: "padded" takes 1.4x its time
+                  at the debug preset's widths, 2.8x at 125m's, 2048 tokens fp32 fwd+bwd); under torch.compile,
+                  whose graph the loop's host read would break, torch._grouped_mm for aligned bfloat16 (the CPU
+                  kernel gives the loop's results bit for bit) and "padded" otherwise
     "grouped_mm"  always torch._grouped_mm (on CPU too: the loop's results bit for bit in torch 2.13, 1-2x its
-                  speed, bench/moe_experts.py); an error when torch lacks it or the widths are not 16-byte multiples
+                  speed, bench/moe_experts.py; compiles for bfloat16 only); an error when torch lacks it or the
+                  widths are not 16-byte multiples
+    "padded"      batched matmuls over tiles of rows sorted by expert, every shape static (moe.MoEExperts.padded):
+                  no host read on any device or dtype, at the price of up to 1.5x the rows and a transient copy of
+                  the weights per tile
     "loop"        one matmul per expert on the token counts read on the host (the reference)
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
@@ -95,33 +104,45 @@ def use_lm_loss_kernel(h: torch.Tensor) -> bool:
     return _use_kernel(lm_loss_kernel, LM_LOSS_KERNEL_MODES, "lm_loss_kernel", "liger-kernel", liger_available, h)
 
 
-MOE_EXPERTS_MODES = ("auto", "grouped_mm", "loop")
+MOE_EXPERTS_MODES = ("auto", "grouped_mm", "padded", "loop")
 moe_experts = "auto"
 
 
 def set_moe_experts(mode: str) -> None:
-    """Choose how the routed experts' matmuls run: auto | grouped_mm | loop."""
+    """Choose how the routed experts' matmuls run: auto | grouped_mm | padded | loop."""
     global moe_experts
     moe_experts = _checked(mode, MOE_EXPERTS_MODES, "moe experts")
 
 
-def use_grouped_mm(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
-    """Whether the experts' matmuls of tokens x (n, D) with weight widths `widths` (D, F, ...) run as
-    torch._grouped_mm under the `moe_experts` mode. torch._grouped_mm needs every row stride a multiple of 16 bytes."""
-    if moe_experts == "loop":
-        return False
+def _native_grouped_mm(device: torch.device) -> bool:
+    """Whether torch._grouped_mm runs its device-offset kernel on this CUDA device: compute capability 9.x or 10.x
+    (torch's `_scaled_mm_allowed_device(sm90_only, sm100_only)`). torch.compile folds get_device_properties to a
+    constant."""
+    return torch.cuda.get_device_properties(device).major in (9, 10)
+
+
+def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
+    """How the experts' matmuls of tokens x (n, D) with weight widths `widths` (D, F, ...) run under the
+    `moe_experts` mode: "grouped_mm", "padded" or "loop". torch._grouped_mm needs every row stride a multiple of
+    16 bytes."""
+    if moe_experts in ("loop", "padded"):
+        return moe_experts
     aligned = all(w * x.element_size() % 16 == 0 for w in widths)
     if moe_experts == "grouped_mm":
         if not hasattr(torch, "_grouped_mm"):
             raise RuntimeError(f"ressformer.kernels.moe_experts is 'grouped_mm' but torch {torch.__version__} has no "
-                               "torch._grouped_mm: upgrade torch or set_moe_experts('loop')")
+                               "torch._grouped_mm: upgrade torch or set_moe_experts('auto')")
         if not aligned:
             raise ValueError(f"ressformer.kernels.moe_experts is 'grouped_mm' but the expert widths {widths} times "
                              f"{x.element_size()} bytes ({x.dtype}) are not multiples of 16 bytes, which "
                              "torch._grouped_mm requires: choose d_model and ffn_hidden multiples of "
                              f"{16 // x.element_size()}, or set_moe_experts('auto')")
-        return True
+        return "grouped_mm"
     if moe_experts == "auto":
-        return (aligned and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+        grouped = aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")  # traceable: bf16 only
+        if not x.is_cuda:
+            if not torch.compiler.is_compiling():
+                return "loop"
+            return "grouped_mm" if grouped else "padded"
+        return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")
