@@ -28,7 +28,8 @@ import torch.utils.checkpoint
 
 from ressformer.config import ModelConfig
 from ressformer.kernels import use_asam_kernel
-from ressformer.selection import UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, topk_first, visible
+from ressformer.selection import (UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, run_local_blocks,
+                                  topk_first, visible)
 from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
 
 IMPLS = ("reference", "chunked", "block")
@@ -55,6 +56,27 @@ def asam_options(cfg: ModelConfig) -> dict:
     a = cfg.asam
     return dict(causal=cfg.causal, activation=a.activation, topk=a.topk, impl=a.impl, chunk_size=a.chunk_size,
                 block_size=a.block_size, blocks_per_query=a.blocks_per_query, block_select=a.block_select)
+
+
+def local_block_bound(cfg: ModelConfig, memory: bool, span: int) -> int | None:
+    """An upper bound on the key blocks overlapping the positions of one query chunk (selection.KeyBlocks
+    .local_blocks) for the keys the model gives ASAM under asam.impl=block; None (any layout) for memory keys in
+    encoder mode, which model.py does not block-align.
+
+    The keys are runs (selection.run_local_blocks) of non-decreasing positions, each starting at a block boundary:
+    the tokens with the filler keys after them (one key per position), and with R2MU memory model.py's
+    block-aligned token cache with its fillers (one key per position) and the summaries with theirs (summary_slots
+    keys at each segment end, segment_len positions apart). `span` consecutive positions (a chunk's: chunk_size;
+    queries that may straddle two chunks: 2 * chunk_size) hold at most span keys of the first two runs and
+    summary_slots * (floor((span - 1) / segment_len) + 1) summaries.
+    """
+    if memory and not cfg.causal:
+        return None
+    bs, r = cfg.asam.block_size, cfg.r2mu
+    n = run_local_blocks(span, bs)
+    if memory:
+        n += run_local_blocks(span, bs) + run_local_blocks(r.summary_slots * ((span - 1) // r.segment_len + 1), bs)
+    return n
 
 
 def _check_inputs(q, k, v, *, q_pos, k_pos, k_window, activation, topk, graph, graph_scale, impl):
@@ -165,13 +187,36 @@ def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, gra
 
 
 # --- impl=chunked / block ---------------------------------------------------------------------------------------
+@torch.library.custom_op("ressformer::edge_bias", mutates_args=())
 def _edge_bias(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
     """Scatter graph edge values onto slots. epos (B, H, c, m) slot of each edge (-1: not present),
-    gval (B, H, c, m) gamma_h * val -> (B, H, c, n)."""
+    gval (B, H, c, m) gamma_h * val -> (B, H, c, n).
+
+    An opaque op to torch.compile: inductor (torch 2.13, CPU) turns a scatter_add into zeros + an in-place scatter
+    and, fused with the score's consumers, ran that scatter after ASAM's top-k had read the scores (wrong keys
+    kept under block ASAM; tests/test_compile.py)."""
     present = epos >= 0
     src = torch.where(present, gval, torch.zeros((), dtype=gval.dtype, device=gval.device))
     out = torch.zeros(*epos.shape[:-1], n, dtype=gval.dtype, device=gval.device)
     return out.scatter_add(-1, epos.clamp(min=0), src)
+
+
+@_edge_bias.register_fake
+def _(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
+    return gval.new_empty(*epos.shape[:-1], n)
+
+
+def _edge_bias_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _edge_bias_backward(ctx, grad: torch.Tensor):
+    (epos,) = ctx.saved_tensors
+    g = grad.gather(-1, epos.clamp(min=0))  # (B, H, c, m) the gradient at each edge's slot
+    return None, torch.where(epos >= 0, g, torch.zeros((), dtype=g.dtype, device=g.device)), None
+
+
+_edge_bias.register_autograd(_edge_bias_backward, setup_context=_edge_bias_setup)
 
 
 def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -191,7 +236,7 @@ def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activ
     mask (B|1, H|1, c, n) bool; edge_slot / edge_val (B, H, c, m) or None; keys (B, H, n) key index of each
     candidate, None: all keys in order (for the pattern); pattern (n_tokens, degree) or None. The tensors are
     positional: torch.utils.checkpoint keeps positional inputs through the saved-tensor hooks (the memory
-    accounting of pretrain/act_memory.py sees them), keyword ones only by reference.
+    accounting of bench/act_memory.py sees them), keyword ones only by reference.
     """
     s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
     if edge_slot is not None:
@@ -282,10 +327,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      k_pos: torch.Tensor, k_window: torch.Tensor | None = None, causal: bool = True,
                      activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
-                     blocks_per_query: int = 8, block_select: str = "query",
+                     blocks_per_query: int = 8, block_select: str = "query", local_blocks: int | None = None,
                      pattern_degree: int = 0, pattern_keys: int | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
+
+    local_blocks (impl=block): a bound on the key blocks overlapping one query chunk's positions when the keys come
+    in block-aligned runs (`local_block_bound`); it sizes each chunk's candidates (selection.max_kept_blocks).
+    None: any key layout, each chunk's candidates padded to every block.
 
     Returns (out (B, H, Tq, D), stats). stats (detached): density = nonzero probabilities / visible keys (block:
     visible keys of the kept blocks), keys_per_query = mean nonzero probabilities per query and head; with
@@ -305,7 +354,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
                              f"{chunk_size}, {block_size}, {blocks_per_query}")
         with torch.no_grad():
-            key_blocks = block_summaries(k, k_pos, k_window, block_size)
+            key_blocks = block_summaries(k, k_pos, k_window, block_size, local_blocks)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
 
@@ -410,12 +459,11 @@ class ASAMAttention(nn.Module):
             self.graph_scale.fill_(1.0)
 
     @torch.no_grad()
-    def init_weights(self, std: float | None = None, out_std: float | None = None) -> None:
-        """In place (meta-device safe): N(0, std) projections, N(0, out_std) o_proj, gamma = 1."""
-        std = self.cfg.init_std if std is None else std
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(lin.weight, mean=0.0, std=std)
-        nn.init.normal_(self.o_proj.weight, mean=0.0, std=std if out_std is None else out_std)
+    def init_weights(self) -> None:
+        """In place (meta-device safe): N(0, init_std) projections, gamma = 1. The model re-initialises every
+        parameter from its plan (ressformer.initialization; o_proj scaled by depth there)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=self.cfg.init_std)
         self.init_graph_scale()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, pattern: bool = False):
@@ -436,8 +484,10 @@ class ASAMAttention(nn.Module):
         k = self.k_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)  # (B, H, Tk, hd)
         v = self.v_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)
         g = None if graph is None else (graph[0], graph[1])
+        # the query chunks of a full forward (pos = 0..T-1) start at multiples of chunk_size
+        local = local_block_bound(self.cfg, memory is not None, self.cfg.asam.chunk_size)
         out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, graph=g,
-                                      graph_scale=self.graph_scale, **asam_options(self.cfg),
+                                      graph_scale=self.graph_scale, **asam_options(self.cfg), local_blocks=local,
                                       pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats

@@ -19,15 +19,12 @@ so the logits equal the full forward's to rounding. K is fixed per cache; buffer
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from ressformer.attention import asam_options, sparse_attention
-from ressformer.selection import UNBOUNDED_WINDOW, block_candidates, block_summaries, topk_first
-from ressformer.sparse import at_least_fp32, masked_softmax
-from ressformer.structure import Graph
+from ressformer.attention import asam_options, local_block_bound, sparse_attention
+from ressformer.selection import UNBOUNDED_WINDOW
 
 
 class _Seq:
@@ -175,7 +172,9 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
         k, v = torch.cat([k, mk.to(k.dtype)], 2), torch.cat([v, mv.to(v.dtype)], 2)
         k_win = torch.cat([torch.full_like(k_pos, UNBOUNDED_WINDOW), mwin.to(k_pos.dtype)])
         k_pos = torch.cat([k_pos, mpos.to(k_pos.dtype)])
+    # a call's query chunks may straddle two chunks of chunk_size positions
     kw = dict(k_pos=k_pos, k_window=k_win, graph_scale=attn.graph_scale, **asam_options(cfg),
+              local_blocks=local_block_bound(cfg, memory is not None, 2 * a.chunk_size),
               pattern_degree=cfg.soes.degree if pattern else 0, pattern_keys=Ti)
     chunk_pick = a.impl == "block" and a.block_select == "chunk"
     # block_select=chunk: a chunk whose first query came in an earlier call gets that query back as a leading
@@ -215,62 +214,23 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
 
 def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
     """LatentGraph (structure.py) rows of the new tokens over the cached + new tokens: a Graph (idx, val) of shape
-    (B, n, m). The same selection as LatentGraph.forward, query chunk by query chunk (block mode: the same blocks,
-    block_select=chunk with the chunk's first query as a ghost, as in `attend`)."""
+    (B, n, m). The same selection as LatentGraph.forward (LatentGraph.neighbours), query chunk by query chunk of
+    positions (block_select=chunk with the chunk's first query as a ghost, as in `attend`)."""
     a = lg.cfg.asam
-    B, n, _ = xn.shape
     src = lg.src_proj(xn)  # (B, n, r)
     dst = unit.dst.append(lg.dst_proj(xn))  # (B, Ti, r)
     Ti = dst.shape[1]
-    m = min(lg.degree, Ti)
-    scale = 1.0 / math.sqrt(lg.rank)
-    pos_all = torch.arange(Ti, device=xn.device)
-    block = a.impl == "block"
-    chunk_pick = block and a.block_select == "chunk"
-    idx_parts, valid_parts = [], []
+    chunk_pick = a.impl == "block" and a.block_select == "chunk"
+    parts = []
     with torch.no_grad():
-        if block:
-            dst_blocks = block_summaries(dst[:, None], pos_all, None, a.block_size)
+        blocks = lg.key_blocks(dst, torch.arange(Ti, device=xn.device))
         for s0, s1 in _position_chunks(pos, a.chunk_size):
-            p_c, src_c = pos[s0:s1], src[:, s0:s1]
-            if block:
-                ghost = chunk_pick and int(p_c[0]) % a.chunk_size != 0
-                q_in = torch.cat([unit.chunk_src, src_c], 1) if ghost else src_c
-                p_in = torch.cat([p_c.new_tensor([int(p_c[0]) // a.chunk_size * a.chunk_size]), p_c]) if ghost else p_c
-                kept = block_candidates(q_in[:, None], p_in, dst_blocks, causal=lg.causal,
-                                        blocks_per_query=a.blocks_per_query, select=a.block_select,
-                                        chunk_size=a.chunk_size)
-                vis = kept.valid[:, 0, 1:] if ghost else kept.valid[:, 0]  # (B, c, n_c)
-                cand = kept.keys[:, 0]  # (B, n_c)
-                d_c = dst.gather(1, cand[..., None].expand(*cand.shape, lg.rank))  # (B, n_c, r)
-                if lg.causal:
-                    vis = vis & (cand[:, None, :] <= p_c[:, None])
-            else:
-                cand, d_c = None, dst
-                vis = (pos_all[None, :] <= p_c[:, None])[None] if lg.causal else None  # (1, c, Ti)
-            s = torch.einsum("bir,bjr->bij", src_c, d_c) * scale  # (B, c, n_c)
-            if vis is not None:
-                s = s.masked_fill(~vis, float("-inf"))
-            # near-ties (equal states of repeated tokens, rounded differently here than in a full forward) break
-            # by position, as exact ties do in LatentGraph.forward
-            indices = topk_first(s, min(m, s.shape[-1]))  # (B, c, <= m) candidate slots
-            values = s.gather(-1, indices)
-            if cand is not None:
-                indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)  # token indices
-            if values.shape[-1] < m:
-                short = m - values.shape[-1]
-                values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
-                indices = torch.nn.functional.pad(indices, (0, short))
-            valid = values > float("-inf")
-            idx_parts.append(torch.where(valid, indices, p_c.view(1, -1, 1).expand_as(indices)))
-            valid_parts.append(valid)
+            ghost = unit.chunk_src if chunk_pick and int(pos[s0]) % a.chunk_size != 0 else None
+            parts.append(lg.neighbours(src[:, s0:s1], pos[s0:s1], dst, blocks, ghost=ghost))
     if chunk_pick and (i := _next_chunk_start(pos, Ti, chunk_size=a.chunk_size)) is not None:
         unit.chunk_src = src[:, i:i + 1].clone()  # (B, 1, r)
-    idx, valid = torch.cat(idx_parts, 1), torch.cat(valid_parts, 1)  # (B, n, m)
-    d_g = dst.gather(1, idx.reshape(B, n * m, 1).expand(B, n * m, lg.rank)).view(B, n, m, lg.rank)
-    s = torch.einsum("bir,bimr->bim", at_least_fp32(src), at_least_fp32(d_g)) * scale  # (B, n, m)
-    s = torch.where(valid, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
-    return Graph(idx, masked_softmax(s, dim=-1))
+    idx, valid = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # (B, n, m)
+    return lg.edges(src, dst, idx, valid)
 
 
 __all__ = ["ModelCache", "UnitCache", "attend", "latent_graph", "summary_positions"]

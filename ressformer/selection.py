@@ -42,27 +42,38 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.T
     """Indices (..., k) of the k largest entries of x along the last dim; entries equal to the k-th value within
     TIE_RTOL break ties by the lower index (entries <= floor are unused: their ties do not matter).
 
-    torch.topk orders equal entries arbitrarily. Only rows with an entry near the k-th value left out are redone;
-    the cost is one topk of k + 1 and a host sync. The result is contiguous whether or not a row was redone (a
-    compiled caller sees one layout and does not recompile per pattern of ties).
+    torch.topk orders equal entries arbitrarily. A row with an entry near its k-th value left out ("tied") takes
+    the tie-broken choice: the entries clearly above the k-th value (fewer than k) by index, then those within tol
+    of it (and > floor) by index. Every row's tie-broken choice is computed (one more top-k, over an int key of the
+    row's length) and picked per row on the device: no host read, one static shape, so a compiled caller neither
+    breaks its graph nor recompiles per pattern of ties. Untied rows keep torch.topk's choice and order.
     """
     n = x.shape[-1]
     if k >= n:
         return x.topk(k, dim=-1).indices
     vals, idx = x.topk(k + 1, dim=-1)  # (..., k + 1) descending
-    idx = idx[..., :k].contiguous()
-    thr, nxt = vals[..., k - 1], vals[..., k]  # the k-th and the (k+1)-th value
-    tol = TIE_RTOL * torch.maximum(vals[..., 0].abs(), nxt.abs())
-    tie = (nxt > floor) & (thr - nxt <= tol)  # (...,) an entry within tol of the k-th value is left out
-    if bool(tie.any()):
-        rows = tie.nonzero(as_tuple=True)
-        xr, t, tl = x[rows], thr[rows][:, None], tol[rows][:, None]  # (R, n), (R, 1), (R, 1)
-        ar = torch.arange(n, device=x.device)
-        # the entries clearly above the k-th value (fewer than k), then those within tol of it (and > floor) by index
-        near = (xr >= t - tl) & (xr > floor)
-        key = torch.where(xr > t + tl, 2 * n - ar, torch.where(near, n - ar, torch.full_like(ar, -1)))  # (R, n)
-        idx[rows] = key.topk(k, dim=-1).indices
-    return idx
+    thr, nxt = vals[..., k - 1:k], vals[..., k:k + 1]  # (..., 1) the k-th and the (k+1)-th value
+    tol = TIE_RTOL * torch.maximum(vals[..., :1].abs(), nxt.abs())  # (..., 1)
+    tie = (nxt > floor) & (thr - nxt <= tol)  # (..., 1) an entry within tol of the k-th value is left out
+    # a key distinct for every entry above floor: 2n - i above the k-th value, n - i near it (int32 when it fits)
+    ar = torch.arange(n, device=x.device, dtype=torch.int32 if 2 * n < 2**31 else torch.int64)
+    near = x >= thr - tol  # a tied row's threshold is finite, so -inf entries are never near
+    if floor != float("-inf"):
+        near = near & (x > floor)
+    key = torch.where(x > thr + tol, 2 * n - ar, torch.where(near, n - ar, -1))  # (..., n)
+    return torch.where(tie, key.topk(k, dim=-1).indices, idx[..., :k])  # (..., k) contiguous
+
+
+def run_local_blocks(entries: int, block_size: int) -> int:
+    """The most blocks of one run of keys that overlap an interval of positions holding `entries` of the run's keys.
+
+    A run: consecutive keys starting at a block boundary, positions non-decreasing (the tokens; model.py's block-
+    aligned token cache and summaries). Its blocks overlapping an interval form a contiguous range: the blocks
+    holding the `entries` keys inside it, at most floor((entries + block_size - 2) / block_size) + 1 of them (the
+    first at the worst offset), or, with no key inside, the one block that may straddle it (counted by the same
+    formula for block_size >= 2; a block of one key cannot straddle).
+    """
+    return (entries + block_size - 2) // block_size + 1
 
 
 class KeyBlocks(NamedTuple):
@@ -75,6 +86,7 @@ class KeyBlocks(NamedTuple):
     pos_max: torch.Tensor  # (nb,) highest key position
     size: int
     n_keys: int
+    local_blocks: int | None = None  # the most blocks overlapping one query chunk's positions; None: nb
 
 
 class Candidates(NamedTuple):
@@ -82,12 +94,16 @@ class Candidates(NamedTuple):
 
     keys: torch.Tensor  # (B, H, n) key index of each candidate, n = n_sel * size (padding clamped to the last key)
     valid: torch.Tensor  # (B, H, c, n) bool: the key exists and lies in a block query i kept
-    blocks: torch.Tensor  # (B, H, n_sel) ascending block ids: keys[..., j * size + o] = blocks[..., j] * size + o
+    blocks: torch.Tensor  # (B, H, n_sel) ascending block ids: keys[..., j * size + o] = blocks[..., j] * size + o;
+    #                       n_sel = max_kept_blocks(...), a static bound: blocks no query kept pad the union
 
 
 def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None,
-                    block_size: int) -> KeyBlocks:
-    """k (B, H, Tk, D), k_pos (Tk,), k_window (Tk,) | None -> KeyBlocks (a partial last block: mean of its keys)."""
+                    block_size: int, local_blocks: int | None = None) -> KeyBlocks:
+    """k (B, H, Tk, D), k_pos (Tk,), k_window (Tk,) | None -> KeyBlocks (a partial last block: mean of its keys).
+
+    local_blocks: an upper bound on the blocks overlapping one query chunk's positions, when the caller knows the
+    key layout (`run_local_blocks` per run of keys); None: any layout (every block may be local)."""
     B, H, Tk, D = k.shape
     nb = -(-Tk // block_size)
     pad = nb * block_size - Tk
@@ -98,12 +114,30 @@ def block_summaries(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor
     w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
 
     def per_block(x: torch.Tensor, largest: bool) -> torch.Tensor:  # (Tk,) -> (nb,) max or min
-        fill = int(x.min()) if largest else int(x.max())  # padding never wins the reduction
-        xb = torch.nn.functional.pad(x, (0, pad), value=fill).view(nb, block_size)
+        info = torch.iinfo(x.dtype) if not x.dtype.is_floating_point else torch.finfo(x.dtype)
+        fill = info.min if largest else info.max  # padding never wins the reduction (a block holds >= 1 key)
+        xb = torch.cat([x, x.new_full((pad,), fill)]).view(nb, block_size)  # new_full: the int64 fill exactly
         return xb.amax(1) if largest else xb.amin(1)
 
     return KeyBlocks(mean=kbar, reach_lo=per_block(k_pos - w, False), reach_hi=per_block(k_pos + w, True),
-                     pos_min=per_block(k_pos, False), pos_max=per_block(k_pos, True), size=block_size, n_keys=Tk)
+                     pos_min=per_block(k_pos, False), pos_max=per_block(k_pos, True), size=block_size, n_keys=Tk,
+                     local_blocks=local_blocks)
+
+
+def max_kept_blocks(kb: KeyBlocks, n_queries: int, blocks_per_query: int, select: str) -> int:
+    """The static number of candidate blocks of a chunk of n_queries queries (`block_candidates`): an upper bound
+    on the union of the blocks its queries keep, so every chunk has one shape and nothing is read on the host.
+
+    Each query keeps local blocks (overlapping its chunk's positions: at most kb.local_blocks for the whole chunk)
+    plus n_top = min(nb, blocks_per_query) others. select=chunk: the chunk's earliest query picks the n_top for all
+    of them, so the union is at most local_blocks + n_top; select=query: each query picks its own, at most
+    local_blocks + n_queries * n_top. Never more than the nb blocks there are.
+    """
+    nb = -(-kb.n_keys // kb.size)
+    if kb.local_blocks is None:
+        return nb
+    n_top = min(nb, blocks_per_query)
+    return min(nb, kb.local_blocks + (n_top if select == "chunk" else n_queries * n_top))
 
 
 def block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: KeyBlocks, *, causal: bool, blocks_per_query: int,
@@ -114,8 +148,11 @@ def block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: KeyBlocks, *, c
     The chunk of a query at position p is [floor(p / chunk_size) * chunk_size, + chunk_size) (chunk_size None: the
     span of q_pos), so the rule is the same whether a chunk's queries come in one call (the full forward) or a few
     at a time (incremental decoding). select="chunk": the non-local blocks are chosen once, by the chunk's earliest
-    query (which every query of the chunk may see), and shared by all its queries.
+    query (which every query of the chunk may see), and shared by all its queries. No host read: the union is
+    padded to `max_kept_blocks` (asserted on the device when kb.local_blocks bounds it).
     """
+    if select not in ("query", "chunk"):
+        raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
     B, H, c, D = q_c.shape
     nb = kb.mean.shape[2]
     qp = q_pos[:, None]  # (c, 1)
@@ -138,21 +175,27 @@ def block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: KeyBlocks, *, c
         kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=q_c.device)
         kept.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
         kept |= local  # (B, H, c, nb) query i's own local blocks + blocks_per_query more
-    elif select == "chunk":
-        i0 = int(q_pos.argmin())
+    else:
+        i0 = q_pos.argmin().view(1)  # (1,) the earliest query, as a device index
         any_local = local.any(0)  # (nb,) kept by position, for the queries that may see them
-        sb = torch.einsum("bhd,bhnd->bhn", f32(q_c[:, :, i0]), f32(kb.mean))  # (B, H, nb) the earliest query's
-        sb = torch.where(bvis[i0] & ~any_local, sb, neg_inf)
+        q0 = q_c.index_select(2, i0)[:, :, 0]  # (B, H, D)
+        sb = torch.einsum("bhd,bhnd->bhn", f32(q0), f32(kb.mean))  # (B, H, nb) the earliest query's
+        sb = torch.where(bvis.index_select(0, i0)[0] & ~any_local, sb, neg_inf)
         top = topk_first(sb, n_top)  # (B, H, blocks_per_query)
         shared = torch.zeros(B, H, nb, dtype=torch.bool, device=q_c.device)
         shared.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
         kept = (shared | any_local)[:, :, None, :] & bvis  # (B, H, c, nb)
-    else:
-        raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
     union = kept.any(2)  # (B, H, nb)
-    n_sel = max(int(union.sum(-1).max()), 1)
-    # ascending block ids, so candidates are in key order whatever else the union holds (ties then break alike)
-    blocks = union.to(torch.uint8).topk(n_sel, dim=-1).indices.sort(-1).values  # (B, H, n_sel); pads: unkept
+    n_sel = max_kept_blocks(kb, c, blocks_per_query, select)
+    if n_sel < nb:  # a layout the bound does not cover would drop kept blocks: fail instead (on the device)
+        torch._assert_async(union.sum(-1).max() <= n_sel,
+                            "block_candidates: a query chunk keeps more key blocks than KeyBlocks.local_blocks allows "
+                            "for: the keys are not laid out in block-aligned runs; pass local_blocks=None")
+    # the union's blocks, then the lowest unkept ones as padding, in ascending id order, so candidates are in key order
+    # whatever else the union holds (ties then break alike)
+    ar = torch.arange(nb, device=q_c.device)
+    rank = torch.where(union, 2 * nb - ar, nb - ar)  # (B, H, nb) distinct
+    blocks = rank.topk(n_sel, dim=-1).indices.sort(-1).values  # (B, H, n_sel)
     keep = kept.gather(-1, blocks[:, :, None, :].expand(B, H, c, n_sel))  # (B, H, c, n_sel)
     offs = torch.arange(kb.size, device=q_c.device)
     cand = (blocks[..., None] * kb.size + offs).flatten(2)  # (B, H, n)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ressformer.config import ModelConfig
-from ressformer.selection import block_candidates, block_summaries, topk_first
+from ressformer.selection import block_candidates, block_summaries, run_local_blocks, topk_first
 from ressformer.sparse import at_least_fp32, masked_softmax
 
 
@@ -61,54 +61,75 @@ class LatentGraph(nn.Module):
         if h.dim() != 3:
             raise ValueError(f"LatentGraph expects token states (B, T, D), got shape {tuple(h.shape)}")
         B, T, _ = h.shape
-        m = min(self.degree, T)
-        scale = 1.0 / math.sqrt(self.rank)
         src = self.src_proj(h)  # (B, T, r)
         dst = self.dst_proj(h)  # (B, T, r)
         pos = torch.arange(T, device=h.device)
-
-        # Neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time.
-        idx_parts, valid_parts = [], []
+        # neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time
         with torch.no_grad():
-            a = self.cfg.asam
-            block = a.impl == "block"
-            if block:
-                dst_blocks = block_summaries(dst[:, None], pos, None, a.block_size)
-            for s0 in range(0, T, self.chunk_size):
-                s1 = min(T, s0 + self.chunk_size)
-                if block:
-                    kept = block_candidates(src[:, None, s0:s1], pos[s0:s1], dst_blocks, causal=self.causal,
-                                            blocks_per_query=a.blocks_per_query, select=a.block_select)
-                    cand, vis = kept.keys[:, 0], kept.valid[:, 0]  # (B, n) token indices, (B, c, n) per-query blocks
-                    d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
-                    if self.causal:
-                        vis = vis & (cand[:, None, :] <= pos[s0:s1, None])  # (B, c, n)
-                else:
-                    cand, d_c = None, dst
-                    vis = (pos[None, :] <= pos[s0:s1, None])[None] if self.causal else None  # (1, c, T)
-                s = torch.einsum("bir,bjr->bij", src[:, s0:s1], d_c) * scale  # (B, c, n)
-                if vis is not None:
-                    s = s.masked_fill(~vis, float("-inf"))
-                # equal scores (repeated tokens) break by the lower candidate index = the earlier position (block
-                # candidates are in key order), as ASAM's top-k does, whatever the row length or layout
-                indices = topk_first(s, min(m, s.shape[-1]))  # (B, c, <= m)
-                values = s.gather(-1, indices)
-                if cand is not None:
-                    indices = cand[:, None, :].expand(-1, s1 - s0, -1).gather(-1, indices)  # token indices
-                if values.shape[-1] < m:  # fewer candidates than m: pad with spare slots
-                    short = m - values.shape[-1]
-                    values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
-                    indices = torch.nn.functional.pad(indices, (0, short))
-                valid = values > float("-inf")
-                own = pos[s0:s1].view(1, -1, 1).expand_as(indices)
-                idx_parts.append(torch.where(valid, indices, own))  # spare slots point at the token itself
-                valid_parts.append(valid)
-        idx = torch.cat(idx_parts, dim=1)  # (B, T, m)
-        valid = torch.cat(valid_parts, dim=1)
+            blocks = self.key_blocks(dst, pos)
+            parts = [self.neighbours(src[:, s0:s0 + self.chunk_size], pos[s0:s0 + self.chunk_size], dst, blocks)
+                     for s0 in range(0, T, self.chunk_size)]
+        idx, valid = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)  # (B, T, m)
+        return self.edges(src, dst, idx, valid)
 
-        # Edge values with gradient, from the gathered destination vectors only: (B, T, m, r).
-        d_g = dst.gather(1, idx.reshape(B, T * m, 1).expand(B, T * m, self.rank)).view(B, T, m, self.rank)
-        s = torch.einsum("bir,bimr->bim", at_least_fp32(src), at_least_fp32(d_g)) * scale  # (B, T, m) edge values
+    def key_blocks(self, dst: torch.Tensor, pos: torch.Tensor):
+        """asam.impl=block: the KeyBlocks of the destination vectors dst (B, Tk, r) at positions pos (Tk,) = 0..Tk-1
+        (one run of keys: a query chunk overlaps at most run_local_blocks(chunk_size) blocks); else None."""
+        a = self.cfg.asam
+        if a.impl != "block":
+            return None
+        return block_summaries(dst[:, None], pos, None, a.block_size, run_local_blocks(a.chunk_size, a.block_size))
+
+    def neighbours(self, src_c: torch.Tensor, p_c: torch.Tensor, dst: torch.Tensor, blocks, ghost=None):
+        """The top-m candidate neighbours of one query chunk: src_c (B, c, r) at positions p_c (c,) within one chunk
+        of asam.chunk_size positions, over the destination vectors dst (B, Tk, r) of tokens 0..Tk-1 (`key_blocks`:
+        blocks or None). ghost (B, 1, r): the src vector of the chunk's first query when it is not in src_c
+        (block_select=chunk picks the chunk's blocks by it; incremental decoding). -> (idx (B, c, m) token indices,
+        spare slots = the token itself, valid (B, c, m)), m = min(degree, Tk). No grad needed."""
+        a = self.cfg.asam
+        B, c, _ = src_c.shape
+        m = min(self.degree, dst.shape[1])
+        if blocks is not None:
+            q_in, p_in = src_c, p_c
+            if ghost is not None:
+                c_lo = torch.div(p_c[:1], a.chunk_size, rounding_mode="floor") * a.chunk_size  # (1,) the chunk's start
+                q_in, p_in = torch.cat([ghost, src_c], 1), torch.cat([c_lo, p_c])
+            kept = block_candidates(q_in[:, None], p_in, blocks, causal=self.causal,
+                                    blocks_per_query=a.blocks_per_query, select=a.block_select,
+                                    chunk_size=a.chunk_size)
+            cand = kept.keys[:, 0]  # (B, n) token indices
+            vis = kept.valid[:, 0, 1:] if ghost is not None else kept.valid[:, 0]  # (B, c, n) per-query blocks
+            d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
+            if self.causal:
+                vis = vis & (cand[:, None, :] <= p_c[:, None])  # (B, c, n)
+        else:
+            cand, d_c = None, dst
+            vis = (torch.arange(dst.shape[1], device=dst.device)[None, :] <= p_c[:, None])[None] if self.causal \
+                else None  # (1, c, Tk)
+        s = torch.einsum("bir,bjr->bij", src_c, d_c) * (1.0 / math.sqrt(self.rank))  # (B, c, n)
+        if vis is not None:
+            s = s.masked_fill(~vis, float("-inf"))
+        # equal scores (repeated tokens; or rounded differently in a full forward than in incremental decoding)
+        # break by the lower candidate index = the earlier position (block candidates are in key order), as ASAM's
+        # top-k does, whatever the row length or layout
+        indices = topk_first(s, min(m, s.shape[-1]))  # (B, c, <= m)
+        values = s.gather(-1, indices)
+        if cand is not None:
+            indices = cand[:, None, :].expand(-1, c, -1).gather(-1, indices)  # token indices
+        if values.shape[-1] < m:  # fewer candidates than m: pad with spare slots
+            short = m - values.shape[-1]
+            values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
+            indices = torch.nn.functional.pad(indices, (0, short))
+        valid = values > float("-inf")
+        return torch.where(valid, indices, p_c.view(1, -1, 1).expand_as(indices)), valid
+
+    def edges(self, src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> Graph:
+        """The graph rows of queries src (B, Q, r) with neighbours idx / valid (B, Q, m) among dst (B, Tk, r): edge
+        scores recomputed with grad from the gathered destination vectors only (B, Q, m, r), softmax over the
+        valid slots."""
+        B, Q, m = idx.shape
+        d_g = dst.gather(1, idx.reshape(B, Q * m, 1).expand(B, Q * m, self.rank)).view(B, Q, m, self.rank)
+        s = torch.einsum("bir,bimr->bim", at_least_fp32(src), at_least_fp32(d_g)) * (1.0 / math.sqrt(self.rank))
         s = torch.where(valid, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
         return Graph(idx, masked_softmax(s, dim=-1))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ressformer.attention import ASAMAttention, sparse_attention
 from ressformer.config import ModelConfig
-from ressformer.selection import UNBOUNDED_WINDOW, block_candidates
+from ressformer.selection import UNBOUNDED_WINDOW, block_candidates, max_kept_blocks, run_local_blocks
 
 ACTS = ("softmax", "sparsemax", "entmax15")
 FAST = {"chunked": dict(impl="chunked", chunk_size=7),
@@ -89,14 +89,16 @@ def test_edge_slots_match_brute_force_candidate_lookup():
 
 @pytest.mark.parametrize("activation", ACTS)
 def test_block_mixed_dense_and_topk_chunks_equal_per_chunk_calls(activation, monkeypatch):
-    """Chunks whose candidate set is <= topk run dense, the others' top-k gradient pass is batched after the loop:
-    the assembled output and every gradient equal calling sparse_attention on one query chunk at a time."""
+    """Chunks whose (static) candidate set is <= topk run dense, the others' top-k gradient pass is batched after the
+    loop: the assembled output and every gradient equal calling sparse_attention on one query chunk at a time."""
     import ressformer.attention as attn
 
     p = _problem(seed=21, T=23, Tm=0)
     idx, val = p["graph"]
-    kw = dict(k_pos=p["k_pos"], activation=activation, topk=8, impl="block", chunk_size=3, block_size=4,
-              blocks_per_query=1, graph_scale=p["graph_scale"])  # chunks see 2 or 3 blocks: 8 (dense) or 12 keys
+    # the keys are one run: <= 2 local blocks per chunk of 3 positions; + 1 block per query: chunks of 3 queries
+    # have 5 candidate blocks (20 keys, top-k), the last chunk of 2 queries 4 (16 keys, dense)
+    kw = dict(k_pos=p["k_pos"], activation=activation, topk=16, impl="block", chunk_size=3, block_size=4,
+              blocks_per_query=1, local_blocks=run_local_blocks(3, 4), graph_scale=p["graph_scale"])
     calls = {"dense": 0, "gathered": 0}
     for name, key in (("_dense_chunk", "dense"), ("_gathered_attend", "gathered")):
         f = getattr(attn, name)
@@ -203,32 +205,42 @@ def _documented_blocks(q_c, kbar, bmin, bmax, qp_c, bpq, select):
 
 
 def test_block_select_chunk_bounds_the_union_and_equals_query_for_one_query_chunks():
-    """select=chunk: one choice per chunk, so the candidate union is blocks_per_query + local blocks, where
-    per-query choices over a long context spread over many more; with one-query chunks the two are the same."""
+    """select=chunk: one choice per chunk, so the union of the kept blocks is blocks_per_query + local blocks, where
+    per-query choices over a long context spread over many more; with one-query chunks the two are the same. The
+    candidates have the static size max_kept_blocks (the union padded with unkept blocks), with or without a bound
+    on the local blocks."""
     from ressformer.selection import block_summaries
 
     p = _problem(seed=23, T=256, Tm=0)
     q, k, pos = p["q"], p["k"], p["q_pos"]
     bs, bpq, c = 4, 2, 16
-    kb = block_summaries(k.detach(), pos, None, bs)
-    kbar, bmin, bmax = kb.mean, kb.pos_min, kb.pos_max
-    unions = {}
-    for select in ("query", "chunk"):
-        sizes = []
-        for s0 in range(0, 256, c):
-            _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], pos[s0:s0 + c], kb, causal=True,
-                                                blocks_per_query=bpq, select=select)
-            sizes.append(blocks.shape[-1])
-            # the blocks each query uses == the documented rule, by a plain loop over queries
-            used = valid.view(*valid.shape[:3], -1, bs).any(-1)  # (B, H, c, n_sel)
-            got = torch.zeros(*used.shape[:3], kbar.shape[2], dtype=torch.bool)
-            got.scatter_(-1, blocks[:, :, None, :].expand_as(used), used)  # (B, H, c, nb)
-            want = _documented_blocks(q.detach()[:, :, s0:s0 + c], kbar, bmin, bmax, pos[s0:s0 + c], bpq, select)
-            assert torch.equal(got, want), (select, s0)
-        unions[select] = sizes
-    local = c // bs  # chunk-aligned blocks: the chunk's own positions cover c / bs blocks
-    assert max(unions["chunk"]) <= bpq + local
-    assert max(unions["query"]) > bpq + local  # the queries of a chunk disagree on this random problem
+    for local_blocks in (run_local_blocks(c, bs), None):  # the keys are one run (positions 0..255); any layout
+        kb = block_summaries(k.detach(), pos, None, bs, local_blocks)
+        kbar, bmin, bmax = kb.mean, kb.pos_min, kb.pos_max
+        unions = {}
+        for select in ("query", "chunk"):
+            sizes = []
+            for s0 in range(0, 256, c):
+                _, valid, blocks = block_candidates(q.detach()[:, :, s0:s0 + c], pos[s0:s0 + c], kb, causal=True,
+                                                    blocks_per_query=bpq, select=select)
+                assert blocks.shape[-1] == max_kept_blocks(kb, c, bpq, select)
+                # the blocks each query uses == the documented rule, by a plain loop over queries
+                used = valid.view(*valid.shape[:3], -1, bs).any(-1)  # (B, H, c, n_sel)
+                got = torch.zeros(*used.shape[:3], kbar.shape[2], dtype=torch.bool)
+                got.scatter_(-1, blocks[:, :, None, :].expand_as(used), used)  # (B, H, c, nb)
+                want = _documented_blocks(q.detach()[:, :, s0:s0 + c], kbar, bmin, bmax, pos[s0:s0 + c], bpq,
+                                          select)
+                assert torch.equal(got, want), (select, s0)
+                sizes.append(int(got.any(2).sum(-1).max()))  # the union of the blocks the chunk's queries keep
+            unions[select] = sizes
+        local = c // bs  # chunk-aligned blocks: the chunk's own positions cover c / bs blocks
+        assert max(unions["chunk"]) <= bpq + local
+        assert max(unions["query"]) > bpq + local  # the queries of a chunk disagree on this random problem
+    # the static sizes: the bound (5 local blocks for 16 positions in blocks of 4, at the worst offset) + the kept
+    # ones, capped by the 64 blocks there are
+    assert max_kept_blocks(kb._replace(local_blocks=5), c, bpq, "chunk") == 5 + bpq
+    assert max_kept_blocks(kb._replace(local_blocks=5), c, bpq, "query") == 5 + c * bpq
+    assert max_kept_blocks(kb, c, bpq, "chunk") == 64
     kw = dict(q_pos=pos, k_pos=pos, impl="block", chunk_size=1, block_size=bs, blocks_per_query=bpq, topk=3,
               graph=p["graph"], graph_scale=p["graph_scale"])
     with torch.no_grad():
@@ -398,3 +410,56 @@ def test_bf16_attention_matches_fp32(activation, impl, topk):
     torch.testing.assert_close(out_b.float(), out_f, rtol=1e-2, atol=1e-2)
     assert torch.equal(st_b["pattern"][0], st_f["pattern"][0])  # the same kept keys and edges
     torch.testing.assert_close(st_b["pattern"][1], st_f["pattern"][1])
+
+
+# --- selection.topk_first: tie-breaking on the device ----------------------------------------------------------
+def _topk_first_host(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:
+    """The rule as it was written with a host read (the reference): torch.topk, then the rows whose k-th value is
+    tied within TIE_RTOL with a left-out entry redone by index, found with bool(tie.any()) and nonzero."""
+    from ressformer.selection import TIE_RTOL
+
+    n = x.shape[-1]
+    if k >= n:
+        return x.topk(k, dim=-1).indices
+    vals, idx = x.topk(k + 1, dim=-1)
+    idx = idx[..., :k].contiguous()
+    thr, nxt = vals[..., k - 1], vals[..., k]
+    tol = TIE_RTOL * torch.maximum(vals[..., 0].abs(), nxt.abs())
+    tie = (nxt > floor) & (thr - nxt <= tol)
+    if bool(tie.any()):
+        rows = tie.nonzero(as_tuple=True)
+        xr, t, tl = x[rows], thr[rows][:, None], tol[rows][:, None]
+        ar = torch.arange(n, device=x.device)
+        near = (xr >= t - tl) & (xr > floor)
+        key = torch.where(xr > t + tl, 2 * n - ar, torch.where(near, n - ar, torch.full_like(ar, -1)))
+        idx[rows] = key.topk(k, dim=-1).indices
+    return idx
+
+
+def test_topk_first_equals_the_host_rule_on_ties():
+    """topk_first (every row's tie-broken choice computed, picked per row on the device) returns the host rule's
+    indices, in the same order, on rows full of exact and near ties (within TIE_RTOL), -inf entries, floors, every
+    k, float32 and float64, and on a chunk of the attention's scores with repeated keys."""
+    from ressformer.selection import topk_first
+
+    g = torch.Generator().manual_seed(0)
+    tied_rows = 0
+    for trial in range(120):
+        n = int(torch.randint(2, 70, (1,), generator=g))
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        x = torch.randint(0, 4, (3, 5, n), generator=g).to(torch.float64 if trial % 4 == 0 else torch.float32)
+        x = x * (1 + 3e-6 * torch.randn(x.shape, generator=g, dtype=x.dtype))  # equal up to rounding: still ties
+        x[torch.rand(x.shape, generator=g) < 0.25] = float("-inf")
+        floor = (float("-inf"), 0.0, 1.5)[trial % 3]
+        want, got = _topk_first_host(x, k, floor), topk_first(x, k, floor)
+        assert got.is_contiguous() and torch.equal(got, want), (trial, n, k, floor)
+        if k < n:
+            v = x.topk(k + 1, dim=-1).values
+            tied_rows += int(((v[..., k] > floor) & (v[..., k - 1] - v[..., k] <= 1e-5 * v[..., 0].abs())).sum())
+    assert tied_rows > 500  # the redone branch really ran
+    # scores of a query chunk over repeated keys (exact ties) and distinct ones
+    keys = torch.randn(6, 8, generator=g)[torch.randint(0, 6, (40,), generator=g)]
+    s = torch.randn(2, 3, 16, 8, generator=g) @ keys.T  # (B, H, c, n)
+    s[..., 30:] = float("-inf")
+    for k in (1, 4, 16):
+        assert torch.equal(topk_first(s, k), _topk_first_host(s, k))
