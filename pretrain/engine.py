@@ -36,14 +36,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+DECAY_SHAPES = {"linear": lambda f: 1 - f, "cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)),
+                "1-sqrt": lambda f: 1 - math.sqrt(f)}  # fraction f of the decay done -> fraction of (lr - min_lr) left
+
+
+def decay_steps(run: RunConfig) -> int:
+    """Steps of the decay at the end of a warmup-stable-decay (wsd) run: decay_steps, else decay_fraction x steps."""
+    return run.decay_steps or max(1, round(run.decay_fraction * run.steps))
+
+
 def lr_lambda(run: RunConfig, step: int) -> float:
-    """Multiplier of run.lr at optimizer step `step` (0-based): linear warmup, then decay to min_lr."""
+    """Multiplier of run.lr at optimizer step `step` (0-based): linear warmup, then
+    cosine / linear: decay from lr to min_lr between warmup_steps and steps;
+    wsd: lr until the last `decay_steps(run)` steps, then decay to min_lr with `decay_shape` (linear, cosine or
+    1-sqrt). A pure function of the step: exact across resume, and a cool-down branch from any stable-phase
+    checkpoint (a run resumed from it with a later decay) follows the same curve up to its branch point."""
     if run.warmup_steps and step < run.warmup_steps:
         return (step + 1) / run.warmup_steps
-    frac = min(1.0, (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * frac)) if run.decay == "cosine" else 1 - frac
     floor = run.min_lr / run.lr
-    return floor + (1 - floor) * shape
+    if run.decay == "wsd":
+        start = run.steps - decay_steps(run)
+        if step < start:
+            return 1.0
+        frac, shape = min(1.0, (step - start) / max(1, run.steps - start)), DECAY_SHAPES[run.decay_shape]
+    else:
+        frac = min(1.0, (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps))
+        shape = DECAY_SHAPES[run.decay]
+    return floor + (1 - floor) * shape(frac)
 
 
 def build_optimizer(model, run: RunConfig):
@@ -60,23 +79,15 @@ def checkpoint_fn(function, *args):
 
 
 # --- model and engine ------------------------------------------------------------------------------
-def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
+def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None, *, compile_now: bool = True):
     """Build the model (under zero.Init for ZeRO-3), initialise it from the seed (or `init_state`), set activation
-    checkpointing and, with `compile: true`, compile its units (`CausalLM.compile_units`; ZeRO-1/2/3, with or
-    without checkpointing). Expert parallelism with compile is refused: its MoE layer replaces the compiled blocks'
-    `mlp` after compilation and runs all-to-alls inside them."""
+    checkpointing and, with `compile: true` and `compile_now`, compile its units (`compile_model`; ZeRO-1/2/3, with
+    or without checkpointing). `build_engine` compiles expert-parallel models itself, after DeepSpeed has put its
+    MoE layers in."""
     from ressformer import build_model
 
     cfg = run.model_config()
     zero3 = zero_stage(ds) == 3
-    if run.compile:
-        from pretrain.expert_parallel import AUTOEP_KEY, NATIVE_KEY
-
-        ep = [k for k in (AUTOEP_KEY, NATIVE_KEY) if (ds.get(k) or {}).get("enabled")]
-        if ep:
-            raise ValueError(f"compile: true with expert parallelism ('{ep[0]}' in the DeepSpeed JSON) is not "
-                             "supported: set compile: false, or use a DeepSpeed JSON without it (ds_configs/zero1.json "
-                             "or zero3.json: the experts are then ZeRO-partitioned like any weight)")
     if zero3:
         import deepspeed
 
@@ -87,9 +98,22 @@ def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None):
     set_initial_weights(model, run.seed, init_state, partitioned=zero3)
     if run.activation_checkpointing.enabled:
         model.set_checkpointing(checkpoint_fn, every=run.activation_checkpointing.every)
-    if run.compile:
-        model.compile_units()
+    if run.compile and compile_now:
+        compile_model(model, run)
     return model
+
+
+def compile_model(model, run: RunConfig) -> None:
+    """torch.compile the model's repeated units (`CausalLM.compile_units`) with `compile_mode`. Expert-parallel MoE
+    layers (DeepSpeed's AutoEP layer, our NativeMoEBlock) stay eager: they move tokens between ranks with
+    all-to-alls that Dynamo would have to trace, and DeepSpeed's own compile of AutoEP (`compile.autoep_non_moe`)
+    refuses ZeRO-3; so a recurrent step is two graphs around its MoE layer there, one graph without expert
+    parallelism."""
+    from pretrain.expert_parallel import expert_parallel_layers
+
+    for layer in expert_parallel_layers(model):
+        layer.forward = torch.compiler.disable(layer.forward)
+    model.compile_units(**({} if run.compile_mode == "default" else {"mode": run.compile_mode}))
 
 
 @torch.no_grad()
@@ -180,11 +204,12 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     """-> (engine, optimizer, scheduler, ds_config). torch.distributed must be initialised."""
     import deepspeed
 
+    from pretrain.expert_parallel import prepare_expert_parallel, resolve_plan
+
     world = dist.get_world_size()
     ds = build_ds_config(ds_json, run, world)
-    model = build_model_for(run, ds, init_state)
-    from pretrain.expert_parallel import prepare_expert_parallel
-
+    ep = resolve_plan(run.model_config(), ds, world).backend != "none"
+    model = build_model_for(run, ds, init_state, compile_now=not ep)
     model = prepare_expert_parallel(model, ds)
     # ds_to_universal (resharding on resume, pretrain.checkpoint) requires this record in ZeRO-1/2 checkpoints;
     # the model has no tensor or pipeline parallelism, so no parameter patterns are needed.
@@ -194,6 +219,8 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     opt, sched = build_optimizer(model, run)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    if run.compile and ep:  # after initialize: AutoEP puts its MoE layers in there
+        compile_model(engine.module, run)
     return engine, opt, sched, ds
 
 

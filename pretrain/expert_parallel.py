@@ -323,6 +323,14 @@ def prepare_expert_parallel(model: nn.Module, ds_config: dict) -> nn.Module:
     return model
 
 
+def expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers expert parallelism put in (DeepSpeed's AutoEP layers, NativeMoEBlock): they exchange tokens
+    between ranks."""
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    return [m for m in model.modules() if isinstance(m, (NativeMoEBlock, AutoEPMoELayer))]
+
+
 def param_groups_for(model: nn.Module, groups: list[dict]) -> list[dict]:
     """Optimizer groups for `model`: native-MoE expert params get their own `moe: True` groups (DeepSpeed
     requires them for ZeRO-1/2 with MoE); other backends return `groups` unchanged."""
@@ -335,5 +343,6 @@ def param_groups_for(model: nn.Module, groups: list[dict]) -> list[dict]:
 
 
 __all__ = ["ExpertParallelPlan", "resolve_plan", "prepare_expert_parallel", "param_groups_for", "NativeMoEBlock",
+           "expert_parallel_layers",
            "from_autoep_layout",
            "to_native_layout", "from_native_layout", "moe_blocks", "NATIVE_KEY", "AUTOEP_KEY"]
