@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib.util
 import os
 import signal
 import sys
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         ds_json = load_ds_json(a.ds_config)
         from pretrain.metrics import wandb_mode
 
-        wandb_mode(run)  # WANDB_MODE from the environment, checked before rank 0 alone would meet it
+        if wandb_mode(run) != "disabled" and importlib.util.find_spec("wandb") is None:  # before rank 0 alone meets it
+            raise ValueError(f"wandb.mode={wandb_mode(run)} needs wandb: pip install -e '.[train]', or --set "
+                             f"wandb.mode=disabled (metrics.jsonl keeps every record)")
     except ValueError as e:
         return _fail(f"config error: {e}")
 
