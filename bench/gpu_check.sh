@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the fast paths (about 9.5 minutes at most on one H100 / H200), run from the repo root:
+#   0. python -m pretrain.preflight for the 125m paper model: the fused kernels against their PyTorch paths on this
+#      device, bf16 matmul TFLOP/s against the peak, free memory against the estimate (preflight.txt; needs deepspeed)
 #   1. the kernel parity tests natively on CUDA: tests/test_asam_kernel.py (ASAM Triton top-k kernel),
 #      tests/test_fused_loss.py (liger fused LM loss) and tests/test_moe.py (grouped GEMM experts vs the loop)
 #   1b. bench/moe_experts.py: the MoE layer's loop vs torch._grouped_mm, 125m and 1b widths, bf16
@@ -13,7 +15,7 @@
 #      (125m with max_seq_len raised to 4096, T=4096, ZeRO-3, one GPU)
 #   4 and 5 need deepspeed, megatron-core and sentencepiece (skipped without them).
 # Everything goes to $OUT (default ./gpu_out): gpu_check.log (all output), env.txt, pytest.xml, moe_experts.json,
-# attention.json, train_throughput.json, prepare.log, pretrain_125m.log with the run's metrics.jsonl and
+# preflight.txt, attention.json, train_throughput.json, prepare.log, pretrain_125m.log with the run's metrics.jsonl and
 # run_info.json, memory_check.json. Each step has its own time limit and the benches write their JSON after every
 # row, so a step that runs long still leaves its finished rows and the next step runs.
 #
@@ -121,7 +123,14 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, report, keep going;
 }
 
 # the step limits add up to 555 s; with the setup above, about 9.5 minutes at most
-step "kernel parity tests" 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_asam_kernel.py \
+if "$PY" -c "import deepspeed" 2>/dev/null; then
+  step "preflight" 25 bash -c '"$0" -m pretrain.preflight --ds_config ds_configs/zero3.json --set model=125m \
+    --set seq_len=1024 --set micro_batch=1 > "$1/preflight.txt" 2>&1; rc=$?; cat "$1/preflight.txt"; exit $rc' \
+    "$PY" "$OUT"
+else
+  echo "=== preflight: skipped (it needs deepspeed: bash bench/gpu_wheels.sh first)"
+fi
+step "kernel parity tests" 115 "$PY" -m pytest -q -p no:cacheprovider tests/test_asam_kernel.py \
   tests/test_fused_loss.py tests/test_moe.py --junitxml="$OUT/pytest.xml"
 step "moe experts bench" 30 "$PY" bench/moe_experts.py --device cuda --dtype bfloat16 --presets 125m 1b \
   --tokens 16384 --json "$OUT/moe_experts.json"
