@@ -23,7 +23,6 @@ from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.moe import MoEExperts, moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
-from ressformer.selection import topk_first
 
 
 class CausalLM(nn.Module):
@@ -77,53 +76,50 @@ class CausalLM(nn.Module):
 
     # --- torch.compile ------------------------------------------------------------------------
     def compile_units(self, **compile_kwargs) -> None:
-        """torch.compile, in place, each unit the forward repeats (`_compile_targets`: the blocks of `model.layers`,
-        and ReSSFormer's R2MU memory), as torchtitan compiles each transformer block; compile_kwargs go to
+        """torch.compile, in place, each unit the forward repeats, as torchtitan compiles each transformer block:
+        the blocks of `model.layers` that `_compile_targets` names (nn.Module.compile), and `_compile_functions`
+        (ReSSFormer: the whole recurrent step, R2MU memory + block, as one function); compile_kwargs go to
         torch.compile (backend, mode, fullgraph, dynamic). The embedding, loss tail and cached (generation) path stay
-        eager. nn.Module.compile keeps the state_dict keys, so checkpoints are those of the eager model.
+        eager. State_dict keys are unchanged, so checkpoints are those of the eager model.
 
-        * The K loop calls one compiled block: step 0 (no memory, no graph) and steps >= 1 are two variants of its
-          graphs whatever K is, so neither a fixed nor a sampled K recompiles per call (data-dependent recompiles
-          are listed below). Identical blocks (the baseline's layers) share their graphs.
-        * Activation checkpointing (`set_checkpointing`) wraps the eager unit function around the compiled modules;
-          the recomputation in backward runs the graphs the forward ran (see the two settings below).
-        * Graph breaks (torch._dynamo.explain, TORCH_LOGS=graph_breaks; tests/test_compile.py). None in the dense
-          baseline's block with a dense FFN (fullgraph=True works), nor in ReSSFormer's recurrent step with
-          asam.topk=0, soes.enabled=False and a dense FFN or grouped-GEMM experts. Otherwise a ReSSFormer block breaks where the CPU path
-          reads data on the host, and those calls run eagerly:
-          - selection.topk_first (eager by design, below), from attention._select_topk (ASAM's per-chunk top-k),
-            attention._pad_edges (the SOES attention-pattern graph), structure.LatentGraph (soes.graph=bilinear) and
-            selection.block_candidates: `if bool(tie.any())` branches on whether a row's k-th value is tied within
-            TIE_RTOL, and the redone rows are a data-dependent count (nonzero).
-          - moe.MoEExperts.loop (eager by design, below): a loop over experts on token counts read from the data
-            (bincount -> tolist). The grouped-GEMM path (`ressformer.kernels.moe_experts`, bf16 on CUDA sm90+ by
-            default) keeps the counts on the device and compiles inside the block (torch 2.13 traces
-            torch._grouped_mm for bfloat16 only).
-          - asam.impl=block: selection.block_summaries' `int(x.min())` / `int(x.max())` and block_candidates'
-            `int(union.sum(-1).max())` (the number of kept blocks is a shape).
-          A break inside a for loop makes Dynamo run that whole frame eagerly: attention.sparse_attention's and
-          LatentGraph's chunk loops do, while the functions they call (visibility, top-k scoring, the gathered
-          attention with its sparsemax and pattern) compile as frames of their own; with asam.topk=0 the dense
-          chunks, checkpointed inside ASAM around the SOES pattern's top-k, stay eager (no speedup).
+        * The K loop calls one compiled step with three variants whatever K is: step 0 (no memory keys, no graph;
+          S^(0) pooled when K > 1, not when K = 1) and steps >= 1, so neither a fixed nor a sampled K recompiles
+          once they exist (eval / no-grad forwards are variants of their own).
+          Identical blocks (the baseline's layers) share their graphs.
+        * Activation checkpointing (`set_checkpointing`) wraps the eager unit function around the compiled code; the
+          recomputation in backward runs the graphs the forward ran (see the setting below).
+        * No graph break in a unit of any ASAM path (chunked; block with block_select query or chunk; reference),
+          either SOES graph, routed experts or dense FFN, fp32 or bf16, with or without checkpointing:
+          fullgraph=True compiles (tests/test_compile.py). Nothing in the forward or backward reads the device
+          on the host: top-k ties break on the device (selection.topk_first), block selection pads to a static
+          bound (selection.max_kept_blocks), routed experts run torch._grouped_mm or the static-shape tiles
+          (`ressformer.kernels.moe_experts`; "auto" takes the per-expert loop only for eager CPU tensors).
+        * Graph breaks left: `moe_experts="loop"` chosen explicitly (MoEExperts.loop reads the token counts on the
+          host to size its matmuls; it is torch.compiler.disable'd here, so the step breaks around it instead of
+          failing), and whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather hooks).
+          torch.compile of the whole forward + loss instead of the units is one graph too, but specialises on K
+          (the step loop is Python): one graph per K. Not checked (no GPU): the CUDA-only kernels inside or after
+          the step, the Triton ASAM kernel (kernels.asam_triton) and liger's fused loss.
         """
-        # The recomputation of a checkpointed unit must run the graph its forward ran. A frame the block reaches
+        # The recomputation of a checkpointed unit must run the graph its forward ran. A frame the unit reaches
         # with several shapes (ASAM sees T keys at step 0, T + memory keys after) holds a static and an
         # automatic-dynamic graph that both accept the first shape, and Dynamo's most-recently-used lookup may pick
         # the other one (other saved tensors: torch.utils.checkpoint raises; or other rounding). Insertion order
         # (process-wide; torchtitan does the same).
         torch._C._dynamo.eval_frame._set_lru_cache(False)
-        # Traced, topk_first's tie branch splits it into frames whose first (compiling) call saves other tensors for
-        # backward than later calls do (the redone rows' indices), which a checkpointed recomputation rejects.
-        torch._dynamo.decorators.skip(topk_first)
         for module in self.modules():
             if isinstance(module, MoEExperts):  # this instance only
                 module.loop = types.MethodType(torch.compiler.disable(type(module).loop), module)
         for unit in self._compile_targets():
             unit.compile(**compile_kwargs)
+        self._compile_functions(**compile_kwargs)
 
     def _compile_targets(self) -> list[nn.Module]:
         """The modules `compile_units` compiles: the blocks of `model.layers`."""
         return list(self.model.layers)
+
+    def _compile_functions(self, **compile_kwargs) -> None:
+        """Functions `compile_units` compiles besides the modules (none here)."""
 
     # --- initialisation -----------------------------------------------------------------------
     def init_plan(self) -> Plan:

@@ -50,6 +50,15 @@ def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[to
     return tok, summ
 
 
+def block_aligned(cache: torch.Tensor, summaries: torch.Tensor | None, fillers: tuple[torch.Tensor, torch.Tensor],
+                  dim: int) -> torch.Tensor:
+    """One field of block-aligned memory (model docstring) along `dim`: [token fillers | cache | token fillers |
+    summaries | summary fillers]; fillers = (token fillers, summary fillers) of this field (`memory_fillers`: zero
+    states or keys, the filler positions, zero windows)."""
+    f_tok, f_sum = fillers
+    return torch.cat([f_tok, cache, f_tok, *([] if summaries is None else [summaries]), f_sum], dim)
+
+
 class ReSSFormerBlock(nn.Module):
     """Pre-norm block: ASAM attention (+ SOES graph bias, + R2MU memory keys) and a SwiGLU / MoE FFN."""
 
@@ -142,6 +151,7 @@ class ReSSFormerForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, ReSSFormerModel(config))
+        self._compiled_step = None  # `compile_units`: torch.compile(self._recurrent_step)
         self.init_weights()
 
     # --- structure ----------------------------------------------------------------------------
@@ -163,8 +173,13 @@ class ReSSFormerForCausalLM(CausalLM):
         return self.model.layers[self.n_prelude + (0 if self.config.r2mu.enabled else t)]
 
     def _compile_targets(self) -> list[nn.Module]:
-        """Every block and the R2MU memory (pooling and gate, called at each step)."""
-        return super()._compile_targets() + ([self.model.memory] if self.model.memory is not None else [])
+        """The prelude and coda blocks; the recurrent step (its block and the R2MU memory) compiles as one function
+        (`_compile_functions`)."""
+        layers = self.model.layers
+        return [layers[i] for i in range(len(layers)) if not self.n_prelude <= i < self.n_prelude + self.n_core]
+
+    def _compile_functions(self, **compile_kwargs) -> None:
+        self._compiled_step = torch.compile(self._recurrent_step, **compile_kwargs)
 
     def extra_init_plan(self, std: float) -> Plan:
         if self.model.memory is None:
@@ -189,10 +204,20 @@ class ReSSFormerForCausalLM(CausalLM):
     def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
               g_idx: torch.Tensor | None, g_val: torch.Tensor | None, pos: torch.Tensor, *, t: int,
               need_summary: bool) -> UnitOut:
-        """One recurrent step t: S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = Block(H^(t), M^(t)).
+        """One recurrent step t: `_recurrent_step` with step t's block, compiled when `compile_units` compiled it.
 
         g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise. The tensors are
         positional, as the checkpointing hook's fn(function, *args) passes them."""
+        step = self._compiled_step if self._compiled_step is not None else self._recurrent_step
+        return step(self.core_block(t), h, h_prev, s_prev, g_idx, g_val, pos, need_summary)
+
+    def _recurrent_step(self, block: ReSSFormerBlock, h: torch.Tensor, h_prev: torch.Tensor | None,
+                        s_prev: torch.Tensor | None, g_idx: torch.Tensor | None, g_val: torch.Tensor | None,
+                        pos: torch.Tensor, need_summary: bool) -> UnitOut:
+        """S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = block(H^(t), M^(t)): the unit torch.compile makes
+        one graph of (memory pooling and gate, memory keys, ASAM, experts, SOES graph). need_summary: whether S^(t)
+        is read (False only at step 0 of K = 1: computing it there would give the memory's parameters zero
+        gradients instead of none)."""
         mem = self.model.memory
         summary, gate, memory = None, None, None
         if mem is not None:
@@ -203,7 +228,7 @@ class ReSSFormerForCausalLM(CausalLM):
                 if self.config.causal and self.config.asam.impl == "block":
                     memory = self._block_align(memory, h.shape[1])
         g_in = None if g_idx is None else (g_idx, g_val)
-        h_new, graph, router_logits, stats = self.core_block(t)(h, pos, memory=memory, graph=g_in, recurrent=True)
+        h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True)
         return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
                        graph=None if graph is None else Graph(*graph), gate=gate)
 
@@ -213,11 +238,10 @@ class ReSSFormerForCausalLM(CausalLM):
         states, pos, win = memory
         B, _, D = states.shape
         f_tok, f_sum = memory_fillers(T, states.shape[1] - T, self.config, states.device)
-        z = [states.new_zeros(B, len(f), D) for f in (f_tok, f_sum)]
-        w = [torch.zeros(len(f), dtype=win.dtype, device=win.device) for f in (f_tok, f_sum)]
-        return (torch.cat([z[0], states[:, :T], z[0], states[:, T:], z[1]], 1),
-                torch.cat([f_tok.to(pos.dtype), pos[:T], f_tok.to(pos.dtype), pos[T:], f_sum.to(pos.dtype)]),
-                torch.cat([w[0], win[:T], w[0], win[T:], w[1]]))
+        n = (len(f_tok), len(f_sum))
+        return (block_aligned(states[:, :T], states[:, T:], tuple(states.new_zeros(B, f, D) for f in n), 1),
+                block_aligned(pos[:T], pos[T:], (f_tok.to(pos.dtype), f_sum.to(pos.dtype)), 0),
+                block_aligned(win[:T], win[T:], tuple(win.new_zeros(f) for f in n), 0))
 
     def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
         cfg = self.config
@@ -305,24 +329,24 @@ class ReSSFormerForCausalLM(CausalLM):
             sn = block.input_layernorm(summary.reshape(B, n_seg * m, D))
             unit.sum_k.append(attn.k_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
             unit.sum_v.append(attn.v_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
-        k, v = [prev.k.view[:, :, c0:Ti]], [prev.v.view[:, :, c0:Ti]]
-        pos = [torch.arange(c0, Ti, device=dev)]
-        win = [torch.full((Ti - c0,), r.cache_window, dtype=torch.long, device=dev)]
+        k, v = prev.k.view[:, :, c0:Ti], prev.v.view[:, :, c0:Ti]  # (B, H, Ti - c0, hd) the token cache
+        pos = torch.arange(c0, Ti, device=dev)
+        win = torch.full((Ti - c0,), r.cache_window, dtype=torch.long, device=dev)
         n_sum = 0 if unit.sum_k.view is None else unit.sum_k.view.shape[2]
+        sk = sv = s_pos = s_win = None  # the summaries of every complete segment
         if n_sum:
-            k.append(unit.sum_k.view)
-            v.append(unit.sum_v.view)
-            pos.append(summary_positions(n_sum, r.summary_slots, r.segment_len, dev))
-            win.append(torch.full((n_sum,), UNBOUNDED_WINDOW, dtype=torch.long, device=dev))
+            sk, sv = unit.sum_k.view, unit.sum_v.view
+            s_pos = summary_positions(n_sum, r.summary_slots, r.segment_len, dev)
+            s_win = torch.full((n_sum,), UNBOUNDED_WINDOW, dtype=torch.long, device=dev)
         if aligned:
             f_tok, f_sum = memory_fillers(Ti, n_sum, cfg, dev)
-            zk = [k[0].new_zeros(*k[0].shape[:2], len(f), k[0].shape[3]) for f in (f_tok, f_sum)]
-            zw = [torch.zeros(len(f), dtype=torch.long, device=dev) for f in (f_tok, f_sum)]
-            k = [zk[0], k[0], zk[0]] + k[1:] + [zk[1]]
-            v = [zk[0], v[0], zk[0]] + v[1:] + [zk[1]]
-            pos = [f_tok, pos[0], f_tok] + pos[1:] + [f_sum]
-            win = [zw[0], win[0], zw[0]] + win[1:] + [zw[1]]
-        return torch.cat(k, 2), torch.cat(v, 2), torch.cat(pos), torch.cat(win)
+            zk = tuple(k.new_zeros(*k.shape[:2], len(f), k.shape[3]) for f in (f_tok, f_sum))
+            zw = tuple(torch.zeros(len(f), dtype=torch.long, device=dev) for f in (f_tok, f_sum))
+            return (block_aligned(k, sk, zk, 2), block_aligned(v, sv, zk, 2),
+                    block_aligned(pos, s_pos, (f_tok, f_sum), 0), block_aligned(win, s_win, zw, 0))
+        if not n_sum:
+            return k, v, pos, win
+        return torch.cat([k, sk], 2), torch.cat([v, sv], 2), torch.cat([pos, s_pos]), torch.cat([win, s_win])
 
     def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
         K = self._num_steps(num_steps)

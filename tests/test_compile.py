@@ -1,18 +1,27 @@
-"""torch.compile of the repeated units (CausalLM.compile_units, run config `compile: true`) against eager.
+"""torch.compile of the repeated units (CausalLM.compile_units, run config `compile: true`) against eager, and the
+step's freedom from host reads.
 
-- Graph structure (Dynamo only, backend "eager": fast): the dense baseline's blocks and a ReSSFormer without
-  data-dependent paths (asam.topk=0, no SOES, dense FFN) compile with fullgraph=True, and once both step variants
-  (step 0, steps >= 1) are compiled, K = 1..5 with and without activation checkpointing recompiles nothing. The
-  debug preset's block breaks only where documented: the eager top-k selection and MoE experts calls.
-- Parity (fp32): logits, loss and every gradient of the compiled model equal eager within 1e-5 relative
-  (inductor fuses and reorders, so not bitwise), checkpointing on and off, K fixed and sampled; the baseline with
-  inductor in the quick tier, the debug preset with aot_eager (quick) and inductor (slow).
+- No host read (quick): the forward + backward of the debug model on every ASAM path (chunked, block with
+  block_select query and chunk, dense chunks, the reference), both SOES graphs, fp32 and bf16, with checkpointing,
+  under the experts' sync-free paths, runs no operator that reads device data on the host (a TorchDispatchMode
+  watching item / bool / int, nonzero, masked_select, unique, bincount, boolean indexing, repeat_interleave with
+  tensor repeats, and Tensor.tolist).
+- Graph structure (Dynamo only: fast): the baseline's blocks and ReSSFormer's recurrent step (R2MU memory + block
+  as one function) compile with fullgraph=True on every ASAM path and SOES graph, fp32 and bf16; once the two step
+  variants (step 0, steps >= 1) are compiled, K = 1..5 with and without checkpointing recompiles nothing. The
+  whole forward + loss is one graph too; the one break left is the explicitly chosen host-read experts loop. The
+  125m preset's step (T = 256, 4 experts) traces whole on each ASAM path (torch._dynamo.explain, forward).
+- Parity: logits, loss and every gradient of the compiled model equal eager within 1e-5 relative in fp32 (inductor
+  fuses and reorders, so not bitwise), checkpointing on and off, K fixed and sampled; the baseline with inductor
+  (quick), the debug preset with aot_eager (quick: chunked and block_select=chunk; bf16 within 1e-2) and inductor
+  (slow: chunked and block_select=chunk, the path where inductor once ran a scatter after its reader).
 - Trainer (slow): `pretrain/main.py --set compile=true` gives the eager run's losses over 3 steps, on 1 rank with
   ZeRO-1 and on 2 gloo ranks with ZeRO-3 (the shared block called K times under ZeRO-3 hooks); compile with expert
   parallelism is refused.
 Inductor caches go to a temporary folder of this session.
 """
 
+import collections
 import json
 import subprocess
 import sys
@@ -21,17 +30,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import RunConfig, load_run_config
-from ressformer import ModelConfig, build_model
+from ressformer import ModelConfig, build_model, kernels
 from ressformer.moe import MoEExperts
 from ressformer.recurrence import sample_num_steps
 from tests.helpers.dist import REPO, base_env, launch_ranks, run_group
 
 B, T = 2, 64
-# the recurrent step without data-dependent code: dense attention, no SOES graph, dense FFN
-NO_BREAKS = {"asam.topk": 0, "soes.enabled": False, "moe.num_experts": 1}
+# every ASAM path and SOES graph of the debug preset (chunked sparse top-k, attention-pattern graph by default)
+PATHS = {"chunked": {}, "block_query": {"asam.impl": "block"},
+         "block_chunk": {"asam.impl": "block", "asam.block_select": "chunk"},
+         "bilinear_block": {"asam.impl": "block", "soes.graph": "bilinear"},
+         "bilinear_chunked": {"soes.graph": "bilinear"}, "dense_chunks": {"asam.topk": 0},
+         "reference": {"asam.impl": "reference"}}
 
 
 def ckpt(fn, *args):
@@ -89,13 +103,74 @@ def _sampled_ks(cfg: ModelConfig, n: int) -> list[int]:
     return [sample_num_steps(cfg, step, seed=3) for step in range(n)]
 
 
+# --- no host read ----------------------------------------------------------------------------------------------
+class HostReads(TorchDispatchMode):
+    """Counts the operators (forward and backward) that read device data on the host or whose output shape
+    depends on the data."""
+
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+           "bincount", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        tensor_repeats = name == "repeat_interleave" and func._overloadname.startswith("Tensor")
+        if name in self.OPS or bool_index or tensor_repeats:
+            self.seen[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads(cfg: ModelConfig, dtype) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg).to(dtype)
+    model.set_checkpointing(ckpt)
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    tolist = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = torch.Tensor.tolist
+        mp.setattr(torch.Tensor, "tolist", lambda t: (tolist.append(t.shape), real(t))[1])
+        with HostReads() as reads:
+            model(ids, labels=ids).loss.backward()
+    return {**reads.seen, **({"Tensor.tolist": len(tolist)} if tolist else {})}
+
+
+@pytest.mark.parametrize("path,dtype", [(p, torch.float32) for p in PATHS] + [
+    ("chunked", torch.bfloat16), ("block_chunk", torch.bfloat16)])
+def test_forward_and_backward_read_nothing_on_the_host(path, dtype):
+    """The training step of every ASAM path, with the experts on the path a GPU takes (the static tiles; grouped
+    GEMM on sm90 / sm100 bf16, which reads nothing either), reads no device value on the host: no stall of a GPU's
+    stream, nothing that stops a CUDA graph."""
+    kernels.set_moe_experts("padded")
+    try:
+        assert _host_reads(ModelConfig.from_preset("debug", **PATHS[path]), dtype) == {}
+    finally:
+        kernels.set_moe_experts("auto")
+
+
+def test_the_host_read_check_sees_the_experts_loop():
+    """The check above is not blind: the experts' loop (the reference; "auto" on eager CPU tensors) reads the token
+    counts on the host, and the check reports it."""
+    kernels.set_moe_experts("loop")
+    try:
+        assert set(_host_reads(ModelConfig.from_preset("debug"), torch.float32)) == {"aten.bincount.default",
+                                                                                      "Tensor.tolist"}
+    finally:
+        kernels.set_moe_experts("auto")
+
+
 # --- the hook ---------------------------------------------------------------------------------------------------
 def test_compile_units_keeps_keys_and_leaves_experts_and_cached_path_eager():
     cfg = ModelConfig.from_preset("debug", **{"r2mu.n_prelude": 1, "r2mu.n_coda": 1})
     eager, compiled = _pair(cfg, backend="eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints are unchanged
-    targets = [*compiled.model.layers, compiled.model.memory]
-    assert len(targets) == 4 and all(m._compiled_call_impl is not None for m in targets)
+    layers = compiled.model.layers
+    assert layers[0]._compiled_call_impl is not None and layers[2]._compiled_call_impl is not None  # prelude, coda
+    assert layers[1]._compiled_call_impl is None and compiled._compiled_step is not None  # the step as one function
     experts = [m for m in compiled.modules() if isinstance(m, MoEExperts)]
     assert experts and all(getattr(m.loop, "_torchdynamo_disable", False) for m in experts)
     compiled.load_state_dict(eager.state_dict())  # a checkpoint of the eager model loads as is
@@ -111,20 +186,17 @@ def test_compile_units_keeps_keys_and_leaves_experts_and_cached_path_eager():
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset,overrides,graphs", [("debug-transformer", {}, 1), ("debug", NO_BREAKS, 4)],
-                         ids=["baseline", "ressformer-dense-attention"])
-def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, overrides, graphs):
-    """fullgraph=True: no graph break anywhere in a unit. The baseline's 5 layers share one graph; ReSSFormer's
-    step compiles 4 (the block at step 0 and at steps >= 1, the memory without and with S^(t-1)). After one K=2
-    forward+backward, other K, with checkpointing on or off, reuse them: error_on_recompile stays silent."""
+def _compiles_whole(preset: str, overrides: dict, dtype, graphs: int):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     cfg = ModelConfig.from_preset(preset, **overrides)
     counter = CompileCounter()
     _, model = _pair(cfg, backend=counter, fullgraph=True)
+    model.to(dtype)
     ids = torch.randint(0, cfg.vocab_size, (B, T))
-    _fwd_bwd(model, ids, 2, ac=False)
+    for k in (2, 1):
+        _fwd_bwd(model, ids, k, ac=False)
     assert counter.frame_count == graphs
     with torch._dynamo.config.patch(error_on_recompile=True):
         for k in (1, 3, 5, 2):
@@ -133,79 +205,96 @@ def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, overrides, 
     assert counter.frame_count == graphs
 
 
-def test_grouped_gemm_experts_compile_inside_the_block():
-    """The routed experts on the grouped-GEMM path (what a bf16 run on an sm90+ GPU takes) break no graph: the
-    recurrent step with routed experts (asam.topk=0, no SOES) compiles with fullgraph=True in bf16, K = 1..3 with
-    and without checkpointing reuse its graphs, and the compiled model gives eager's logits, loss and gradients."""
-    from torch._dynamo.testing import CompileCounter
-
-    from ressformer import kernels
-
-    kernels.set_moe_experts("grouped_mm")
-    try:
-        torch._dynamo.reset()
-        cfg = ModelConfig.from_preset("debug", **{"asam.topk": 0, "soes.enabled": False})
-        assert cfg.moe.enabled
-        counter = CompileCounter()
-        _, model = _pair(cfg, backend=counter, fullgraph=True)
-        ids = torch.randint(0, cfg.vocab_size, (B, T))
-        _fwd_bwd(model.bfloat16(), ids, 2, ac=False)
-        graphs = counter.frame_count
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for k, ac in ((1, False), (3, True), (2, True)):
-                _fwd_bwd(model, ids, k, ac)
-        assert counter.frame_count == graphs == 4
-        torch._dynamo.reset()
-        eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
-        _assert_parity(eager.bfloat16(), compiled.bfloat16(), [(2, False), (3, True)], tol=1e-2)
-    finally:
-        kernels.set_moe_experts("auto")
+@pytest.mark.parametrize("preset,path,dtype,graphs", [
+    ("debug-transformer", None, torch.float32, 1), ("debug", "chunked", torch.float32, 3),
+    ("debug", "chunked", torch.bfloat16, 3), ("debug", "block_query", torch.float32, 3),
+    ("debug", "block_chunk", torch.bfloat16, 3), ("debug", "bilinear_block", torch.float32, 3)],
+    ids=["baseline", "chunked", "chunked_bf16", "block_query", "block_chunk_bf16", "bilinear_block"])
+def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, path, dtype, graphs):
+    """fullgraph=True: no graph break anywhere in a unit (the routed experts on the static tiles: CPU under
+    torch.compile). The baseline's 4 layers share one graph; ReSSFormer's step has 3 variants (step 0: no memory
+    keys, no graph, S^(0) pooled for K > 1 or not for K = 1; steps >= 1). After a K=2 and a K=1 forward+backward,
+    other K, with checkpointing on or off, reuse them: error_on_recompile stays silent."""
+    _compiles_whole(preset, PATHS.get(path, {}), dtype, graphs)
 
 
-def test_a_compiled_consumer_of_topk_first_does_not_recompile_on_ties():
-    """topk_first redoes tied rows; its result has one layout either way, so the compiled frame that takes the
-    indices (attention._gathered_attend_all) keeps its graph as the pattern of tied rows changes."""
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_path_and_dtype_compiles_whole(path, dtype):
+    _compiles_whole("debug", PATHS[path], dtype, 3)
+
+
+@pytest.mark.parametrize("path", ["chunked", "block_query", "block_chunk"])
+def test_125m_step_traces_whole(path):
+    """The 125m preset's recurrent step at a step >= 1 (memory keys, the previous step's graph) on T = 256 tokens,
+    its sparse top-k (top-128) path: one graph, no break (forward; 4 experts instead of 16 to keep it small)."""
+    torch._dynamo.reset()
+    cfg = ModelConfig.from_preset("125m", **{**PATHS[path], "moe.num_experts": 4})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    n = 256
+    ids, pos = torch.randint(0, cfg.vocab_size, (1, n)), torch.arange(n)
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        s0 = model._recurrent_step(model.core_block(0), h, None, None, None, None, pos, True)
+        explained = torch._dynamo.explain(model._recurrent_step)(model.core_block(1), s0.h, h, s0.summary,
+                                                                 s0.graph.idx, s0.graph.val, pos, True)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_topk_first_traces_whole_and_keeps_one_graph_across_ties():
+    """topk_first breaks ties on the device: compiled (fullgraph) it gives eager's indices on rows with and without
+    ties, with one graph for both."""
     from torch._dynamo.testing import CompileCounter
 
     from ressformer.selection import topk_first
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    consume = torch.compile(lambda x, idx: x.gather(-1, idx).sum(-1), backend=counter, dynamic=False)
-    untied = torch.arange(24.0).repeat(3, 1)  # distinct values: no row redone
+    compiled = torch.compile(topk_first, backend=counter, fullgraph=True, dynamic=False)
+    untied = torch.arange(24.0).repeat(3, 1)  # distinct values
     tied = untied.clone()
     tied[1, 21:] = 100.0
     tied[1, [16, 9, 2]] = 50.0  # row 1: three clear winners, then a three-way tie for the 4th place
-    a, b = topk_first(untied, 4), topk_first(tied, 4)
-    assert a.is_contiguous() and b.is_contiguous() and a.stride() == b.stride()
-    assert b[1].sort().values.tolist() == [2, 21, 22, 23]  # the tie broke by index, so that row was redone
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for x, idx in ((untied, a), (tied, b), (untied, a)):
-            consume(x, idx)
+        for x in (untied, tied, untied):
+            assert torch.equal(compiled(x, 4), topk_first(x, 4))
+    assert compiled(tied, 4)[1].sort().values.tolist() == [2, 21, 22, 23]  # the tie broke by index
     assert counter.frame_count == 1
 
 
-def test_graph_breaks_of_the_ressformer_block_are_the_documented_ones():
-    """The debug preset's shared block at a step >= 1 (memory keys and the previous step's graph): every graph
-    break is a call of the eager top-k selection (ASAM per-chunk selection, SOES pattern) or of the eager MoE
-    experts; none lies in the model, recurrence or attention code around them."""
+@pytest.mark.parametrize("path", ["block_chunk"])
+def test_whole_forward_and_loss_is_one_graph(path):
+    """torch.compile of the whole model (embedding, K steps, tail, LM and aux losses, diagnostics): one graph. The
+    one break left is the experts' host-read loop when chosen explicitly (moe_experts="loop"): a call of a
+    disabled function, the routed experts' matmuls alone."""
+    cfg = ModelConfig.from_preset("debug", **PATHS[path])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.compile_units(backend="eager")  # torch.compiler.disable's the experts loop, as compile_units documents
+    model._compiled_step = None  # explain traces the eager forward
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+
+    def loss(ids):
+        out = model(ids, labels=ids)
+        return out.loss, out.diagnostics
+
     torch._dynamo.reset()
-    cfg = ModelConfig.from_preset("debug")
-    _, model = _pair(cfg, backend="eager")
-    h = model.model.embed_tokens(torch.randint(0, cfg.vocab_size, (B, T)))
-    pos = torch.arange(T)
-    memory = model.model.memory.memory_keys(h, model.model.memory(h, None)[0])
-    graph = model._step(h, None, None, None, None, pos, t=0, need_summary=False).graph
-    explained = torch._dynamo.explain(model.core_block(1).forward)(h, pos, memory=memory, graph=tuple(graph),
-                                                                   recurrent=True)
-    sites = set()
+    explained = torch._dynamo.explain(loss)(ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    kernels.set_moe_experts("loop")
+    try:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(loss)(ids)
+    finally:
+        kernels.set_moe_experts("auto")
+    assert explained.graph_break_count >= cfg.r2mu.steps  # each MoE call (and the frames around it)
     for brk in explained.break_reasons:
-        frame = [f for f in brk.user_stack if "/ressformer/" in f.filename][-1]  # innermost frame of ours
-        call = [c for c in ("topk_first(", "self.loop(") if c in frame.line]
-        sites.add((Path(frame.filename).name, frame.name, *call))
-        assert "disable()" in brk.reason, brk.reason  # a call of an eager function, not an unsupported op
-    assert sites == {("attention.py", "_select_topk", "topk_first("), ("attention.py", "_pad_edges", "topk_first("),
-                     ("moe.py", "forward", "self.loop(")}, sites
+        frame = [f for f in brk.user_stack if "/ressformer/" in f.filename][-1]
+        assert (Path(frame.filename).name, frame.name) == ("moe.py", "forward") and "self.loop(" in frame.line
+        assert "disable" in brk.reason, brk.reason
 
 
 # --- parity -----------------------------------------------------------------------------------------------------
@@ -214,19 +303,29 @@ def test_baseline_compiled_equals_eager():
     _assert_parity(eager, compiled, [(None, False), (None, True)])
 
 
-def test_ressformer_compiled_equals_eager_aot_eager():
-    """AOTAutograd's joint graphs, without inductor's codegen: the forward is bitwise eager's."""
-    cfg = ModelConfig.from_preset("debug")
-    eager, compiled = _pair(cfg, backend="aot_eager")
-    ks = _sampled_ks(cfg, 3)
-    _assert_parity(eager, compiled, [(4, True), (4, False)] + [(k, True) for k in ks])
+@pytest.mark.parametrize("path", ["chunked", "block_chunk"])
+def test_ressformer_compiled_equals_eager_aot_eager(path):
+    """AOTAutograd's joint graphs, without inductor's codegen (the experts: the loop eagerly, the static tiles
+    compiled)."""
+    cfg = ModelConfig.from_preset("debug", **PATHS[path])
+    eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
+    _assert_parity(eager, compiled, [(4, True), (4, False), (_sampled_ks(cfg, 1)[0], True)])
+
+
+def test_ressformer_bf16_compiled_equals_eager_aot_eager():
+    """bf16 parameters and activations: the logits and loss equal eager's, the gradients within 1e-2 relative (the
+    experts' weight gradients summed per tile, each rounded to bf16, against the loop's one matmul)."""
+    cfg = ModelConfig.from_preset("debug", **PATHS["block_query"])
+    eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
+    _assert_parity(eager.bfloat16(), compiled.bfloat16(), [(4, False), (2, True)], tol=1e-2)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ressformer_compiled_equals_eager_inductor():
-    cfg = ModelConfig.from_preset("debug")
-    eager, compiled = _pair(cfg)
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("path", ["chunked", "block_chunk"])
+def test_ressformer_compiled_equals_eager_inductor(path):
+    cfg = ModelConfig.from_preset("debug", **PATHS[path])
+    eager, compiled = _pair(cfg, fullgraph=True)
     ks = _sampled_ks(cfg, 4)
     assert len(set(ks)) > 1, ks
     _assert_parity(eager, compiled, [(4, False), (4, True)] + [(k, i % 2 == 0) for i, k in enumerate(ks)])
