@@ -6,6 +6,7 @@
       .wandb: WandbConfig
       .faults: FaultConfig       collective timeout, hang watchdog, stragglers
       .preflight: PreflightConfig
+      .profile: ProfileConfig     torch.profiler window
 
 Design choices
 - One schema for the YAML files (`pretrain/configs/*.yaml`), `--set key=value` overrides, run_state.json and
@@ -210,6 +211,34 @@ class PreflightConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (pretrain.profiling): traces in RUN_DIR/profile/."""
+
+    enabled: bool = False
+    """Profile this run (`profile: true` takes the defaults below)."""
+    wait: int = 5
+    """Steps before a window (after the start or the previous window)."""
+    warmup: int = 2
+    """Steps traced but discarded at the start of a window (the profiler's own start-up)."""
+    active: int = 3
+    """Steps recorded in a window."""
+    repeat: int = 1
+    """Windows in all (0: until the run ends)."""
+    ranks: list = field(default_factory=lambda: [0])
+    """Ranks that profile ([]: every rank)."""
+    memory: bool = False
+    """CUDA: record the allocation history over each window and on out-of-memory (a snapshot for memory_viz)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "profile.")
+        for n in ("wait", "warmup", "repeat"):
+            _need(getattr(self, n) >= 0, f"profile.{n}", getattr(self, n), "must be >= 0")
+        _need(self.active >= 1, "profile.active", self.active, "must be >= 1")
+        _need(all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.ranks), "profile.ranks",
+              self.ranks, "a list of rank numbers, e.g. [0] ([] for every rank)")
+
+
+@dataclass
 class RunConfig:
     """One pretraining run: what to train, on what, how long, and where its folder is."""
 
@@ -296,6 +325,8 @@ class RunConfig:
     """Collective timeout, the hang watchdog and straggler detection."""
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
     """Device, kernel and link checks before the first step (`preflight: false` skips them)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces of a window of steps (`profile: true` for the defaults)."""
     init_from: str | None = None
     """Continued pretraining: start from the weights of a model folder (a checkpoint tag, or a `python -m
     pretrain.convert --to-ressformer` folder) whose model_config.yaml equals this run's; a checkpoint found by
@@ -368,7 +399,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "activation_checkpointing": ActivationCheckpointing, "wandb": WandbConfig,
-            "faults": FaultConfig, "preflight": PreflightConfig}
+            "faults": FaultConfig, "preflight": PreflightConfig, "profile": ProfileConfig}
 
 
 def load_run_config(path: str | Path | None, sets: list[str] | None = None) -> RunConfig:

@@ -32,6 +32,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+import torch
+
 from pretrain import distributed as D
 from pretrain.run_files import write_atomic
 
@@ -71,6 +73,7 @@ class Monitor:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.ranges, self._range = False, None  # phases as profiler ranges (pretrain.profiling turns them on)
         _active = self
 
     # --- phases ------------------------------------------------------------------------------------------
@@ -82,6 +85,11 @@ class Monitor:
             if name in LONG_PHASES or self.current in LONG_PHASES:
                 self.last_progress = now  # a long phase starts or ends: its own limit applies from here
             self.current, self.since = name, now
+        if self.ranges:  # a profiler records: the phase is a named range of the trace
+            if self._range is not None:
+                self._range.__exit__(None, None, None)
+            self._range = torch.profiler.record_function(f"phase/{name}")
+            self._range.__enter__()
 
     def step_done(self, step: int) -> None:
         now = time.monotonic()

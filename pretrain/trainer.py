@@ -30,6 +30,7 @@ from pretrain import distributed as D
 from pretrain.config import ConfigError, RunConfig
 from pretrain.distributed import all_mean, any_rank
 from pretrain.monitor import Monitor, phase
+from pretrain.profiling import Profiler
 from pretrain.run_files import RunWriteError, WriteGuard, guard_std_streams
 
 
@@ -196,13 +197,20 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     if evaluating and step == 0:
         phase("eval")
         log.validation(0, evaluate(engine, valid_ds, run))
+    prof = Profiler(run.profile, run.run_dir, start_step=step)
+    monitor.ranges = prof.on
     sums: dict[str, list] = {}
     interrupted, wrapped_warned = False, False
     try:
         while step < run.steps:
             k = sample_num_steps(mcfg, step, run.seed)
-            optimizer_step(engine, batches, k, run.grad_accum, nan, sums)
+            try:
+                optimizer_step(engine, batches, k, run.grad_accum, nan, sums)
+            except torch.cuda.OutOfMemoryError:
+                prof.out_of_memory()
+                raise
             step += 1
+            prof.step()
             monitor.step_done(step)
             tokens += gb * run.seq_len
             phase("log")
@@ -244,6 +252,9 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     except NanStormError as e:
         ckpt.record_nan_storm(step, str(e))
         raise
+    finally:
+        prof.close()
+        monitor.ranges = False
     finished = step >= run.steps
     saved = ckpt.settle()
     if saved:

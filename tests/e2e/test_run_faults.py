@@ -496,9 +496,15 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path):
 
 
 def test_a_straggler_is_named_in_metrics_and_warned_about(tmp_path):
+    """(The same run profiles steps 3-4 on both ranks: the traces hold the loop's phases as named ranges.)"""
     d = tmp_path / "r"
     p = run(d, "--set", "steps=8", "--set", "log_every=2", "--set", "faults.straggler_windows=2",
+            "--set", "profile={enabled: true, wait: 1, warmup: 1, active: 2, ranks: []}",
             env=dict(base_env(), FAULT="slow:0.4:1"), script="tests/helpers/fault_worker.py")
+    for r in (0, 1):
+        trace = json.loads((d / "profile" / f"rank{r}_step4.pt.trace.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"phase/data", "phase/forward", "phase/backward", "phase/optimizer"} <= names, sorted(names)[:50]
     recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in recs if "ranks/slow_rank" in r]
     assert len(windows) == 4 and all(r["ranks/slow_rank"] == 1 and r["ranks/slow_phase"] == "data" for r in windows)
