@@ -260,12 +260,33 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     if saved:
         log.write(saved)
     log.close()
+    if rank == 0:
+        _plot(Path(run.run_dir), guard)
     if D.any_rank(guard.error is not None):
         _raise_write_error(guard)
     if finished:
         ckpt.finish(step)
     D.barrier()
     return {"step": step, "finished": finished, "interrupted": interrupted}
+
+
+def _plot(run_dir: Path, guard: WriteGuard) -> None:
+    """Rank 0: RUN_DIR/metrics.png (pretrain.plot), when matplotlib is installed; a failed write goes to `guard`."""
+    try:
+        from pretrain.plot import plot
+    except ImportError:
+        return
+    out = run_dir / "metrics.png"
+    try:
+        plot([run_dir], out)
+    except ImportError:
+        print("[pretrain] no plot: matplotlib is not installed (pip install matplotlib; python -m pretrain.plot "
+              f"{run_dir})", flush=True)
+        return
+    except OSError as e:
+        guard.record(e, out)
+        return
+    print(f"[pretrain] plot of the run: {out} (python -m pretrain.plot RUN_DIR ... overlays runs)", flush=True)
 
 
 def _raise_write_error(guard: WriteGuard) -> None:

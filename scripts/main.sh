@@ -81,5 +81,7 @@ print("validation perplexity by step: " + ", ".join(f"{s}: {p:.1f}" for s, p in 
 if len(val) >= 2:
     print(f"fell from {val[0][1]:.1f} to {val[-1][1]:.1f} ({val[0][1] / val[-1][1]:.1f}x lower)")
 print("held-out test perplexity of the export:", json.loads((run / "eval_ppl.json").read_text()).get("ppl"))
+if (run / "metrics.png").is_file():
+    print(f"plot of the run: {run / 'metrics.png'} (python -m pretrain.plot RUN_DIR ... overlays runs)")
 EOF
 echo "done in $((SECONDS - t0))s: checkpoints in $RUN_DIR, Hugging Face export in $HF_DIR, lm-eval results in $RUN_DIR/lm_eval"

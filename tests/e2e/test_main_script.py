@@ -40,6 +40,7 @@ def test_main_script_end_to_end_shortened(tmp_path):
     results = [json.loads(f.read_text()) for f in (run_dir / "lm_eval").rglob("results*.json")]
     assert results and {"ressformer_shakespeare_ppl", "ressformer_shakespeare_next_line"} <= set(results[0]["results"])
     assert "validation perplexity by step: 0:" in out and "ROMEO:" in out
+    assert f"plot of the run: {run_dir / 'metrics.png'}" in out and (run_dir / "metrics.png").stat().st_size > 10_000
 
     # Re-running finds the finished run and only re-does conversion and evaluation.
     p2 = run_group(["bash", "scripts/main.sh"], timeout=600, cwd=REPO, env={**env, "EVAL_LIMIT": "1"})
