@@ -5,7 +5,8 @@ Design choices
   save_to_disk folders, local only) and tokenized in parallel with `datasets.map(num_proc=N)`; each worker
   loads the sentencepiece model once. The map never reads the datasets cache (`load_from_cache_file=False`):
   whether work can be skipped is decided by our own sidecar (below), and a benchmark must measure real
-  tokenization.
+  tokenization. With num_proc > 1 each process encodes with one thread (sentencepiece's batch encode
+  otherwise starts a thread per core in every process); with num_proc 1 it keeps its thread per core.
 - `--streaming` never holds the corpus: each file is streamed (`load_dataset(..., streaming=True)`) in batches of
   `--batch-size` rows, a batch is tokenized (in a pool of `--num-proc` spawned processes, at most 2 batches per
   process in flight, results taken in submission order) and written to the builder before more is read. The
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -64,8 +66,9 @@ class _Encode:
     as arrays (flat int32 ids, lengths, prompt lengths or None), which pickle cheaply between processes.
     """
 
-    def __init__(self, model_file: str, eos_id: int, pairs: bool = False):
-        self.model_file, self.eos_id, self.pairs, self._sp = model_file, eos_id, pairs, None
+    def __init__(self, model_file: str, eos_id: int, pairs: bool = False, num_threads: int | None = None):
+        self.model_file, self.eos_id, self.pairs, self.num_threads = model_file, eos_id, pairs, num_threads
+        self._sp = None
 
     def __getstate__(self):
         return {**self.__dict__, "_sp": None}
@@ -75,10 +78,11 @@ class _Encode:
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        kw = dict(out_type=int, num_threads=self.num_threads)  # None: sentencepiece's default, a thread per core
         if not self.pairs:
-            return [x + [self.eos_id] for x in self._sp.encode(batch["text"], out_type=int)], None
-        prompts = self._sp.encode(batch["prompt"], out_type=int)
-        completions = self._sp.encode(batch["completion"], out_type=int)
+            return [x + [self.eos_id] for x in self._sp.encode(batch["text"], **kw)], None
+        prompts = self._sp.encode(batch["prompt"], **kw)
+        completions = self._sp.encode(batch["completion"], **kw)
         return [p + c + [self.eos_id] for p, c in zip(prompts, completions)], [len(p) for p in prompts]
 
     def __call__(self, batch: dict) -> dict:
@@ -89,7 +93,7 @@ class _Encode:
     def chunk(self, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         ids, prompt = self._ids(batch)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))  # (docs,)
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))  # (tokens,)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))  # (tokens,)
         return flat, lengths, None if prompt is None else np.asarray(prompt, dtype=np.int64)
 
 
@@ -107,21 +111,26 @@ def _worker_chunk(batch: dict):
 
 def _stream_chunks(batches: Iterator[dict], enc: _Encode, num_proc: int) -> Iterator[tuple]:
     """Encoded chunks of `batches` in their order; with num_proc > 1 a process pool with 2 batches per process in
-    flight, so reading stays at most that far ahead of writing."""
+    flight, so reading stays at most that far ahead of writing. A worker that dies (e.g. killed for memory) ends
+    the run with BrokenProcessPool instead of a hang."""
     if num_proc == 1:
         for b in batches:
             yield enc.chunk(b)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    with mp.get_context("spawn").Pool(num_proc, initializer=_worker_init, initargs=(enc,)) as pool:
+    pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(enc,))
+    try:
         pending: deque = deque()
         for b in batches:
-            pending.append(pool.apply_async(_worker_chunk, (b,)))
+            pending.append(pool.submit(_worker_chunk, b))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error: at most num_proc running batches to wait for
 
 
 def _dataset_chunks(encoded, batch_size: int, pairs: bool) -> Iterator[tuple]:
@@ -232,7 +241,7 @@ def preprocess(tokenizer_dir: str | Path, inputs: list[str | Path], out_prefix: 
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     import datasets
 
-    enc = _Encode(str(tok.path / MODEL_FILE), tok.eos_id, pairs)
+    enc = _Encode(str(tok.path / MODEL_FILE), tok.eos_id, pairs, num_threads=1 if num_proc > 1 else None)
     with contextlib.ExitStack() as stack:
         if streaming:
             t0 = time.time()  # tokens/s covers reading + tokenizing + writing (interleaved)

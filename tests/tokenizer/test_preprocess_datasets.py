@@ -258,3 +258,25 @@ def test_bad_input_names_file_and_row(tmp_path, w, case):
     with pytest.raises(ValueError, match=match):
         train_tokenizer(inputs, tmp_path / "tok", vocab_size=300, streaming=True, **kw)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+class _DyingEncoder:
+    """Stands in for the tokenizer in a pool process: the process ends on the second batch (as if killed)."""
+
+    def chunk(self, batch):
+        import os
+
+        if batch["text"][0] == "die":
+            os._exit(9)
+        return batch["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_worker_ends_the_stream_not_hangs():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tokenizer.preprocess import _stream_chunks
+
+    batches = [{"text": ["fine"]}, {"text": ["die"]}] + [{"text": ["fine"]}] * 6
+    with pytest.raises(BrokenProcessPool):
+        list(_stream_chunks(iter(batches), _DyingEncoder(), num_proc=2))
