@@ -123,7 +123,7 @@ def asam_path(cfg: ModelConfig, T: int, n_mem: int) -> tuple[str, int]:
     a, tk = cfg.asam, T + n_mem
     if a.impl == "reference":
         return "reference", tk
-    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk)
+    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk, memory=n_mem > 0)
     if a.topk == 0 or a.topk >= cand:
         return "dense_chunks", cand
     return "gathered", a.topk
@@ -177,8 +177,9 @@ def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micr
     path, n = asam_path(cfg, T, u.n_mem)
     Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
     if path == "gathered":
-        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, Tk)
-        sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * cand * D
+        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, Tk, memory=u.n_mem > 0)
+        # fp32 scores (+ bias), the tie-broken top-k's int32 key beside them (selection.topk_first), the keys
+        sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * H * c * cand + 4.0 * B * cand * D
         if asam_kernel:
             bwd = 12.0 * B * Tk * D + 2.0 * B * T * D + (4.0 * B * H * n * T if u.graph_in else 0.0)
         else:

@@ -97,18 +97,28 @@ def _attention_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]
         if k:
             return 2.0 * k * d, 1.0 * tk * d  # no-grad selection over all keys, then k gathered keys
         return 2.0 * tk * d, 0.0
-    # block: block summaries (mean keys) scored without grad, then selection inside the kept blocks. Exact for
-    # block_select=chunk; for =query this counts each query's own blocks, the computed union may be larger.
+    # block: block summaries (mean keys) scored without grad, then selection inside each chunk's candidate blocks,
+    # which the model pads to a static bound (selection.max_kept_blocks): the keys counted are the ones computed
     n_blocks = math.ceil(tk / a.block_size)
-    kept = _block_kept_keys(cfg, tk)
+    kept = _block_kept_keys(cfg, tk, memory=n_mem > 0)
     sel = n_blocks * d + (kept * d if k else 0)
     return 2.0 * (k if k else kept) * d, float(sel)
 
 
-def _block_kept_keys(cfg: ModelConfig, tk: int) -> int:
-    """Keys a query chunk keeps in block mode: blocks_per_query chosen blocks + the blocks its positions span."""
+def _block_kept_keys(cfg: ModelConfig, tk: int, memory: bool = False) -> int:
+    """Candidate keys a query chunk computes over in block mode (`memory`: the R2MU token cache and summaries come
+    with the tokens): the static block count the model pads every chunk to (selection.max_kept_blocks: the blocks
+    overlapping the chunk's positions, attention.local_block_bound, + blocks_per_query chosen, by the chunk's
+    earliest query or, with block_select=query, by each of its chunk_size queries; at most all blocks), in keys."""
+    from ressformer.attention import local_block_bound
+
     a = cfg.asam
-    return min(tk, (a.blocks_per_query + math.ceil(a.chunk_size / a.block_size) + 1) * a.block_size)
+    nb = math.ceil(tk / a.block_size)
+    local = local_block_bound(cfg, memory, a.chunk_size)
+    if local is None:
+        return nb * a.block_size
+    n_top = min(nb, a.blocks_per_query)
+    return min(nb, local + (n_top if a.block_select == "chunk" else a.chunk_size * n_top)) * a.block_size
 
 
 def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:

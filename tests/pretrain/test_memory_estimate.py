@@ -92,12 +92,13 @@ def test_unit_formulas_by_hand():
     assert kernel["attention"] == 2 * 64 + 12 * 4 * 16 == 896  # q, int64 indices, fp32 probabilities
     for parts in (torch_path, kernel):
         assert {k: v for k, v in parts.items() if k != "attention"} == pytest.approx(DEBUG_STEP_KEPT)
-    # Transients of one micro batch (B = 2): the chunk of 32 queries' three fp32 score buffers over 272 keys + fp32
-    # keys; the backward's gradient of the gathered keys (PyTorch) or the kernel's fp32 dk / dv + dq + the graph's ds.
+    # Transients of one micro batch (B = 2): the chunk of 32 queries' three fp32 score buffers over 272 keys, the
+    # tie-broken top-k's int32 key of the same shape + fp32 keys; the backward's gradient of the gathered keys
+    # (PyTorch) or the kernel's fp32 dk / dv + dq + the graph's ds.
     assert unit_transient(cfg, 128, step, asam_kernel=False, micro_batch=2) == pytest.approx(
-        {"selection": 4 * 2 * 4 * 32 * 272 * 3 + 4 * 2 * 272 * 64, "backward": 6 * 2 * 128 * 16 * 64})
+        {"selection": 4 * 2 * 4 * 32 * 272 * 4 + 4 * 2 * 272 * 64, "backward": 6 * 2 * 128 * 16 * 64})
     assert unit_transient(cfg, 128, step, asam_kernel=True, micro_batch=2) == pytest.approx(
-        {"selection": 4 * 2 * 4 * 32 * 272 * 3 + 4 * 2 * 272 * 64,
+        {"selection": 4 * 2 * 4 * 32 * 272 * 4 + 4 * 2 * 272 * 64,
          "backward": 12 * 2 * 272 * 64 + 2 * 2 * 128 * 64 + 4 * 2 * 4 * 16 * 128})
     # Peak = max(saved before the attention + selection, all saved + backward transient), B * T = 256 tokens.
     kept, peak = unit_bytes(cfg, 128, step, asam_kernel=True, micro_batch=2)
