@@ -163,7 +163,7 @@ def test_memory_check_measures_a_real_run_against_the_estimate(tmp_path, capsys)
         assert est.table() in printed and res["output"] in printed
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs if "loss" in r] == [1, 2] and res["steps"] == 2
-        assert res["measured_peak_gib"] == max(r["peak_mem_gib"] for r in recs) > 0
+        assert res["measured_peak_gib"] == max(r["peak_mem_gib"] for r in recs if "peak_mem_gib" in r) > 0
         assert res["ratio"] == pytest.approx(res["measured_peak_gib"] * 2**30 / est.total, rel=1e-12)
         assert not res["cuda"] and res["precision"] == "fp32" and "not a check of the estimator" in res["note"]
         info = json.loads((run_dir / "run_info.json").read_text())
