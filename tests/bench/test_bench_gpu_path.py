@@ -177,5 +177,5 @@ def test_memory_check_measures_a_real_run_against_the_estimate(tmp_path, capsys)
                                  "--json", str(tmp_path / "bad.json")]) == 1
     err = capsys.readouterr().err
     log = bad / "memory_check.log"
-    assert f"the training run failed (exit status 1); its log: {log}" in err
+    assert f"the training run failed (exit status 2); its log: {log}" in err  # a config error: one line, rc 2
     assert "/nonexistent/x" in log.read_text() and not (tmp_path / "bad.json").exists()
