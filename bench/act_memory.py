@@ -4,7 +4,7 @@ Counts the unique tensor storages autograd saves during one forward (`torch.auto
 saved_tensors_hooks`) plus, with checkpointing on, the inputs each checkpointed unit keeps for its
 recompute. Non-reentrant `torch.utils.checkpoint` packs the tensors saved inside a unit with its own inner
 hooks (recomputed in backward), so they do not reach the outer hook: what is counted is what stays alive.
-Used by bench/act_checkpoint_memory.py and tests/test_train_act_memory.py.
+Used by bench/act_checkpoint_memory.py and tests/pretrain/test_act_memory.py.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 # One-shot GPU check of the fast paths (about 9.5 minutes at most on one H100 / H200), run from the repo root:
 #   0. python -m pretrain.preflight for the 125m paper model: the fused kernels against their PyTorch paths on this
 #      device, bf16 matmul TFLOP/s against the peak, free memory against the estimate (preflight.txt; needs deepspeed)
-#   1. the kernel parity tests natively on CUDA: tests/test_asam_kernel.py (ASAM Triton top-k kernel),
-#      tests/test_fused_loss.py (liger fused LM loss) and tests/test_moe.py (grouped GEMM experts vs the loop)
+#   1. the kernel parity tests natively on CUDA: tests/ressformer/test_asam_kernel.py (ASAM Triton top-k kernel),
+#      tests/ressformer/test_fused_loss.py (liger fused LM loss) and tests/ressformer/test_moe.py (grouped GEMM experts vs the loop)
 #   1b. bench/moe_experts.py: the MoE layer's loop vs torch._grouped_mm, 125m and 1b widths, bf16
 #   2. bench/attention.py, T = 1k .. 64k: ASAM (torch paths and the Triton kernel) vs SDPA / FlexAttention / AdaSplash
 #   3. bench/train_throughput.py: tokens/s, TFLOP/s and MFU of 125m, 1b and their compute-matched dense Transformers
@@ -130,8 +130,8 @@ if "$PY" -c "import deepspeed" 2>/dev/null; then
 else
   echo "=== preflight: skipped (it needs deepspeed: bash bench/gpu_wheels.sh first)"
 fi
-step "kernel parity tests" 115 "$PY" -m pytest -q -p no:cacheprovider tests/test_asam_kernel.py \
-  tests/test_fused_loss.py tests/test_moe.py --junitxml="$OUT/pytest.xml"
+step "kernel parity tests" 115 "$PY" -m pytest -q -p no:cacheprovider tests/ressformer/test_asam_kernel.py \
+  tests/ressformer/test_fused_loss.py tests/ressformer/test_moe.py --junitxml="$OUT/pytest.xml"
 step "moe experts bench" 30 "$PY" bench/moe_experts.py --device cuda --dtype bfloat16 --presets 125m 1b \
   --tokens 16384 --json "$OUT/moe_experts.json"
 step "attention bench" 125 "$PY" bench/attention.py --device cuda --dtype bfloat16 \

@@ -1,14 +1,22 @@
 """Forward+backward time of one training micro-batch: ReSSFormer and its ablations vs the dense baseline.
 
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
+                              [--rows ressformer ...] [--baseline depth|matched] [--profile N]
 
-Every row is timed in this run and printed as a ratio to the `baseline` row (the dense Transformer of the
-same width, `<preset>-transformer` or arch=transformer with n_layers = n_prelude + steps + n_coda), so
-the numbers compare across machines. The minimum over repeats is reported (robust to shared cores).
+Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
+machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
+n_prelude + steps + n_coda, `--baseline matched` with the depth whose training FLOPs per token match the preset's at
+--seq (ressformer.flops.matched_dense: `python -m ressformer.describe`, bench/train_throughput.py's dense:NAME).
+Every model is built and warmed up first, then the rows are timed round robin, `--repeats` rounds, and the minimum
+is reported: a slow spell of shared cores hits every row alike.
 --compile also times each row with its units compiled (`model.compile_units()`, inductor; the run config's
 `compile: true`) on the same input after two warm-up steps, and prints compiled ms, compiled x baseline (compiled),
-the speedup eager / compiled and the first step's time (compilation; Dynamo is reset before each row, inductor
-caches in a fresh temporary folder unless TORCHINDUCTOR_CACHE_DIR is set, shared by the rows of the run).
+the speedup eager / compiled, the first step's time (compilation; inductor caches in a fresh temporary folder unless
+TORCHINDUCTOR_CACHE_DIR is set, shared by the rows of the run, so rows after the first reuse graphs they have in
+common), and Dynamo's counters (torch._dynamo.utils.counters): the graphs compiled and graph breaks met by the
+row's warm-up steps, and the graphs its timed steps compiled per step (recompiles; 0 when nothing recompiles).
+--rows keeps the named rows (the baseline always runs). --profile N: torch.profiler over one more step of the
+first ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
 """
 
 import argparse
@@ -23,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ressformer import ModelConfig, build_model  # noqa: E402
-from ressformer.flops import count_params, flops_per_token  # noqa: E402
+from ressformer.flops import count_params, flops_per_token, matched_dense  # noqa: E402
 
 ABLATIONS = {
     "ressformer": {},
@@ -35,26 +43,51 @@ ABLATIONS = {
 }
 
 
-def step_seconds(cfg: ModelConfig, batch: int, seq: int, repeats: int, compiled: bool = False) -> tuple[float, float]:
-    """(min fwd+bwd seconds over `repeats`, seconds of the first step: the warm-up, which compiles)."""
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    if compiled:
-        torch._dynamo.reset()  # each row compiles afresh: rows of other configs must not use up the recompile limit
-        model.compile_units()
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    t0 = time.perf_counter()
-    model(x, labels=x).loss.backward()  # warm-up
-    first = time.perf_counter() - t0
-    if compiled:
-        model(x, labels=x).loss.backward()  # the variants a first backward may still compile
-    times = []
-    for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks met) so far in this process (torch._dynamo.utils.counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+class Runner:
+    """One row's model (eager or compiled) with its input: `step()` times one forward+backward."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, compiled: bool = False):
+        torch.manual_seed(0)
+        self.model = build_model(cfg)
+        self.x = torch.randint(0, cfg.vocab_size, (batch, seq))
+        self.times: list[float] = []
+        self.compiled, self.recompiled = compiled, 0
+        before = _dynamo_counts() if compiled else (0, 0)
+        if compiled:
+            self.model.compile_units()
+        self.first = self.step(record=False)  # warm-up (compiles)
+        if compiled:
+            self.step(record=False)  # the variants a first backward may still compile
+            after = _dynamo_counts()
+            self.graphs, self.breaks = after[0] - before[0], after[1] - before[1]
+
+    def step(self, record: bool = True) -> float:
+        """Seconds of one forward+backward; recorded steps also count the graphs they compile (recompiles)."""
+        graphs = _dynamo_counts()[0] if self.compiled else 0
+        self.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        model(x, labels=x).loss.backward()
-        times.append(time.perf_counter() - t0)
-    return min(times), first
+        self.model(self.x, labels=self.x).loss.backward()
+        dt = time.perf_counter() - t0
+        if record:
+            self.times.append(dt)
+            if self.compiled:
+                self.recompiled += _dynamo_counts()[0] - graphs
+        return dt
+
+    def profile(self, n: int) -> str:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.model(self.x, labels=self.x).loss.backward()
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
 
 
 def main() -> None:
@@ -64,33 +97,64 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time every row with compile_units() (inductor)")
+    ap.add_argument("--rows", nargs="+", choices=list(ABLATIONS), help="the rows to run (default: all)")
+    ap.add_argument("--baseline", choices=("depth", "matched"), default="depth",
+                    help="dense baseline: K-layer (depth) or FLOP-matched at --seq (matched)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile one step of the first ReSSFormer row: the N ops with the most self CPU time")
     a = ap.parse_args()
     if a.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compile times, no cache left behind
         cache = tempfile.TemporaryDirectory(prefix="step_time_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+    # every row's compiled model stays alive for the interleaved timing: the rows share code objects (one set of
+    # graphs per row), so the recompile limit must hold them all
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     base = ModelConfig.from_preset(a.preset)
+    if a.seq > base.max_seq_len:
+        base = base.replace(max_seq_len=a.seq)
     r = base.r2mu
-    dense = ModelConfig(arch="transformer", vocab_size=base.vocab_size, d_model=base.d_model, n_heads=base.n_heads,
-                        ffn_hidden=base.ffn_hidden, n_layers=r.n_prelude + r.steps + r.n_coda,
-                        max_seq_len=base.max_seq_len, moe={"num_experts": 1})
-    rows = [("baseline (dense transformer)", dense)] + [(n, base.replace(**o)) for n, o in ABLATIONS.items()]
+    if a.baseline == "matched":
+        dense = matched_dense(base, a.seq)
+    else:
+        dense = ModelConfig(arch="transformer", vocab_size=base.vocab_size, d_model=base.d_model,
+                            n_heads=base.n_heads, ffn_hidden=base.ffn_hidden, n_layers=r.n_prelude + r.steps + r.n_coda,
+                            max_seq_len=base.max_seq_len, moe={"num_experts": 1})
+    chosen = a.rows or list(ABLATIONS)
+    rows = [(f"baseline (dense, {dense.n_layers} layers)", dense)] + [
+        (n, base.replace(**o)) for n, o in ABLATIONS.items() if n in chosen]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
-          f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}")
-    head = f"{'model':32} {'params':>10} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11}"
+          f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved")
+    runners = []  # (name, cfg, eager Runner, compiled Runner | None)
+    for name, cfg in rows:
+        runners.append((name, cfg, Runner(cfg, a.batch, a.seq),
+                        Runner(cfg, a.batch, a.seq, compiled=True) if a.compile else None))
+    for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
+        for _, _, eager, compiled in runners:
+            eager.step()
+            if compiled is not None:
+                compiled.step()
+    head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11}"
     if a.compile:
-        head += f" {'compiled ms':>12} {'x baseline':>11} {'speedup':>8} {'compile s':>10}"
+        head += (f" {'compiled ms':>12} {'x baseline':>11} {'speedup':>8} {'compile s':>10} {'graphs':>7}"
+                 f" {'breaks':>7} {'recompiles/step':>16}")
     print(head)
     t_base = c_base = None
-    for name, cfg in rows:
-        t, _ = step_seconds(cfg, a.batch, a.seq, a.repeats)
+    for name, cfg, eager, compiled in runners:
+        t = min(eager.times)
         t_base = t_base or t
         gflop = flops_per_token(cfg, a.seq) * a.batch * a.seq / 1e9
-        line = f"{name:32} {count_params(cfg)['total']:>10,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
-        if a.compile:
-            c, first = step_seconds(cfg, a.batch, a.seq, a.repeats, compiled=True)
+        line = f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
+        if compiled is not None:
+            c = min(compiled.times)
             c_base = c_base or c
-            line += f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {t / c:>8.2f} {first:>10.1f}"
+            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {t / c:>8.2f} {compiled.first:>10.1f}"
+                     f" {compiled.graphs:>7} {compiled.breaks:>7} {compiled.recompiled / a.repeats:>16.2f}")
         print(line, flush=True)
+    if a.profile:
+        name, _, eager, compiled = next(rw for rw in runners if rw[1].arch == "ressformer")
+        print(f"\nprofile of one {'compiled ' if compiled is not None else ''}step of {name} (self CPU time):")
+        print((compiled or eager).profile(a.profile))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ Tk = T + memory keys):
                  the final norm, (8D + 4) BT. The terms are added, though the logits' peak comes before the units'.
 
 Not counted: the CUDA context and NCCL buffers (~1-2 GiB), AutoEP's all-to-all buffers and allocator
-fragmentation; `with_slack` adds 20 % + 2 GiB for them. tests/test_memory_estimate.py checks the saved bytes and
+fragmentation; `with_slack` adds 20 % + 2 GiB for them. tests/pretrain/test_memory_estimate.py checks the saved bytes and
 the unit peaks against a bf16 run on CPU (the kernel path with the kernel in the Triton interpreter). No GPU peak was
 measured yet: `python bench/memory_check.py` runs the trainer for a few steps and puts its
 `torch.cuda.max_memory_allocated()` beside this estimate.

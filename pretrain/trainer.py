@@ -64,7 +64,11 @@ class NanGuard:
 
 
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
-    """Forward, then backward + engine.step unless any rank's loss is non-finite (-> None, counted)."""
+    """Forward, then backward + engine.step unless any rank's loss is non-finite (-> None, counted).
+
+    The finite check is the loop's one read of the device per micro batch (one scalar, between forward and
+    backward): skipping a bad micro batch needs the decision before its backward, on every rank alike. The model's
+    forward and backward themselves read nothing on the host."""
     phase("forward")
     out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps)
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch

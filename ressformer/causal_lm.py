@@ -90,7 +90,7 @@ class CausalLM(nn.Module):
           recomputation in backward runs the graphs the forward ran (see the setting below).
         * No graph break in a unit of any ASAM path (chunked; block with block_select query or chunk; reference),
           either SOES graph, routed experts or dense FFN, fp32 or bf16, with or without checkpointing:
-          fullgraph=True compiles (tests/test_compile.py). Nothing in the forward or backward reads the device
+          fullgraph=True compiles (tests/ressformer/test_compile.py). Nothing in the forward or backward reads the device
           on the host: top-k ties break on the device (selection.topk_first), block selection pads to a static
           bound (selection.max_kept_blocks), routed experts run torch._grouped_mm or the static-shape tiles
           (`ressformer.kernels.moe_experts`; "auto" takes the per-expert loop only for eager CPU tensors).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The debug ReSSFormer on CPU ranks: first-time check of a cluster and the Slurm tests (tests/test_slurm.py).
+# The debug ReSSFormer on CPU ranks: first-time check of a cluster and the Slurm tests (tests/e2e/test_slurm.py).
 #
 #   sbatch slurm/pretrain_debug.sh                    # 2 nodes x 1 CPU rank, gloo, a few dozen steps
 #   EXTRA_ARGS="--set steps=200" sbatch --nodes=1 slurm/pretrain_debug.sh

@@ -9,18 +9,18 @@
 
 The manager owns the policy: `save_every`, `save_model_every` (which tags also hold the consolidated model),
 `async_save` (the model folder and the manifest's hashes written while training goes on; COMPLETE only once all is on
-disk),
-`keep_last` (a tag a reader holds stays until a later save), the FINISHED marker, the NaN-storm note
-(RUN_DIR/nan_storm.json: the next --resume auto warns when it picks the checkpoint the storm started from), and what
-a resume does to the folder (newer tags set aside, interrupted saves removed, metrics.jsonl trimmed to the resumed
-step). What a tag holds and how
-it is written, verified, chosen and resharded live in the modules beside this one.
+disk), `keep_last` (a tag a reader holds stays until a later save, or the end of the run, which waits a while for
+the reader), the FINISHED marker, the NaN-storm note (RUN_DIR/nan_storm.json: the next --resume auto warns when it
+picks the checkpoint the storm started from), and what a resume does to the folder (newer tags set aside,
+interrupted saves removed, metrics.jsonl trimmed to the resumed step). What a tag holds and how it is written,
+verified, chosen and resharded live in the modules beside this one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,9 +209,18 @@ class CheckpointManager:
 
         D.on_rank0(record, errors=(RunWriteError,))
 
-    def finish(self, step: int) -> None:
-        """Collective: mark the run FINISHED (all `steps` done; a wrapper then stops requeueing)."""
+    def finish(self, step: int, reader_wait_s: float = 60.0) -> None:
+        """Collective: mark the run FINISHED (all `steps` done; a wrapper then stops requeueing). No later save will
+        remove a tag a reader held at the last prune, so the tags beyond `keep_last` are removed here, waiting up to
+        `reader_wait_s` for their readers to let go."""
         D.on_rank0(folder.mark_finished, self.dir, step, errors=(RunWriteError,))
+        if D.rank() == 0:
+            deadline = time.monotonic() + reader_wait_s
+            while (held := folder.prune(self.dir, self.run.keep_last)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if held:
+                print(f"[checkpoint] {', '.join(held)} stay beyond keep_last={self.run.keep_last}: a reader still holds "
+                      f"them after {reader_wait_s:.0f} s; remove them by hand once it is done", flush=True)
         D.barrier()
 
 

@@ -1,4 +1,4 @@
-"""One rank of the export-vs-engine check (tests/test_convert.py). Reads a torch file {"input_ids", "cases"}; for
+"""One rank of the export-vs-engine check (tests/pretrain/test_convert.py). Reads a torch file {"input_ids", "cases"}; for
 each case {name, tag, run, ds_json} builds the trainer's engine for that run config and DeepSpeed JSON, loads the
 tag with DeepSpeed's own `engine.load_checkpoint` (optimizer state included, as a resume does) and computes the
 logits of the whole batch in eval mode. Rank 0 writes {name: logits (B, T, V)} to OUT.

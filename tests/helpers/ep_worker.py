@@ -1,4 +1,4 @@
-"""One rank of the expert-parallel checks (tests/test_expert_parallel.py), launched as real gloo CPU ranks.
+"""One rank of the expert-parallel checks (tests/pretrain/test_expert_parallel.py), launched as real gloo CPU ranks.
 
 The model is a tiny causal LM whose FFNs are `ressformer.moe` MoE blocks at the paths AutoEP detects
 (`model.layers.N.mlp`), with the R2MU pattern of reuse: layer 1 (the "core") runs twice per forward. Its loss

@@ -1,4 +1,4 @@
-"""One rank of tests/test_train_nan.py: a one-parameter regression under DeepSpeed ZeRO-1 whose loss is NaN on
+"""One rank of tests/pretrain/test_trainer.py: a one-parameter regression under DeepSpeed ZeRO-1 whose loss is NaN on
 rank 1 for marked batches; checks that every rank skips the same micro batches and that the weight moves only
 on the good ones, then that `max_consecutive` bad ones in a row stop with the documented error."""
 

@@ -1,4 +1,4 @@
-"""One rank of the ZeRO parity check (tests/test_train_parity.py). Reads a torch file with the initial
+"""One rank of the ZeRO parity check (tests/pretrain/test_engine.py). Reads a torch file with the initial
 state, the global batch and a list of cases; for each case runs one DeepSpeed step on this rank's slice and
 rank 0 writes {case: {"loss", "state"}} (gathered full parameters after the step) to OUT. With "seed_init"
 (a run config and a DeepSpeed config) it also builds that model from its seed the trainer's way and writes

@@ -374,6 +374,8 @@ def _drop_model_folder(tag: Path) -> None:
     """Make `tag` look like a checkpoint saved before tags carried the model folder and a manifest."""
     for name in ("model.safetensors", "model_config.yaml", "manifest.json"):
         (tag / name).unlink(missing_ok=True)
+    if (tag / "run_state.json").is_file():  # the client state's name before manifests
+        (tag / "run_state.json").rename(tag / "run_config.json")
     shutil.rmtree(tag / "tokenizer", ignore_errors=True)
 
 

@@ -1,7 +1,7 @@
 """ZeRO-3 on 2 real gloo CPU ranks == one plain torch process: parity is the proof.
 
 One optimizer step (AdamW + grad clipping + warmup LR, the engine's own optimizer/schedule builders) of the
-debug ReSSFormer (dense MLP: moe.num_experts=1; MoE parity is tests/test_expert_parallel.py) with and without
+debug ReSSFormer (dense MLP: moe.num_experts=1; MoE parity is tests/pretrain/test_expert_parallel.py) with and without
 activation checkpointing, K = 1 and K = 3 recurrent steps (the shared block runs K times under ZeRO-3), must
 give the same loss and the same updated weights as the reference within fp32 tolerance.
 Adam's first step is

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real, throw-away Slurm cluster on this host, for the tests in tests/test_slurm.py.
+# A real, throw-away Slurm cluster on this host, for the tests in tests/e2e/test_slurm.py.
 #
 #   bash tests/slurm/setup.sh install        # apt-get install slurm-wlm munge if missing (root; CI calls this)
 #   bash tests/slurm/setup.sh up   DIR       # write DIR/slurm.conf, start munged, slurmctld, slurmd n1 + n2

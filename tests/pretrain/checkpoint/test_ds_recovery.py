@@ -1,5 +1,5 @@
 """DeepSpeed shard recovery (pretrain/checkpoint/ds_recovery.py) on hand-made tags: unreadable files name themselves. The
-reconstruction of real ZeRO-1/2/3, AutoEP and native-MoE checkpoints is tested in tests/test_convert.py (slow)."""
+reconstruction of real ZeRO-1/2/3, AutoEP and native-MoE checkpoints is tested in tests/pretrain/test_convert.py (slow)."""
 
 from __future__ import annotations
 

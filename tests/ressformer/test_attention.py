@@ -363,7 +363,7 @@ def test_debug_model_fwd_bwd_at_16k_tokens_in_bounded_memory():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import long_context
 
     r = subprocess.run([sys.executable, "-c", long_context.CHILD, "16384", "block", str(long_context.REPO)],

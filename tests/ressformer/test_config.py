@@ -9,7 +9,7 @@ import pytest
 from ressformer.config import PRESETS, ModelConfig
 from ressformer.flops import count_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,6 +1,6 @@
 """Initialisation plans (ressformer.initialization) and the trainer's parameter-at-a-time initialisation.
 
-The plan is what lets ZeRO-3 initialise one gathered parameter at a time (tests/test_train_parity.py runs it on
+The plan is what lets ZeRO-3 initialise one gathered parameter at a time (tests/pretrain/test_engine.py runs it on
 2 gloo ranks); here: it names every parameter once for every architecture variant, it touches every parameter,
 its values follow the documented rules, and the trainer's single-process path gives init_weights()' weights.
 """
