@@ -299,6 +299,8 @@ class RunConfig:
     """Steps between checkpoints (the last step and a stop signal save too)."""
     eval_every: int = 50
     """Steps between validation losses."""
+    plot: bool = True
+    """Draw RUN_DIR/metrics.png (python -m pretrain.plot) when the run ends (needs matplotlib)."""
     eval_iters: int = 4
     """Micro batches per rank in a validation (0: no validation)."""
     keep_last: int = 2

@@ -165,6 +165,16 @@ def setup_distributed(timeout_s: float | None = None) -> None:
         backend = "gloo" if not torch.cuda.is_available() else "nccl"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun --max-restarts: the agent's store outlives a restart, so the peers' addresses of the attempt
+            # that died are still in it. Each attempt rendezvouses under a prefix of its own (deepspeed then adopts
+            # the initialised group).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), is_master=False,
+                                  **({"timeout": kw["timeout"]} if kw else {}))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"ressformer/attempt_{restart}", store),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **kw)
         deepspeed.init_distributed(dist_backend=backend, **kw)
         if dist.get_backend() != "gloo":
             _CONTROL = dist.new_group(backend="gloo", **kw)

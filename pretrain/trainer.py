@@ -264,7 +264,7 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     if saved:
         log.write(saved)
     log.close()
-    if rank == 0:
+    if rank == 0 and run.plot:
         _plot(Path(run.run_dir), guard)
     if D.any_rank(guard.error is not None):
         _raise_write_error(guard)

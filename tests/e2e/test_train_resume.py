@@ -19,7 +19,7 @@ from tests.helpers.dist import REPO, base_env, run_group
 pytestmark = pytest.mark.usefixtures("default_data")
 
 ARGS = ["--ds_config", "ds_configs/zero3.json", "--config", "pretrain/configs/debug.yaml",
-        "--set", "log_every=1", "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled",
+        "--set", "log_every=1", "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled", "--set", "plot=false",
         "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2"]
 
 

@@ -354,7 +354,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/main.py",
                "--ds_config", f"ds_configs/{name}.json", "--config", "pretrain/configs/debug.yaml",
                "--set", f"run_dir={run_dir}", "--set", "steps=2", "--set", "save_every=2", "--set", "eval_every=1000",
-               "--set", "seq_len=64", "--set", "micro_batch=2", "--set", "wandb.mode=disabled",
+               "--set", "seq_len=64", "--set", "micro_batch=2", "--set", "wandb.mode=disabled", "--set", "plot=false", "--set", "preflight=false",
                "--set", f"data.blend=[[1.0, {art}/data/shakespeare]]", "--set", f"data.tokenizer={art}/tokenizer",
                # three MoE layers (prelude, core, coda), so expert files and layer ids are mapped across layers
                "--set", "model.r2mu.n_prelude=1", "--set", "model.r2mu.n_coda=1"]

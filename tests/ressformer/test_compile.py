@@ -14,10 +14,10 @@ step's freedom from host reads.
 - Parity: logits, loss and every gradient of the compiled model equal eager within 1e-5 relative in fp32 (inductor
   fuses and reorders, so not bitwise), checkpointing on and off, K fixed and sampled; the baseline with inductor
   (quick), the debug preset with aot_eager (quick: chunked and block_select=chunk; bf16 within 1e-2) and inductor
-  (slow: chunked and block_select=chunk, the path where inductor once ran a scatter after its reader).
-- Trainer (slow): `pretrain/main.py --set compile=true` gives the eager run's losses over 3 steps, on 1 rank with
-  ZeRO-1 and on 2 gloo ranks with ZeRO-3 (the shared block called K times under ZeRO-3 hooks); with expert
-  parallelism in tests/e2e/test_compile_expert_parallel.py.
+  (slow: block_select=chunk, the path where inductor once ran a scatter after its reader).
+- Trainer (slow): `pretrain/main.py --set compile=true` gives the eager run's losses over 3 steps on 1 rank with
+  ZeRO-1; on 2 gloo ranks with ZeRO-3 (the shared block called K times under ZeRO-3 hooks) and AutoEP in
+  tests/e2e/test_compile_expert_parallel.py.
 Inductor caches go to a temporary folder of this session.
 """
 
@@ -37,7 +37,7 @@ from pretrain.config import RunConfig, load_run_config
 from ressformer import ModelConfig, build_model, kernels
 from ressformer.moe import MoEExperts
 from ressformer.recurrence import sample_num_steps
-from tests.helpers.dist import REPO, base_env, launch_ranks, run_group
+from tests.helpers.dist import REPO, base_env, run_group
 
 B, T = 2, 64
 # every ASAM path and SOES graph of the debug preset (chunked sparse top-k, attention-pattern graph by default)
@@ -329,7 +329,7 @@ def test_ressformer_bf16_compiled_equals_eager_aot_eager():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", ["chunked", "block_chunk"])
+@pytest.mark.parametrize("path", ["block_chunk"])  # chunked: aot_eager above (inductor costs 2 min per path on CPU)
 def test_ressformer_compiled_equals_eager_inductor(path):
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
     eager, compiled = _pair(cfg, fullgraph=True)
@@ -346,7 +346,7 @@ def test_run_config_compile_field():
         RunConfig(compile="yes")
 
 
-TRAIN_ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "steps=3", "--set", "log_every=1",
+TRAIN_ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "steps=3", "--set", "log_every=1", "--set", "plot=false",
               "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled",
               "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2", "--set", "eps=1e-4",
               "--set", "model.r2mu.step_sampling=uniform", "--set", "model.r2mu.max_steps=4"]
@@ -389,18 +389,5 @@ def test_trainer_compile_zero1_one_rank_matches_eager(tmp_path, default_data):
                "--set", f"run_dir={tmp_path / name}", *extra]
         p = run_group(cmd, timeout=540, cwd=REPO, env=env)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        assert _inductor_ran(tmp_path) == (name == "compiled")
-    _assert_same_losses(tmp_path / "eager", tmp_path / "compiled")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_trainer_compile_zero3_two_ranks_matches_eager(tmp_path, default_data):
-    """ZeRO-3 gathers each parameter in an eager module hook (a graph break per submodule call) and the shared
-    block runs K times per forward: the losses must still be eager's."""
-    env = {**base_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    for name, extra in (("eager", []), ("compiled", ["--set", "compile=true"])):
-        launch_ranks(["pretrain/main.py", "--ds_config", "ds_configs/zero3.json", *TRAIN_ARGS,
-                      "--set", f"run_dir={tmp_path / name}", *extra], 2, timeout=780, env=env)
         assert _inductor_ran(tmp_path) == (name == "compiled")
     _assert_same_losses(tmp_path / "eager", tmp_path / "compiled")
