@@ -4,7 +4,7 @@ loss curve after recovery equals the uninterrupted run's (`ref`): bit for bit wh
 within fp32 tolerance where the run was resharded to another world size / ZeRO stage.
 
 Covered: a second writer (refused while the first holds the folder), a fresh run into a used folder (refused,
-then --overwrite), every kind of damage to a file of the newest checkpoint (fallback, the file named), a named
+then --overwrite), every kind of damage to a file of the newest checkpoints (fallback past each, the file named), a named
 tag that is damaged (refused, never replaced) or older than the newest (the newer ones set aside), a kill
 during a save, SIGTERM to the process group with wandb offline, SIGTERM to the launcher alone, a NaN on the last
 micro batch, a full disk (simulated ENOSPC on one rank, and a real tmpfs where a mount namespace is allowed),
@@ -152,23 +152,28 @@ def _damage(path: Path, kind: str) -> None:
         _damage(path.parent / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "flipped")
 
 
-@pytest.mark.parametrize("kind,name", [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                                       ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-                                       ("garbage", "rng_rank1.pt"),
-                                       ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                                       ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt"),
-                                       ("unmanifested", "manifest.json")])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(ref, tmp_path, kind, name):
+DAMAGE = [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+          ("garbage", "rng_rank1.pt"), ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+          ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt"), ("unmanifested", "manifest.json")]
+
+
+@pytest.mark.parametrize("kinds", [DAMAGE[:3], DAMAGE[3:]], ids=["truncated-empty-garbage",
+                                                                 "flipped-missing-unmanifested"])
+def test_damaged_newest_checkpoints_fall_back_to_the_last_good_one(ref, tmp_path, kinds):
+    """Three kinds of damage per launch, one in each of the three newest tags (12, 9, 6): --resume auto names each
+    skipped tag with its file, sets them aside, and continues from step 3 as the uninterrupted run did."""
     d = copy_run(ref[0], tmp_path / "r")
-    truncate_to(d, 9)
-    _damage(d / "step_00000009" / name, kind)
+    truncate_to(d, 12)
+    for step, (kind, name) in zip((12, 9, 6), kinds):
+        _damage(d / f"step_{step:08d}" / name, kind)
     p = run(d, "--resume", "auto")
     msg = p.stdout + p.stderr
-    assert "skipping step_00000009" in msg and name in msg, msg[-3000:]
-    assert "resumed from" in msg and "step_00000006" in msg
-    same_after(losses(d), ref[1], 1)  # 7..12 retrained after the trim of metrics.jsonl: every step once
+    for step, (_, name) in zip((12, 9, 6), kinds):
+        assert f"skipping step_{step:08d}" in msg and name in msg, (step, name, msg[-3000:])
+        assert list((d / "superseded").glob(f"*/step_{step:08d}")), "a damaged tag is set aside, not deleted"
+    assert "resumed from" in msg and "step_00000003" in msg
+    same_after(losses(d), ref[1], 1)  # 4..12 retrained after the trim of metrics.jsonl: every step once
     assert tags(d) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
-    assert list((d / "superseded").glob("*/step_00000009")), "the damaged tag is set aside, not deleted"
 
 
 def test_named_tag_is_never_replaced_and_an_older_one_sets_newer_aside(ref, tmp_path):
