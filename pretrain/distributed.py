@@ -171,8 +171,7 @@ def setup_distributed(timeout_s: float | None = None) -> None:
             # that died are still in it. Each attempt rendezvouses under a prefix of its own (deepspeed then adopts
             # the initialised group).
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  int(os.environ["WORLD_SIZE"]), is_master=False,
-                                  **({"timeout": kw["timeout"]} if kw else {}))
+                                  int(os.environ["WORLD_SIZE"]), is_master=False, **kw)
             dist.init_process_group(backend, store=dist.PrefixStore(f"ressformer/attempt_{restart}", store),
                                     rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **kw)
         deepspeed.init_distributed(dist_backend=backend, **kw)

@@ -29,7 +29,8 @@ from tests.helpers.dist import REPO, base_env, free_port, run_group
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.usefixtures("default_data")]
 
 STEPS = 12
-ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "plot=false", "--set", "log_every=1", "--set", "save_every=3",
+ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "plot=false", "--set", "log_every=1",
+        "--set", "save_every=3",
         "--set", "eval_iters=0", "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2",
         "--set", "keep_last=10", "--set", f"steps={STEPS}"]
 DS = "ds_configs/zero3.json"
@@ -152,8 +153,8 @@ def _damage(path: Path, kind: str) -> None:
         _damage(path.parent / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "flipped")
 
 
-DAMAGE = [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-          ("garbage", "rng_rank1.pt"), ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+DAMAGE = [("truncated", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+          ("empty", "zero_pp_rank_0_mp_rank_00_model_states.pt"), ("garbage", "rng_rank1.pt"), ("flipped", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
           ("missing", "zero_pp_rank_1_mp_rank_00_model_states.pt"), ("unmanifested", "manifest.json")]
 
 
