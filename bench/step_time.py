@@ -1,7 +1,7 @@
 """Forward+backward time of one training micro-batch: ReSSFormer and its ablations vs the dense baseline.
 
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
-                              [--rows ressformer ...] [--baseline depth|matched] [--profile N]
+                              [--rows ressformer ...] [--baseline depth|matched] [--profile N] [--one-at-a-time]
 
 Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
@@ -15,11 +15,13 @@ the speedup eager / compiled, the first step's time (compilation; inductor cache
 TORCHINDUCTOR_CACHE_DIR is set, shared by the rows of the run, so rows after the first reuse graphs they have in
 common), and Dynamo's counters (torch._dynamo.utils.counters): the graphs compiled and graph breaks met by the
 row's warm-up steps, and the graphs its timed steps compiled per step (recompiles; 0 when nothing recompiles).
---rows keeps the named rows (the baseline always runs). --profile N: torch.profiler over one more step of the
+--rows keeps the named rows (the baseline always runs). --one-at-a-time builds, times and releases one model after
+the other instead (no interleaving; for sizes where the models do not fit in memory together, e.g. 125m at T=1024). --profile N: torch.profiler over one more step of the
 first ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
 """
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -102,6 +104,9 @@ def main() -> None:
                     help="dense baseline: K-layer (depth) or FLOP-matched at --seq (matched)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one step of the first ReSSFormer row: the N ops with the most self CPU time")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="build, time and release one model at a time (rows not interleaved): sizes where two "
+                         "models do not fit in memory")
     a = ap.parse_args()
     if a.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compile times, no cache left behind
         cache = tempfile.TemporaryDirectory(prefix="step_time_inductor_")
@@ -126,14 +131,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved")
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
-    for name, cfg in rows:
-        runners.append((name, cfg, Runner(cfg, a.batch, a.seq),
-                        Runner(cfg, a.batch, a.seq, compiled=True) if a.compile else None))
-    for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
-        for _, _, eager, compiled in runners:
-            eager.step()
-            if compiled is not None:
-                compiled.step()
+    profiled = None
+    if a.one_at_a_time:  # one model in memory at a time: each is timed, then released
+        for name, cfg in rows:
+            pair = []
+            for compiled in ((False, True) if a.compile else (False,)):
+                rn = Runner(cfg, a.batch, a.seq, compiled=compiled)
+                for _ in range(a.repeats):
+                    rn.step()
+                if a.profile and profiled is None and cfg.arch == "ressformer" and compiled == a.compile:
+                    profiled = (name, compiled, rn.profile(a.profile))
+                rn.model = rn.x = None
+                pair.append(rn)
+                gc.collect()
+            runners.append((name, cfg, pair[0], pair[1] if a.compile else None))
+    else:
+        for name, cfg in rows:
+            runners.append((name, cfg, Runner(cfg, a.batch, a.seq),
+                            Runner(cfg, a.batch, a.seq, compiled=True) if a.compile else None))
+        for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
+            for _, _, eager, compiled in runners:
+                eager.step()
+                if compiled is not None:
+                    compiled.step()
     head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11}"
     if a.compile:
         head += (f" {'compiled ms':>12} {'x baseline':>11} {'speedup':>8} {'compile s':>10} {'graphs':>7}"
@@ -151,10 +171,12 @@ def main() -> None:
             line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {t / c:>8.2f} {compiled.first:>10.1f}"
                      f" {compiled.graphs:>7} {compiled.breaks:>7} {compiled.recompiled / a.repeats:>16.2f}")
         print(line, flush=True)
-    if a.profile:
+    if a.profile and profiled is None and not a.one_at_a_time:
         name, _, eager, compiled = next(rw for rw in runners if rw[1].arch == "ressformer")
-        print(f"\nprofile of one {'compiled ' if compiled is not None else ''}step of {name} (self CPU time):")
-        print((compiled or eager).profile(a.profile))
+        profiled = (name, compiled is not None, (compiled or eager).profile(a.profile))
+    if profiled:
+        print(f"\nprofile of one {'compiled ' if profiled[1] else ''}step of {profiled[0]} (self CPU time):")
+        print(profiled[2])
 
 
 if __name__ == "__main__":

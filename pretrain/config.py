@@ -121,10 +121,13 @@ def _check_value(section: str, name: str, value, tp):
             raise ValueError(f"run config {key}: unknown keys {unknown}; allowed keys are "
                              f"{sorted(f.name for f in fields(tp))}")
         return tp(**copy.deepcopy(value))
-    if origin is list and args and args[0] is float:
+    if origin is list and args and args[0] in (float, str):
+        what = "numbers" if args[0] is float else "strings"
+        if args[0] is str and isinstance(value, str):
+            value = [value]  # `--set eval_tasks=paper:hops`: one item
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"run config {key}={value!r}: must be a list of numbers")
-        return [_check_value(section, f"{name}[{i}]", v, float) for i, v in enumerate(value)]
+            raise ValueError(f"run config {key}={value!r}: must be a list of {what}")
+        return [_check_value(section, f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ValueError(f"run config {key}={value!r}: must be a mapping")
@@ -303,6 +306,17 @@ class RunConfig:
     """Draw RUN_DIR/metrics.png (python -m pretrain.plot) when the run ends (needs matplotlib)."""
     eval_iters: int = 4
     """Micro batches per rank in a validation (0: no validation)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Downstream tasks run on the consolidated model of a checkpoint during training (python -m pretrain.eval_tasks):
+    'paper:NAME[@S1,S2]' (bench/paper's synthetic tasks, accuracy by input length: hops, set, table, reach, listops,
+    noisy) and lm-eval task names (eval/tasks holds the offline ones). Rank 0 evaluates while the other ranks wait
+    (within faults.dist_timeout_s); results go to metrics.jsonl as eval_tasks/<task>/<metric>, wandb and the plot.
+    On a cluster, slurm/eval_checkpoint.sh runs them as a separate job instead."""
+    eval_tasks_every: int = 1
+    """Run eval_tasks at every N-th checkpoint that holds the model folder (every save_every x save_model_every x N
+    steps) and at the last step."""
+    eval_tasks_limit: int = 100
+    """Examples per lm-eval task (0: all) and per setting of a paper task."""
     keep_last: int = 2
     """Complete checkpoints kept in the run folder (older ones are removed after each save)."""
     save_model_every: int = 1
@@ -341,6 +355,10 @@ class RunConfig:
             _need(getattr(self, n) >= 1, n, getattr(self, n), "must be an integer >= 1")
         _need(self.seq_len >= 2, "seq_len", self.seq_len,
               "must be >= 2 (the loss predicts each token from the ones before it)")
+        _need(self.eval_tasks_every >= 1, "eval_tasks_every", self.eval_tasks_every, "must be an integer >= 1")
+        _need(self.eval_tasks_limit >= 0, "eval_tasks_limit", self.eval_tasks_limit, "must be >= 0 (0: all examples)")
+        _need(all(isinstance(t, str) and t for t in self.eval_tasks), "eval_tasks", self.eval_tasks,
+              "must be a list of task names, e.g. [paper:hops, ressformer_shakespeare_next_line]")
         for n in ("eval_iters", "warmup_steps"):
             _need(getattr(self, n) >= 0, n, getattr(self, n), "must be an integer >= 0")
         _need(self.save_model_every >= 0, "save_model_every", self.save_model_every,

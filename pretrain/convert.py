@@ -202,22 +202,28 @@ def write_code(out: Path) -> list[str]:
 
 
 
-def write_tokenizer(tok_dir: Path, out: Path) -> None:
-    """sentencepiece files + remote-code RessformerTokenizer config (AutoTokenizer, trust_remote_code=True)."""
+def tokenizer_config(tok_dir: Path) -> dict:
+    """tokenizer_config.json of an export of the sentencepiece folder `tok_dir` (the remote-code RessformerTokenizer;
+    pretrain.eval_tasks builds the same tokenizer in memory from it)."""
     if str(REPO) not in sys.path:  # the repo's tokenizer package (not part of the export)
         sys.path.append(str(REPO))
     from tokenizer import Tokenizer
 
     tok = Tokenizer(tok_dir)  # validates the folder (model and metadata agree)
+    piece = tok.id_to_piece
+    return {"tokenizer_class": "RessformerTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_ressformer.RessformerTokenizer", None]},
+            "vocab_file": "tokenizer.model", "bos_token": piece(tok.eos_id), "eos_token": piece(tok.eos_id),
+            "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": False,
+            "add_eos_token": False, "split_special_tokens": True, "padding_side": "right",
+            "model_max_length": 10 ** 9, "clean_up_tokenization_spaces": False}
+
+
+def write_tokenizer(tok_dir: Path, out: Path) -> None:
+    """sentencepiece files + remote-code RessformerTokenizer config (AutoTokenizer, trust_remote_code=True)."""
+    cfg = tokenizer_config(tok_dir)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tok_dir / name, out / name)
-    piece = tok.id_to_piece
-    cfg = {"tokenizer_class": "RessformerTokenizer",
-           "auto_map": {"AutoTokenizer": ["tokenization_ressformer.RessformerTokenizer", None]},
-           "vocab_file": "tokenizer.model", "bos_token": piece(tok.eos_id), "eos_token": piece(tok.eos_id),
-           "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": False,
-           "add_eos_token": False, "split_special_tokens": True, "padding_side": "right",
-           "model_max_length": 10 ** 9, "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))

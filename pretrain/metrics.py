@@ -77,6 +77,7 @@ class WandbLog:
 
     def __init__(self, run: RunConfig, rundir: Path, info: dict, signals, guard: WriteGuard | None = None) -> None:
         self.wb, self.dir, self.guard = None, rundir / "wandb", guard
+        self.step = 0  # the highest step logged
         mode = wandb_mode(run)
         if mode == "disabled":
             return
@@ -104,8 +105,11 @@ class WandbLog:
 
     def log(self, rec: dict) -> None:
         if self.wb is not None:
+            # wandb drops a record whose step is below one already logged: a tag completed in the background (its
+            # save timings, its eval_tasks) is logged at the current step, its own step kept in the record
+            self.step = max(self.step, int(rec["step"]))
             try:
-                self.wb.log(rec, step=rec["step"])
+                self.wb.log(rec, step=self.step)
             except Exception as e:  # noqa: BLE001
                 self._off("log", e)
 

@@ -4,7 +4,9 @@
 
 Panels: training loss and validation loss against steps and against tokens, learning rate, tokens/s (and MFU on
 GPUs), gradient norm, the auxiliary losses (MoE balance / z, SOES smoothness), the experts' load balance (the most
-and least loaded expert's share) and the attention density (the share of keys a query's sparse attention keeps).
+and least loaded expert's share), the attention density (the share of keys a query's sparse attention keeps) and
+the downstream accuracy of `eval_tasks` (every `eval_tasks/<task>/acc`: the trainer's, or `python -m
+pretrain.eval_tasks --metrics RUN_DIR/metrics.jsonl`'s).
 Several runs are overlaid, one line per run in every panel, labelled by folder name (or --labels): ablations, seeds.
 The trainer writes RUN_DIR/metrics.png at the end of a run.
 """
@@ -63,6 +65,9 @@ def plot(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None =
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
     runs = [read_metrics(d) for d in run_dirs]
     panels = [p for p in PANELS if any(series(r, p[1], y)[0] for r in runs for y in p[2])]
+    tasks = sorted({k for r in runs for rec in r for k in rec if k.startswith("eval_tasks/") and k.endswith("/acc")})
+    if tasks:  # downstream accuracy during training (run config eval_tasks), one line style per task
+        panels.append(("downstream accuracy (eval_tasks)", "step", tasks, "linear"))
     cols = 3
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
@@ -72,7 +77,8 @@ def plot(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None =
             for j, y in enumerate(ys):
                 xs, vs = series(recs, x, y)
                 if xs:
-                    name = label if len(ys) == 1 else f"{label}: {y.split('/')[-1]}"
+                    short = y.split("/")[1] if y.startswith("eval_tasks/") else y.split("/")[-1]
+                    name = label if len(ys) == 1 else f"{label}: {short}"
                     ax.plot(xs, vs, color=colors[i % len(colors)], linestyle=("-", "--", ":")[j % 3], label=name)
         ax.set_title(title)
         ax.set_xlabel("tokens" if x == "tokens_seen" else "step")

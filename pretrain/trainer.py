@@ -16,6 +16,9 @@ stop signals (`pretrain.signals`).
 - After each step the ranks agree, in one all-reduce, on a stop signal and on a failed write of the run's files
   (`pretrain.run_files.WriteGuard`: metrics, logs, wandb). A signal saves and returns; a failed write stops every
   rank with `RunWriteError` naming the file (exit status 2), the last checkpoint intact.
+- `eval_tasks` run on rank 0 when a checkpoint holding the model folder completes (`eval_tasks_due`), the other
+  ranks waiting at a barrier; the seconds it adds are in the record (`eval_tasks/seconds`). A failed evaluation is a
+  warning and an `eval_tasks/error` record, never the end of the run.
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
         run.data.check_files()  # fail on a missing data prefix / tokenizer before building anything
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_eval_tasks(run)
     checked = None
     if run.preflight.enabled:  # before the engine: free memory is measured before it is taken
         from pretrain.ds_config import build_ds_config
@@ -247,6 +251,8 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
                                      **batches.state_dict()}, final=stop) or saved
             if saved:
                 log.write(saved)
+                if not stop and eval_tasks_due(run, saved["step"]):
+                    run_eval_tasks(run, saved["step"], log)
             if stop and step < run.steps:
                 interrupted = True
                 if rank == 0:
@@ -272,6 +278,67 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
         ckpt.finish(step)
     D.barrier()
     return {"step": step, "finished": finished, "interrupted": interrupted}
+
+
+def check_eval_tasks(run: RunConfig) -> None:
+    """Collective: a ConfigError on every rank when `eval_tasks` names a task that does not exist (checked on rank 0:
+    indexing lm-eval's registry takes seconds) or the run has no tokenizer for them."""
+    if not run.eval_tasks:
+        return
+    err = None
+    if not run.data.tokenizer:
+        err = "eval_tasks need the run's tokenizer in its checkpoints: set data.tokenizer"
+    elif D.rank() == 0:
+        from pretrain.eval_tasks import check_tasks
+
+        try:
+            check_tasks(run.eval_tasks)
+        except ValueError as e:
+            err = str(e)
+    err = next((e for e in D.all_gather_object(err) if e), None)
+    if err:
+        raise ConfigError(f"run config eval_tasks={run.eval_tasks}: {err}")
+
+
+def eval_tasks_due(run: RunConfig, step: int) -> bool:
+    """Whether the checkpoint of `step` gets `eval_tasks`: the run's last step, or every eval_tasks_every-th
+    checkpoint that holds the model folder (every save_every x save_model_every steps)."""
+    if not run.eval_tasks:
+        return False
+    if step >= run.steps:
+        return True
+    period = run.save_every * run.save_model_every * run.eval_tasks_every
+    return period > 0 and step % period == 0
+
+
+def run_eval_tasks(run: RunConfig, step: int, log) -> None:
+    """Collective: rank 0 runs `eval_tasks` on the complete checkpoint of `step` (its model folder) and writes the
+    results to metrics.jsonl and wandb while the other ranks wait at a barrier. A failure is a warning and an
+    `eval_tasks/error` record: evaluation never stops training."""
+    from pretrain.checkpoint.tags import tag_name
+
+    phase("eval")
+    if D.rank() == 0:
+        from pretrain.eval_tasks import evaluate_tasks
+
+        tag = Path(run.run_dir) / tag_name(step)
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        try:
+            rec = evaluate_tasks(tag, run.eval_tasks, run.eval_tasks_limit, device=device)
+            print(f"[pretrain] eval_tasks at step {step} ({rec['eval_tasks/seconds']:.1f} s): " + ", ".join(
+                f"{k.split('/', 1)[1]} {v:.4g}" for k, v in rec.items()
+                if k.startswith("eval_tasks/") and k.endswith(("/acc", "/word_perplexity")) and v is not None),
+                flush=True)
+        except Exception as e:  # noqa: BLE001 - a failed evaluation is reported, training goes on
+            rec = {"step": step, "eval_tasks/error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"[pretrain] warning: eval_tasks at step {step} failed ({rec['eval_tasks/error']}); training goes "
+                  f"on (python -m pretrain.eval_tasks --model {tag} --tasks ... reproduces it)", file=sys.stderr,
+                  flush=True)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        log.write(rec)
+    D.barrier()
 
 
 def _plot(run_dir: Path, guard: WriteGuard) -> None:

@@ -321,10 +321,19 @@ def test_pretrain_debug_script(cluster, trainer, tmp_path):
     run_dir, log, steps = tmp_path / "run", tmp_path / "debug.out", 30
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
                   EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
+    # downstream evaluation as a dependent job of its own (slurm/eval_checkpoint.sh, CPU node: no GPU asked)
+    ev_log = tmp_path / "eval.out"
+    ev = _sbatch(cluster, "slurm/eval_checkpoint.sh", ev_log, f"--dependency=afterok:{job}", "--gpus-per-node=0",
+                 "--cpus-per-task=1", RUN_DIR=run_dir, TASKS="paper:set@8", LIMIT=4)
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED")
     assert info.get("Restarts") == "0" and info.get("NumNodes") == "2"
     _check_finished_run(run_dir, steps, log)
     assert "MASTER_ADDR=127.0.0.1" in log.read_text()
+    ev_info = _wait(cluster, ev, ev_log, _completed, 120, "COMPLETED")
+    assert ev_info["StartTime"] >= info["EndTime"], (ev_info["StartTime"], info["EndTime"])
+    res = json.loads((run_dir / "eval_tasks" / f"step_{steps:08d}.json").read_text())
+    assert res["step"] == steps and 0 <= res["eval_tasks/paper:set@8/acc"] <= 1, res
+    assert [m for m in _metrics(run_dir) if "eval_tasks/seconds" in m] == [res]
     # A finished run is a no-op when submitted again (FINISHED marker), and is not requeued.
     job2 = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
                    EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")

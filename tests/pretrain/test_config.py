@@ -43,12 +43,27 @@ def test_set_reaches_model_overrides_or_a_model_dict():
     (["seq_len=4096"], ["seq_len=4096", "max_seq_len"]),
     (["steps"], ["key=value"]),
     (["steps=3", "steps.every=2"], ["steps.every", "mapping"]),
+    (["eval_tasks_every=0"], ["eval_tasks_every", ">= 1"]),
+    (["eval_tasks=[paper:hops, 3]"], ["eval_tasks[1]=3", "string"]),
 ])
 def test_bad_config_names_key_and_fix(sets, words):
     with pytest.raises(ValueError) as e:
         load_run_config(None, sets)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+def test_eval_tasks_schedule():
+    """eval_tasks run at every eval_tasks_every-th checkpoint holding the model folder, and at the last step."""
+    from pretrain.trainer import eval_tasks_due
+
+    run = load_run_config(None, ["eval_tasks=paper:hops", "steps=100", "save_every=10", "save_model_every=2",
+                                 "eval_tasks_every=2"])
+    assert run.eval_tasks == ["paper:hops"]
+    assert [s for s in range(1, 101) if eval_tasks_due(run, s)] == [40, 80, 100]
+    final_only = load_run_config(None, ["eval_tasks=[a, b]", "steps=100", "save_every=10", "save_model_every=0"])
+    assert final_only.eval_tasks == ["a", "b"] and [s for s in range(1, 101) if eval_tasks_due(final_only, s)] == [100]
+    assert not any(eval_tasks_due(load_run_config(None, ["steps=100"]), s) for s in range(1, 101))
 
 
 def test_ds_batch_fields_derived_and_mismatch_named():

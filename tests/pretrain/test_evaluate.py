@@ -130,6 +130,46 @@ def test_lm_eval_rolling_loglikelihood_starts_after_eos(setup):
     assert got == pytest.approx(lp.gather(-1, x[0, 1:, None]).sum().item(), rel=1e-5)
 
 
+def test_eval_tasks_paper_task_on_a_checkpoint_tag_and_bad_names(setup, tmp_path):
+    """pretrain.eval_tasks on a run folder's tag: the paper task's accuracy by setting equals bench/paper's scoring
+    of the training model on the same examples; the CLI writes the result file and a metrics record; unknown tasks
+    and malformed settings are named."""
+    from bench.paper.suite import score
+    from bench.paper.tasks import generate
+    from pretrain.eval_tasks import TEST_SEED, check_tasks, evaluate_tasks, parse_paper
+    from pretrain.model_dir import save_model_dir
+
+    _, model, _, _, tok = setup
+    run = tmp_path / "run"
+    tag = save_model_dir(run / "step_00000004", model.state_dict(), model.config, tokenizer_dir=tok.path)
+    (tag / "COMPLETE").write_text("1\n")
+    rec = evaluate_tasks(run, ["paper:set@6,8"], limit=6, num_steps=2)
+    for i, s in enumerate((6, 8)):
+        direct = score(model, tok.sp, generate("set", 6, TEST_SEED + i, s), num_steps=2)["acc"]
+        assert rec[f"eval_tasks/paper:set@6,8/acc@{s}"] == direct
+    assert rec["step"] == 4 and rec["eval_tasks/seconds"] > 0
+    assert rec["eval_tasks/paper:set@6,8/acc"] == pytest.approx(
+        (rec["eval_tasks/paper:set@6,8/acc@6"] + rec["eval_tasks/paper:set@6,8/acc@8"]) / 2)
+    assert parse_paper("paper:hops") == ("hops", (96, 192, 384, 768))
+    with pytest.raises(ValueError, match="no paper task 'nope'.*paper:hops"):
+        check_tasks(["paper:nope"])
+    with pytest.raises(ValueError, match="integers separated by commas"):
+        check_tasks(["paper:hops@x"])
+    with pytest.raises(ValueError, match=r"\['no_such_task'\]: not in lm-eval's registry.*ressformer_shakespeare_ppl"):
+        check_tasks(["ressformer_shakespeare_next_line", "no_such_task"])
+
+    metrics = run / "metrics.jsonl"
+    p = subprocess.run([sys.executable, "-m", "pretrain.eval_tasks", "--model", str(run), "--tasks", "paper:table@3",
+                        "--limit", "4", "--out-dir", str(run / "eval_tasks"), "--metrics", str(metrics)],
+                       cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = json.loads((run / "eval_tasks" / "step_00000004.json").read_text())
+    assert json.loads(metrics.read_text().splitlines()[-1]) == saved and "eval_tasks/paper:table@3/acc" in saved
+    p = subprocess.run([sys.executable, "-m", "pretrain.eval_tasks", "--model", str(run), "--tasks", "paper:nope"],
+                       cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "no paper task 'nope'" in p.stderr, p.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_lm_eval_offline_on_local_tasks(setup, tmp_path):
@@ -148,3 +188,12 @@ def test_lm_eval_offline_on_local_tasks(setup, tmp_path):
     mc = res["ressformer_shakespeare_next_line"]
     assert 1 < ppl["byte_perplexity,none"] < 1e3 and ppl["word_perplexity,none"] > 1
     assert 0 <= mc["acc,none"] <= 1
+    # pretrain.eval_tasks (the trainer's eval_tasks) runs the same tasks in memory, with the tokenizer built from the
+    # checkpoint's sentencepiece folder instead of the export's files: the same numbers
+    from pretrain.eval_tasks import evaluate_tasks
+
+    rec = evaluate_tasks(hf_dir, ["ressformer_shakespeare_ppl", "ressformer_shakespeare_next_line"], limit=3)
+    for task, metric in (("ressformer_shakespeare_ppl", "word_perplexity"), ("ressformer_shakespeare_ppl",
+                         "byte_perplexity"), ("ressformer_shakespeare_next_line", "acc"),
+                         ("ressformer_shakespeare_next_line", "acc_norm")):
+        assert rec[f"eval_tasks/{task}/{metric}"] == pytest.approx(res[task][f"{metric},none"], rel=1e-6), metric
