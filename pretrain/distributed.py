@@ -25,6 +25,25 @@ import torch
 import torch.distributed as dist
 
 _CONTROL = None  # the gloo group for host-side messages when the job's backend is not gloo (NCCL)
+_SOLO = False  # inside `solo()`: this rank works alone, the helpers below act as in a one-process job
+
+
+def _joined() -> bool:
+    return dist.is_initialized() and not _SOLO
+
+
+@contextlib.contextmanager
+def solo():
+    """Run a block on one rank of a launched job (rank 0's evaluation while the others wait) with the helpers of this
+    module (rank, world_size, barrier, all_gather_object, any_rank, on_rank0, ...) acting as in a one-process job,
+    so that code written for every rank (a checkpoint's collective verification) does not wait for peers that are
+    not there."""
+    global _SOLO
+    before, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = before
 
 
 def control_group():
@@ -34,21 +53,21 @@ def control_group():
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _joined() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if _joined() else 1
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if _joined():
         dist.barrier(group=_CONTROL)
 
 
 def all_gather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if not dist.is_initialized():
+    if not _joined():
         return [obj]
     out = [None] * world_size()
     dist.all_gather_object(out, obj, group=_CONTROL)
@@ -57,7 +76,7 @@ def all_gather_object(obj) -> list:
 
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
+    if not _joined():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_CONTROL)
@@ -66,7 +85,7 @@ def broadcast_object(obj):
 
 def all_mean(x: float) -> float:
     """The mean over ranks of a host number (float64 all-reduce)."""
-    if not dist.is_initialized():
+    if not _joined():
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
     dist.all_reduce(t, group=_CONTROL)
@@ -81,7 +100,7 @@ def all_means(values: list) -> list[float]:
     xs = [torch.as_tensor(v).detach().reshape(()).double() for v in values]
     dev = next((x.device for x in xs if x.device.type != "cpu"), xs[0].device)
     t = torch.stack([x.to(dev) for x in xs]).cpu()  # (n,) the one device -> host copy
-    if dist.is_initialized():
+    if _joined():
         dist.all_reduce(t, group=_CONTROL)
         t /= world_size()
     return t.tolist()
@@ -94,7 +113,7 @@ def any_rank(flag: bool) -> bool:
 
 def any_ranks(*flags: bool) -> tuple[bool, ...]:
     """`any_rank` of several flags in one all-reduce."""
-    if not dist.is_initialized():
+    if not _joined():
         return tuple(bool(f) for f in flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)

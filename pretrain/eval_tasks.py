@@ -70,10 +70,22 @@ def parse_paper(name: str) -> tuple[str, tuple[int, ...]]:
     return task, values
 
 
-def _task_manager():
+def _local_tasks() -> set[str]:
+    """The task names of eval/tasks (each YAML's `task:`)."""
+    names = set()
+    for p in INCLUDE.glob("*.yaml"):
+        for line in p.read_text().splitlines():
+            if line.startswith("task:"):
+                names.add(line.split(":", 1)[1].strip())
+    return names
+
+
+def _task_manager(names: list[str]):
+    """lm-eval's TaskManager over eval/tasks, and over lm-eval's own registry only when a name is not local (indexing
+    the registry's thousands of YAML files takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(INCLUDE))
+    return TaskManager(include_path=str(INCLUDE), include_defaults=not set(names) <= _local_tasks())
 
 
 def check_tasks(names: list[str]) -> None:
@@ -84,12 +96,12 @@ def check_tasks(names: list[str]) -> None:
             parse_paper(n)
     if lm:
         try:
-            known = set(_task_manager().all_tasks)
+            known = set(_task_manager(lm).all_tasks)
         except ImportError:
             raise ValueError(f"eval tasks {lm} need lm-evaluation-harness (pip install -e '.[eval]')") from None
         missing = [n for n in lm if n not in known]
         if missing:
-            local = sorted(p.stem for p in INCLUDE.glob("*.yaml"))
+            local = sorted(_local_tasks())
             raise ValueError(f"eval tasks {missing}: not in lm-eval's registry nor in {INCLUDE} (local tasks: "
                              f"{', '.join(local)}; paper tasks: paper:NAME)")
 
@@ -152,7 +164,7 @@ def run_lm_eval(model, tok, names: list[str], limit: int, num_steps: int | None,
     if num_steps is not None:
         model.config.num_steps = num_steps
     lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=1, device=device)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(names), limit=limit or None, task_manager=_task_manager(),
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(names), limit=limit or None, task_manager=_task_manager(names),
                                   log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     out = {}
     for task, metrics in res["results"].items():
@@ -160,7 +172,7 @@ def run_lm_eval(model, tok, names: list[str], limit: int, num_steps: int | None,
             continue
         for key, v in metrics.items():
             metric, _, _filter = key.partition(",")
-            if metric.endswith("_stderr") or metric == "alias" or not isinstance(v, (int, float)):
+            if metric.endswith("_stderr") or metric in ("alias", "sample_len") or not isinstance(v, (int, float)):
                 continue
             out.setdefault(task, {})[metric] = float(v)
     return out
