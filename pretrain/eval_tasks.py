@@ -126,23 +126,36 @@ def _hf_tokenizer(tok_dir: Path):
                                meta_file=str(tok_dir / "ressformer_tokenizer.json"), **kw)
 
 
-def load(path: str | Path, device: str = "cpu"):
-    """(HF model in eval mode on `device`, transformers tokenizer, sentencepiece processor, the checkpoint's step)."""
+def load(path: str | Path, device: str = "cpu", trusted: bool = False):
+    """(HF model in eval mode on `device`, transformers tokenizer, sentencepiece processor, the checkpoint's step).
+    A run folder or tag is located and verified like `pretrain.convert` does (held against keep_last while it is
+    read); `trusted`: `path` is a tag the calling job has just completed and hashed, whose model folder is read as
+    it is (still held)."""
     import torch
 
-    from pretrain.checkpoint.tags import tag_step
-    from pretrain.convert import locate
+    from pretrain.checkpoint.tags import reading, tag_step
+    from pretrain.convert import _read, hf_model, opened
     from pretrain.evaluate import load_model
+    from pretrain.model_dir import load_model_dir
+    from ressformer.config import ModelConfig
     from tokenizer import Tokenizer
 
     p = Path(path)
     if (p / "config.json").is_file():  # an HF export
         tok_dir, step = _tokenizer_dir(p), None
+        model = load_model(p, dtype=torch.float32)
     else:
-        p, _ = locate(p)  # read once: a tag completing meanwhile does not change the folder under us
-        tok_dir, step = _tokenizer_dir(p), tag_step(p)
-    model = load_model(p, dtype=torch.float32).to(device).eval()
-    return model, _hf_tokenizer(tok_dir), Tokenizer(tok_dir).sp, step
+        if trusted:
+            with reading(p):
+                cfg, sd = load_model_dir(p)
+            folder = p
+        else:
+            with opened(p) as (folder, is_model):
+                sd, mcfg, _ = _read(folder, is_model, False)
+            cfg = ModelConfig.from_dict(mcfg)
+        tok_dir, step = _tokenizer_dir(folder), tag_step(folder)
+        model = hf_model(sd, cfg)
+    return model.to(device).eval(), _hf_tokenizer(tok_dir), Tokenizer(tok_dir).sp, step
 
 
 def run_paper(model, sp, name: str, limit: int, num_steps: int | None) -> dict:
@@ -179,13 +192,13 @@ def run_lm_eval(model, tok, names: list[str], limit: int, num_steps: int | None,
 
 
 def evaluate_tasks(path: str | Path, names: list[str], limit: int = 100, num_steps: int | None = None,
-                   device: str = "cpu", model_and_tokenizers=None) -> dict:
-    """Run `names` on the checkpoint at `path` -> {"step", "eval_tasks/<task>/<metric>": value, ...,
+                   device: str = "cpu", trusted: bool = False) -> dict:
+    """Run `names` on the checkpoint at `path` (`load`) -> {"step", "eval_tasks/<task>/<metric>": value, ...,
     "eval_tasks/seconds"}."""
     import torch
 
     t0 = time.monotonic()
-    model, tok, sp, step = model_and_tokenizers or load(path, device)
+    model, tok, sp, step = load(path, device, trusted)
     rec: dict = {"step": step}
     with torch.no_grad():
         for n in names:
