@@ -384,7 +384,7 @@ def test_pretrain_1b_script_runs_the_paper_model_with_autoep(cluster, trainer, t
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_usr1_saves_requeues_and_resumes(cluster, trainer, tmp_path):
-    run_dir, log, steps = tmp_path / "run", tmp_path / "usr1.out", 60
+    run_dir, log, steps = tmp_path / "run", tmp_path / "usr1.out", 30
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
                   EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
     # Mid-run: wait for a few real training steps, then preempt the way --signal=B:USR1@N does.

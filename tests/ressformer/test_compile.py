@@ -15,16 +15,13 @@ step's freedom from host reads.
   fuses and reorders, so not bitwise), checkpointing on and off, K fixed and sampled; the baseline with inductor
   (quick), the debug preset with aot_eager (quick: chunked and block_select=chunk; bf16 within 1e-2) and inductor
   (slow: block_select=chunk, the path where inductor once ran a scatter after its reader).
-- Trainer (slow): `pretrain/main.py --set compile=true` gives the eager run's losses over 3 steps on 1 rank with
-  ZeRO-1; on 2 gloo ranks with ZeRO-3 (the shared block called K times under ZeRO-3 hooks) and AutoEP in
+- Trainer (slow): `pretrain/main.py --set compile=true` gives the eager run's losses, K sampled per step, on 2 gloo
+  ranks with ZeRO-3 (the shared block called K times under ZeRO-3 hooks) and AutoEP:
   tests/e2e/test_compile_expert_parallel.py.
 Inductor caches go to a temporary folder of this session.
 """
 
 import collections
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +34,6 @@ from pretrain.config import RunConfig, load_run_config
 from ressformer import ModelConfig, build_model, kernels
 from ressformer.moe import MoEExperts
 from ressformer.recurrence import sample_num_steps
-from tests.helpers.dist import REPO, base_env, run_group
 
 B, T = 2, 64
 # every ASAM path and SOES graph of the debug preset (chunked sparse top-k, attention-pattern graph by default)
@@ -344,50 +340,3 @@ def test_run_config_compile_field():
     assert load_run_config(None, ["compile=true"]).compile is True
     with pytest.raises(ValueError, match="compile='yes'"):
         RunConfig(compile="yes")
-
-
-TRAIN_ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "steps=3", "--set", "log_every=1", "--set", "plot=false",
-              "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled",
-              "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2", "--set", "eps=1e-4",
-              "--set", "model.r2mu.step_sampling=uniform", "--set", "model.r2mu.max_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def default_data():
-    if not (REPO / "artifacts" / "data" / "shakespeare.idx").is_file():
-        subprocess.run([sys.executable, "-m", "pretrain.data", "prepare"], cwd=REPO, env=base_env(), check=True,
-                       timeout=300)
-
-
-def _train_records(run_dir: Path) -> dict[int, dict]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in recs if "loss" in r}
-
-
-def _inductor_ran(tmp_path: Path) -> bool:
-    """Whether a run wrote inductor's cache (it compiled), the runs' TORCHINDUCTOR_CACHE_DIR being tmp_path/inductor."""
-    cache = tmp_path / "inductor"
-    return cache.is_dir() and any(f.is_file() for f in cache.rglob("*"))
-
-
-def _assert_same_losses(eager_dir: Path, compiled_dir: Path):
-    eager, compiled = _train_records(eager_dir), _train_records(compiled_dir)
-    assert sorted(eager) == sorted(compiled) == [1, 2, 3], (eager, compiled)
-    assert len({r["num_steps"] for r in eager.values()}) > 1, eager  # K sampled per step
-    for step, rec in eager.items():
-        assert compiled[step]["num_steps"] == rec["num_steps"]
-        assert abs(compiled[step]["loss"] - rec["loss"]) <= 1e-5 * abs(rec["loss"]), (step, compiled[step], rec)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_trainer_compile_zero1_one_rank_matches_eager(tmp_path, default_data):
-    """The debug ReSSFormer (MoE, SOES, R2MU memory, activation checkpointing from debug.yaml), K sampled."""
-    env = {**base_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    for name, extra in (("eager", []), ("compiled", ["--set", "compile=true"])):
-        cmd = [sys.executable, "pretrain/main.py", "--ds_config", "ds_configs/zero1.json", *TRAIN_ARGS,
-               "--set", f"run_dir={tmp_path / name}", *extra]
-        p = run_group(cmd, timeout=540, cwd=REPO, env=env)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        assert _inductor_ran(tmp_path) == (name == "compiled")
-    _assert_same_losses(tmp_path / "eager", tmp_path / "compiled")
