@@ -230,20 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
+    from pretrain.checkpoint.ds_recovery import CheckpointError
+    from pretrain.model_dir import ModelDirError
+
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if a.limit < 0:
             raise ValueError(f"--limit {a.limit}: must be >= 0")
         check_tasks(a.tasks)
         rec = evaluate_tasks(a.model, a.tasks, a.limit, a.num_steps, device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, ModelDirError) as e:  # each names the file or the fix
         print(f"[eval_tasks] error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a checkpoint that cannot be read (CheckpointError, ModelDirError) names itself
-        if type(e).__name__ in ("CheckpointError", "ModelDirError", "TagGone"):
-            print(f"[eval_tasks] error: {e}", file=sys.stderr)
-            return 2
-        raise
     text = json.dumps(rec)
     print(text)
     if a.out:
