@@ -42,6 +42,7 @@ ABLATIONS = {
     "moe.num_experts=1 (dense FFN)": {"moe.num_experts": 1},
     "soes.enabled=false": {"soes.enabled": False},
     "r2mu.memory=false": {"r2mu.memory": False},
+    "document mask, 4 docs per row": {"<documents>": 4},  # documents= (data.document_mask), 4 equal documents
 }
 
 
@@ -55,10 +56,12 @@ def _dynamo_counts() -> tuple[int, int]:
 class Runner:
     """One row's model (eager or compiled) with its input: `step()` times one forward+backward."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int, compiled: bool = False):
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, compiled: bool = False, documents: int = 0):
         torch.manual_seed(0)
         self.model = build_model(cfg)
         self.x = torch.randint(0, cfg.vocab_size, (batch, seq))
+        # document masking: `documents` equal documents per row (0: none)
+        self.docs = (torch.arange(seq) * documents // seq).expand(batch, seq) if documents else None
         self.times: list[float] = []
         self.compiled, self.recompiled = compiled, 0
         before = _dynamo_counts() if compiled else (0, 0)
@@ -75,7 +78,7 @@ class Runner:
         graphs = _dynamo_counts()[0] if self.compiled else 0
         self.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        self.model(self.x, labels=self.x).loss.backward()
+        self.model(self.x, labels=self.x, documents=self.docs).loss.backward()
         dt = time.perf_counter() - t0
         if record:
             self.times.append(dt)
@@ -88,7 +91,7 @@ class Runner:
 
         self.model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.model(self.x, labels=self.x).loss.backward()
+            self.model(self.x, labels=self.x, documents=self.docs).loss.backward()
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
 
 
@@ -126,17 +129,18 @@ def main() -> None:
                             n_heads=base.n_heads, ffn_hidden=base.ffn_hidden, n_layers=r.n_prelude + r.steps + r.n_coda,
                             max_seq_len=base.max_seq_len, moe={"num_experts": 1})
     chosen = a.rows or list(ABLATIONS)
-    rows = [(f"baseline (dense, {dense.n_layers} layers)", dense)] + [
-        (n, base.replace(**o)) for n, o in ABLATIONS.items() if n in chosen]
+    rows = [(f"baseline (dense, {dense.n_layers} layers)", dense, 0)] + [
+        (n, base.replace(**{k: v for k, v in o.items() if k != "<documents>"}), o.get("<documents>", 0))
+        for n, o in ABLATIONS.items() if n in chosen]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved")
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
     profiled = None
     if a.one_at_a_time:  # one model in memory at a time: each is timed, then released
-        for name, cfg in rows:
+        for name, cfg, docs in rows:
             pair = []
             for compiled in ((False, True) if a.compile else (False,)):
-                rn = Runner(cfg, a.batch, a.seq, compiled=compiled)
+                rn = Runner(cfg, a.batch, a.seq, compiled=compiled, documents=docs)
                 for _ in range(a.repeats):
                     rn.step()
                 if a.profile and profiled is None and cfg.arch == "ressformer" and compiled == a.compile:
@@ -146,9 +150,9 @@ def main() -> None:
                 gc.collect()
             runners.append((name, cfg, pair[0], pair[1] if a.compile else None))
     else:
-        for name, cfg in rows:
-            runners.append((name, cfg, Runner(cfg, a.batch, a.seq),
-                            Runner(cfg, a.batch, a.seq, compiled=True) if a.compile else None))
+        for name, cfg, docs in rows:
+            runners.append((name, cfg, Runner(cfg, a.batch, a.seq, documents=docs),
+                            Runner(cfg, a.batch, a.seq, compiled=True, documents=docs) if a.compile else None))
         for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
             for _, _, eager, compiled in runners:
                 eager.step()

@@ -388,6 +388,12 @@ class RunConfig:
             base = ModelConfig.from_preset(self.model)
         if self.model_overrides:
             base = base.replace(**dict(self.model_overrides))
+        if self.data.document_mask and base.asam.impl == "block":
+            raise ValueError("data.document_mask=true with asam.impl=block: key blocks are cut by key index and would mix "
+                             "documents; set model_overrides asam.impl=chunked (exact; the paper presets') or "
+                             "data.document_mask=false")
+        if self.data.document_mask and not base.causal:
+            raise ValueError("data.document_mask=true needs a causal model (causal=true)")
         if self.seq_len > base.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model max_seq_len={base.max_seq_len}: lower seq_len or "
                              f"set model_overrides max_seq_len")

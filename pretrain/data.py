@@ -28,6 +28,9 @@ Design choices
   `micro_batch * dp_size` samples and rank r takes its slice. `consumed_samples` is the whole data
   position: saved in a checkpoint and passed back, the iterator continues with exactly the batches
   an uninterrupted run would see.
+- Document masking (`document_mask: true`): each sample also carries `documents` (T,), the id of each token's
+  document in the packed window (a new one after every EOS, and where tokens follow a run of pad tokens:
+  `ressformer.selection.document_ids`), which the model turns into masks that keep every read inside a document.
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ class DataConfig:
     """megatron's index cache; default: <first prefix's folder>/index_cache."""
     num_workers: int = 0
     """DataLoader worker processes reading training batches."""
+    document_mask: bool = False
+    """Mask across document boundaries in packed windows: no token reads a key, R2MU memory or SOES edge of an earlier
+    document (each document's logits are those it has alone). Not with asam.impl=block."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.blend, (list, tuple)) or not self.blend:
@@ -130,6 +136,8 @@ class DataConfig:
         if not 1 <= len(vals) <= 3 or any(not 0 <= v < float("inf") for v in vals) or vals[0] <= 0:
             raise ValueError(f"data.split={self.split!r} must be 1-3 comma-separated non-negative numbers "
                              f"(train,valid,test) with train > 0, e.g. '949,50,1'")
+        if not isinstance(self.document_mask, bool):
+            raise ValueError(f"data.document_mask={self.document_mask!r} must be true or false")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r} must be an integer >= 0")
         for name in ("tokenizer", "cache_dir"):
@@ -234,10 +242,11 @@ class HFSamples(torch.utils.data.Dataset):
     """A megatron GPT/Blended dataset seen as Hugging Face causal-LM samples {input_ids, labels}.
 
     `mask_dataset`: the same megatron dataset built over the loss-mask prefixes; labels[j] = -100 where its token j is 0.
+    `documents`: (eos_id, pad_id) to add `documents` (T,) (document masking; module docstring), None: not added.
     """
 
-    def __init__(self, megatron_dataset, mask_dataset=None) -> None:
-        self.megatron, self.mask = megatron_dataset, mask_dataset
+    def __init__(self, megatron_dataset, mask_dataset=None, documents: tuple[int, int] | None = None) -> None:
+        self.megatron, self.mask, self.documents = megatron_dataset, mask_dataset, documents
         # GPTDataset caches the loss mask of the first sample it serves *after* zeroing that sample's pad positions
         # in place (megatron-core 0.16.1), so every later sample would lose its labels where the first one had pads;
         # recomputing per sample (a ones vector) is cheap
@@ -257,6 +266,11 @@ class HFSamples(torch.utils.data.Dataset):
         if self.mask is not None:
             # (T,) 1 where token j is a training target; GPTDataset maps values equal to the pad id to 0 (pad is 0)
             labels[self.mask[int(i)]["tokens"] == 0] = -100
+        if self.documents is not None:
+            from ressformer.selection import document_ids
+
+            eos, pad = self.documents
+            return {"input_ids": input_ids, "labels": labels, "documents": document_ids(input_ids, eos, pad)}
         return {"input_ids": input_ids, "labels": labels}
 
 
@@ -314,7 +328,8 @@ def build_datasets(data_cfg: DataConfig, *, seq_len: int, seed: int,
     with local_group():
         tokens = build(prefixes)
         masks_ds = build(masks) if masks else [None] * 3
-    return tuple(HFSamples(d, m) if d is not None and sizes[i] > 0 else None
+    docs = (tok.eos_id, tok.pad_id) if data_cfg.document_mask else None
+    return tuple(HFSamples(d, m, docs) if d is not None and sizes[i] > 0 else None
                  for i, (d, m) in enumerate(zip(tokens, masks_ds)))
 
 

@@ -73,7 +73,9 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     backward): skipping a bad micro batch needs the decision before its backward, on every rank alike. The model's
     forward and backward themselves read nothing on the host."""
     phase("forward")
-    out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps)
+    docs = batch.get("documents")  # data.document_mask
+    out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps,
+                 documents=None if docs is None else docs.to(engine.device))
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
         guard.in_a_row += 1
@@ -113,7 +115,9 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     tot = 0.0
     with torch.no_grad():
         for b in eval_batches(valid, run.micro_batch, D.rank(), D.world_size(), run.eval_iters):
-            tot = tot + engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device)).lm_loss.float()
+            docs = b.get("documents")
+            tot = tot + engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device),
+                               documents=None if docs is None else docs.to(engine.device)).lm_loss.float()
     engine.train()
     return all_mean(float(tot) / run.eval_iters)  # read once
 

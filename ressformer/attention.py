@@ -83,9 +83,10 @@ def _check_inputs(q, k, v, *, q_pos, k_pos, k_window, activation, topk, graph, g
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"sparse_attention expects q (B,H,Tq,D), k = v (B,H,Tk,D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q_pos.shape != (q.shape[2],) or k_pos.shape != (k.shape[2],):
-        raise ValueError(f"q_pos must be ({q.shape[2]},) and k_pos ({k.shape[2]},); got {tuple(q_pos.shape)}, "
-                         f"{tuple(k_pos.shape)}")
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    if q_pos.shape not in ((Tq,), (B, Tq)) or k_pos.shape not in ((Tk,), (B, Tk)):
+        raise ValueError(f"q_pos must be ({Tq},) or ({B}, {Tq}) and k_pos ({Tk},) or ({B}, {Tk}); got "
+                         f"{tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
     if k_window is not None and k_window.shape != k_pos.shape:
         raise ValueError(f"k_window must match k_pos {tuple(k_pos.shape)}, got {tuple(k_window.shape)}")
     if activation not in ACTIVATIONS:
@@ -164,13 +165,18 @@ def _graph_bias_dense(graph, graph_scale: torch.Tensor, Tk: int, dtype) -> torch
     return graph_scale.to(dtype)[None, :, None, None] * a[:, None]
 
 
-def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale, pattern):
+def _batched_mask(vis: torch.Tensor) -> torch.Tensor:
+    """A visibility mask (c, n) (positions shared by the batch) or (B, c, n) (per-sample) -> (B|1, 1, c, n)."""
+    return vis[None, None] if vis.dim() == 2 else vis[:, None]
+
+
+def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, graph, graph_scale, pattern, q_index):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     s = torch.einsum("bhid,bhjd->bhij", f32(q), f32(k)) / math.sqrt(D)  # (B, H, Tq, Tk) float32
     if graph is not None:
         s = s + _graph_bias_dense(graph, graph_scale, Tk, s.dtype)
-    vis = visible(q_pos, k_pos, k_window, causal)  # (Tq, Tk)
+    vis = _batched_mask(visible(q_pos, k_pos, k_window, causal))  # (B|1, 1, Tq, Tk)
     neg = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
     s = torch.where(vis, s, neg)
     keep = vis.expand(B, H, Tq, Tk)
@@ -180,9 +186,9 @@ def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, gra
         s = torch.where(keep, s, neg)
     p = normalize(s, activation)  # (B, H, Tq, Tk)
     out = torch.einsum("bhij,bhjd->bhid", p, f32(v)).to(v.dtype)
-    stats = _stats((p.detach() > 0).sum().float(), vis.sum().float() * B * H, float(B * H * Tq))
+    stats = _stats((p.detach() > 0).sum().float(), vis.sum().float() * (B // vis.shape[0]) * H, float(B * H * Tq))
     if pattern is not None:
-        stats["pattern"] = _pattern(p, None, pattern, q_pos)
+        stats["pattern"] = _pattern(p, None, pattern, q_index)
     return out, stats
 
 
@@ -302,7 +308,7 @@ def _gathered_attend(q_s, k, v, sel: Selection, *, edge_val, activation, q_pos=N
     return Attended(out, (p.detach() > 0).sum().float(), pat)
 
 
-def _gathered_attend_all(q, k, v, pending: list, *, q_pos, activation, pattern) -> tuple[list[Attended], torch.Tensor]:
+def _gathered_attend_all(q, k, v, pending: list, *, q_index, activation, pattern) -> tuple[list[Attended], torch.Tensor]:
     """The gradient pass of the top-k chunks pending = [(s0, s1, Selection, edge_val)] in one `_gathered_attend`
     (autograd keeps every chunk's gathered keys anyway). -> (one Attended per chunk with nnz None, their nnz)."""
     sizes = [s1 - s0 for s0, s1, _, _ in pending]
@@ -310,7 +316,7 @@ def _gathered_attend_all(q, k, v, pending: list, *, q_pos, activation, pattern) 
     q_s = q if sum(sizes) == q.shape[2] else q[:, :, rows]
     sel = Selection(*(torch.cat(t, dim=2) if t[0] is not None else None for t in zip(*(p[2] for p in pending))))
     edge_val = None if sel.edge_slot is None else torch.cat([p[3] for p in pending], dim=2)
-    res = _gathered_attend(q_s, k, v, sel, edge_val=edge_val, activation=activation, q_pos=q_pos[rows],
+    res = _gathered_attend(q_s, k, v, sel, edge_val=edge_val, activation=activation, q_pos=q_index[rows],
                            pattern=pattern)
     outs = res.out.split(sizes, dim=2)
     pats = [None] * len(sizes) if res.pattern is None else list(zip(*(x.split(sizes, dim=1) for x in res.pattern)))
@@ -328,9 +334,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
                      blocks_per_query: int = 8, block_select: str = "query", local_blocks: int | None = None,
-                     pattern_degree: int = 0, pattern_keys: int | None = None) -> tuple[torch.Tensor, dict]:
+                     pattern_degree: int = 0, pattern_keys: int | None = None,
+                     q_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
+
+    Per-sample positions (document masking, selection.document_positions): q_pos (B, Tq), k_pos and k_window
+    (B, Tk); q_index (Tq,) is then the queries' token indices (their own graph slot), default 0..Tq-1 (1-D q_pos:
+    q_pos itself). Not with impl=block, whose key blocks are cut by key index, not per document.
 
     local_blocks (impl=block): a bound on the key blocks overlapping one query chunk's positions when the keys come
     in block-aligned runs (`local_block_bound`); it sizes each chunk's candidates (selection.max_kept_blocks).
@@ -345,11 +356,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                   graph=graph, graph_scale=graph_scale, impl=impl)
     B, H, Tq, D = q.shape
     pattern = (Tq if pattern_keys is None else pattern_keys, pattern_degree) if pattern_degree > 0 else None
+    if q_index is None:
+        q_index = q_pos if q_pos.dim() == 1 else torch.arange(Tq, device=q.device)
     if impl == "reference":
         return _reference(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, causal=causal,
-                          activation=activation, topk=topk, graph=graph, graph_scale=graph_scale, pattern=pattern)
+                          activation=activation, topk=topk, graph=graph, graph_scale=graph_scale, pattern=pattern,
+                          q_index=q_index)
     key_blocks = None
     if impl == "block":
+        if q_pos.dim() == 2 or k_pos.dim() == 2:
+            raise ValueError("per-sample positions (document masking) with asam.impl=block: key blocks are cut by "
+                             "key index and would mix documents; use asam.impl=chunked (exact, the paper's) or "
+                             "turn document masking off")
         if chunk_size < 1 or block_size < 1 or blocks_per_query < 1:
             raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
                              f"{chunk_size}, {block_size}, {blocks_per_query}")
@@ -367,7 +385,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     n_visible = q.new_zeros((), dtype=torch.float32)
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
-        q_c, qp_c = q[:, :, s0:s1], q_pos[s0:s1]
+        q_c, qp_c, qi_c = q[:, :, s0:s1], q_pos[..., s0:s1], q_index[s0:s1]
         c = s1 - s0
         cand: Candidates | None = None  # the chunk's keys: every key, or the union of its queries' kept blocks
         if key_blocks is not None:
@@ -385,12 +403,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                 with torch.no_grad():
                     edge_slot = _edge_slots(e, cand.blocks, block_size)
         if keys is None:
-            mask = visible(qp_c, k_pos, k_window, causal)[None, None]  # (1, 1, c, Tk)
+            mask = _batched_mask(visible(qp_c, k_pos, k_window, causal))  # (B|1, 1, c, Tk)
         else:
             kw = None if k_window is None else k_window[keys]
             mask = visible(qp_c, k_pos[keys], kw, causal) & cand.valid  # (B, H, c, n)
         n = mask.shape[-1]
-        n_visible = n_visible + mask.sum().float() * (B * H if mask.shape[0] == 1 else 1)
+        n_visible = n_visible + mask.sum().float() * (B // mask.shape[0]) * (H // mask.shape[1])
 
         if topk == 0 or topk >= n:  # dense over the candidates
             if keys is None:
@@ -398,7 +416,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             else:
                 gi = keys[..., None].expand(B, H, n, D)
                 k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
-            args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qp_c)
+            args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qi_c)
             if grad:  # keep the chunk's inputs only: its scores are recomputed in backward
                 res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False,
                                                         activation=activation, pattern=pattern)
@@ -411,12 +429,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
             results.append(None)
             pending.append((s0, s1, sel, edge_val))
         else:  # gathered per chunk: peak memory O(chunk * topk * D)
-            results.append(_gathered_attend(q_c, k, v, sel, edge_val=edge_val, activation=activation, q_pos=qp_c,
+            results.append(_gathered_attend(q_c, k, v, sel, edge_val=edge_val, activation=activation, q_pos=qi_c,
                                             pattern=pattern))
 
     nnz = q.new_zeros((), dtype=torch.float32)
     if pending:
-        gathered, nz = _gathered_attend_all(q, k, v, pending, q_pos=q_pos, activation=activation, pattern=pattern)
+        gathered, nz = _gathered_attend_all(q, k, v, pending, q_index=q_index, activation=activation, pattern=pattern)
         nnz = nnz + nz
         parts = iter(gathered)
         results = [r if r is not None else next(parts) for r in results]
@@ -434,6 +452,7 @@ class ASAMAttention(nn.Module):
 
     forward(x (B, T, D), pos (T,), memory=None | (states (B, Tm, D), pos (Tm,), window (Tm,)),
             graph=None | (idx (B, T, m), val (B, T, m)), pattern=False) -> (y (B, T, D), stats dict)
+    Document masking: pos (B, T) and the memory's pos / window (B, Tm) (selection.document_positions).
     """
 
     def __init__(self, cfg: ModelConfig, graph: bool | None = None):
@@ -474,8 +493,8 @@ class ASAMAttention(nn.Module):
         if memory is not None:
             m_states, m_pos, m_win = memory
             kv_in = torch.cat([x, m_states.to(x.dtype)], dim=1)  # (B, T + Tm, D)
-            k_pos = torch.cat([pos, m_pos.to(pos.dtype)])
-            k_window = torch.cat([torch.full_like(pos, UNBOUNDED_WINDOW), m_win.to(pos.dtype)])
+            k_pos = torch.cat([pos, m_pos.to(pos.dtype)], dim=-1)
+            k_window = torch.cat([torch.full_like(pos, UNBOUNDED_WINDOW), m_win.to(pos.dtype)], dim=-1)
         if graph is not None and self.graph_scale is None:
             raise ValueError("ASAMAttention got a graph but has no graph_scale: build it with soes.enabled=True "
                              "(and graph=True) or pass graph=None")

@@ -9,6 +9,8 @@
 * The R2MU / ASAM / SOES fields of the config and `num_steps` are ignored.
 * RoPE cos / sin are non-persistent buffers, computed in init_weights (meta-device safe), extended on demand.
 * Incremental decoding (cache.py): each layer keeps its rotated keys and values.
+* Document masking (`documents=`): a (B, 1, T, T) causal same-document mask for SDPA, RoPE positions restarting at
+  0 in every document (as a packed-sequence `position_ids` does), so each document's logits are its own alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
 from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
+from ressformer.selection import DOCUMENT_STRIDE, document_positions, visible
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +57,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """cos / sin (T, hd), or (B, 1, T, hd) with per-sample positions; mask None (causal or not, per config) or
+        a bool (B, 1, T, T) (document masking)."""
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, hd)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, hd)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit) -> torch.Tensor:
-        """x (B, n, D) new tokens after the unit's cached ones, cos / sin (n, hd) of their positions."""
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, n, D) new tokens after the unit's cached ones, cos / sin (n, hd) of their positions (document
+        masking: (B, 1, n, hd) and mask (B, 1, n, Ti))."""
         B, n, D = x.shape
         q, k, v = (p(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, n, hd)
@@ -72,8 +83,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = unit.k.append(k), unit.v.append(v)  # (B, H, Ti, hd)
         Ti = k.shape[2]
-        mask = None
-        if n > 1:  # query i (position Ti - n + i) sees keys <= its position
+        if mask is None and n > 1:  # query i (position Ti - n + i) sees keys <= its position
             kp = torch.arange(Ti, device=x.device)
             mask = kp[None, :] <= kp[Ti - n:, None]  # (n, Ti)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, n, hd)
@@ -90,13 +100,14 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, router_logits
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit) -> torch.Tensor:
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, unit)
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unit,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, unit, mask)
         y, _ = self.mlp(self.post_attention_layernorm(x))
         return x + y
 
@@ -147,25 +158,40 @@ class TransformerForCausalLM(CausalLM):
             self.rope_cos, self.rope_sin = cos, sin  # stays a non-persistent buffer
         return self.rope_cos[:T], self.rope_sin[:T]
 
-    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cos, sin = self._rope(input_ids.shape[1], input_ids.device)  # (T, hd)
+        mask = None
+        if documents is not None:
+            pos = document_positions(documents)  # (B, T)
+            mask = visible(pos, pos, None, causal=True)[:, None]  # (B, 1, T, T) causal, same document
+            if self.config.position == "rope":
+                rel = pos % DOCUMENT_STRIDE  # RoPE positions restart in every document
+                cos, sin = cos[rel][:, None], sin[rel][:, None]  # (B, 1, T, hd)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
-            h, rl = self._checkpointed(i, layer, h, cos, sin)
+            h, rl = self._checkpointed(i, layer, h, cos, sin, mask)
             if rl is not None:
                 router_logits.append(rl)
         return self._output(h, labels=labels, return_logits=return_logits, router_logits=router_logits)
 
-    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache, documents) -> ModelOutput:
         B, n = input_ids.shape
         cache.begin(len(self.model.layers), B, None, n)
         T0 = cache.length
         cos, sin = self._rope(T0 + n, input_ids.device)
-        cos, sin = cos[T0:], sin[T0:]  # (n, hd) the new positions
+        pos = cache.positions_of(documents, n, input_ids.device)  # (n,), or (B, n) per sample
+        mask = None
+        if documents is None:
+            cos, sin = cos[T0:], sin[T0:]  # (n, hd) the new positions
+        else:
+            mask = visible(pos, cache.positions.view, None, causal=True)[:, None]  # (B, 1, n, Ti)
+            if self.config.position == "rope":
+                rel = pos % DOCUMENT_STRIDE
+                cos, sin = cos[rel][:, None], sin[rel][:, None]  # (B, 1, n, hd)
         h = self.model.embed_tokens(input_ids)  # (B, n, D)
         for layer, unit in zip(self.model.layers, cache.units):
-            h = layer.forward_cached(h, cos, sin, unit)
+            h = layer.forward_cached(h, cos, sin, unit, mask)
         cache.length = T0 + n
         return self._cached_output(h, labels)
 

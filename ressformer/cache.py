@@ -10,11 +10,19 @@ once. One `UnitCache` per unit (model.py: prelude block, recurrent step t, coda 
     sum_k, sum_v  (B, H, S*m, hd)   R2MU (t >= 1): keys / values of the S complete segments' summaries
     chunk_q       (B, H, 1, hd)     asam.block_select=chunk: q (and the graph's src vector) of the current
     chunk_src     (B, 1, r)         query chunk's first query, which picks the chunk's key blocks
+    hist_h        (B, <L, D)        R2MU under document masking: h^(t) of the last segment_len - 1 tokens
+    sum_pos, sum_win (B, S*m)       R2MU under document masking: the summaries' positions and windows
 
 Step t's token memory is step t-1's keys (same block, same projections), read from step t-1's unit. What selection
 depends on is independent of the call (index tie-breaking, position chunks, the chunk's first query back as a ghost),
 so the logits equal the full forward's to rounding. K is fixed per cache; buffers grow by doubling. `reorder_cache`,
 `is_compileable` and `get_seq_length` are what transformers' generate reads.
+
+Document masking (`model(ids, cache=cache, documents=ids_of_their_documents)`, every call of the cache alike): the
+cache keeps each token's per-sample position (selection.document_positions, continued across calls by
+`ModelCache.positions_of`), so reads stay inside the token's document as in the full forward; R2MU then keeps the
+last segment_len - 1 states (`hist_h`) and the summaries' positions and windows (`sum_pos`, `sum_win`), segments
+restarting at each document's first token.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ressformer.attention import asam_options, local_block_bound, sparse_attention
-from ressformer.selection import UNBOUNDED_WINDOW
+from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW, document_positions
 
 
 class _Seq:
@@ -64,7 +72,10 @@ class UnitCache:
     dst: _Seq = field(default_factory=lambda: _Seq(1))
     sum_k: _Seq = field(default_factory=lambda: _Seq(2))
     sum_v: _Seq = field(default_factory=lambda: _Seq(2))
+    sum_pos: _Seq = field(default_factory=lambda: _Seq(1))
+    sum_win: _Seq = field(default_factory=lambda: _Seq(1))
     seg_h: torch.Tensor | None = None
+    hist_h: torch.Tensor | None = None
     chunk_q: torch.Tensor | None = None
     chunk_src: torch.Tensor | None = None
 
@@ -84,6 +95,31 @@ class ModelCache:
         self.batch_size: int | None = None
         self.num_steps: int | None = None
         self.units: list[UnitCache] = []
+        self.documents: bool | None = None  # whether the calls pass documents (fixed by the first call)
+        self.positions = _Seq(1)  # (B, T) per-sample positions of the tokens, under document masking
+        self.last_document: torch.Tensor | None = None  # (B, 1) document id of the last token
+
+    def positions_of(self, documents: torch.Tensor | None, n: int, device) -> torch.Tensor:
+        """Positions of the n new tokens: T0..T0+n-1 (n,), or under document masking (B, n), continuing the
+        cached tokens' (a new document wherever the id changes, the previous call's last token included), appended
+        to `positions`. Call after `begin`."""
+        if self.documents is None:
+            self.documents = documents is not None
+        elif self.documents != (documents is not None):
+            raise ValueError("this cache was filled " + ("with" if self.documents else "without") + " documents and "
+                             "this call " + ("has none" if self.documents else "passes some") + ": pass documents "
+                             "to every call of a cache or to none")
+        if documents is None:
+            return torch.arange(self.length, self.length + n, device=device)
+        if self.last_document is None:
+            pos = document_positions(documents)
+        else:
+            q = document_positions(torch.cat([self.last_document, documents], 1))[:, 1:]  # relative to the last token
+            last = self.positions.view[:, -1:]  # (B, 1)
+            pos = torch.where(q < DOCUMENT_STRIDE, last + q, last // DOCUMENT_STRIDE * DOCUMENT_STRIDE + q)
+        self.last_document = documents[:, -1:].clone()
+        self.positions.append(pos)
+        return pos
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -110,14 +146,15 @@ class ModelCache:
     @torch.no_grad()
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Keep / repeat batch rows (beam search): row b becomes row beam_idx[b]."""
-        for u in self.units:
-            for f in fields(u):
-                x = getattr(u, f.name)
+        for obj, names in [(u, [f.name for f in fields(u)]) for u in self.units] + \
+                [(self, ["positions", "last_document"])]:
+            for name in names:
+                x = getattr(obj, name)
                 if isinstance(x, _Seq):
                     if x.data is not None:
                         x.data = x.data.index_select(0, beam_idx.to(x.data.device))
                 elif x is not None:
-                    setattr(u, f.name, x.index_select(0, beam_idx.to(x.device)))
+                    setattr(obj, name, x.index_select(0, beam_idx.to(x.device)))
         self.batch_size = int(beam_idx.numel())
 
     def nbytes(self) -> int:
@@ -150,12 +187,14 @@ def _next_chunk_start(pos: torch.Tensor, Ti: int, chunk_size: int) -> int | None
 
 
 def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory=None, graph=None,
-           pattern: bool = False):
+           pattern: bool = False, doc_pos: tuple[torch.Tensor, torch.Tensor] | None = None):
     """ASAMAttention over the cached + new tokens (+ memory keys), for the new queries only.
 
     attn: an ASAMAttention; xn (B, n, D) input_layernorm'd states of the new tokens at positions pos (n,);
     memory None | (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,)) already projected, appended after the tokens;
     graph None | (idx (B, n, m), val (B, n, m)). The new tokens' keys / values are appended to `unit`.
+    doc_pos: document masking, the per-sample positions of the new tokens (B, n) and of every token (B, Ti) (pos
+    stays the token indices), with the memory's positions and windows (B, Tm).
     Returns (y (B, n, D), the new queries' attention-pattern graph rows (idx, val) when pattern else None).
     """
     cfg = attn.cfg
@@ -166,12 +205,12 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
     k = unit.k.append(attn.k_proj(xn).view(B, n, H, hd).transpose(1, 2))  # (B, H, Ti, hd) every token so far
     v = unit.v.append(attn.v_proj(xn).view(B, n, H, hd).transpose(1, 2))
     Ti = k.shape[2]
-    k_pos, k_win = torch.arange(Ti, device=xn.device), None
+    k_pos, k_win = (torch.arange(Ti, device=xn.device) if doc_pos is None else doc_pos[1]), None
     if memory is not None:
         mk, mv, mpos, mwin = memory
         k, v = torch.cat([k, mk.to(k.dtype)], 2), torch.cat([v, mv.to(v.dtype)], 2)
-        k_win = torch.cat([torch.full_like(k_pos, UNBOUNDED_WINDOW), mwin.to(k_pos.dtype)])
-        k_pos = torch.cat([k_pos, mpos.to(k_pos.dtype)])
+        k_win = torch.cat([torch.full_like(k_pos, UNBOUNDED_WINDOW), mwin.to(k_pos.dtype)], -1)
+        k_pos = torch.cat([k_pos, mpos.to(k_pos.dtype)], -1)
     # a call's query chunks may straddle two chunks of chunk_size positions
     kw = dict(k_pos=k_pos, k_window=k_win, graph_scale=attn.graph_scale, **asam_options(cfg),
               local_blocks=local_block_bound(cfg, memory is not None, 2 * a.chunk_size),
@@ -186,6 +225,7 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
     outs, pats = [], []
     for gi, (s0, s1) in enumerate(groups):
         q_g, p_g = q[:, :, s0:s1], pos[s0:s1]
+        extra = {} if doc_pos is None else dict(q_pos=doc_pos[0][:, s0:s1], q_index=p_g)
         g_g = None if graph is None else (graph[0][:, s0:s1], graph[1][:, s0:s1])
         ghost = chunk_pick and gi == 0 and off != 0
         if ghost:
@@ -195,7 +235,7 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
             if g_g is not None:  # the ghost's graph row is never used for an output: spare slots
                 gi0 = torch.full_like(g_g[0][:, :1], c_lo)
                 g_g = (torch.cat([gi0, g_g[0]], 1), torch.cat([torch.zeros_like(g_g[1][:, :1]), g_g[1]], 1))
-        o, stats = sparse_attention(q_g, k, v, q_pos=p_g, graph=g_g, **kw)
+        o, stats = sparse_attention(q_g, k, v, graph=g_g, **{"q_pos": p_g, **kw, **extra})
         if ghost:
             o = o[:, :, 1:]
         outs.append(o)
@@ -212,10 +252,11 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
     return y, pat
 
 
-def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
+def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache,
+                 doc_pos: tuple[torch.Tensor, torch.Tensor] | None = None):
     """LatentGraph (structure.py) rows of the new tokens over the cached + new tokens: a Graph (idx, val) of shape
     (B, n, m). The same selection as LatentGraph.forward (LatentGraph.neighbours), query chunk by query chunk of
-    positions (block_select=chunk with the chunk's first query as a ghost, as in `attend`)."""
+    positions (block_select=chunk with the chunk's first query as a ghost, as in `attend`). doc_pos: as `attend`'s."""
     a = lg.cfg.asam
     src = lg.src_proj(xn)  # (B, n, r)
     dst = unit.dst.append(lg.dst_proj(xn))  # (B, Ti, r)
@@ -226,7 +267,8 @@ def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache):
         blocks = lg.key_blocks(dst, torch.arange(Ti, device=xn.device))
         for s0, s1 in _position_chunks(pos, a.chunk_size):
             ghost = unit.chunk_src if chunk_pick and int(pos[s0]) % a.chunk_size != 0 else None
-            parts.append(lg.neighbours(src[:, s0:s1], pos[s0:s1], dst, blocks, ghost=ghost))
+            dp = None if doc_pos is None else (doc_pos[0][:, s0:s1], doc_pos[1])
+            parts.append(lg.neighbours(src[:, s0:s1], pos[s0:s1], dst, blocks, ghost=ghost, doc_pos=dp))
     if chunk_pick and (i := _next_chunk_start(pos, Ti, chunk_size=a.chunk_size)) is not None:
         unit.chunk_src = src[:, i:i + 1].clone()  # (B, 1, r)
     idx, valid = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # (B, n, m)

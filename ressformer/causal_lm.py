@@ -149,22 +149,35 @@ class CausalLM(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, num_steps: int | None = None,
-                cache=None, return_logits: bool | None = None) -> ModelOutput:
+                cache=None, return_logits: bool | None = None, documents: torch.Tensor | None = None) -> ModelOutput:
         """cache: None, or a ressformer.cache.ModelCache holding the earlier tokens of these sequences (empty at
         first): input_ids are then the new tokens only, their logits come back and the cache is updated (the
-        training-time aux losses are not computed; `loss` is the LM loss of the new tokens)."""
+        training-time aux losses are not computed; `loss` is the LM loss of the new tokens).
+
+        documents: None, or (B, T) the document id of each token of a packed window (`document_ids`): document
+        masking, no token reads anything of another document, so each document's logits are those it has alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if documents is not None:
+            if documents.shape != input_ids.shape or documents.dtype.is_floating_point:
+                raise ValueError(f"documents must be integer document ids shaped like input_ids "
+                                 f"{tuple(input_ids.shape)}, got {documents.dtype} {tuple(documents.shape)}")
+            if not self.config.causal:
+                raise ValueError("documents (document masking) needs causal=True: in encoder mode every token reads "
+                                 "the whole window; run each document as its own row instead")
+            documents = documents.to(input_ids.device)
         if cache is not None:
             if not self.config.causal:
                 raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
-            return self._forward_cached(input_ids, labels=labels, num_steps=num_steps, cache=cache)
-        return self._forward(input_ids, labels=labels, num_steps=num_steps, return_logits=return_logits)
+            return self._forward_cached(input_ids, labels=labels, num_steps=num_steps, cache=cache,
+                                        documents=documents)
+        return self._forward(input_ids, labels=labels, num_steps=num_steps, return_logits=return_logits,
+                             documents=documents)
 
-    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         raise NotImplementedError
 
-    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache, documents) -> ModelOutput:
         raise NotImplementedError
 
     def _output(self, h: torch.Tensor, *, labels: torch.Tensor | None, return_logits: bool | None,

@@ -18,6 +18,8 @@ The paper has the loop alone (prelude / coda, r2mu.n_prelude / n_coda, are an ex
   fillers] (fillers: zero keys, window 0), so key blocks hold the same positions whatever the sequence length and
   a query's output never depends on how many tokens follow it.
 * Incremental decoding (cache.py): each unit keeps its keys / values and what its memory and graph read.
+* Document masking (`documents=`): per-sample positions (selection.document_positions) keep every read - ASAM keys,
+  token cache, summaries (segments restart per document), SOES edges - inside the token's document.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ressformer.initialization import Plan
 from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory
-from ressformer.selection import UNBOUNDED_WINDOW
+from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW, document_positions
 from ressformer.structure import Graph, LatentGraph, smoothness_penalty
 
 
@@ -84,7 +86,7 @@ class ReSSFormerBlock(nn.Module):
         """
         xn = self.input_layernorm(x)
         if self.graph is not None:
-            graph = self.graph(xn)
+            graph = self.graph(xn, pos)
         if memory is not None:
             m_states, m_pos, m_win = memory
             memory = (self.input_layernorm(m_states), m_pos, m_win)
@@ -99,15 +101,16 @@ class ReSSFormerBlock(nn.Module):
         return x + y, graph, router_logits, stats
 
     def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, unit, *, memory=None, graph=None,
-                       recurrent: bool = False):
+                       recurrent: bool = False, doc_pos=None):
         """forward for new tokens only: x (B, n, D) at positions pos (n,), the earlier tokens in `unit`
-        (cache.UnitCache, updated); memory None | projected (k, v, pos, window) (cache.attend).
+        (cache.UnitCache, updated); memory None | projected (k, v, pos, window) (cache.attend); doc_pos: document
+        masking's positions (new (B, n), all (B, Ti)) or None.
         Returns (x (B, n, D), graph rows of the new tokens | None)."""
         xn = self.input_layernorm(x)
         if self.graph is not None:
-            graph = latent_graph(self.graph, xn, pos, unit)
+            graph = latent_graph(self.graph, xn, pos, unit, doc_pos=doc_pos)
         pattern = self.graph_from_attention and recurrent
-        a, pat = attend(self.self_attn, xn, pos, unit, memory=memory, graph=graph, pattern=pattern)
+        a, pat = attend(self.self_attn, xn, pos, unit, memory=memory, graph=graph, pattern=pattern, doc_pos=doc_pos)
         if pattern:
             graph = pat
         elif self.graph is None:
@@ -202,18 +205,20 @@ class ReSSFormerForCausalLM(CausalLM):
         return UnitOut(h, router_logits, stats.get("density"))
 
     def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
-              g_idx: torch.Tensor | None, g_val: torch.Tensor | None, pos: torch.Tensor, *, t: int,
-              need_summary: bool) -> UnitOut:
+              g_idx: torch.Tensor | None, g_val: torch.Tensor | None, pos: torch.Tensor,
+              seg_end: torch.Tensor | None, seg_valid: torch.Tensor | None, *, t: int, need_summary: bool) -> UnitOut:
         """One recurrent step t: `_recurrent_step` with step t's block, compiled when `compile_units` compiled it.
 
         g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise. The tensors are
-        positional, as the checkpointing hook's fn(function, *args) passes them."""
+        positional, as the checkpointing hook's fn(function, *args) passes them. seg_end / seg_valid: the R2MU
+        segments under document masking (SegmentMemory.document_segments), None otherwise."""
         step = self._compiled_step if self._compiled_step is not None else self._recurrent_step
-        return step(self.core_block(t), h, h_prev, s_prev, g_idx, g_val, pos, need_summary)
+        return step(self.core_block(t), h, h_prev, s_prev, g_idx, g_val, pos, seg_end, seg_valid, need_summary)
 
     def _recurrent_step(self, block: ReSSFormerBlock, h: torch.Tensor, h_prev: torch.Tensor | None,
                         s_prev: torch.Tensor | None, g_idx: torch.Tensor | None, g_val: torch.Tensor | None,
-                        pos: torch.Tensor, need_summary: bool) -> UnitOut:
+                        pos: torch.Tensor, seg_end: torch.Tensor | None, seg_valid: torch.Tensor | None,
+                        need_summary: bool) -> UnitOut:
         """S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = block(H^(t), M^(t)): the unit torch.compile makes
         one graph of (memory pooling and gate, memory keys, ASAM, experts, SOES graph). need_summary: whether S^(t)
         is read (False only at step 0 of K = 1: computing it there would give the memory's parameters zero
@@ -222,9 +227,10 @@ class ReSSFormerForCausalLM(CausalLM):
         summary, gate, memory = None, None, None
         if mem is not None:
             if need_summary:
-                summary, gate = mem(h, s_prev)
+                summary, gate = mem(h, s_prev, seg_end)
             if h_prev is not None:
-                memory = mem.memory_keys(h_prev, summary)
+                docs = pos.dim() == 2
+                memory = mem.memory_keys(h_prev, summary, pos if docs else None, (seg_end, seg_valid) if docs else None)
                 if self.config.causal and self.config.asam.impl == "block":
                     memory = self._block_align(memory, h.shape[1])
         g_in = None if g_idx is None else (g_idx, g_val)
@@ -243,10 +249,21 @@ class ReSSFormerForCausalLM(CausalLM):
                 block_aligned(pos[:T], pos[T:], (f_tok.to(pos.dtype), f_sum.to(pos.dtype)), 0),
                 block_aligned(win[:T], win[T:], tuple(win.new_zeros(f) for f in n), 0))
 
-    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits) -> ModelOutput:
+    def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cfg = self.config
         K = self._num_steps(num_steps)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
+        need_summary = self.model.memory is not None and K > 1
+        seg_end = seg_valid = None
+        if documents is None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
+        else:
+            if cfg.asam.impl == "block":
+                raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index "
+                                 "and would mix documents; use asam.impl=chunked (exact; the paper presets') or "
+                                 "drop document masking (data.document_mask: false)")
+            pos = document_positions(documents)  # (B, T)
+            if need_summary:
+                seg_end, seg_valid = self.model.memory.document_segments(pos)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
         router_logits: list[torch.Tensor] = []
         densities: list[torch.Tensor] = []
@@ -266,13 +283,12 @@ class ReSSFormerForCausalLM(CausalLM):
 
         # R2MU recurrence: H^(0) = prelude output. S^(t) is needed at step t >= 1 (read by the block) and at t = 0
         # only to seed S^(1).
-        need_summary = self.model.memory is not None and K > 1
         h_prev, summary, graph = None, None, None
         smooth = []
         for t in range(K):
             g_idx, g_val = (None, None) if graph is None else graph
             out = self._checkpointed(unit, partial(self._step, t=t, need_summary=need_summary),
-                                     h, h_prev, summary, g_idx, g_val, pos)
+                                     h, h_prev, summary, g_idx, g_val, pos, seg_end, seg_valid)
             unit += 1
             h_prev, h = h, collect(out)
             summary = out.summary
@@ -311,10 +327,40 @@ class ReSSFormerForCausalLM(CausalLM):
         summary, _ = self.model.memory(seg[:, :n_done * L], s_prev)
         return summary
 
-    def _cached_memory(self, block: ReSSFormerBlock, *, prev, unit, summary: torch.Tensor | None, T0: int, Ti: int):
+    def _cached_document_summaries(self, h: torch.Tensor, unit, s_prev, new_pos: torch.Tensor):
+        """`_cached_summaries` under document masking: S^(t) of the segments the new tokens complete, segments
+        restarting at each document's first token, from h^(t) (B, n, D), the last segment_len - 1 states kept in
+        unit.hist_h and this pass's S^(t-1) of the same segments. new_pos (B, n) the new tokens' positions.
+        -> None, or (S^(t) (B, S, m, D), their positions (B, S*m), windows (B, S*m): 0 for a row's spare slots)."""
+        L = self.config.r2mu.segment_len
+        B, n, _ = h.shape
+        seq = h if unit.hist_h is None else torch.cat([unit.hist_h, h], 1)  # (B, P + n, D)
+        P = seq.shape[1] - n
+        unit.hist_h = seq[:, max(0, seq.shape[1] - (L - 1)):].clone()
+        ar = torch.arange(n, device=h.device)
+        is_end = (new_pos % DOCUMENT_STRIDE + 1) % L == 0  # (B, n) a segment's last token
+        S = int(is_end.sum(1).max())  # decoding reads the host (as block ASAM's chunks do); training never does
+        if S == 0:
+            return None
+        end = torch.where(is_end, ar, ar + n).sort(dim=1).values[:, :S]  # (B, S) the ends first, in order
+        valid = end < n
+        end = torch.where(valid, end, torch.zeros_like(end))
+        summary, _ = self.model.memory(seq, s_prev, P + end)
+        m = summary.shape[2]
+        s_pos = new_pos.gather(1, end).repeat_interleave(m, dim=1)
+        s_win = torch.where(valid, UNBOUNDED_WINDOW, 0).repeat_interleave(m, dim=1)
+        return summary, s_pos, s_win
+
+    def _cached_memory(self, block: ReSSFormerBlock, *, prev, unit, summary: torch.Tensor | None, T0: int, Ti: int,
+                       doc_pos=None):
         """Projected memory keys of recurrent step t for queries at T0..Ti-1: step t-1's token keys (prev) within
         cache_window, the summaries of every complete segment (this call's new ones projected and appended to
-        unit), block-aligned under block ASAM. -> (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,))"""
+        unit), block-aligned under block ASAM. -> (k (B, H, Tm, hd), v, pos (Tm,), window (Tm,)). Document masking
+        (doc_pos: the positions of every token (B, Ti); summary: `_cached_document_summaries`' triple): pos and
+        window (B, Tm)."""
+        if doc_pos is not None:
+            return self._cached_document_memory(block, prev=prev, unit=unit, summary=summary, T0=T0, Ti=Ti,
+                                                doc_pos=doc_pos)
         cfg = self.config
         r, a = cfg.r2mu, cfg.asam
         attn = block.self_attn
@@ -348,30 +394,63 @@ class ReSSFormerForCausalLM(CausalLM):
             return k, v, pos, win
         return torch.cat([k, sk], 2), torch.cat([v, sv], 2), torch.cat([pos, s_pos]), torch.cat([win, s_win])
 
-    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache) -> ModelOutput:
+    def _cached_document_memory(self, block: ReSSFormerBlock, *, prev, unit, summary, T0: int, Ti: int, doc_pos):
+        """`_cached_memory` under document masking (not block ASAM): positions and windows per sample."""
+        r = self.config.r2mu
+        attn = block.self_attn
+        if summary is not None:
+            s, s_pos, s_win = summary
+            B, n_seg, m, D = s.shape
+            sn = block.input_layernorm(s.reshape(B, n_seg * m, D))
+            unit.sum_k.append(attn.k_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
+            unit.sum_v.append(attn.v_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
+            unit.sum_pos.append(s_pos)
+            unit.sum_win.append(s_win)
+        c0 = max(0, T0 - r.cache_window + 1)  # earlier tokens are out of every query's window (index = position
+        #                                       within a document; other documents are invisible anyway)
+        k, v = prev.k.view[:, :, c0:Ti], prev.v.view[:, :, c0:Ti]
+        pos = doc_pos[:, c0:Ti]
+        win = torch.full_like(pos, r.cache_window)
+        if unit.sum_k.view is None:
+            return k, v, pos, win
+        return (torch.cat([k, unit.sum_k.view], 2), torch.cat([v, unit.sum_v.view], 2),
+                torch.cat([pos, unit.sum_pos.view], 1), torch.cat([win, unit.sum_win.view], 1))
+
+    def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache, documents) -> ModelOutput:
         K = self._num_steps(num_steps)
         B, n = input_ids.shape
+        if documents is not None and self.config.asam.impl == "block":
+            raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index and "
+                             "would mix documents; use asam.impl=chunked or decode without documents")
         units = self.n_prelude + K + self.config.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
         cache.begin(units, B, K, n)
         T0 = cache.length
         Ti = T0 + n
         pos = torch.arange(T0, Ti, device=input_ids.device)
+        dpos = cache.positions_of(documents, n, input_ids.device)  # (n,) = pos, or (B, n) per sample
+        doc_pos = None if documents is None else (dpos, cache.positions.view)
         h = self.model.embed_tokens(input_ids)  # (B, n, D)
         layers, u = self.model.layers, cache.units
         for i in range(self.n_prelude):
-            h, _ = layers[i].forward_cached(h, pos, u[i])
+            h, _ = layers[i].forward_cached(h, pos, u[i], doc_pos=doc_pos)
         mem = self.model.memory
         summary = graph = None
         for t in range(K):
             unit = u[self.n_prelude + t]
             if mem is not None and K > 1:
-                summary = self._cached_summaries(h, unit, summary)
+                if doc_pos is None:
+                    summary = self._cached_summaries(h, unit, summary)
+                else:
+                    summary = self._cached_document_summaries(h, unit, None if summary is None else summary[0], dpos)
             memory = None
             if mem is not None and t >= 1:
                 memory = self._cached_memory(self.core_block(t), prev=u[self.n_prelude + t - 1], unit=unit,
-                                             summary=summary, T0=T0, Ti=Ti)
-            h, graph = self.core_block(t).forward_cached(h, pos, unit, memory=memory, graph=graph, recurrent=True)
+                                             summary=summary, T0=T0, Ti=Ti,
+                                             doc_pos=None if doc_pos is None else doc_pos[1])
+            h, graph = self.core_block(t).forward_cached(h, pos, unit, memory=memory, graph=graph, recurrent=True,
+                                                         doc_pos=doc_pos)
         for j in range(self.config.r2mu.n_coda):
-            h, _ = layers[self.n_prelude + self.n_core + j].forward_cached(h, pos, u[self.n_prelude + K + j])
+            h, _ = layers[self.n_prelude + self.n_core + j].forward_cached(h, pos, u[self.n_prelude + K + j],
+                                                                          doc_pos=doc_pos)
         cache.length = Ti
         return self._cached_output(h, labels, diagnostics={"num_steps": torch.tensor(float(K))})

@@ -14,6 +14,8 @@ Design choices (the paper leaves them open; the simplest faithful reading is tak
   query's output never depends on the sequence after it.
 * The gate is a per-slot scalar (the paper's a in [0,1]^m, 2D+1 parameters); b_a = 0 at init: an equal blend.
 * K is the same for every token (no halting); training may sample it per step (`sample_num_steps`).
+* Document masking (per-sample positions, selection.document_positions): segments restart at every document's
+  first token (`document_segments`), so a packed document's summaries are those of the document run alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, normal, ones, run_plan, zeros
-from ressformer.selection import UNBOUNDED_WINDOW
+from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW
 from ressformer.sparse import at_least_fp32
 
 
@@ -90,14 +92,33 @@ class SegmentMemory(nn.Module):
         """Complete segments of a length-T sequence (encoder mode: the whole sequence is one)."""
         return 1 if not self.causal else T // self.segment_len
 
-    def pool(self, h: torch.Tensor) -> torch.Tensor | None:
-        """S_hat: attention-weighted pooling of each complete segment into m slots. (B, n_seg, m, D) or None."""
+    def document_segments(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The complete segments of per-sample positions pos (B, T) (selection.document_positions): segment_len
+        tokens of one document from a multiple of segment_len within it. -> (end (B, S) index of each segment's last
+        token, ascending; valid (B, S) bool), S = T // segment_len: no row has more (a document of n tokens holds
+        n // segment_len); the spare slots are invalid (their summaries are never visible)."""
+        B, T = pos.shape
+        L = self.segment_len
+        ar = torch.arange(T, device=pos.device)
+        is_end = (pos % DOCUMENT_STRIDE + 1) % L == 0  # (B, T)
+        end = torch.where(is_end, ar, ar + T).sort(dim=1).values[:, : T // L]  # the ends first, in token order
+        valid = end < T
+        return torch.where(valid, end, torch.full_like(end, L - 1)), valid
+
+    def pool(self, h: torch.Tensor, seg_end: torch.Tensor | None = None) -> torch.Tensor | None:
+        """S_hat: attention-weighted pooling of each complete segment into m slots. (B, n_seg, m, D) or None.
+        seg_end (B, S): the segments' last tokens (`document_segments`); None: segments at multiples of
+        segment_len."""
         B, T, D = h.shape
-        n_seg = self.num_segments(T)
+        n_seg = self.num_segments(T) if seg_end is None else seg_end.shape[1]
         if n_seg == 0:
             return None
         L = T if not self.causal else self.segment_len
-        hs = h[:, : n_seg * L].reshape(B, n_seg, L, D)  # (B, S, L, D)
+        if seg_end is None:
+            hs = h[:, : n_seg * L].reshape(B, n_seg, L, D)  # (B, S, L, D)
+        else:  # (spare slots: any in-range tokens, never read)
+            idx = (seg_end[:, :, None] - L + 1 + torch.arange(L, device=h.device)).reshape(B, n_seg * L).clamp(0, T - 1)
+            hs = h.gather(1, idx[..., None].expand(B, n_seg * L, D)).view(B, n_seg, L, D)
         hs32 = at_least_fp32(hs)
         scores = torch.einsum("bsld,md->bsml", at_least_fp32(self.pool_norm(hs)), at_least_fp32(self.slot_queries))
         w = torch.softmax(scores / math.sqrt(D), dim=-1)  # (B, S, m, L), at least float32
@@ -112,18 +133,31 @@ class SegmentMemory(nn.Module):
         a = torch.sigmoid(self.gate(torch.cat([s_prev, s_hat], dim=-1)))  # (B, S, m, 1)
         return a * s_prev + (1.0 - a) * s_hat, a.detach().mean()
 
-    def forward(self, h: torch.Tensor, s_prev: torch.Tensor | None):
+    def forward(self, h: torch.Tensor, s_prev: torch.Tensor | None, seg_end: torch.Tensor | None = None):
         """S^(t) from H^(t) and S^(t-1): pool, then gate. Returns (S^(t) or None, mean gate or None).
+        seg_end: the segments under document masking (`document_segments`), None otherwise.
 
         Pooling and gating run inside this module's forward (not as bare method calls from the
         model) so that ZeRO-3's pre-forward hook gathers `slot_queries` before it is read.
         """
-        return self.update(s_prev, self.pool(h))
+        return self.update(s_prev, self.pool(h, seg_end))
 
-    def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None):
-        """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)]."""
+    def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None, pos: torch.Tensor | None = None,
+                    segments: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)].
+        Document masking: the tokens' positions pos (B, T) and their `document_segments` -> positions and windows
+        (B, Tm), a summary at its segment's last token (window 0: a spare slot, never visible)."""
         B, T, D = h_prev.shape
         dev = h_prev.device
+        if pos is not None:
+            states, k_pos, win = [h_prev], [pos], [torch.full_like(pos, self.cache_window)]
+            if summary is not None:
+                m = summary.shape[2]
+                seg_end, valid = segments
+                k_pos.append(pos.gather(1, seg_end).repeat_interleave(m, dim=1))  # (B, S * m)
+                win.append(torch.where(valid, UNBOUNDED_WINDOW, 0).repeat_interleave(m, dim=1))
+                states.append(summary.reshape(B, -1, D))
+            return torch.cat(states, dim=1), torch.cat(k_pos, dim=1), torch.cat(win, dim=1)
         pos = [torch.arange(T, device=dev)]
         win = [torch.full((T,), self.cache_window if self.causal else UNBOUNDED_WINDOW, dtype=torch.long, device=dev)]
         states = [h_prev]

@@ -20,22 +20,55 @@ import torch
 
 from ressformer.sparse import at_least_fp32 as f32
 
-# Window meaning "no window": larger than any position difference (kept in int64 arithmetic).
+# Window meaning "no window": larger than any position difference within a document (kept in int64 arithmetic).
 UNBOUNDED_WINDOW = 1 << 40
+# Document masking: document d's tokens sit at positions d * DOCUMENT_STRIDE + (0, 1, ...) (`document_positions`).
+# Every key's window is at most UNBOUNDED_WINDOW, far below the gap between two documents, so a key of another
+# document is never visible, whatever reads it (ASAM, R2MU memory, SOES), with no mask of its own.
+DOCUMENT_STRIDE = 1 << 44
 # Top-k choices: values within TIE_RTOL * max(|largest|, |(k+1)-th|) of the k-th value count as equal to it.
 TIE_RTOL = 1e-5
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Visibility of keys to queries. q_pos (c,), k_pos (..., n), k_window like k_pos or None -> bool (..., c, n)."""
-    d = q_pos[:, None] - k_pos[..., None, :]  # (..., c, n) query pos - key pos
-    if causal:
-        vis = d >= 0
-        if k_window is not None:
-            vis = vis & (d < k_window[..., None, :])
+    """Visibility of keys to queries. q_pos (..., c), k_pos (..., n), k_window like k_pos or None (broadcasting
+    leading dims: per-sample positions (B, .) under document masking) -> bool (..., c, n)."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]  # (..., c, n) query pos - key pos
+    if causal:  # no window = UNBOUNDED_WINDOW: keys of another document (DOCUMENT_STRIDE apart) stay invisible
+        vis = (d >= 0) & (d < (UNBOUNDED_WINDOW if k_window is None else k_window[..., None, :]))
     else:
         vis = torch.ones_like(d, dtype=torch.bool) if k_window is None else d.abs() < k_window[..., None, :]
     return vis
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Document masking: documents (B, T) integer id of each token's document (a new document starts wherever the id
+    changes along T) -> positions (B, T) int64: d * DOCUMENT_STRIDE + the token's index within its document, d the
+    document's rank in its row (0, 1, ...).
+
+    Positions only build masks (no positional encoding), so a document's tokens see exactly what they would see run
+    alone, shifted by a constant: the same keys (others are DOCUMENT_STRIDE away), the same windows, and the same
+    segments (R2MU summaries are cut by `position % DOCUMENT_STRIDE`)."""
+    if documents.dim() != 2:
+        raise ValueError(f"documents must be (B, T) document indices, got shape {tuple(documents.shape)}")
+    T = documents.shape[1]
+    ar = torch.arange(T, device=documents.device)
+    first = torch.ones_like(documents, dtype=torch.bool)
+    first[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    start = torch.where(first, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T) index of the doc's first token
+    rank = first.long().cumsum(dim=1) - 1  # (B, T)
+    return rank * DOCUMENT_STRIDE + (ar - start)
+
+
+def document_ids(input_ids: torch.Tensor, eos_token_id: int, pad_token_id: int | None = None) -> torch.Tensor:
+    """(..., T) document id of each token of packed windows whose documents end with eos_token_id (the EOS is its
+    document's last token): a new document starts after every EOS and, given pad_token_id, at a token that follows
+    a pad and is none (a run of pads between documents is a document of its own). On the device, no host read."""
+    start = torch.zeros_like(input_ids, dtype=torch.long)
+    start[..., 1:] = (input_ids[..., :-1] == eos_token_id).long()
+    if pad_token_id is not None:
+        start[..., 1:] |= ((input_ids[..., :-1] == pad_token_id) & (input_ids[..., 1:] != pad_token_id)).long()
+    return start.cumsum(dim=-1)
 
 
 def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:

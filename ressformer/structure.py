@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ressformer.config import ModelConfig
-from ressformer.selection import block_candidates, block_summaries, run_local_blocks, topk_first
+from ressformer.selection import block_candidates, block_summaries, run_local_blocks, topk_first, visible
 from ressformer.sparse import at_least_fp32, masked_softmax
 
 
@@ -57,18 +57,23 @@ class LatentGraph(nn.Module):
         nn.init.normal_(self.src_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.dst_proj.weight, mean=0.0, std=std)
 
-    def forward(self, h: torch.Tensor) -> Graph:
+    def forward(self, h: torch.Tensor, doc_pos: torch.Tensor | None = None) -> Graph:
+        """doc_pos: the tokens' positions (T,) (ignored: 0..T-1) or, under document masking, (B, T)
+        (selection.document_positions): a token's neighbours are then tokens of its own document."""
         if h.dim() != 3:
             raise ValueError(f"LatentGraph expects token states (B, T, D), got shape {tuple(h.shape)}")
         B, T, _ = h.shape
         src = self.src_proj(h)  # (B, T, r)
         dst = self.dst_proj(h)  # (B, T, r)
         pos = torch.arange(T, device=h.device)
+        docs = doc_pos is not None and doc_pos.dim() == 2
         # neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time
         with torch.no_grad():
             blocks = self.key_blocks(dst, pos)
-            parts = [self.neighbours(src[:, s0:s0 + self.chunk_size], pos[s0:s0 + self.chunk_size], dst, blocks)
-                     for s0 in range(0, T, self.chunk_size)]
+            c = self.chunk_size
+            parts = [self.neighbours(src[:, s0:s0 + c], pos[s0:s0 + c], dst, blocks,
+                                     doc_pos=(doc_pos[:, s0:s0 + c], doc_pos) if docs else None)
+                     for s0 in range(0, T, c)]
         idx, valid = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)  # (B, T, m)
         return self.edges(src, dst, idx, valid)
 
@@ -80,12 +85,15 @@ class LatentGraph(nn.Module):
             return None
         return block_summaries(dst[:, None], pos, None, a.block_size, run_local_blocks(a.chunk_size, a.block_size))
 
-    def neighbours(self, src_c: torch.Tensor, p_c: torch.Tensor, dst: torch.Tensor, blocks, ghost=None):
+    def neighbours(self, src_c: torch.Tensor, p_c: torch.Tensor, dst: torch.Tensor, blocks, ghost=None,
+                   doc_pos: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The top-m candidate neighbours of one query chunk: src_c (B, c, r) at positions p_c (c,) within one chunk
         of asam.chunk_size positions, over the destination vectors dst (B, Tk, r) of tokens 0..Tk-1 (`key_blocks`:
         blocks or None). ghost (B, 1, r): the src vector of the chunk's first query when it is not in src_c
         (block_select=chunk picks the chunk's blocks by it; incremental decoding). -> (idx (B, c, m) token indices,
-        spare slots = the token itself, valid (B, c, m)), m = min(degree, Tk). No grad needed."""
+        spare slots = the token itself, valid (B, c, m)), m = min(degree, Tk). No grad needed.
+        doc_pos: document masking's per-sample positions (queries (B, c), keys (B, Tk)), which decide visibility
+        (not with blocks)."""
         a = self.cfg.asam
         B, c, _ = src_c.shape
         m = min(self.degree, dst.shape[1])
@@ -102,6 +110,9 @@ class LatentGraph(nn.Module):
             d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
             if self.causal:
                 vis = vis & (cand[:, None, :] <= p_c[:, None])  # (B, c, n)
+        elif doc_pos is not None:
+            cand, d_c = None, dst
+            vis = visible(doc_pos[0], doc_pos[1], None, causal=True)  # (B, c, Tk)
         else:
             cand, d_c = None, dst
             vis = (torch.arange(dst.shape[1], device=dst.device)[None, :] <= p_c[:, None])[None] if self.causal \

@@ -1,4 +1,4 @@
-"""python -m bench.paper run --suite small|smoke|large [--out runs/paper] [--parallel 2]
+"""python -m bench.paper run --suite small|smoke|large [--out runs/paper] [--parallel 2] [--kinds tasks lm]
 python -m bench.paper report [--out runs/paper] [--to bench/paper] [--notes FILE]"""
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--parallel", type=int, default=2, help="training jobs at once (one CPU rank or GPU each)")
     r.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                    help="a subset (default: the suite's); the paper model is always included")
+    r.add_argument("--kinds", nargs="+", choices=["tasks", "lm"], default=["tasks", "lm"],
+                   help="which rows: the synthetic tasks (lr trials, seeds, ablations) and / or language modelling "
+                        "(default both); the jobs results.json already holds are kept, not re-run")
     p = sub.add_parser("report", help="write RESULTS.md and PNG plots from a run's results.json")
     p.add_argument("--out", default="runs/paper-small", help="the run folder (holds results.json)")
     p.add_argument("--to", default=None, help="where RESULTS.md and the plots go (default: the run folder)")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.variants:
             suite = dataclasses.replace(suite, variants=tuple(dict.fromkeys(["paper", *a.variants])))
         out = Path(a.out or f"runs/paper-{a.suite}")
-        path = run(suite, out, parallel=a.parallel)
+        path = run(suite, out, parallel=a.parallel, kinds=tuple(a.kinds))
         print(f"[paper] results: {path}")
         return 0
     from bench.paper.report import report

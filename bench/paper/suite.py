@@ -96,8 +96,10 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                       ["model.r2mu.step_sampling=uniform", "model.r2mu.min_steps=2", "model.r2mu.max_steps=6"]),
     "ext_soes_bilinear": ("extension", "SOES graph from a bilinear scorer instead of the attention pattern",
                           ["model.soes.graph=bilinear"]),
+    "ext_document_mask": ("extension", "document masking: no token reads another document of its packed window",
+                          ["data.document_mask=true"]),
 }
-LM_VARIANTS = ("paper", "dense_params", "dense_flops")
+LM_VARIANTS = ("paper", "dense_params", "dense_flops", "ext_document_mask")
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -357,7 +359,9 @@ def _train_metrics(run_dir: Path) -> dict:
 
 
 # --- the whole suite ----------------------------------------------------------------------------------------
-def run(suite: Suite, out: Path, parallel: int = 2) -> Path:
+def run(suite: Suite, out: Path, parallel: int = 2, kinds: tuple[str, ...] = ("tasks", "lm")) -> Path:
+    """Train and evaluate the suite's jobs of `kinds` (tasks: learning-rate trials, seeds, ablations; lm: the
+    language-modelling rows) into out/results.json; jobs it already holds are not run again."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -392,24 +396,30 @@ def run(suite: Suite, out: Path, parallel: int = 2) -> Path:
     def job(variant, seed, lr, kind="tasks"):
         return Job(f"{kind}-{variant}-s{seed}-lr{lr:g}", variant, seed, lr, kind, variant_sets(suite, variant))
 
-    # 1. learning-rate trials, the same number for each architecture (seed 0)
-    archs = [v for v in names if VARIANTS[v][0] in ("model", "baseline")]
-    run_jobs([job(v, 0, lr) for v in archs for lr in suite.lrs], suite, data, out, parallel, done)
-    best = {}
-    for v in archs:
-        trials = {lr: results["runs"][job(v, 0, lr).name]["val_loss"] for lr in suite.lrs}
-        best[v] = min(trials, key=lambda lr: trials[lr] if math.isfinite(trials[lr]) else float("inf"))
-    results["lr_choice"] = {v: {"chosen": best[v], "trials": {str(lr): results["runs"][job(v, 0, lr).name]["val_loss"]
-                                                              for lr in suite.lrs}} for v in archs}
-    save()
-    # 2. the remaining seeds; ablations and extensions at the paper model's learning rate
-    lr_paper = best.get("paper", suite.lrs[0])
-    rest = [job(v, s, best[v]) for v in archs for s in suite.seeds if s != 0]
-    rest += [job(v, s, lr_paper) for v in names if VARIANTS[v][0] in ("ablation", "extension")
-             for s in suite.ablation_seeds]
-    # 3. language modelling on the default corpus (the main job's data), one learning rate for all: the main job's
-    rest += [job(v, s, 3e-3, "lm") for v in LM_VARIANTS if v in names for s in suite.lm_seeds]
-    run_jobs(rest, suite, data, out, parallel, done)
+    def new(jobs: list[Job]) -> list[Job]:  # a job results.json holds is not run again (nor re-evaluated)
+        return [j for j in jobs if j.name not in results["runs"]]
+
+    rest = []
+    if "tasks" in kinds:
+        # 1. learning-rate trials, the same number for each architecture (seed 0)
+        archs = [v for v in names if VARIANTS[v][0] in ("model", "baseline")]
+        run_jobs(new([job(v, 0, lr) for v in archs for lr in suite.lrs]), suite, data, out, parallel, done)
+        best = {}
+        for v in archs:
+            trials = {lr: results["runs"][job(v, 0, lr).name]["val_loss"] for lr in suite.lrs}
+            best[v] = min(trials, key=lambda lr: trials[lr] if math.isfinite(trials[lr]) else float("inf"))
+        results["lr_choice"] = {v: {"chosen": best[v], "trials": {
+            str(lr): results["runs"][job(v, 0, lr).name]["val_loss"] for lr in suite.lrs}} for v in archs}
+        save()
+        # 2. the remaining seeds; ablations and extensions at the paper model's learning rate
+        lr_paper = best.get("paper", suite.lrs[0])
+        rest = [job(v, s, best[v]) for v in archs for s in suite.seeds if s != 0]
+        rest += [job(v, s, lr_paper) for v in names if VARIANTS[v][0] in ("ablation", "extension")
+                 for s in suite.ablation_seeds]
+    if "lm" in kinds:
+        # 3. language modelling on the default corpus (the main job's data), one learning rate for all: the main job's
+        rest += [job(v, s, 3e-3, "lm") for v in LM_VARIANTS if v in names for s in suite.lm_seeds]
+    run_jobs(new(rest), suite, data, out, parallel, done)
     results["finished"] = time.time()
     save()
     return results_path

@@ -22,6 +22,8 @@ Design choices
   tokens (lm-eval's batched loglikelihood) while left padding / holes would change them: rejected with an
   error. With a cache (generation) the mask must be all ones: a batch of prompts of equal length, or batch
   size 1.
+- `documents` (B, T): document masking of packed windows, passed to the training model (each document's logits are
+  those it has alone), in the full forward and with a cache; generate() does not pass it.
 - `loss` is the language-modelling loss (`lm_loss`); the training-only aux losses (MoE balance / z, SOES
   smoothness) are not added.
 - `from_pretrained` refuses a folder whose weights do not cover the model exactly: transformers would leave a
@@ -109,7 +111,10 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, num_steps: int | None = None, past_key_values=None,
-                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
+                use_cache: bool | None = None, return_dict: bool | None = None,
+                documents: torch.LongTensor | None = None, **kwargs):
+        """documents: (B, T) document id of each token of packed windows (document masking: each document's logits
+        are those it has alone; ressformer.selection.document_ids makes them from EOS tokens), every call alike."""
         if input_ids is None:
             raise ValueError("RessformerForCausalLM.forward needs input_ids (inputs_embeds is not supported)")
         self._check_mask(attention_mask)
@@ -117,7 +122,7 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is None and not use_cache:  # the full forward, no state kept
             if labels is not None and attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            out = self._core[0](input_ids, labels=labels, num_steps=k)
+            out = self._core[0](input_ids, labels=labels, num_steps=k, documents=documents)
             return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits)
         cache = ModelCache() if past_key_values is None else past_key_values
         if not isinstance(cache, ModelCache):
@@ -126,7 +131,7 @@ class RessformerForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("RessformerForCausalLM with a cache (generation) has no padding mask: give prompts of "
                              "equal length (no padding) or batch size 1")
-        out = self._core[0](input_ids, labels=labels, num_steps=k, cache=cache)
+        out = self._core[0](input_ids, labels=labels, num_steps=k, cache=cache, documents=documents)
         return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits, past_key_values=cache)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, num_steps=None,

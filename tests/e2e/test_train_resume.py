@@ -3,6 +3,7 @@ no launcher). Needs the default data (`python -m pretrain.data prepare`, prepare
 
 - SIGKILL after the step-3 checkpoint completes, `--resume auto`: the loss at every later step equals the
   uninterrupted run's exactly (CPU fp32), which also proves the same data order (consumed_samples) was used.
+  Both runs train with document masking (data.document_mask), so the CLI path of the document ids is exercised.
 - SIGTERM: the run saves, exits 0 and leaves no FINISHED marker; the resumed run finishes and writes it.
 """
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("default_data")
 
 ARGS = ["--ds_config", "ds_configs/zero3.json", "--config", "pretrain/configs/debug.yaml",
         "--set", "log_every=1", "--set", "save_every=3", "--set", "eval_iters=0", "--set", "wandb.mode=disabled", "--set", "plot=false",
-        "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2"]
+        "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2", "--set", "data.document_mask=true"]
 
 
 def _cmd(run_dir, steps, *extra):

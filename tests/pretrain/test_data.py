@@ -194,6 +194,40 @@ def test_samples_are_hf_causal_lm(world):
     assert world["tok"].eos_id in torch.cat([train[i]["input_ids"] for i in range(20)]).tolist()  # doc boundaries
 
 
+def test_document_mask_adds_document_ids_and_the_trainer_passes_them(world):
+    """data.document_mask: every sample carries `documents`, a new document after each EOS, batched with the rest;
+    micro_step hands them to the model (the same samples and order as without)."""
+    from pretrain.data import TrainBatches
+    from pretrain.trainer import NanGuard, micro_step
+
+    plain, _, _ = _build(world)
+    train, _, _ = _build(world, document_mask=True)
+    eos = world["tok"].eos_id
+    bounds = 0
+    for i in range(20):
+        s = train[i]
+        assert set(s) == {"input_ids", "labels", "documents"} and torch.equal(s["input_ids"], plain[i]["input_ids"])
+        ids, docs = s["input_ids"], s["documents"]
+        new = docs[1:] != docs[:-1]
+        assert torch.equal(new, ids[:-1] == eos) and int(docs[0]) == 0
+        bounds += int(new.sum())
+    assert bounds > 0
+    batch = next(iter(TrainBatches(train, micro_batch=2, dp_rank=0, dp_size=1)))
+    assert batch["documents"].shape == batch["input_ids"].shape == (2, SEQ)
+
+    seen = {}
+
+    class Engine:  # records what the model would get
+        device = torch.device("cpu")
+
+        def __call__(self, ids, labels=None, num_steps=None, documents=None):
+            seen["documents"] = documents
+            return type("Out", (), {"loss": torch.tensor(float("nan"))})()
+
+    micro_step(Engine(), batch, 4, NanGuard(max_consecutive=10))
+    assert torch.equal(seen["documents"], batch["documents"])
+
+
 
 def test_loss_mask_becomes_minus_100_on_the_next_label():
     from pretrain.data import HFSamples

@@ -241,9 +241,9 @@ def test_125m_step_traces_whole(path):
     ids, pos = torch.randint(0, cfg.vocab_size, (1, n)), torch.arange(n)
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
-        s0 = model._recurrent_step(model.core_block(0), h, None, None, None, None, pos, True)
+        s0 = model._recurrent_step(model.core_block(0), h, None, None, None, None, pos, None, None, True)
         explained = torch._dynamo.explain(model._recurrent_step)(model.core_block(1), s0.h, h, s0.summary,
-                                                                 s0.graph.idx, s0.graph.val, pos, True)
+                                                                 s0.graph.idx, s0.graph.val, pos, None, None, True)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
