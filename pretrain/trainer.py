@@ -66,6 +66,11 @@ class NanGuard:
                                 f"budget of {self.max_skipped} ({self.budget_note}): {fix}")
 
 
+def _documents(batch: dict, device) -> dict:
+    """The model's `documents` keyword for a batch that carries them (data.document_mask), else nothing."""
+    return {} if "documents" not in batch else {"documents": batch["documents"].to(device)}
+
+
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     """Forward, then backward + engine.step unless any rank's loss is non-finite (-> None, counted).
 
@@ -73,9 +78,8 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     backward): skipping a bad micro batch needs the decision before its backward, on every rank alike. The model's
     forward and backward themselves read nothing on the host."""
     phase("forward")
-    docs = batch.get("documents")  # data.document_mask
     out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps,
-                 documents=None if docs is None else docs.to(engine.device))
+                 **_documents(batch, engine.device))
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
         guard.in_a_row += 1
@@ -115,9 +119,8 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     tot = 0.0
     with torch.no_grad():
         for b in eval_batches(valid, run.micro_batch, D.rank(), D.world_size(), run.eval_iters):
-            docs = b.get("documents")
             tot = tot + engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device),
-                               documents=None if docs is None else docs.to(engine.device)).lm_loss.float()
+                               **_documents(b, engine.device)).lm_loss.float()
     engine.train()
     return all_mean(float(tot) / run.eval_iters)  # read once
 
