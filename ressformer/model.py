@@ -227,7 +227,7 @@ class ReSSFormerForCausalLM(CausalLM):
         summary, gate, memory = None, None, None
         if mem is not None:
             if need_summary:
-                summary, gate = mem(h, s_prev, seg_end)
+                summary, gate = mem(h, s_prev, seg_end, seg_valid)
             if h_prev is not None:
                 docs = pos.dim() == 2
                 memory = mem.memory_keys(h_prev, summary, pos if docs else None, (seg_end, seg_valid) if docs else None)

@@ -124,23 +124,31 @@ class SegmentMemory(nn.Module):
         w = torch.softmax(scores / math.sqrt(D), dim=-1)  # (B, S, m, L), at least float32
         return torch.einsum("bsml,bsld->bsmd", w, hs32).to(h.dtype)  # (B, S, m, D)
 
-    def update(self, s_prev: torch.Tensor | None, s_hat: torch.Tensor | None):
-        """S^(t) = a * S^(t-1) + (1 - a) * S_hat^(t). Returns (S, mean gate or None)."""
+    def update(self, s_prev: torch.Tensor | None, s_hat: torch.Tensor | None, valid: torch.Tensor | None = None):
+        """S^(t) = a * S^(t-1) + (1 - a) * S_hat^(t). Returns (S, mean gate or None); valid (B, S): the segments
+        the mean counts (document masking's spare slots are not), None: all."""
         if s_hat is None:
             return None, None
         if s_prev is None:
             return s_hat, None  # S^(0) = S_hat^(0)
         a = torch.sigmoid(self.gate(torch.cat([s_prev, s_hat], dim=-1)))  # (B, S, m, 1)
-        return a * s_prev + (1.0 - a) * s_hat, a.detach().mean()
+        ad = a.detach()
+        if valid is None:
+            mean = ad.mean()
+        else:
+            w = valid[:, :, None, None].to(ad.dtype).expand_as(ad)
+            mean = (ad * w).sum() / w.sum().clamp(min=1.0)
+        return a * s_prev + (1.0 - a) * s_hat, mean
 
-    def forward(self, h: torch.Tensor, s_prev: torch.Tensor | None, seg_end: torch.Tensor | None = None):
+    def forward(self, h: torch.Tensor, s_prev: torch.Tensor | None, seg_end: torch.Tensor | None = None,
+                seg_valid: torch.Tensor | None = None):
         """S^(t) from H^(t) and S^(t-1): pool, then gate. Returns (S^(t) or None, mean gate or None).
-        seg_end: the segments under document masking (`document_segments`), None otherwise.
+        seg_end / seg_valid: the segments under document masking (`document_segments`), None otherwise.
 
         Pooling and gating run inside this module's forward (not as bare method calls from the
         model) so that ZeRO-3's pre-forward hook gathers `slot_queries` before it is read.
         """
-        return self.update(s_prev, self.pool(h, seg_end))
+        return self.update(s_prev, self.pool(h, seg_end), seg_valid)
 
     def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None, pos: torch.Tensor | None = None,
                     segments: tuple[torch.Tensor, torch.Tensor] | None = None):

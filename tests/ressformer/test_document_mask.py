@@ -185,3 +185,19 @@ def test_step_with_documents_reads_nothing_on_the_host_and_compiles_whole():
     finally:
         kernels.set_moe_experts("auto")
         torch._dynamo.reset()
+
+
+def test_gate_diagnostic_counts_real_segments_only():
+    """The logged mean R2MU gate under document masking averages the documents' segments, not the spare slots:
+    a batch of one document equals its unmasked value."""
+    cfg = tiny("chunked")
+    model = model_of(cfg)
+    x, _ = packed(cfg)
+    one = torch.zeros_like(x)  # every row is one document: the same segments as without documents
+    with torch.no_grad():
+        a = model(x).diagnostics
+        b = model(x, documents=one).diagnostics
+        c = model(x, documents=document_ids(x, EOS)).diagnostics
+    for t in range(1, cfg.r2mu.steps):
+        key = f"r2mu_gate_step{t}"
+        assert abs(float(a[key]) - float(b[key])) < 1e-6 and 0 < float(c[key]) < 1
