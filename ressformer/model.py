@@ -249,6 +249,12 @@ class ReSSFormerForCausalLM(CausalLM):
                 block_aligned(pos[:T], pos[T:], (f_tok.to(pos.dtype), f_sum.to(pos.dtype)), 0),
                 block_aligned(win[:T], win[T:], tuple(win.new_zeros(f) for f in n), 0))
 
+    def _check_documents(self) -> None:
+        if self.config.asam.impl == "block":
+            raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index and "
+                             "would mix documents; use asam.impl=chunked (exact; the paper presets') or drop "
+                             "document masking (data.document_mask: false)")
+
     def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cfg = self.config
         K = self._num_steps(num_steps)
@@ -257,10 +263,7 @@ class ReSSFormerForCausalLM(CausalLM):
         if documents is None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
         else:
-            if cfg.asam.impl == "block":
-                raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index "
-                                 "and would mix documents; use asam.impl=chunked (exact; the paper presets') or "
-                                 "drop document masking (data.document_mask: false)")
+            self._check_documents()
             pos = document_positions(documents)  # (B, T)
             if need_summary:
                 seg_end, seg_valid = self.model.memory.document_segments(pos)
@@ -419,9 +422,8 @@ class ReSSFormerForCausalLM(CausalLM):
     def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache, documents) -> ModelOutput:
         K = self._num_steps(num_steps)
         B, n = input_ids.shape
-        if documents is not None and self.config.asam.impl == "block":
-            raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index and "
-                             "would mix documents; use asam.impl=chunked or decode without documents")
+        if documents is not None:
+            self._check_documents()
         units = self.n_prelude + K + self.config.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
         cache.begin(units, B, K, n)
         T0 = cache.length
