@@ -2,6 +2,8 @@
 
 * Visibility: key j is visible to query i iff causal: k_pos[j] <= q_pos[i] and q_pos[i] - k_pos[j] < k_window[j];
   non-causal: |q_pos[i] - k_pos[j]| < k_window[j]; no window = UNBOUNDED_WINDOW.
+* Document masking: per-sample positions (B, T) from `document_positions` put documents DOCUMENT_STRIDE apart, so the
+  same visibility rule keeps every read inside a document.
 * Top-k ties break by the lower index (`topk_first`): repeated tokens have equal keys (no positional encoding), so
   the choice depends on the visible keys alone, not on the row's length or the rounding of the call that made the
   scores; incremental decoding (cache.py) then equals the full forward.
