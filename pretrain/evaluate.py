@@ -84,8 +84,10 @@ def used_num_steps(config, num_steps: int | None) -> int | None:
 
 
 @torch.no_grad()
-def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, num_steps: int | None = None) -> dict:
-    """Non-overlapping windows of seq_len; -> {"ppl", "nll", "tokens", "windows"}."""
+def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, num_steps: int | None = None,
+               eos_id: int | None = None) -> dict:
+    """Non-overlapping windows of seq_len; -> {"ppl", "nll", "tokens", "windows"}. eos_id: document masking (the
+    model's `documents`, a new document after each EOS), as a run with data.document_mask trains and validates."""
     if len(tokens) < 2:
         raise ValueError(f"need at least 2 tokens to score, got {len(tokens)}")
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -106,6 +108,10 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, num
             ids[j, :len(w)] = torch.from_numpy(w)
             mask[j, :len(w)] = 1  # right padding: causal model, real tokens unaffected
         ids, mask = ids.to(dev), mask.to(dev)
+        if eos_id is not None:  # right padding stays after the last document: causal, it changes nothing
+            from ressformer.selection import document_ids
+
+            kw["documents"] = document_ids(ids, eos_id)
         logits = model(input_ids=ids, attention_mask=mask, **kw).logits.float()  # (B, L, V)
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
         m = mask[:, 1:].bool()
@@ -141,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ap.add_argument("--num-steps", type=int, default=None, help="recurrent steps K (default: the model config's)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--document-mask", action="store_true",
+                    help="score with document masking (no token reads another document of its window), as a run "
+                         "with data.document_mask trains; needs the model config's eos_token_id")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--out", default=None, help="also write the result JSON here")
     a = ap.parse_args(argv)
@@ -152,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     if seq_len < 2:
         raise SystemExit(f"--seq-len {a.seq_len}: give a window length >= 2 (the model config has none)")
     toks = load_tokens(a.data, a.split, a.part, a.max_tokens)
-    res = perplexity(model, toks, seq_len, a.batch_size, a.num_steps)
+    eos = None
+    if a.document_mask:
+        eos = getattr(model.config, "eos_token_id", None)
+        if eos is None:
+            raise SystemExit(f"--document-mask: {a.model} has no eos_token_id in its config (export it with its "
+                             "tokenizer) to find the documents by")
+    res = perplexity(model, toks, seq_len, a.batch_size, a.num_steps, eos_id=eos)
     res.update({"model": str(a.model), "data": a.data, "part": a.part, "split": a.split, "seq_len": seq_len,
-                "num_steps": used_num_steps(model.config, a.num_steps)})
+                "num_steps": used_num_steps(model.config, a.num_steps), "document_mask": a.document_mask})
     print(json.dumps(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

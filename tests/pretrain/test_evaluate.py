@@ -22,6 +22,7 @@ from pretrain.convert import export_hf
 from pretrain.evaluate import document_range, load_tokens, perplexity, used_num_steps
 from ressformer import build_model
 from ressformer.config import ModelConfig
+from ressformer.selection import document_ids
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "tinyshakespeare" / "input.txt"
@@ -95,6 +96,24 @@ def test_perplexity_matches_direct_computation_and_cli(setup, tmp_path):
     cli = json.loads(out.read_text())
     assert cli["ppl"] == pytest.approx(res["ppl"], rel=1e-6) and cli["tokens"] == n
     assert cli["num_steps"] == 2
+    # --document-mask: each window scored with the documents its EOS tokens delimit (the model's `documents`)
+    masked = perplexity(hf, toks, seq_len=128, batch_size=3, num_steps=2, eos_id=tok.eos_id)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(0, len(toks), 128):
+            w = torch.from_numpy(toks[i:i + 128])[None]
+            if w.shape[1] >= 2:
+                docs = document_ids(w, tok.eos_id)
+                lp = torch.log_softmax(model(w, num_steps=2, documents=docs).logits[0, :-1].double(), -1)
+                nll -= lp.gather(-1, w[0, 1:, None]).sum().item()
+    assert masked["tokens"] == n and masked["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert abs(masked["ppl"] - res["ppl"]) > 1e-3 * res["ppl"]  # the windows hold several documents
+    p = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--model", str(hf_dir), "--data", prefix,
+                        "--max-tokens", "700", "--seq-len", "128", "--num-steps", "2", "--document-mask"],
+                       cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cli = json.loads(p.stdout.strip().splitlines()[-1])
+    assert cli["document_mask"] and cli["ppl"] == pytest.approx(masked["ppl"], rel=1e-6)
     assert hf.config.num_steps is None and used_num_steps(hf.config, None) == model.config.r2mu.steps == 4
     assert used_num_steps(hf.config, 6) == 6
     with pytest.raises(FileNotFoundError, match="missing"):
