@@ -455,11 +455,18 @@ def prepare_default_data(root: str | Path = DEFAULT_ROOT, *, vocab_size: int = 5
     from tokenizer.preprocess import preprocess
     from tokenizer.train import train_tokenizer
 
+    import fcntl
+
     root = Path(root)
     tok_dir, prefix = root / "tokenizer", root / "data" / "shakespeare"
-    if force or not (tok_dir / "tokenizer.model").is_file():
-        train_tokenizer([DEFAULT_CORPUS], tok_dir, vocab_size=vocab_size, force=True)
-    preprocess(tok_dir, [DEFAULT_CORPUS], prefix, num_proc=num_proc, force=force, progress=False)
+    root.mkdir(parents=True, exist_ok=True)
+    # Two jobs preparing the same folder at once (two `scripts/main.sh`, parallel test workers) take turns: the
+    # second finds the first one's output up to date instead of overwriting files the first is still writing.
+    with open(root / ".prepare.lock", "a") as lock:  # "a": taking the lock leaves the file untouched
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force or not (tok_dir / "tokenizer.model").is_file():
+            train_tokenizer([DEFAULT_CORPUS], tok_dir, vocab_size=vocab_size, force=True)
+        preprocess(tok_dir, [DEFAULT_CORPUS], prefix, num_proc=num_proc, force=force, progress=False)
     return DataConfig(blend=[[1.0, str(prefix)]], tokenizer=str(tok_dir))
 
 

@@ -2,8 +2,12 @@
 # Set everything up and run the whole test suite (fast + slow tiers), as CI does.
 #   bash scripts/test.sh              # everything
 #   bash scripts/test.sh -m "not slow"  # the quick tier only
+#   TEST_WORKERS=0 bash scripts/test.sh  # in one process (default: 2 pytest-xdist workers)
+# Half of a multi-rank test's time is spent waiting (launches, rendezvous, timeouts it provokes), so two workers
+# share 2 cores well. Each worker takes whole files (--dist loadfile): a module's fixtures (the Slurm test
+# cluster, the checkpoints of the convert tests) are built once and its tests never run beside each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu WANDB_MODE=offline HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

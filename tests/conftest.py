@@ -5,12 +5,25 @@ launch helpers the multi-rank tests start."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.helpers.dist import REPO, base_env
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker takes its share of the cores (torch's default is all of them per process), for
+    its own tensors and for the processes its tests start."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="session")
