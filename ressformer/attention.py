@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from ressformer.config import ModelConfig
+from ressformer.config import ModelConfig, block_documents_error
 from ressformer.kernels import use_asam_kernel
 from ressformer.selection import (UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, run_local_blocks,
                                   topk_first, visible)
@@ -365,9 +365,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     key_blocks = None
     if impl == "block":
         if q_pos.dim() == 2 or k_pos.dim() == 2:
-            raise ValueError("per-sample positions (document masking) with asam.impl=block: key blocks are cut by "
-                             "key index and would mix documents; use asam.impl=chunked (exact, the paper's) or "
-                             "turn document masking off")
+            raise block_documents_error("per-sample positions (document masking)", "pass shared (T,) positions")
         if chunk_size < 1 or block_size < 1 or blocks_per_query < 1:
             raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
                              f"{chunk_size}, {block_size}, {blocks_per_query}")

@@ -158,15 +158,22 @@ class TransformerForCausalLM(CausalLM):
             self.rope_cos, self.rope_sin = cos, sin  # stays a non-persistent buffer
         return self.rope_cos[:T], self.rope_sin[:T]
 
+    def _documents(self, q_pos: torch.Tensor, k_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Document masking from the queries' (B, n) and keys' (B, Ti) document positions
+        (`selection.document_positions`): the (B, 1, n, Ti) causal same-document mask, and cos / sin (B, 1, n, hd)
+        at the queries' positions within their documents (RoPE restarts in every document; unchanged for NoPE)."""
+        mask = visible(q_pos, k_pos, None, causal=True)[:, None]
+        if self.config.position == "rope":
+            rel = q_pos % DOCUMENT_STRIDE
+            cos, sin = cos[rel][:, None], sin[rel][:, None]
+        return mask, cos, sin
+
     def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cos, sin = self._rope(input_ids.shape[1], input_ids.device)  # (T, hd)
         mask = None
         if documents is not None:
             pos = document_positions(documents)  # (B, T)
-            mask = visible(pos, pos, None, causal=True)[:, None]  # (B, 1, T, T) causal, same document
-            if self.config.position == "rope":
-                rel = pos % DOCUMENT_STRIDE  # RoPE positions restart in every document
-                cos, sin = cos[rel][:, None], sin[rel][:, None]  # (B, 1, T, hd)
+            mask, cos, sin = self._documents(pos, pos, cos, sin)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
@@ -185,10 +192,7 @@ class TransformerForCausalLM(CausalLM):
         if documents is None:
             cos, sin = cos[T0:], sin[T0:]  # (n, hd) the new positions
         else:
-            mask = visible(pos, cache.positions.view, None, causal=True)[:, None]  # (B, 1, n, Ti)
-            if self.config.position == "rope":
-                rel = pos % DOCUMENT_STRIDE
-                cos, sin = cos[rel][:, None], sin[rel][:, None]  # (B, 1, n, hd)
+            mask, cos, sin = self._documents(pos, cache.positions.view, cos, sin)
         h = self.model.embed_tokens(input_ids)  # (B, n, D)
         for layer, unit in zip(self.model.layers, cache.units):
             h = layer.forward_cached(h, cos, sin, unit, mask)

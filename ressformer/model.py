@@ -33,12 +33,12 @@ import torch.nn as nn
 from ressformer.attention import ASAMAttention
 from ressformer.cache import attend, latent_graph, summary_positions
 from ressformer.causal_lm import CausalLM
-from ressformer.config import ModelConfig
+from ressformer.config import ModelConfig, block_documents_error
 from ressformer.initialization import Plan
 from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory
-from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW, document_positions
+from ressformer.selection import UNBOUNDED_WINDOW, document_positions
 from ressformer.structure import Graph, LatentGraph, smoothness_penalty
 
 
@@ -251,9 +251,7 @@ class ReSSFormerForCausalLM(CausalLM):
 
     def _check_documents(self) -> None:
         if self.config.asam.impl == "block":
-            raise ValueError("documents (document masking) with asam.impl=block: key blocks are cut by key index and "
-                             "would mix documents; use asam.impl=chunked (exact; the paper presets') or drop "
-                             "document masking (data.document_mask: false)")
+            raise block_documents_error("documents (document masking)", "call without documents")
 
     def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cfg = self.config
@@ -336,18 +334,14 @@ class ReSSFormerForCausalLM(CausalLM):
         unit.hist_h and this pass's S^(t-1) of the same segments. new_pos (B, n) the new tokens' positions.
         -> None, or (S^(t) (B, S, m, D), their positions (B, S*m), windows (B, S*m): 0 for a row's spare slots)."""
         L = self.config.r2mu.segment_len
-        B, n, _ = h.shape
+        n = h.shape[1]
         seq = h if unit.hist_h is None else torch.cat([unit.hist_h, h], 1)  # (B, P + n, D)
         P = seq.shape[1] - n
         unit.hist_h = seq[:, max(0, seq.shape[1] - (L - 1)):].clone()
-        ar = torch.arange(n, device=h.device)
-        is_end = (new_pos % DOCUMENT_STRIDE + 1) % L == 0  # (B, n) a segment's last token
-        S = int(is_end.sum(1).max())  # decoding reads the host (as block ASAM's chunks do); training never does
-        if S == 0:
+        # decoding reads the host for the count (as block ASAM's chunks do); training never does
+        end, valid = self.model.memory.document_segments(new_pos, tight=True)  # (B, S) among the new tokens
+        if end.shape[1] == 0:
             return None
-        end = torch.where(is_end, ar, ar + n).sort(dim=1).values[:, :S]  # (B, S) the ends first, in order
-        valid = end < n
-        end = torch.where(valid, end, torch.zeros_like(end))
         summary, _ = self.model.memory(seq, s_prev, P + end)
         m = summary.shape[2]
         s_pos = new_pos.gather(1, end).repeat_interleave(m, dim=1)

@@ -92,18 +92,21 @@ class SegmentMemory(nn.Module):
         """Complete segments of a length-T sequence (encoder mode: the whole sequence is one)."""
         return 1 if not self.causal else T // self.segment_len
 
-    def document_segments(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The complete segments of per-sample positions pos (B, T) (selection.document_positions): segment_len
+    def document_segments(self, pos: torch.Tensor, *, tight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segments that end among per-sample positions pos (B, T) (selection.document_positions): segment_len
         tokens of one document from a multiple of segment_len within it. -> (end (B, S) index of each segment's last
-        token, ascending; valid (B, S) bool), S = T // segment_len: no row has more (a document of n tokens holds
-        n // segment_len); the spare slots are invalid (their summaries are never visible)."""
+        token, ascending; valid (B, S) bool). S = T // segment_len, a static bound (no row has more: a document of
+        n tokens holds n // segment_len); tight=True: S = the most any row has, read on the host (the generation
+        cache's new tokens, which may end a segment that began in an earlier call). Spare slots are invalid (their
+        summaries are never visible) and point at an in-range token."""
         B, T = pos.shape
         L = self.segment_len
         ar = torch.arange(T, device=pos.device)
         is_end = (pos % DOCUMENT_STRIDE + 1) % L == 0  # (B, T)
-        end = torch.where(is_end, ar, ar + T).sort(dim=1).values[:, : T // L]  # the ends first, in token order
+        S = int(is_end.sum(1).max()) if tight else T // L
+        end = torch.where(is_end, ar, ar + T).sort(dim=1).values[:, :S]  # the ends first, in token order
         valid = end < T
-        return torch.where(valid, end, torch.full_like(end, L - 1)), valid
+        return torch.where(valid, end, torch.full_like(end, min(L, T) - 1)), valid
 
     def pool(self, h: torch.Tensor, seg_end: torch.Tensor | None = None) -> torch.Tensor | None:
         """S_hat: attention-weighted pooling of each complete segment into m slots. (B, n_seg, m, D) or None.
