@@ -114,10 +114,22 @@ def test_preprocess_cli_errors(tmp_path, world):
     assert not list(tmp_path.glob("o*"))
 
 
-def test_prepare_default_data_is_idempotent(tmp_path):
+def test_prepare_default_data_is_idempotent_and_concurrent_prepares_take_turns(tmp_path):
+    """Two `python -m pretrain.data prepare` into one empty folder at once (two main jobs, parallel test workers):
+    both succeed, one builds and the other finds its output up to date; a third run rebuilds nothing."""
+    import subprocess
+    import sys
+
     from pretrain.data import main as data_main
     from pretrain.data import prepare_default_data
+    from tests.helpers.dist import REPO, base_env
 
+    cmd = [sys.executable, "-m", "pretrain.data", "prepare", "--out", str(tmp_path / "art")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("up to date" in o for o in outs) == 1, outs
     cfg = prepare_default_data(tmp_path / "art")
     tok = Tokenizer(cfg.tokenizer)
     assert tok.vocab_size == tok.padded_vocab_size == 512 and cfg.blend == [[1.0, str(tmp_path / "art/data/shakespeare")]]
