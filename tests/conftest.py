@@ -5,6 +5,7 @@ launch helpers the multi-rank tests start."""
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -24,6 +25,21 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // int(workers))
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files whose slow tests may take longest (the sum of their timeouts) run first, the order within a file kept:
+    each xdist worker takes whole files, and the quick files left for the end keep both workers busy until the last
+    one finishes."""
+    slow: collections.Counter = collections.Counter()
+    for item in items:
+        if item.get_closest_marker("slow"):
+            limit = item.get_closest_marker("timeout")
+            slow[item.path] += limit.args[0] if limit and limit.args else 300
+    first: dict = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
 
 
 @pytest.fixture(scope="session")

@@ -315,16 +315,29 @@ def _check_finished_run(run_dir: Path, target: int, log: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_pretrain_debug_script(cluster, trainer, tmp_path):
-    run_dir, log, steps = tmp_path / "run", tmp_path / "debug.out", 30
+# The uninterrupted run the fault tests compare their losses with (same arguments but the fault settings).
+DEBUG_JOB_ARGS = f"--set steps=30 --set save_every=4 {DEBUG_ARGS}"
+
+
+@pytest.fixture(scope="module")
+def debug_job(cluster, trainer, tmp_path_factory) -> dict:
+    """One 30-step run of slurm/pretrain_debug.sh, submitted with slurm/eval_checkpoint.sh as a job that depends on
+    it: test_pretrain_debug_script checks both, the hung-rank test takes its losses as the uninterrupted reference."""
+    tmp = tmp_path_factory.mktemp("debug_job")
+    run_dir, log, ev_log = tmp / "run", tmp / "debug.out", tmp / "eval.out"
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
-                  EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
+                  EXTRA_ARGS=f"{DEBUG_JOB_ARGS} --set data.tokenizer={trainer['tok']}")
     # downstream evaluation as a dependent job of its own (slurm/eval_checkpoint.sh, CPU node: no GPU asked)
-    ev_log = tmp_path / "eval.out"
     ev = _sbatch(cluster, "slurm/eval_checkpoint.sh", ev_log, f"--dependency=afterok:{job}", "--gpus-per-node=0",
                  "--cpus-per-task=1", RUN_DIR=run_dir, TASKS="paper:set@8", LIMIT=4)
+    return {"run_dir": run_dir, "log": log, "job": job, "ev": ev, "ev_log": ev_log, "steps": 30}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_pretrain_debug_script(cluster, trainer, debug_job):
+    run_dir, log, steps, job = debug_job["run_dir"], debug_job["log"], debug_job["steps"], debug_job["job"]
+    ev, ev_log = debug_job["ev"], debug_job["ev_log"]
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED")
     assert info.get("Restarts") == "0" and info.get("NumNodes") == "2"
     _check_finished_run(run_dir, steps, log)
@@ -336,7 +349,7 @@ def test_pretrain_debug_script(cluster, trainer, tmp_path):
     assert [m for m in _metrics(run_dir) if "eval_tasks/seconds" in m] == [res]
     # A finished run is a no-op when submitted again (FINISHED marker), and is not requeued.
     job2 = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
-                   EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
+                   EXTRA_ARGS=f"{DEBUG_JOB_ARGS} --set data.tokenizer={trainer['tok']}")
     info2 = _wait(cluster, job2, log, _completed, 60, "COMPLETED")
     assert info2.get("Restarts") == "0" and "the run is complete, nothing to do" in log.read_text()
 
@@ -534,16 +547,14 @@ def test_a_crash_is_requeued_once_and_the_same_step_failing_twice_stops(cluster,
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_a_hung_rank_ends_the_job_fast_and_the_requeued_job_continues_exactly(cluster, trainer, tmp_path):
+def test_a_hung_rank_ends_the_job_fast_and_the_requeued_job_continues_exactly(cluster, trainer, debug_job, tmp_path):
     """SIGSTOP to one rank of the real trainer: the other rank's watchdog (faults.step_timeout_s=12) dumps its stacks,
     names the stopped rank and its node, exits 4; the launcher requeues (the 2-node test cluster cannot spare n2, and
-    says so), the job resumes from the last checkpoint and its losses equal an uninterrupted run's."""
-    args = f"--set steps=16 --set save_every=4 {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}"
-    ref_dir, ref_log = tmp_path / "ref", tmp_path / "ref.out"
-    job = _sbatch(cluster, "slurm/pretrain_debug.sh", ref_log, RUN_DIR=ref_dir, DATA=trainer["prefix"],
-                  EXTRA_ARGS=args)
-    _wait(cluster, job, ref_log, _completed, 200, "COMPLETED")
-    ref = {m["step"]: m["loss"] for m in _train_steps(ref_dir)}
+    says so), the job resumes from the last checkpoint and its losses equal the uninterrupted run's (debug_job)."""
+    args = f"{DEBUG_JOB_ARGS} --set data.tokenizer={trainer['tok']}"
+    _wait(cluster, debug_job["job"], debug_job["log"], _completed, 200, "COMPLETED")
+    ref = {m["step"]: m["loss"] for m in _train_steps(debug_job["run_dir"])}
+    assert sorted(ref) == list(range(1, debug_job["steps"] + 1)), ref
     run_dir, log = tmp_path / "run", tmp_path / "hang.out"
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
                   EXTRA_ARGS=f"{args} --set faults.step_timeout_s=12")
@@ -567,7 +578,7 @@ def test_a_hung_rank_ends_the_job_fast_and_the_requeued_job_continues_exactly(cl
         _release_requeue_hold(cluster, job)
     _wait(cluster, job, log, _completed, 200, "COMPLETED after the requeue")
     got = {m["step"]: m["loss"] for m in _train_steps(run_dir)}  # the resumed part replaced the lost one
-    assert sorted(got) == list(range(1, 17)) and all(got[s] == ref[s] for s in ref), (got, ref)
+    assert sorted(got) == sorted(ref) and all(got[s] == ref[s] for s in ref), (got, ref)
 
 
 def _task_pid(job: str, rank: int) -> int:
