@@ -452,10 +452,10 @@ def eval_batches(dataset, micro_batch: int, dp_rank: int, dp_size: int, num_batc
 def prepare_default_data(root: str | Path = DEFAULT_ROOT, *, vocab_size: int = 512, num_proc: int = 1,
                          force: bool = False) -> DataConfig:
     """Train the default tokenizer and tokenize the embedded tinyshakespeare corpus (skipped when present)."""
+    import fcntl
+
     from tokenizer.preprocess import preprocess
     from tokenizer.train import train_tokenizer
-
-    import fcntl
 
     root = Path(root)
     tok_dir, prefix = root / "tokenizer", root / "data" / "shakespeare"

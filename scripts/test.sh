@@ -3,8 +3,8 @@
 #   bash scripts/test.sh              # everything
 #   bash scripts/test.sh -m "not slow"  # the quick tier only
 #   TEST_WORKERS=0 bash scripts/test.sh  # in one process (default: 2 pytest-xdist workers)
-# Half of a multi-rank test's time is spent waiting (launches, rendezvous, timeouts it provokes), so two workers
-# share 2 cores well. Each worker takes whole files (--dist loadfile): a module's fixtures (the Slurm test
+# In one process the suite kept about one of 2 cores busy (launches, rendezvous, the timeouts fault tests provoke);
+# two workers use both. Each worker takes whole files (--dist loadfile): a module's fixtures (the Slurm test
 # cluster, the checkpoints of the convert tests) are built once and its tests never run beside each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
