@@ -60,10 +60,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # --- locating the model -----------------------------------------------------------------------------
-def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
-    """-> (folder, whether it is a model folder). RUN_DIR -> its newest complete tag whose files match its
-    manifest (only the DeepSpeed files with `from_shards`); a tag (holding COMPLETE, DeepSpeed files or named
-    step_N) must be complete and match; any other model folder is taken as it is."""
+def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool, bool]:
+    """-> (folder, whether it is a model folder, whether it is a checkpoint tag). RUN_DIR -> its newest complete tag
+    whose files match its manifest (only the DeepSpeed files with `from_shards`); a tag (holding COMPLETE, DeepSpeed
+    files or named step_N) must be complete and match; any other model folder is taken as it is."""
     skip = MODEL_FILES if from_shards else ()
     p = Path(path)
     if not p.is_dir():
@@ -80,7 +80,7 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
             raise CheckpointError(f"{bad}: convert an earlier tag (RUN_DIR picks the newest usable one){hint}")
         tag = p
     elif is_model_dir(p):
-        return p, True
+        return p, True, False
     else:
         tag = newest_complete_tag(p, lambda d: is_model_dir(d) or has_shards(d), f"{WEIGHTS} or *_model_states.pt")
         while _manifest_format(tag) and (bad := verify_tag(tag, skip=skip)):  # the run's fallback rule
@@ -90,9 +90,9 @@ def locate(path: str | Path, from_shards: bool = False) -> tuple[Path, bool]:
                 raise CheckpointError(f"no usable checkpoint in {p}: {bad}")
             tag = older[-1]
     if is_model_dir(tag):
-        return tag, True
+        return tag, True, True
     if has_shards(tag):
-        return tag, False
+        return tag, False, True
     raise CheckpointError(f"{tag} holds neither a model folder ({WEIGHTS} + {CONFIG}) nor DeepSpeed shard files")
 
 
@@ -116,8 +116,9 @@ def opened(path: str | Path, from_shards: bool = False):
     away before the lock was taken is chosen again (a run folder) or named (a tag asked for by path)."""
     p = Path(path)
     for attempt in range(3):
-        folder, is_model = locate(p, from_shards)
-        if not is_complete(folder):  # a model folder that is not a checkpoint tag
+        folder, is_model, is_tag = locate(p, from_shards)
+        # (whether it is a tag comes from locate: a tag removed since has lost COMPLETE, and is not a model folder)
+        if not is_tag:
             yield folder, is_model
             return
         held = reading(folder)

@@ -117,6 +117,8 @@ def reading(tag: Path):
     import fcntl
 
     tag = Path(tag)
+    if not (tag / COMPLETE).is_file():  # being removed (markers go first): creating the lock file in it would
+        raise TagGone(tag)              # leave the folder behind
     try:
         fd = os.open(tag / READERS, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:

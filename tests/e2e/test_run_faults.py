@@ -506,7 +506,7 @@ def test_a_straggler_is_named_in_metrics_and_warned_about(tmp_path):
     d = tmp_path / "r"
     p = run(d, "--set", "steps=8", "--set", "log_every=2", "--set", "faults.straggler_windows=2",
             "--set", "profile={enabled: true, wait: 1, warmup: 1, active: 2, ranks: []}",
-            env=dict(base_env(), FAULT="slow:0.8:1"), script="tests/helpers/fault_worker.py")
+            env=dict(base_env(), FAULT="slow:2.0:1"), script="tests/helpers/fault_worker.py")
     for r in (0, 1):
         trace = json.loads((d / "profile" / f"rank{r}_step4.pt.trace.json").read_text())
         names = {e.get("name") for e in trace["traceEvents"]}
