@@ -316,7 +316,8 @@ def _check_finished_run(run_dir: Path, target: int, log: Path) -> list[dict]:
 
 
 # The uninterrupted run the fault tests compare their losses with (same arguments but the fault settings).
-DEBUG_JOB_ARGS = f"--set steps=30 --set save_every=4 {DEBUG_ARGS}"
+DEBUG_JOB_STEPS = 30
+DEBUG_JOB_ARGS = f"--set steps={DEBUG_JOB_STEPS} --set save_every=4 {DEBUG_ARGS}"
 
 
 @pytest.fixture(scope="module")
@@ -330,13 +331,13 @@ def debug_job(cluster, trainer, tmp_path_factory) -> dict:
     # downstream evaluation as a dependent job of its own (slurm/eval_checkpoint.sh, CPU node: no GPU asked)
     ev = _sbatch(cluster, "slurm/eval_checkpoint.sh", ev_log, f"--dependency=afterok:{job}", "--gpus-per-node=0",
                  "--cpus-per-task=1", RUN_DIR=run_dir, TASKS="paper:set@8", LIMIT=4)
-    return {"run_dir": run_dir, "log": log, "job": job, "ev": ev, "ev_log": ev_log, "steps": 30}
+    return {"run_dir": run_dir, "log": log, "job": job, "ev": ev, "ev_log": ev_log}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_pretrain_debug_script(cluster, trainer, debug_job):
-    run_dir, log, steps, job = debug_job["run_dir"], debug_job["log"], debug_job["steps"], debug_job["job"]
+    run_dir, log, steps, job = debug_job["run_dir"], debug_job["log"], DEBUG_JOB_STEPS, debug_job["job"]
     ev, ev_log = debug_job["ev"], debug_job["ev_log"]
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED")
     assert info.get("Restarts") == "0" and info.get("NumNodes") == "2"
@@ -554,7 +555,7 @@ def test_a_hung_rank_ends_the_job_fast_and_the_requeued_job_continues_exactly(cl
     args = f"{DEBUG_JOB_ARGS} --set data.tokenizer={trainer['tok']}"
     _wait(cluster, debug_job["job"], debug_job["log"], _completed, 200, "COMPLETED")
     ref = {m["step"]: m["loss"] for m in _train_steps(debug_job["run_dir"])}
-    assert sorted(ref) == list(range(1, debug_job["steps"] + 1)), ref
+    assert sorted(ref) == list(range(1, DEBUG_JOB_STEPS + 1)), ref
     run_dir, log = tmp_path / "run", tmp_path / "hang.out"
     job = _sbatch(cluster, "slurm/pretrain_debug.sh", log, RUN_DIR=run_dir, DATA=trainer["prefix"],
                   EXTRA_ARGS=f"{args} --set faults.step_timeout_s=12")
