@@ -122,7 +122,7 @@ class Monitor:
         rec = {"rank": self.rank, "host": self.host, "node": self.node, "pid": os.getpid(), "step": self.step,
                "phase": self.current, "time": time.time(), "stalled_s": round(time.monotonic() - self.last_progress, 1)}
         try:
-            write_atomic(self.dir / "heartbeats" / f"rank{self.rank}.json", json.dumps(rec))
+            write_atomic(self.dir / "heartbeats" / f"rank{self.rank}.json", json.dumps(rec), durable=False)
         except OSError:
             pass  # a full disk stops the run through the loop's write guard, not here
 

@@ -51,16 +51,20 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` under a temporary name, fsync, rename over `path`: a reader sees the old file or the new one."""
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write `text` under a temporary name, fsync, rename over `path`: a reader sees the old file or the new one.
+    `durable=False` skips the fsyncs (still atomic for readers, not across a power loss): for files rewritten every
+    few seconds whose loss in a crash means nothing, so that a disk busy with a checkpoint never delays them."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 class RunWriteError(RuntimeError):

@@ -491,9 +491,14 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path):
     rank1.send_signal(signal.SIGSTOP)
     t0 = time.time()
     out, _ = p.communicate(timeout=200)
-    assert p.returncode != 0 and time.time() - t0 < 10 + 60, (p.returncode, time.time() - t0)
+    ended = time.time() - t0
+    assert p.returncode == 4, (p.returncode, out[-3000:])
     assert "[watchdog] rank 0" in out and "ranks that stopped reporting: rank 1" in out, out[-3000:]
     dump = json.loads((d / "hang" / "rank0.json").read_text())
+    # The watchdog fires within the limit (+ one heartbeat interval + a busy machine's slack); the job then ends
+    # after deepspeed's launcher has waited its 30 s for the stopped rank to take SIGTERM before it kills it.
+    fired = dump["time"] - t0
+    assert fired < 10 + 30 and ended < fired + 30 + 60, (fired, ended)
     assert [x["rank"] for x in dump["stopped_reporting"]] == [1] and dump["phase"] in ("forward", "backward",
                                                                                         "optimizer", "data", "log")
     stacks = (d / "hang" / "rank0.stacks.txt").read_text()  # every thread's stack: the main one and the watchdog's
