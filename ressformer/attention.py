@@ -28,8 +28,10 @@ import torch.utils.checkpoint
 
 from ressformer.config import ModelConfig, block_documents_error
 from ressformer.kernels import use_asam_kernel
+from ressformer.recurrence import block_aligned, memory_fillers
 from ressformer.selection import (UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, run_local_blocks,
                                   topk_first, visible)
+from ressformer.sequence_parallel import memory_order
 from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
 
 IMPLS = ("reference", "chunked", "block")
@@ -145,15 +147,44 @@ def pattern_edges(key_idx: torch.Tensor, prob: torch.Tensor, *, n_tokens: int, m
     return _pad_edges(g_idx, summed, m, own)
 
 
-def _pattern(p: torch.Tensor, keys: torch.Tensor | None, pattern: tuple[int, int], own: torch.Tensor):
+class Pattern(NamedTuple):
+    """What `sparse_attention` returns of its attention pattern."""
+
+    n_tokens: int  # keys at index >= n_tokens (R2MU memory) are not graph nodes
+    m: int  # soes.degree: edges kept per query
+    rows: bool = False  # True: each head's rows (key index, probability) instead of edges (sequence parallelism
+    #                     averages the heads of every rank; `pattern_edges` of the rows is the edges)
+
+
+def _pattern_rows(key_idx: torch.Tensor, prob: torch.Tensor, pattern: Pattern, own: torch.Tensor):
+    """The edges of rows key_idx / prob (B, H, Q, n) (`pattern_edges`), or the rows themselves (pattern.rows)."""
+    if pattern.rows:
+        return key_idx, prob
+    return pattern_edges(key_idx, prob, n_tokens=pattern.n_tokens, m=pattern.m, own=own)
+
+
+def _pattern(p: torch.Tensor, keys: torch.Tensor | None, pattern: Pattern, own: torch.Tensor):
     """pattern_edges of probabilities p (B, H, Q, n) over `keys` (B, H, n) or, None, all keys in key order."""
-    n_tokens, m = pattern
+    n_tokens, m, rows = pattern
+    if rows:
+        B, H, c, n = p.shape
+        idx = torch.arange(n, device=p.device).expand(B, H, c, n) if keys is None else keys[:, :, None, :].expand(
+            B, H, c, n)
+        return idx, p
     if keys is None:
         pm = p[..., :n_tokens].mean(1)  # (B, Q, n_tokens)
         idx = torch.arange(pm.shape[-1], device=p.device).expand_as(pm)
         return _pad_edges(idx, pm, m, own)
     B, H, c, n = p.shape
     return pattern_edges(keys[:, :, None, :].expand(B, H, c, n), p, n_tokens=n_tokens, m=m, own=own)
+
+
+def _concat_patterns(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patterns of consecutive query chunks along the query axis (-2): edges (B, Q, m), or rows (B, H, Q, n)
+    whose widths n may differ (padded with key index -1, probability 0: no key)."""
+    n = max(x.shape[-1] for x, _ in parts)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[-1]), value=v)  # noqa: E731
+    return torch.cat([pad(i, -1) for i, _ in parts], dim=-2), torch.cat([pad(p, 0.0) for _, p in parts], dim=-2)
 
 
 # --- impl=reference ---------------------------------------------------------------------------------------------
@@ -302,9 +333,7 @@ def _gathered_attend(q_s, k, v, sel: Selection, *, edge_val, activation, q_pos=N
         s = torch.where(sel_mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
         p = normalize(s, activation)
         out = torch.einsum("bhik,bhikd->bhid", p, f32(v_g)).to(v_g.dtype)
-    pat = None
-    if pattern is not None:
-        pat = pattern_edges(key_idx, p, n_tokens=pattern[0], m=pattern[1], own=q_pos)
+    pat = None if pattern is None else _pattern_rows(key_idx, p, pattern, q_pos)
     return Attended(out, (p.detach() > 0).sum().float(), pat)
 
 
@@ -319,14 +348,17 @@ def _gathered_attend_all(q, k, v, pending: list, *, q_index, activation, pattern
     res = _gathered_attend(q_s, k, v, sel, edge_val=edge_val, activation=activation, q_pos=q_index[rows],
                            pattern=pattern)
     outs = res.out.split(sizes, dim=2)
-    pats = [None] * len(sizes) if res.pattern is None else list(zip(*(x.split(sizes, dim=1) for x in res.pattern)))
+    pats = [None] * len(sizes) if res.pattern is None else list(zip(*(x.split(sizes, dim=-2) for x in res.pattern)))
     return [Attended(o, None, pat) for o, pat in zip(outs, pats)], res.nnz
 
 
 def _stats(nnz, n_visible, rows: float) -> dict:
+    """density, keys_per_query, and the counts they come from (nnz, visible, rows: a sequence-parallel group sums
+    them)."""
     nnz = torch.as_tensor(nnz, dtype=torch.float32).detach()
     n_visible = torch.as_tensor(n_visible, dtype=torch.float32).detach()
-    return {"density": nnz / n_visible.clamp(min=1.0), "keys_per_query": nnz / max(rows, 1.0)}
+    return {"density": nnz / n_visible.clamp(min=1.0), "keys_per_query": nnz / max(rows, 1.0), "nnz": nnz,
+            "visible": n_visible, "rows": rows}
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor,
@@ -334,7 +366,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      activation: str = "softmax", topk: int = 0, graph=None, graph_scale: torch.Tensor | None = None,
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
                      blocks_per_query: int = 8, block_select: str = "query", local_blocks: int | None = None,
-                     pattern_degree: int = 0, pattern_keys: int | None = None,
+                     pattern_degree: int = 0, pattern_keys: int | None = None, pattern_rows: bool = False,
                      q_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
@@ -350,12 +382,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     Returns (out (B, H, Tq, D), stats). stats (detached): density = nonzero probabilities / visible keys (block:
     visible keys of the kept blocks), keys_per_query = mean nonzero probabilities per query and head; with
     pattern_degree > 0 also "pattern": the SOES graph of this attention (`pattern_edges` over the first
-    pattern_keys keys, default Tq: the tokens), with gradient.
+    pattern_keys keys, default Tq: the tokens), with gradient; pattern_rows=True: instead each head's rows
+    (key index (B, H, Tq, n), probability (B, H, Tq, n); index -1 with probability 0 pads), whose `pattern_edges`
+    are the graph (sequence parallelism takes them to the ranks that hold every head of a query).
     """
     _check_inputs(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, activation=activation, topk=topk,
                   graph=graph, graph_scale=graph_scale, impl=impl)
     B, H, Tq, D = q.shape
-    pattern = (Tq if pattern_keys is None else pattern_keys, pattern_degree) if pattern_degree > 0 else None
+    pattern = None
+    if pattern_degree > 0:
+        pattern = Pattern(Tq if pattern_keys is None else pattern_keys, pattern_degree, pattern_rows)
     if q_index is None:
         q_index = q_pos if q_pos.dim() == 1 else torch.arange(Tq, device=q.device)
     if impl == "reference":
@@ -440,8 +476,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     nnz = nnz + sum(r.nnz for r in results if r.nnz is not None)
     stats = _stats(nnz, n_visible, float(B * H * Tq))
     if pattern is not None:
-        stats["pattern"] = (torch.cat([r.pattern[0] for r in results], dim=1),
-                            torch.cat([r.pattern[1] for r in results], dim=1))
+        stats["pattern"] = _concat_patterns([r.pattern for r in results])
     return out, stats
 
 
@@ -468,6 +503,7 @@ class ASAMAttention(nn.Module):
             self.graph_scale = nn.Parameter(torch.empty(cfg.n_heads))
         else:
             self.register_parameter("graph_scale", None)
+        self.sp = None  # a ressformer.sequence_parallel.SequenceShards: x is a shard of the sequence (`_forward_sp`)
         self.init_weights()
 
     @torch.no_grad()
@@ -496,6 +532,8 @@ class ASAMAttention(nn.Module):
         if graph is not None and self.graph_scale is None:
             raise ValueError("ASAMAttention got a graph but has no graph_scale: build it with soes.enabled=True "
                              "(and graph=True) or pass graph=None")
+        if self.sp is not None:
+            return self._forward_sp(x, pos, memory=memory, graph=graph, pattern=pattern)
         Tk = kv_in.shape[1]
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)  # (B, H, Tk, hd)
@@ -508,3 +546,49 @@ class ASAMAttention(nn.Module):
                                       pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats
+
+    def _forward_sp(self, x: torch.Tensor, pos: torch.Tensor, *, memory, graph, pattern: bool):
+        """forward on a shard of the sequence (ressformer.sequence_parallel): x (B, T/P, D) at positions pos (T/P,);
+        memory: the shard's (states [token cache (T/P) | summaries (S/P * m)], positions, windows), not
+        block-aligned; graph: the shard's rows. The heads of this rank attend over the whole sequence as one process
+        would; the stats are the group's."""
+        sp, cfg = self.sp, self.cfg
+        B, Tl, D = x.shape
+        H, hd = self.n_heads, self.head_dim
+        T, h = Tl * sp.size, H // sp.size
+
+        def heads(lin: nn.Linear, inp: torch.Tensor) -> torch.Tensor:  # (B, n, D) shard -> (B, h, P * n, hd)
+            return sp.to_heads(lin(inp).view(B, inp.shape[1], H, hd)).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj, x), heads(self.k_proj, x), heads(self.v_proj, x)
+        k_pos = q_pos = sp.gather(pos, 0)  # (T,)
+        k_window = None
+        if memory is not None:
+            m_states, m_pos, m_win = memory
+            m_states = m_states.to(x.dtype)
+            order = memory_order(sp.size, Tl, m_states.shape[1] - Tl, x.device)
+            mk, mv = heads(self.k_proj, m_states)[:, :, order], heads(self.v_proj, m_states)[:, :, order]
+            mp, mw = sp.gather(m_pos.to(pos.dtype), 0)[order], sp.gather(m_win.to(pos.dtype), 0)[order]
+            if cfg.asam.impl == "block":  # filler keys (ressformer.model's docstring), as one process places them
+                f_tok, f_sum = memory_fillers(T, len(order) - T, cfg, x.device)
+                zeros = tuple(mk.new_zeros(B, h, len(f), hd) for f in (f_tok, f_sum))
+                mk, mv = (block_aligned(t[:, :, :T], t[:, :, T:], zeros, 2) for t in (mk, mv))
+                mp = block_aligned(mp[:T], mp[T:], (f_tok.to(mp.dtype), f_sum.to(mp.dtype)), 0)
+                mw = block_aligned(mw[:T], mw[T:], tuple(mw.new_zeros(len(f)) for f in (f_tok, f_sum)), 0)
+            k, v = torch.cat([k, mk], 2), torch.cat([v, mv], 2)
+            k_pos = torch.cat([q_pos, mp])
+            k_window = torch.cat([torch.full_like(q_pos, UNBOUNDED_WINDOW), mw])
+        g = None if graph is None else (sp.gather(graph[0], 1), sp.gather(graph[1], 1))
+        scale = None if self.graph_scale is None else self.graph_scale[sp.rank * h:(sp.rank + 1) * h]
+        local = local_block_bound(cfg, memory is not None, cfg.asam.chunk_size)
+        out, stats = sparse_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, graph=g,
+                                      graph_scale=scale, **asam_options(cfg), local_blocks=local,
+                                      pattern_degree=cfg.soes.degree if pattern else 0, pattern_keys=T,
+                                      pattern_rows=True)
+        y = sp.to_tokens(out.transpose(1, 2)).reshape(B, Tl, D)
+        nnz, n_visible = sp.sum(stats["nnz"]), sp.sum(stats["visible"])
+        group = _stats(nnz, n_visible, stats["rows"] * sp.size)
+        if pattern:
+            idx, prob = (sp.to_tokens(t.transpose(1, 2)).transpose(1, 2) for t in stats["pattern"])  # (B, H, Tl, n)
+            group["pattern"] = pattern_edges(idx, prob, n_tokens=T, m=cfg.soes.degree, own=pos)
+        return self.o_proj(y), group

@@ -162,11 +162,6 @@ class ModelCache:
         return sum(x.numel() * x.element_size() for u in self.units for _, x in u.tensors() if x is not None)
 
 
-def summary_positions(n: int, slots: int, segment_len: int, device) -> torch.Tensor:
-    """Key position of summary entry j (slot j % m of segment j // m): the segment's last token. (n,)"""
-    return (torch.arange(n, device=device) // slots + 1) * segment_len - 1
-
-
 def _position_chunks(pos: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
     """[a, b) index ranges of consecutive positions `pos` cut at multiples of chunk_size (the full forward's
     query chunks)."""
@@ -275,4 +270,4 @@ def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache,
     return lg.edges(src, dst, idx, valid)
 
 
-__all__ = ["ModelCache", "UnitCache", "attend", "latent_graph", "summary_positions"]
+__all__ = ["ModelCache", "UnitCache", "attend", "latent_graph"]

@@ -19,10 +19,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ressformer.attention import ASAMAttention
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.moe import MoEExperts, moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
+from ressformer.sequence_parallel import sequence_parallel_error
 
 
 class CausalLM(nn.Module):
@@ -49,6 +51,21 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._ckpt_fn: Callable | None = None
         self._ckpt_every = 1
+        self.sp = None  # ressformer.sequence_parallel.SequenceShards: the forward sees a shard of each sequence
+
+    def set_sequence_parallel(self, shards) -> None:
+        """Train on shards of each sequence (ressformer.sequence_parallel): from now on input_ids (B, T/P) are this
+        rank's shard and labels the same shard of `shift_labels(labels)` (already shifted: the last token of a shard
+        scores the next shard's first); the loss, aux losses and diagnostics are the group's. None: whole
+        sequences again."""
+        if shards is not None:
+            err = sequence_parallel_error(self.config, shards.size)
+            if err:
+                raise ValueError(err)
+        self.sp = shards
+        for module in self.modules():
+            if isinstance(module, ASAMAttention):
+                module.sp = shards
 
     @property
     def depth(self) -> int:
@@ -167,6 +184,9 @@ class CausalLM(nn.Module):
                                  "the whole window; run each document as its own row instead")
             documents = documents.to(input_ids.device)
         if cache is not None:
+            if self.sp is not None:
+                raise ValueError("a cache (generation) with sequence parallelism: not supported, it is a training "
+                                 "layout; call set_sequence_parallel(None) first")
             if not self.config.causal:
                 raise ValueError("a cache needs causal=True: in encoder mode every token attends to later ones")
             return self._forward_cached(input_ids, labels=labels, num_steps=num_steps, cache=cache,
@@ -186,14 +206,32 @@ class CausalLM(nn.Module):
         """The forward's tail from the last unit's states h (B, T, D): final norm, logits / LM loss, the MoE aux
         losses of `router_logits` (one entry per MoE call), loss = LM loss + the MoE losses + `aux_losses`."""
         hn = self.model.norm(h)  # (B, T, D)
-        logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits=return_logits)
-        moe_losses, moe_diagnostics = moe_aux(self.config.moe, router_logits)
+        if self.sp is None:
+            logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits=return_logits)
+        else:
+            logits, lm = self._sequence_parallel_loss(hn, labels, return_logits)
+        moe_losses, moe_diagnostics = moe_aux(self.config.moe, router_logits, self.sp)
         aux_losses = {**moe_losses, **(aux_losses or {})}
         diagnostics = {**(diagnostics or {}), **moe_diagnostics}
         loss = None
         if labels is not None:
             loss = lm + sum(aux_losses.values()) if aux_losses else lm
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm, aux_losses=aux_losses, diagnostics=diagnostics)
+
+    def _sequence_parallel_loss(self, hn: torch.Tensor, labels: torch.Tensor | None, return_logits: bool | None):
+        """(logits of the shard | None, the group's LM loss | None): labels are the shard's shifted targets
+        (`set_sequence_parallel`); the loss is the sum of the group's token losses over the group's count."""
+        logits = self.lm_head(hn)  # (B, T/P, V)
+        lm = None
+        if labels is not None:
+            if labels.shape != hn.shape[:2]:
+                raise ValueError(f"labels {tuple(labels.shape)} must be the shard's shifted targets shaped like its "
+                                 f"input_ids {tuple(hn.shape[:2])} (ressformer.sequence_parallel.shift_labels, then "
+                                 "shard)")
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+            lm = self.sp.sum(ce) / self.sp.sum((labels != -100).sum().float()).clamp(min=1.0)
+        return (None if return_logits is False else logits), lm
 
     def _cached_output(self, h: torch.Tensor, labels: torch.Tensor | None, diagnostics: dict | None = None):
         """The tail of a cached forward: logits (B, n, V) of the new tokens, their LM loss, no aux losses."""

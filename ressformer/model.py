@@ -31,34 +31,16 @@ import torch
 import torch.nn as nn
 
 from ressformer.attention import ASAMAttention
-from ressformer.cache import attend, latent_graph, summary_positions
+from ressformer.cache import attend, latent_graph
 from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig, block_documents_error
 from ressformer.initialization import Plan
 from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
-from ressformer.recurrence import SegmentMemory
+from ressformer.recurrence import SegmentMemory, block_aligned, memory_fillers, summary_positions
 from ressformer.selection import UNBOUNDED_WINDOW, document_positions
+from ressformer.sequence_parallel import shard_error
 from ressformer.structure import Graph, LatentGraph, smoothness_penalty
-
-
-def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the filler keys that block-align R2MU memory (model docstring): after n_tok tokens (and after
-    the token cache, which ends at the same position) up to the next multiple of block_size, and after n_sum
-    summary entries (the following segments' ends). -> (token fillers (f,), summary fillers (g,))."""
-    bs, r = cfg.asam.block_size, cfg.r2mu
-    tok = torch.arange(n_tok, n_tok + (-n_tok) % bs, device=device)
-    summ = summary_positions(n_sum + (-n_sum) % bs, r.summary_slots, r.segment_len, device)[n_sum:]
-    return tok, summ
-
-
-def block_aligned(cache: torch.Tensor, summaries: torch.Tensor | None, fillers: tuple[torch.Tensor, torch.Tensor],
-                  dim: int) -> torch.Tensor:
-    """One field of block-aligned memory (model docstring) along `dim`: [token fillers | cache | token fillers |
-    summaries | summary fillers]; fillers = (token fillers, summary fillers) of this field (`memory_fillers`: zero
-    states or keys, the filler positions, zero windows)."""
-    f_tok, f_sum = fillers
-    return torch.cat([f_tok, cache, f_tok, *([] if summaries is None else [summaries]), f_sum], dim)
 
 
 class ReSSFormerBlock(nn.Module):
@@ -230,9 +212,11 @@ class ReSSFormerForCausalLM(CausalLM):
                 summary, gate = mem(h, s_prev, seg_end, seg_valid)
             if h_prev is not None:
                 docs = pos.dim() == 2
-                memory = mem.memory_keys(h_prev, summary, pos if docs else None, (seg_end, seg_valid) if docs else None)
-                if self.config.causal and self.config.asam.impl == "block":
-                    memory = self._block_align(memory, h.shape[1])
+                offset = 0 if self.sp is None else self.sp.rank * h.shape[1]
+                memory = mem.memory_keys(h_prev, summary, pos if docs else None, (seg_end, seg_valid) if docs else None,
+                                         offset=offset)
+                if self.config.causal and self.config.asam.impl == "block" and self.sp is None:  # (sp: aligned
+                    memory = self._block_align(memory, h.shape[1])  # after the exchange, in ASAMAttention)
         g_in = None if g_idx is None else (g_idx, g_val)
         h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True)
         return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
@@ -258,7 +242,17 @@ class ReSSFormerForCausalLM(CausalLM):
         K = self._num_steps(num_steps)
         need_summary = self.model.memory is not None and K > 1
         seg_end = seg_valid = None
-        if documents is None:
+        sp = self.sp
+        if sp is not None:
+            if documents is not None:
+                raise ValueError("documents (document masking) with sequence parallelism: not supported; train with "
+                                 "data.document_mask=false or sequence_parallel_size=1")
+            Tl = input_ids.shape[1]
+            err = shard_error(cfg, Tl * sp.size, sp.size)
+            if err:
+                raise ValueError(err)
+            pos = torch.arange(sp.rank * Tl, (sp.rank + 1) * Tl, device=input_ids.device)  # this shard's positions
+        elif documents is None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
         else:
             self._check_documents()
@@ -294,10 +288,12 @@ class ReSSFormerForCausalLM(CausalLM):
             h_prev, h = h, collect(out)
             summary = out.summary
             if out.gate is not None:
-                diagnostics[f"r2mu_gate_step{t}"] = out.gate.detach().float()
+                gate = out.gate.detach().float()
+                diagnostics[f"r2mu_gate_step{t}"] = gate if sp is None else sp.sum(gate) / sp.size  # equal shards
             if out.graph is not None:
                 if graph is not None:
-                    smooth.append(smoothness_penalty(graph, out.graph))
+                    pen = smoothness_penalty(graph, out.graph)  # a mean over the (equal) shards' rows
+                    smooth.append(pen if sp is None else sp.sum(pen) / sp.size)
                 graph = out.graph
 
         for i in range(self.n_prelude + self.n_core, len(layers)):

@@ -224,8 +224,10 @@ class MoEBlock(nn.Module):
         return y.reshape(B, T, D), router_logits
 
 
-def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_experts: int) -> dict[str, torch.Tensor]:
-    """Unweighted MoE auxiliary losses of one MoE call from its router logits (N, E).
+def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_experts: int,
+                   sp=None) -> dict[str, torch.Tensor]:
+    """Unweighted MoE auxiliary losses of one MoE call from its router logits (N, E); sp: a
+    ressformer.sequence_parallel.SequenceShards whose ranks hold the rest of the tokens (the means are the group's).
 
     balance = E * sum_e f_e * P_e   (Switch / GShard; f_e = fraction of the N*k assignments routed to e,
                                      P_e = mean router probability of e; 1 for perfectly uniform routing)
@@ -241,22 +243,27 @@ def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_expe
     idx = torch.topk(probs, k=experts_per_token, dim=-1).indices  # (N, k), same selection as route()
     counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
     counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device))
-    f = counts / max(idx.numel(), 1)  # (E,), no gradient (argmax)
-    P = probs.mean(dim=0)  # (E,)
+    p_sum, z_sum = probs.sum(dim=0), torch.logsumexp(logits, dim=-1).pow(2).sum()  # (E,), ()
+    n = float(logits.shape[0])
+    if sp is not None:
+        counts, p_sum, z_sum, n = sp.sum(counts), sp.sum(p_sum), sp.sum(z_sum), n * sp.size  # equal shards
+    f = counts / max(n * experts_per_token, 1.0)  # (E,), no gradient (argmax)
+    P = p_sum / max(n, 1.0)  # (E,) mean router probability
     balance = num_experts * (f * P).sum()
-    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    z = z_sum / max(n, 1.0)
     return {"balance": balance, "z": z, "load": f.detach()}
 
 
-def moe_aux(cfg: MoEConfig, router_logits: list[torch.Tensor]) -> tuple[dict, dict]:
-    """The weighted aux losses and load diagnostics of one forward, from the router logits of its MoE calls.
+def moe_aux(cfg: MoEConfig, router_logits: list[torch.Tensor], sp=None) -> tuple[dict, dict]:
+    """The weighted aux losses and load diagnostics of one forward, from the router logits of its MoE calls (sp:
+    `moe_aux_losses`).
 
     losses: moe_balance = aux_loss_coef * mean balance, moe_z = z_loss_coef * mean z (over the calls);
     diagnostics: moe_load (E,) the mean fraction of assignments per expert, its max and min. ({}, {}) when dense.
     """
     if not router_logits:
         return {}, {}
-    parts = [moe_aux_losses(rl, cfg.experts_per_token, cfg.num_experts) for rl in router_logits]
+    parts = [moe_aux_losses(rl, cfg.experts_per_token, cfg.num_experts, sp) for rl in router_logits]
     losses = {"moe_balance": cfg.aux_loss_coef * torch.stack([p["balance"] for p in parts]).mean(),
               "moe_z": cfg.z_loss_coef * torch.stack([p["z"] for p in parts]).mean()}
     load = torch.stack([p["load"] for p in parts]).mean(0)  # (E,)

@@ -154,10 +154,11 @@ class SegmentMemory(nn.Module):
         return self.update(s_prev, self.pool(h, seg_end), seg_valid)
 
     def memory_keys(self, h_prev: torch.Tensor, summary: torch.Tensor | None, pos: torch.Tensor | None = None,
-                    segments: tuple[torch.Tensor, torch.Tensor] | None = None):
+                    segments: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0):
         """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)].
         Document masking: the tokens' positions pos (B, T) and their `document_segments` -> positions and windows
-        (B, Tm), a summary at its segment's last token (window 0: a spare slot, never visible)."""
+        (B, Tm), a summary at its segment's last token (window 0: a spare slot, never visible). offset: the position
+        of h_prev's first token (a shard of the sequence under sequence parallelism starts at rank * T/P)."""
         B, T, D = h_prev.shape
         dev = h_prev.device
         if pos is not None:
@@ -169,13 +170,13 @@ class SegmentMemory(nn.Module):
                 win.append(torch.where(valid, UNBOUNDED_WINDOW, 0).repeat_interleave(m, dim=1))
                 states.append(summary.reshape(B, -1, D))
             return torch.cat(states, dim=1), torch.cat(k_pos, dim=1), torch.cat(win, dim=1)
-        pos = [torch.arange(T, device=dev)]
+        pos = [torch.arange(offset, offset + T, device=dev)]
         win = [torch.full((T,), self.cache_window if self.causal else UNBOUNDED_WINDOW, dtype=torch.long, device=dev)]
         states = [h_prev]
         if summary is not None:
             n_seg, m = summary.shape[1], summary.shape[2]
             if self.causal:  # readable from the segment's last token on
-                seg_end = (torch.arange(n_seg, device=dev) + 1) * self.segment_len - 1  # (S,)
+                seg_end = offset + (torch.arange(n_seg, device=dev) + 1) * self.segment_len - 1  # (S,)
             else:  # encoder: visible to every token
                 seg_end = torch.zeros(n_seg, dtype=torch.long, device=dev)
             pos.append(seg_end.repeat_interleave(m))
@@ -184,4 +185,28 @@ class SegmentMemory(nn.Module):
         return torch.cat(states, dim=1), torch.cat(pos), torch.cat(win)
 
 
-__all__ = ["sample_num_steps", "SegmentMemory"]
+def summary_positions(n: int, slots: int, segment_len: int, device) -> torch.Tensor:
+    """Key position of summary entry j (slot j % m of segment j // m): the segment's last token. (n,)"""
+    return (torch.arange(n, device=device) // slots + 1) * segment_len - 1
+
+
+def memory_fillers(n_tok: int, n_sum: int, cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the filler keys that block-align R2MU memory (ressformer.model's docstring): after n_tok tokens
+    (and after the token cache, which ends at the same position) up to the next multiple of block_size, and after
+    n_sum summary entries (the following segments' ends). -> (token fillers (f,), summary fillers (g,))."""
+    bs, r = cfg.asam.block_size, cfg.r2mu
+    tok = torch.arange(n_tok, n_tok + (-n_tok) % bs, device=device)
+    summ = summary_positions(n_sum + (-n_sum) % bs, r.summary_slots, r.segment_len, device)[n_sum:]
+    return tok, summ
+
+
+def block_aligned(cache: torch.Tensor, summaries: torch.Tensor | None, fillers: tuple[torch.Tensor, torch.Tensor],
+                  dim: int) -> torch.Tensor:
+    """One field of block-aligned memory (ressformer.model's docstring) along `dim`: [token fillers | cache | token
+    fillers | summaries | summary fillers]; fillers = (token fillers, summary fillers) of this field
+    (`memory_fillers`: zero states or keys, the filler positions, zero windows)."""
+    f_tok, f_sum = fillers
+    return torch.cat([f_tok, cache, f_tok, *([] if summaries is None else [summaries]), f_sum], dim)
+
+
+__all__ = ["sample_num_steps", "SegmentMemory", "summary_positions", "memory_fillers", "block_aligned"]

@@ -12,7 +12,7 @@ _interpreter_for_this_module_only = for_this_module()  # before triton (and the 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' or '.[gpu]')")
 
 import ressformer.kernels as kernels  # noqa: E402
-from ressformer.attention import Selection, _edge_bias, _gathered_attend, sparse_attention  # noqa: E402
+from ressformer.attention import Pattern, Selection, _edge_bias, _gathered_attend, sparse_attention  # noqa: E402
 from ressformer.kernels.asam_triton import topk_attention  # noqa: E402
 from ressformer.sparse import ACTIVATIONS, normalize  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_gathered_attend_dispatch_with_graph_and_pattern(monkeypatch):
     for mode in ("torch", "triton"):
         monkeypatch.setattr(kernels, "asam_kernel", mode)
         out, nnz, (p_idx, p_val) = _gathered_attend(q, k, v, Selection(key_idx, sel_mask, epos), edge_val=gval,
-                                                    activation="entmax15", q_pos=qp, pattern=(16, 4))
+                                                    activation="entmax15", q_pos=qp, pattern=Pattern(16, 4))
         loss = _loss(out, p_val)
         res[mode] = (out, nnz, p_idx, p_val, torch.autograd.grad(loss, (q, k, v, gval)))
     (o0, n0, i0, v0, g0), (o1, n1, i1, v1, g1) = res["torch"], res["triton"]

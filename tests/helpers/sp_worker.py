@@ -1,0 +1,100 @@
+"""One rank of the sequence-parallel parity check (tests/pretrain/test_sequence_parallel.py).
+
+argv: OUT CASES_JSON. Every rank builds the same model and global batch, runs each case once as one process on the
+whole batch (the reference) and once on its shard of every sequence (ressformer.sequence_parallel with
+pretrain.sequence_parallel.UlyssesShards over the whole world, activation checkpointing on), takes three AdamW
+steps each way, and compares: the loss, aux losses and diagnostics of the first step, the loss of every step, and
+every gradient of the first step (the group's mean of the ranks' gradients, which is what data parallelism over the
+SP ranks applies). Rank 0 writes {case: {"step0_rel", "loss_rel", "grad_rel", "worst_grad", "keys", "loss"}} to
+OUT.
+"""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain import distributed  # noqa: E402
+from pretrain.sequence_parallel import UlyssesShards  # noqa: E402
+from ressformer import ModelConfig, build_model  # noqa: E402
+from ressformer.sequence_parallel import shard, shift_labels  # noqa: E402
+
+CKPT = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+def batch(cfg, T: int, answer_only: bool):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g)
+    labels = ids.clone()
+    if answer_only:  # a prompt of 40 tokens is not scored, nor a span at the end of the second row
+        labels[:, :40] = -100
+        labels[1, T - 20:] = -100
+    return ids, labels
+
+
+def run(case: dict, sp) -> tuple[list[dict], dict]:
+    """Three AdamW steps of the case's model; -> per-step {name: value} and the first step's gradients."""
+    cfg = ModelConfig.from_preset("debug", **case.get("overrides", {}))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.set_checkpointing(CKPT)
+    model.set_sequence_parallel(sp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, labels = batch(cfg, case["T"], case.get("answer_only", False))
+    if sp is None:
+        inp, lab = ids, labels
+    else:
+        inp, lab = shard(ids, sp.size, sp.rank), shard(shift_labels(labels), sp.size, sp.rank)
+    steps, grads = [], None
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(inp, labels=lab, num_steps=case.get("K"))
+        out.loss.backward()
+        if sp is not None:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= sp.size
+        rec = {"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach()}
+        rec.update({k: v.detach().float() for k, v in out.aux.items()})
+        steps.append(rec)
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    return steps, grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def main(out: str, cases_json: str) -> None:
+    distributed.setup_distributed()
+    sp = UlyssesShards()
+    torch.set_num_threads(1)
+    results = {}
+    for name, case in json.loads(cases_json).items():
+        ref_steps, ref_grads = run(case, None)
+        sp_steps, sp_grads = run(case, sp)
+        assert set(sp_grads) == set(ref_grads), set(sp_grads) ^ set(ref_grads)
+        worst = max(ref_grads, key=lambda n: rel(sp_grads[n], ref_grads[n]))
+        results[name] = {
+            # the first step: every loss and diagnostic
+            "step0_rel": max(rel(sp_steps[0][k], ref_steps[0][k]) for k in ref_steps[0]),
+            # the loss of each step (after AdamW updates, whose normalisation magnifies rounding in tiny gradients)
+            "loss_rel": max(rel(s[k], r[k]) for s, r in zip(sp_steps, ref_steps) for k in ("loss", "lm_loss")),
+            "grad_rel": rel(sp_grads[worst], ref_grads[worst]), "worst_grad": worst,
+            "keys": sorted(ref_steps[0]), "loss": float(ref_steps[0]["loss"])}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    distributed.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

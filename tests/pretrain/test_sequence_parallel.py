@@ -1,0 +1,77 @@
+"""Ulysses sequence parallelism of the model (ressformer.sequence_parallel + pretrain.sequence_parallel): P = 2 gloo
+ranks, each holding half of every sequence, against one process on the whole batch; and the refusals."""
+
+import json
+
+import pytest
+import torch
+
+from ressformer import ModelConfig, build_model
+from ressformer.sequence_parallel import memory_order, sequence_parallel_error, shard, shard_error, shift_labels
+from tests.helpers.dist import launch_ranks
+
+# the paper's debug preset (sparsemax ASAM, top-k 16, R2MU memory, attention-pattern SOES, 4 routed experts), T = 128
+CASES = {
+    "chunked_K4_answer_only": {"T": 128, "K": 4, "answer_only": True},
+    "chunked_K1": {"T": 128, "K": 1},
+    "block_K4": {"T": 128, "K": 4, "overrides": {"asam": {"impl": "block"}}},
+    "block_select_chunk_K4_answer_only": {"T": 128, "K": 4, "answer_only": True,
+                                          "overrides": {"asam": {"impl": "block", "block_select": "chunk"}}},
+    "dense_chunks_prelude_coda_K3": {"T": 128, "K": 3,
+                                     "overrides": {"asam": {"topk": 0}, "r2mu": {"n_prelude": 1, "n_coda": 1}}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_sequence_shards_train_as_one_process(tmp_path):
+    """Loss, aux losses and diagnostics of the first step within 1e-5, the loss of three AdamW steps within 1e-5 and
+    every gradient within 1e-4 (relative), activation checkpointing on, for each ASAM path, K = 1 and 4, an
+    answer-only loss mask, dense chunks and prelude / coda blocks (tests/helpers/sp_worker.py)."""
+    out = tmp_path / "sp.json"
+    launch_ranks(["tests/helpers/sp_worker.py", str(out), json.dumps(CASES)], world_size=2, timeout=280)
+    res = json.loads(out.read_text())
+    assert set(res) == set(CASES)
+    for name, r in res.items():
+        assert r["step0_rel"] < 1e-5 and r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, (name, r)
+        assert {"soes_smooth", "moe_balance", "moe_z", "attn_density"} <= set(r["keys"]), (name, r["keys"])
+        if CASES[name]["K"] > 1:
+            assert "r2mu_gate_step1" in r["keys"], (name, r["keys"])
+
+
+def test_the_exchanged_memory_is_laid_out_as_one_process_lays_it():
+    # two ranks, each with 3 cache keys and 2 summary keys: [c0 c0 c0 s0 s0 | c1 c1 c1 s1 s1] -> caches, then sums
+    assert memory_order(2, 3, 2, "cpu").tolist() == [0, 1, 2, 5, 6, 7, 3, 4, 8, 9]
+    labels = torch.tensor([[1, 2, 3, 4]])
+    assert shift_labels(labels).tolist() == [[2, 3, 4, -100]]
+    assert shard(shift_labels(labels), 2, 1).tolist() == [[4, -100]]  # the second shard scores the sequence's end
+
+
+def test_refusals_name_the_fix():
+    cfg = ModelConfig.from_preset("debug")
+    assert sequence_parallel_error(cfg, 2) is None
+    assert "divisors of 4" in sequence_parallel_error(cfg, 3)
+    other = lambda **kw: ModelConfig.from_preset("debug", **kw)  # noqa: E731
+    assert "soes.graph=attention" in sequence_parallel_error(other(soes={"graph": "bilinear"}), 2)
+    assert "causal=True" in sequence_parallel_error(other(causal=False), 2)
+    assert "sequence_parallel_size=1" in sequence_parallel_error(other(arch="transformer"), 2)
+    assert shard_error(cfg, 128, 2) is None
+    assert "multiple of 32" in shard_error(cfg, 48, 2)  # 24 tokens per shard: not on a segment boundary (16)
+    assert "divisible" in shard_error(cfg, 129, 2)
+
+    class Two:  # a group of two, never called: the refusals come before any collective
+        size, rank = 2, 0
+
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="divisors of 4"):
+        model.set_sequence_parallel(type("Three", (), {"size": 3, "rank": 0})())
+    model.set_sequence_parallel(Two())
+    ids = torch.zeros(1, 24, dtype=torch.long)
+    with pytest.raises(ValueError, match="segment_len"):
+        model(ids, labels=ids)
+    with pytest.raises(ValueError, match="document masking"):
+        model(torch.zeros(1, 32, dtype=torch.long), documents=torch.zeros(1, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="training layout"):
+        model(ids, cache=object())
+    model.set_sequence_parallel(None)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, cfg.vocab_size)
