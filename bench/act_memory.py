@@ -14,7 +14,9 @@ import torch
 from pretrain.engine import checkpoint_fn
 
 
-def saved_bytes(model, input_ids: torch.Tensor, num_steps: int, checkpointing: bool) -> int:
+def saved_bytes(model, input_ids: torch.Tensor, num_steps: int, checkpointing: bool,
+                labels: torch.Tensor | None = None) -> int:
+    """labels: default input_ids (a sequence-parallel model takes its shard's shifted labels)."""
     seen: dict[int, int] = {}
 
     def count(t):
@@ -34,7 +36,7 @@ def saved_bytes(model, input_ids: torch.Tensor, num_steps: int, checkpointing: b
     model.set_checkpointing(ckpt if checkpointing else None, every=1)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(input_ids, labels=input_ids, num_steps=num_steps)
+            out = model(input_ids, labels=input_ids if labels is None else labels, num_steps=num_steps)
         del out
     finally:
         model.set_checkpointing(None)
