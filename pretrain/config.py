@@ -296,6 +296,11 @@ class RunConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile's mode: reduce-overhead captures CUDA graphs (needs a step free of host syncs), max-autotune
     also searches matmul configurations."""
+    sequence_parallel_size: int = 1
+    """DeepSpeed-Ulysses sequence parallelism: P consecutive ranks share each sample, T/P tokens each outside
+    attention, ASAM on n_heads/P heads over the whole sequence (ressformer.sequence_parallel); data parallelism runs
+    over world_size / P groups, so the global batch is micro_batch x grad_accum x world_size / P samples. A training
+    layout: checkpoints and the exported model are those of P = 1, and a run resumes with another P."""
     log_every: int = 10
     """Steps between metrics records (metrics.jsonl, wandb, the progress bar)."""
     save_every: int = 100
@@ -375,7 +380,33 @@ class RunConfig:
         _need(self.eps > 0, "eps", self.eps, "must be > 0")
         _need(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         _need(0 < self.nan_max_fraction <= 1, "nan_max_fraction", self.nan_max_fraction, "must be in (0, 1]")
+        _need(self.sequence_parallel_size >= 1, "sequence_parallel_size", self.sequence_parallel_size,
+              "must be an integer >= 1 (1: off)")
         self._model_config = self._resolve_model()  # not a field: equality and to_dict see only the inputs
+        if self.sequence_parallel_size > 1:
+            self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self) -> None:
+        """The run-config side of sequence parallelism (`sequence_parallel_size`), before anything is built."""
+        from ressformer.sequence_parallel import sequence_parallel_error, shard_error
+
+        P, cfg = self.sequence_parallel_size, self._model_config
+        err = sequence_parallel_error(cfg, P) or shard_error(cfg, self.seq_len, P)
+        if err is None and self.data.document_mask:
+            err = "data.document_mask=true with sequence_parallel_size > 1: not supported; set one of them off"
+        if err is None and self.compile:
+            err = ("compile=true with sequence_parallel_size > 1: the sequence exchange is not traced by torch.compile "
+                   "here; set compile=false")
+        if err:
+            raise ValueError(err)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel groups of a job of world_size ranks: world_size / sequence_parallel_size."""
+        P = self.sequence_parallel_size
+        if world_size % P:
+            raise ValueError(f"sequence_parallel_size={P} must divide the world size {world_size}: launch a multiple "
+                             f"of {P} ranks or lower sequence_parallel_size")
+        return world_size // P
 
     def _resolve_model(self) -> ModelConfig:
         if isinstance(self.model, dict):
@@ -403,10 +434,13 @@ class RunConfig:
         return self._model_config
 
     def global_batch(self, world_size: int) -> int:
-        return self.micro_batch * self.grad_accum * world_size
+        """Samples per optimizer step on world_size ranks (each sequence-parallel group reads one per micro batch)."""
+        return self.micro_batch * self.grad_accum * self.data_parallel_size(world_size)
 
     def ds_batch_fields(self, world_size: int) -> dict[str, int]:
-        return {"train_batch_size": self.global_batch(world_size),
+        # DeepSpeed sees every rank as data-parallel (sequence parallelism is the model's: each rank's loss gives it
+        # P times its share of the gradient, and DeepSpeed's mean over all ranks is the exact gradient)
+        return {"train_batch_size": self.micro_batch * self.grad_accum * world_size,
                 "train_micro_batch_size_per_gpu": self.micro_batch,
                 "gradient_accumulation_steps": self.grad_accum}
 

@@ -209,7 +209,12 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     world = dist.get_world_size()
     ds = build_ds_config(ds_json, run, world)
     ep = resolve_plan(run.model_config(), ds, world).backend != "none"
+    check_sequence_parallel(run, world, ep)
     model = build_model_for(run, ds, init_state, compile_now=not ep)
+    if run.sequence_parallel_size > 1:
+        from pretrain.sequence_parallel import UlyssesShards, sequence_group
+
+        model.set_sequence_parallel(UlyssesShards(sequence_group(run.sequence_parallel_size)))
     model = prepare_expert_parallel(model, ds)
     # ds_to_universal (resharding on resume, pretrain.checkpoint) requires this record in ZeRO-1/2 checkpoints;
     # the model has no tensor or pipeline parallelism, so no parameter patterns are needed.
@@ -222,6 +227,20 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     if run.compile and ep:  # after initialize: AutoEP puts its MoE layers in there
         compile_model(engine.module, run)
     return engine, opt, sched, ds
+
+
+def check_sequence_parallel(run: RunConfig, world: int, expert_parallel: bool) -> None:
+    """The layout side of `sequence_parallel_size` (the run config checked the model side): a ValueError naming the
+    fix, before any memory is allocated."""
+    P = run.sequence_parallel_size
+    if P == 1:
+        return
+    run.data_parallel_size(world)  # P divides the world size
+    if expert_parallel:
+        raise ValueError("expert parallelism (AutoEP, native MoE) with sequence_parallel_size > 1: not supported "
+                         "(DeepSpeed refuses AutoEP with ZeRO-3 under sequence parallelism); the combination that "
+                         "works is the routed experts without expert parallelism, sharded by ZeRO-3: "
+                         "--ds_config ds_configs/zero3.json")
 
 
 def layout(run: RunConfig, ds: dict, world: int) -> dict:

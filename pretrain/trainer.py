@@ -66,9 +66,27 @@ class NanGuard:
                                 f"budget of {self.max_skipped} ({self.budget_note}): {fix}")
 
 
-def _documents(batch: dict, device) -> dict:
-    """The model's `documents` keyword for a batch that carries them (data.document_mask), else nothing."""
-    return {} if "documents" not in batch else {"documents": batch["documents"].to(device)}
+def model_inputs(engine, batch: dict) -> dict:
+    """The model's input_ids, labels (and `documents`, for a batch that carries them: data.document_mask) on the
+    engine's device. A sequence-parallel model (`sequence_parallel_size`) takes its rank's shard of each sequence,
+    the labels shifted before they are cut (ressformer.sequence_parallel)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    sp = getattr(engine.module, "sp", None)
+    if sp is not None:
+        from ressformer.sequence_parallel import shard, shift_labels
+
+        ids, labels = shard(ids, sp.size, sp.rank), shard(shift_labels(labels), sp.size, sp.rank)
+    dev = engine.device
+    out = {"input_ids": ids.to(dev), "labels": labels.to(dev)}
+    if "documents" in batch:
+        out["documents"] = batch["documents"].to(dev)
+    return out
+
+
+def data_rank(run: RunConfig) -> tuple[int, int]:
+    """(this rank's data-parallel index, the data-parallel size): the ranks of one sequence-parallel group read the
+    same samples."""
+    return D.rank() // run.sequence_parallel_size, run.data_parallel_size(D.world_size())
 
 
 def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
@@ -78,8 +96,7 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     backward): skipping a bad micro batch needs the decision before its backward, on every rank alike. The model's
     forward and backward themselves read nothing on the host."""
     phase("forward")
-    out = engine(batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device), num_steps=num_steps,
-                 **_documents(batch, engine.device))
+    out = engine(**model_inputs(engine, batch), num_steps=num_steps)
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
         guard.in_a_row += 1
@@ -118,9 +135,8 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     engine.eval()
     tot = 0.0
     with torch.no_grad():
-        for b in eval_batches(valid, run.micro_batch, D.rank(), D.world_size(), run.eval_iters):
-            tot = tot + engine(b["input_ids"].to(engine.device), labels=b["labels"].to(engine.device),
-                               **_documents(b, engine.device)).lm_loss.float()
+        for b in eval_batches(valid, run.micro_batch, *data_rank(run), run.eval_iters):
+            tot = tot + engine(**model_inputs(engine, b)).lm_loss.float()
     engine.train()
     return all_mean(float(tot) / run.eval_iters)  # read once
 
@@ -128,12 +144,13 @@ def evaluate(engine, valid, run: RunConfig) -> float:
 def train_samples(run: RunConfig, world: int, state: dict) -> int:
     """Training samples the split must hold for this run on `world` ranks, continuing `state` (a checkpoint's
     run_state; {} for a fresh run): the samples it consumed, the remaining steps at this run's global batch, and the
-    skip budget left (a skipped micro step consumes micro_batch x world samples). Never fewer than the run's
+    skip budget left (a skipped micro step consumes micro_batch x data-parallel size samples). Never fewer than the run's
     earlier launches built (`train_samples` of the state): the same size keeps megatron's sample order."""
     consumed = int(state.get("consumed_samples", 0))
     steps_left = max(0, run.steps - int(state.get("step", 0)))
     skips_left = max(0, nan_budget(run) - int(state.get("skipped_micro_batches", 0)))
-    need = consumed + steps_left * run.global_batch(world) + skips_left * run.micro_batch * world
+    skip = run.micro_batch * run.data_parallel_size(world)  # samples a skipped micro step consumes
+    need = consumed + steps_left * run.global_batch(world) + skips_left * skip
     return max(need, int(state.get("train_samples", 0)))
 
 
@@ -190,15 +207,16 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     D.on_rank0(announce, run, Path(run.run_dir), info, restored.ds, errors=(RunWriteError,))
 
     n_train = train_samples(run, world, state)
+    dp_rank, dp = data_rank(run)
     train_ds, valid_ds, _ = build_datasets(run.data, seq_len=run.seq_len, seed=run.seed,
-                                           num_samples=(n_train, max(1, run.eval_iters) * run.micro_batch * world, 0))
+                                           num_samples=(n_train, max(1, run.eval_iters) * run.micro_batch * dp, 0))
     consumed = int(state.get("consumed_samples", 0))
     if rank == 0 and state.get("data_digest") and stream_digest(train_ds, consumed) != state["data_digest"]:
         print(f"[pretrain] warning: the first {consumed} samples of this run's training stream are not the ones "
               f"{restored.point.tag.name} trained on: the data (blend, prefix contents, split, seed, seq_len) or the "
               f"sample budget ({n_train} samples now, {state.get('train_samples')} then) changed; samples may repeat "
               f"or be skipped from here on", file=sys.stderr, flush=True)
-    batches = TrainBatches(train_ds, micro_batch=run.micro_batch, dp_rank=rank, dp_size=world,
+    batches = TrainBatches(train_ds, micro_batch=run.micro_batch, dp_rank=dp_rank, dp_size=dp,
                            consumed_samples=consumed, num_workers=run.data.num_workers)
     budget = nan_budget(run)
     nan = NanGuard(run.nan_max_consecutive, skipped=int(state.get("skipped_micro_batches", 0)), max_skipped=budget,

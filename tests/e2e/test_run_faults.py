@@ -435,6 +435,18 @@ def test_resume_on_one_rank_with_zero1_and_back_to_two_with_zero3(ref, tmp_path)
     same_after(losses(d), ref[1], 10, exact=False)
 
 
+def test_sequence_parallel_continues_the_run_and_hands_it_back(ref, tmp_path):
+    """sequence_parallel_size=2 (the two ranks share each sample; grad_accum 2 keeps the global batch at 4) resumes
+    the reference run's step 6 and trains as it did; its step 9 (a kill right after that save) resumes with P = 1."""
+    d = copy_run(ref[0], tmp_path / "r")
+    truncate_to(d, 6)
+    run(d, "--resume", "auto", "--set", "sequence_parallel_size=2", "--set", "grad_accum=2")
+    same_after(losses(d), ref[1], 7, exact=False)
+    truncate_to(d, 9)
+    run(d, "--resume", "auto")
+    same_after(losses(d), ref[1], 10, exact=False)
+
+
 def test_resume_with_another_model_config_is_refused(ref, tmp_path):
     d = copy_run(ref[0], tmp_path / "r")
     truncate_to(d, 6)

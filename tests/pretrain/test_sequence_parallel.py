@@ -2,6 +2,7 @@
 ranks, each holding half of every sequence, against one process on the whole batch; and the refusals."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -75,3 +76,28 @@ def test_refusals_name_the_fix():
         model(ids, cache=object())
     model.set_sequence_parallel(None)
     assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, cfg.vocab_size)
+
+
+def test_run_config_refusals_come_before_anything_is_built():
+    from pretrain.config import load_run_config
+    from pretrain.engine import check_sequence_parallel
+    from tests.helpers.dist import REPO
+
+    def run(*sets):
+        return load_run_config(REPO / "pretrain/configs/debug.yaml", ["seq_len=64", *sets])
+
+    ok = run("sequence_parallel_size=2", "micro_batch=2", "grad_accum=3")
+    assert ok.global_batch(4) == 2 * 3 * 2 and ok.ds_batch_fields(4)["train_batch_size"] == 2 * 3 * 4
+    for sets, words in [(["sequence_parallel_size=3"], "divisors of 4"),
+                        (["sequence_parallel_size=2", "seq_len=48"], "multiple of 32"),
+                        (["sequence_parallel_size=0"], ">= 1"),
+                        (["sequence_parallel_size=2", "data.document_mask=true"], "document_mask"),
+                        (["sequence_parallel_size=2", "compile=true"], "compile=false"),
+                        (["sequence_parallel_size=2", "model_overrides={soes: {graph: bilinear}}"], "soes.graph")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            run(*sets)
+    with pytest.raises(ValueError, match="launch a multiple of 2"):
+        ok.data_parallel_size(3)
+    with pytest.raises(ValueError, match="ds_configs/zero3.json"):
+        check_sequence_parallel(ok, 2, expert_parallel=True)
+    check_sequence_parallel(ok, 2, expert_parallel=False)
