@@ -48,6 +48,12 @@ Tk = T + memory keys):
                  (liger): 2BTD (the gradient of h, computed in the forward) + 4VD (fp32 lm_head gradient) + 4BT
                  (per-token loss) + one bf16 chunk of logits, chunk = next_pow2(BT / ceil(V / D)) tokens. Both:
                  the final norm, (8D + 4) BT. The terms are added, though the logits' peak comes before the units'.
+  sp_exchange    sequence parallelism over P GPUs (`--sequence-parallel`, the run config's sequence_parallel_size):
+                 a GPU keeps its T/P tokens' tensors and, in attention, H/P heads over all T, so every term above
+                 is the whole sequence's / P (the units, the checkpoints, the logits of T/P tokens; model states
+                 unchanged); this term adds the all-to-alls' bf16 send and receive buffers of q, k, v, the memory
+                 keys and values and the output (2 x 2B(4T + 2 Tmem)D / P) and the next step's SOES graph rows
+                 gathered over all T (12m per token of the whole sequence).
 
 Not counted: the CUDA context and NCCL buffers (~1-2 GiB), AutoEP's all-to-all buffers and allocator
 fragmentation; `with_slack` adds 20 % + 2 GiB for them. tests/pretrain/test_memory_estimate.py checks the saved bytes and
@@ -249,8 +255,16 @@ def resolve_kernels(cfg: ModelConfig, asam_kernel: str = "auto", fused_loss: str
 def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, world_size: int = 1,
                     zero_stage: int = 3, ckpt_every: int | None = 1, num_steps: int | None = None,
                     max_live_parameters: float = 1e9, ep_size: int = 1, asam_kernel: bool = False,
-                    fused_loss: bool = False) -> MemoryEstimate:
+                    fused_loss: bool = False, sequence_parallel: int = 1) -> MemoryEstimate:
     """Bytes per GPU of one training micro-step (see the module docstring for each term)."""
+    if sequence_parallel > 1:
+        from ressformer.sequence_parallel import sequence_parallel_error, shard_error
+
+        err = sequence_parallel_error(cfg, sequence_parallel) or shard_error(cfg, seq_len, sequence_parallel)
+        if err is None and world_size % sequence_parallel:
+            err = f"sequence_parallel={sequence_parallel} must divide world_size={world_size}"
+        if err:
+            raise ValueError(f"estimate_memory: {err}")
     if seq_len < 1 or micro_batch < 1 or world_size < 1 or ep_size < 1:
         raise ValueError(f"estimate_memory: seq_len={seq_len}, micro_batch={micro_batch}, world_size={world_size}, "
                          f"ep_size={ep_size} must all be >= 1")
@@ -278,11 +292,14 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
         est.notes["zero3_gathered"] = f"{live / 1e9:.3f} B live params gathered (bf16 weight + grad){ep}"
 
     us = units(cfg, T, num_steps)
-    per_unit = [unit_bytes(cfg, T, u, asam_kernel=asam_kernel, micro_batch=B) for u in us]
+    sp = sequence_parallel
+    # Sequence parallelism: a rank keeps its T/P tokens' tensors and, inside attention, H/P heads over all T
+    # queries: every per-token and per-(token, head) term is the whole sequence's / P.
+    per_unit = [tuple(x / sp for x in unit_bytes(cfg, T, u, asam_kernel=asam_kernel, micro_batch=B)) for u in us]
     m, E = cfg.soes.degree, cfg.moe.num_experts
     # Outside the units: what each returns and the losses read (graphs, smoothness match, router logits).
-    extra = sum((12.0 * m + 4.0 * m * m) * B * T for u in us if u.pattern)
-    extra += (10.0 * E * B * T) * len(us) if E > 1 else 0.0
+    extra = sum((12.0 * m + 4.0 * m * m) * B * T for u in us if u.pattern) / sp
+    extra += (10.0 * E * B * T) * len(us) / sp if E > 1 else 0.0
     if ckpt_every is None:
         est.terms["activations"] = sum(k for k, _ in per_unit) + max(p - k for k, p in per_unit) + extra
         est.notes["activations"] = f"{len(us)} units, no checkpointing"
@@ -293,11 +310,11 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
             if i % ckpt_every:
                 continue
             n_stored += 1
-            stored += 2.0 * B * T * D  # unit input h, bf16
+            stored += 2.0 * B * T * D / sp  # unit input h, bf16
             if u.recurrent:
                 if ckpt_every > 1 and i != first_step:
-                    stored += 2.0 * B * T * D  # H^(t-1): not another checkpoint's input
-                stored += 2.0 * B * u.n_sum * D  # S^(t-1)
+                    stored += 2.0 * B * T * D / sp  # H^(t-1): not another checkpoint's input
+                stored += 2.0 * B * u.n_sum * D / sp  # S^(t-1)
         # Units between checkpoints run normally and keep everything until backward reaches them.
         kept = sum(k for i, (k, _) in enumerate(per_unit) if i % ckpt_every)
         est.terms["checkpoints"] = stored + kept + extra
@@ -305,9 +322,17 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
         est.terms["unit_recompute"] = max(p for _, p in per_unit)
         path = "Triton ASAM kernel" if asam_kernel else "PyTorch ASAM"
         est.notes["unit_recompute"] = f"largest unit's saved tensors + transients in recompute / backward ({path})"
-    est.terms["logits"] = logits_bytes(cfg, T, B, fused_loss=fused_loss)
+    Tl = T // sp
+    est.terms["logits"] = logits_bytes(cfg, Tl, B, fused_loss=fused_loss)
     est.notes["logits"] = ("fused LM loss: grad of h + fp32 grad of lm_head + one logits chunk" if fused_loss
-                           else f"B*T*V = {B}*{T}*{cfg.vocab_size} x 10 B")
+                           else f"B*T*V = {B}*{Tl}*{cfg.vocab_size} x 10 B")
+    if sp > 1:
+        # the all-to-alls' send and receive buffers (bf16) of q, k, v, the memory keys and values and the output of
+        # one attention call, and the next step's graph rows gathered over the whole sequence (int64 + fp32)
+        tk = max(u.n_mem for u in us) if us else 0
+        est.terms["sp_exchange"] = 2.0 * 2.0 * B * (4 * T + 2 * tk) * D / sp + (12.0 * m * B * T if any(
+            u.pattern for u in us) else 0.0)
+        est.notes["sp_exchange"] = f"Ulysses over {sp} GPUs ({T // sp} tokens each): all-to-all buffers, graph rows"
     return est
 
 
@@ -316,6 +341,7 @@ def run_settings(run) -> dict:
     """Model + memory-relevant settings of a RunConfig: model config, seq_len, micro_batch, checkpointing."""
     ac = run.activation_checkpointing
     return {"cfg": run.model_config(), "seq_len": run.seq_len, "micro_batch": run.micro_batch,
+            "sequence_parallel": run.sequence_parallel_size,
             "ckpt_every": ac.every if ac.enabled else None}
 
 
@@ -345,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None,
                     help="tokens per sample (default: the config's seq_len; with --preset the model's max_seq_len)")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the config's micro_batch, else 1")
-    ap.add_argument("--world-size", type=int, default=32, help="data-parallel GPUs (ZeRO partitions over them)")
+    ap.add_argument("--world-size", type=int, default=32,
+                    help="GPUs of the job (ZeRO partitions over all of them, sequence-parallel ones included)")
     ap.add_argument("--zero-stage", type=int, default=None, help="default: the DeepSpeed JSON's, else 3")
     ap.add_argument("--ckpt-every", type=int, default=None,
                     help="checkpoint every N units; 0 = off (default: the config's activation_checkpointing, else 1)")
@@ -356,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--asam-kernel", choices=SWITCHES, default="auto",
                     help="Triton ASAM kernel of a CUDA run (auto: on for the gathered top-k path)")
     ap.add_argument("--fused-loss", choices=SWITCHES, default="auto", help="liger fused LM loss (auto: on)")
+    ap.add_argument("--sequence-parallel", type=int, default=None,
+                    help="Ulysses sequence-parallel size P (default: the config's sequence_parallel_size)")
     args = ap.parse_args(argv)
     try:
         if args.config:
@@ -379,15 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     stage = args.zero_stage if args.zero_stage is not None else ds.get("zero_stage", 3)
     live = args.max_live_parameters if args.max_live_parameters is not None else ds.get("max_live_parameters", 1e9)
     ep = args.ep_size if args.ep_size is not None else ds.get("ep_size", 1)
+    sp = args.sequence_parallel or run["sequence_parallel"]
     try:
         kernel, fused = resolve_kernels(cfg, args.asam_kernel, args.fused_loss, seq)
         est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.world_size, zero_stage=stage,
                               ckpt_every=every, num_steps=args.num_steps, max_live_parameters=live, ep_size=ep,
-                              asam_kernel=kernel, fused_loss=fused)
+                              asam_kernel=kernel, fused_loss=fused, sequence_parallel=sp)
     except ValueError as e:
         ap.error(str(e))
     sys.stdout.write(f"# {name} {' '.join(args.set)} T={seq} micro_batch={mb} world_size={args.world_size} "
-                     f"ZeRO-{stage} ep={ep} ckpt_every={every} asam_kernel={'on' if kernel else 'off'} "
+                     f"ZeRO-{stage} ep={ep} sp={sp} ckpt_every={every} asam_kernel={'on' if kernel else 'off'} "
                      f"fused_loss={'on' if fused else 'off'}\n")
     sys.stdout.write(est.table() + "\n")
     return 0

@@ -144,8 +144,8 @@ def evaluate(engine, valid, run: RunConfig) -> float:
 def train_samples(run: RunConfig, world: int, state: dict) -> int:
     """Training samples the split must hold for this run on `world` ranks, continuing `state` (a checkpoint's
     run_state; {} for a fresh run): the samples it consumed, the remaining steps at this run's global batch, and the
-    skip budget left (a skipped micro step consumes micro_batch x data-parallel size samples). Never fewer than the run's
-    earlier launches built (`train_samples` of the state): the same size keeps megatron's sample order."""
+    skip budget left (a skipped micro step consumes micro_batch x data-parallel size samples). Never fewer than the
+    run's earlier launches built (`train_samples` of the state): the same size keeps megatron's sample order."""
     consumed = int(state.get("consumed_samples", 0))
     steps_left = max(0, run.steps - int(state.get("step", 0)))
     skips_left = max(0, nan_budget(run) - int(state.get("skipped_micro_batches", 0)))

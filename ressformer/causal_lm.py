@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ressformer.attention import ASAMAttention
 from ressformer.config import ModelConfig
+from ressformer.kernels import use_lm_loss_kernel
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.moe import MoEExperts, moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
@@ -221,16 +222,22 @@ class CausalLM(nn.Module):
     def _sequence_parallel_loss(self, hn: torch.Tensor, labels: torch.Tensor | None, return_logits: bool | None):
         """(logits of the shard | None, the group's LM loss | None): labels are the shard's shifted targets
         (`set_sequence_parallel`); the loss is the sum of the group's token losses over the group's count."""
-        logits = self.lm_head(hn)  # (B, T/P, V)
-        lm = None
-        if labels is not None:
-            if labels.shape != hn.shape[:2]:
-                raise ValueError(f"labels {tuple(labels.shape)} must be the shard's shifted targets shaped like its "
-                                 f"input_ids {tuple(hn.shape[:2])} (ressformer.sequence_parallel.shift_labels, then "
-                                 "shard)")
+        if labels is None:
+            return self.lm_head(hn), None
+        if labels.shape != hn.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} must be the shard's shifted targets shaped like its "
+                             f"input_ids {tuple(hn.shape[:2])} (ressformer.sequence_parallel.shift_labels, then shard)")
+        logits = None
+        if (return_logits is False or (return_logits is None and self.training)) and use_lm_loss_kernel(hn):
+            from ressformer.kernels.fused_loss import linear_cross_entropy
+
+            ce = linear_cross_entropy(hn, self.lm_head.weight, labels, bias=self.lm_head.bias, shifted=True,
+                                      reduction="sum")
+        else:
+            logits = self.lm_head(hn)  # (B, T/P, V)
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                                    ignore_index=-100, reduction="sum")
-            lm = self.sp.sum(ce) / self.sp.sum((labels != -100).sum().float()).clamp(min=1.0)
+        lm = self.sp.sum(ce) / self.sp.sum((labels != -100).sum().float()).clamp(min=1.0)
         return (None if return_logits is False else logits), lm
 
     def _cached_output(self, h: torch.Tensor, labels: torch.Tensor | None, diagnostics: dict | None = None):

@@ -12,6 +12,7 @@
 #   RUN_DIR         run folder (checkpoints, metrics.jsonl, FINISHED marker, per-job logs)
 #   DATA            megatron data prefix (or a YAML blend list), passed as `--set data.blend=[[1.0, $DATA]]`
 #   WANDB_PROJECT   passed as `--set wandb.project=$WANDB_PROJECT` when non-empty (WANDB_MODE picks offline/online)
+#   SP              sequence-parallel size, passed as `--set sequence_parallel_size=$SP` (the config's otherwise)
 #   EXTRA_ARGS      more trainer arguments, word-split, e.g. "--set steps=40 --set micro_batch=1"
 #   MAX_REQUEUES    stop requeueing after this many restarts in all (preemptions and crashes)
 #   MAX_CRASH_RESTARTS  requeue after a crash (a rank killed, a hang the watchdog ended, an error) at most this
@@ -61,6 +62,7 @@ ressformer_launch() {
         trainer_args+=(--set "data.blend=$blend")
     fi
     [ -n "${WANDB_PROJECT:-}" ] && trainer_args+=(--set "wandb.project=$WANDB_PROJECT")
+    [ -n "${SP:-}" ] && trainer_args+=(--set "sequence_parallel_size=$SP")
     read -r -a extra <<<"${EXTRA_ARGS:-}"
     trainer_args+=("${extra[@]}" --resume auto)
     mkdir -p "$RUN_DIR/hang" "$RUN_DIR/.launch"

@@ -7,6 +7,7 @@
 #   RUN_DIR=/scratch/me/1b DATA=/data/fineweb_text_document WANDB_PROJECT=me-1b sbatch slurm/pretrain_1b.sh
 #   GPUS_PER_NODE=4 sbatch --gpus-per-node=4 --ntasks-per-node=4 slurm/pretrain_1b.sh
 #   CONFIG=pretrain/configs/1b_long_blocks.yaml sbatch slurm/pretrain_1b.sh   # no triton on the cluster
+#   CONFIG=pretrain/configs/1b_1m.yaml DS_CONFIG=ds_configs/zero3.json sbatch slurm/pretrain_1b.sh  # 1M tokens, SP 16
 #
 # Submit from the repository root (sbatch runs a copy of this file; REPO defaults to the submit folder).
 # Variables (environment overrides; sbatch exports the submitting shell's environment):
@@ -16,6 +17,7 @@
 #   DATA           megatron .bin/.idx prefix, or a YAML blend "[[0.7, a], [0.3, b]]" -> data.blend  [config's]
 #   RUN_DIR        checkpoints, metrics.jsonl, FINISHED; keep it on a shared file system [$REPO/runs/1b_long]
 #   WANDB_PROJECT  wandb project (WANDB_MODE=offline works on nodes without network)  [ressformer]
+#   SP             sequence-parallel size (Ulysses; the config's sequence_parallel_size otherwise) [config's]
 #   EXTRA_ARGS     more trainer arguments, e.g. "--set steps=20000 --set lr=3e-4"     []
 #   PYTHON         interpreter with the project installed                 [$REPO/.venv/bin/python or python3]
 #   MAX_REQUEUES   give up requeueing after this many restarts                        [20]

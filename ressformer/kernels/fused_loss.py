@@ -27,11 +27,12 @@ except ImportError:  # the PyTorch path stays available
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, *, shifted: bool = False, reduction: str = "mean") -> torch.Tensor:
     """Mean next-token cross-entropy of logits h @ weight.T (+ bias) against labels, without forming the logits.
 
     h (B, T, D) final-norm hidden states, weight (V, D) the lm_head weight, labels (B, T) == input_ids (HF convention,
-    the shift happens here). Returns a float32 scalar.
+    the shift happens here; shifted=True: labels are already each position's target, as a sequence shard's are).
+    reduction "sum": the sum over the scored tokens. Returns a float32 scalar.
     """
     if liger_fused_linear_cross_entropy is None:
         raise RuntimeError("the fused LM loss needs liger-kernel: pip install -e '.[gpu]' "
@@ -40,10 +41,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         raise ValueError(f"labels {tuple(labels.shape)} must match hidden states (B, T) {tuple(h.shape[:2])}; "
                          "pass labels=input_ids (the shift happens inside)")
     B, T, D = h.shape
-    target = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(B * T)  # (B*T,) position t scores labels[t+1]
+    target = (labels if shifted else F.pad(labels[:, 1:], (0, 1), value=ignore_index)).reshape(B * T)  # position
+    #                                                                                    t scores labels[t + 1]
     try:
         loss = liger_fused_linear_cross_entropy(h.reshape(B * T, D), weight, target, bias=bias,
-                                                ignore_index=ignore_index, reduction="mean", accum_dtype=torch.float32)
+                                                ignore_index=ignore_index, reduction=reduction,
+                                                accum_dtype=torch.float32)
     except RuntimeError as e:
         if h.is_cuda:
             raise

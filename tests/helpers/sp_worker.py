@@ -1,7 +1,7 @@
 """One rank of the sequence-parallel parity check (tests/pretrain/test_sequence_parallel.py).
 
-argv: OUT CASES_JSON. Every rank builds the same model and global batch, runs each case once as one process on the
-whole batch (the reference) and once on its shard of every sequence (ressformer.sequence_parallel with
+argv: OUT CASES_JSON (a case's "fused_loss": liger's fused LM loss, which needs TRITON_INTERPRET=1 on CPU). Every
+rank builds the same model and global batch, runs each case once as one process on the whole batch (the reference) and once on its shard of every sequence (ressformer.sequence_parallel with
 pretrain.sequence_parallel.UlyssesShards over the whole world, activation checkpointing on), takes three AdamW
 steps each way, and compares: the loss, aux losses and diagnostics of the first step, the loss of every step, and
 every gradient of the first step (the group's mean of the ranks' gradients, which is what data parallelism over the
@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import ressformer.kernels as kernels  # noqa: E402
 from pretrain import distributed  # noqa: E402
 from pretrain.sequence_parallel import UlyssesShards  # noqa: E402
 from ressformer import ModelConfig, build_model  # noqa: E402
@@ -41,6 +42,7 @@ def batch(cfg, T: int, answer_only: bool):
 def run(case: dict, sp) -> tuple[list[dict], dict]:
     """Three AdamW steps of the case's model; -> per-step {name: value} and the first step's gradients."""
     cfg = ModelConfig.from_preset("debug", **case.get("overrides", {}))
+    kernels.set_lm_loss_kernel("liger" if case.get("fused_loss") else "auto")  # liger: in the Triton interpreter
     torch.manual_seed(0)
     model = build_model(cfg).train()
     model.set_checkpointing(CKPT)

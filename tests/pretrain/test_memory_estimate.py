@@ -182,7 +182,28 @@ def test_cli_prints_a_table(capsys):
     assert "ZeRO-3 ep=8" in out and "asam_kernel=on fused_loss=on" in out and "experts / 8 (AutoEP)" in out
 
 
-@pytest.mark.parametrize("name", ["1b_long.yaml", "1b_long_blocks.yaml"])
+def test_sequence_parallel_keeps_a_shards_worth_per_gpu():
+    """Under Ulysses a GPU keeps its T/P tokens' tensors and H/P heads over all T in attention: the units cost what
+    they cost at T/P; the exchange is a term of its own; the 1M-token config fits 70 GiB on 32 GPUs."""
+    cfg = ModelConfig.from_preset("1b-long", max_seq_len=131072)
+    kw = dict(world_size=32, ep_size=1, asam_kernel=True, fused_loss=True)
+    sp = estimate_memory(cfg, seq_len=131072, sequence_parallel=4, **kw).terms
+    one = estimate_memory(cfg, seq_len=32768, **kw).terms
+    for k in ("model_states", "zero3_gathered", "checkpoints", "logits"):
+        assert sp[k] == pytest.approx(one[k], rel=1e-3), k
+    assert sp["unit_recompute"] == pytest.approx(one["unit_recompute"], rel=1e-2)
+    assert 0 < sp["sp_exchange"] < 0.1 * sum(sp.values()) and "sp_exchange" not in one
+    with pytest.raises(ValueError, match="divisors of 16"):
+        estimate_memory(cfg, seq_len=131072, sequence_parallel=32, **kw)
+    with pytest.raises(ValueError, match="segment_len"):
+        estimate_memory(cfg, seq_len=4 * 33000, sequence_parallel=4, **kw)
+    run = run_config_settings(str(REPO / "pretrain/configs/1b_1m.yaml"))
+    assert run["seq_len"] == 2**20 and run["sequence_parallel"] == 16
+    est = estimate_memory(run["cfg"], seq_len=2**20, sequence_parallel=16, **kw)
+    assert est.total / GiB <= 70
+
+
+@pytest.mark.parametrize("name", ["1b_long.yaml", "1b_long_blocks.yaml", "1b_128k.yaml", "1b_1m.yaml"])
 def test_config_note_is_the_estimators_output(capsys, name):
     """The per-GPU memory notes in the header of pretrain/configs/NAME are what the commands quoted there print:
     every row of the first command's table, the total of the others."""

@@ -9,7 +9,7 @@ import torch
 
 from ressformer import ModelConfig, build_model
 from ressformer.sequence_parallel import memory_order, sequence_parallel_error, shard, shard_error, shift_labels
-from tests.helpers.dist import launch_ranks
+from tests.helpers.dist import base_env, launch_ranks
 
 # the paper's debug preset (sparsemax ASAM, top-k 16, R2MU memory, attention-pattern SOES, 4 routed experts), T = 128
 CASES = {
@@ -20,6 +20,7 @@ CASES = {
                                           "overrides": {"asam": {"impl": "block", "block_select": "chunk"}}},
     "dense_chunks_prelude_coda_K3": {"T": 128, "K": 3,
                                      "overrides": {"asam": {"topk": 0}, "r2mu": {"n_prelude": 1, "n_coda": 1}}},
+    "fused_loss_answer_only_K2": {"T": 64, "K": 2, "answer_only": True, "fused_loss": True},
 }
 
 
@@ -28,9 +29,11 @@ CASES = {
 def test_two_sequence_shards_train_as_one_process(tmp_path):
     """Loss, aux losses and diagnostics of the first step within 1e-5, the loss of three AdamW steps within 1e-5 and
     every gradient within 1e-4 (relative), activation checkpointing on, for each ASAM path, K = 1 and 4, an
-    answer-only loss mask, dense chunks and prelude / coda blocks (tests/helpers/sp_worker.py)."""
+    answer-only loss mask, dense chunks, prelude / coda blocks and liger's fused LM loss (in the Triton interpreter)
+    (tests/helpers/sp_worker.py)."""
     out = tmp_path / "sp.json"
-    launch_ranks(["tests/helpers/sp_worker.py", str(out), json.dumps(CASES)], world_size=2, timeout=280)
+    launch_ranks(["tests/helpers/sp_worker.py", str(out), json.dumps(CASES)], world_size=2, timeout=280,
+                 env=dict(base_env(), TRITON_INTERPRET="1"))
     res = json.loads(out.read_text())
     assert set(res) == set(CASES)
     for name, r in res.items():

@@ -87,6 +87,11 @@ def test_fused_loss_equals_lm_loss():
     torch.testing.assert_close(gh, rh, rtol=0, atol=1e-4)
     torch.testing.assert_close(gw, rw, rtol=0, atol=1e-4)
     assert gh[:, -1].abs().max() == 0 and gh[1, :4].abs().max() == 0  # last position and masked prompt score nothing
+    # a sequence shard's form (ressformer.sequence_parallel): targets shifted before, the sum over scored tokens
+    from ressformer.sequence_parallel import shift_labels
+
+    total = fused_loss.linear_cross_entropy(h, w, shift_labels(labels), shifted=True, reduction="sum")
+    torch.testing.assert_close(total, ref * (labels[:, 1:] != -100).sum(), rtol=1e-6, atol=1e-4)
 
 
 @needs_liger
