@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism of the model (ressformer.sequence_parallel + pretrain.sequence_parallel): P = 2 gloo
-ranks, each holding half of every sequence, against one process on the whole batch; and the refusals."""
+ranks, each holding half of every sequence, against one process on the whole batch (and P = 2 x DP = 2 on 4 ranks
+against data parallelism); the refusals of the model, the run config and the engine."""
 
 import json
 import re
@@ -34,12 +35,26 @@ def test_two_sequence_shards_train_as_one_process(tmp_path):
     out = tmp_path / "sp.json"
     launch_ranks(["tests/helpers/sp_worker.py", str(out), json.dumps(CASES)], world_size=2, timeout=280,
                  env=dict(base_env(), TRITON_INTERPRET="1"))
-    res = json.loads(out.read_text())
-    assert set(res) == set(CASES)
+    _check(json.loads(out.read_text()), CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_sequence_parallel_groups_train_as_data_parallelism(tmp_path):
+    """P = 2 x DP = 2 on 4 ranks: each group of two ranks holds one group's rows, against those rows run whole by
+    plain data parallelism (gradients averaged over all ranks both ways)."""
+    cases = {k: CASES[k] for k in ("block_select_chunk_K4_answer_only",)}
+    out = tmp_path / "sp.json"
+    launch_ranks(["tests/helpers/sp_worker.py", str(out), json.dumps(cases), "2"], world_size=4, timeout=280)
+    _check(json.loads(out.read_text()), cases)
+
+
+def _check(res: dict, cases: dict) -> None:
+    assert set(res) == set(cases)
     for name, r in res.items():
         assert r["step0_rel"] < 1e-5 and r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, (name, r)
         assert {"soes_smooth", "moe_balance", "moe_z", "attn_density"} <= set(r["keys"]), (name, r["keys"])
-        if CASES[name]["K"] > 1:
+        if cases[name]["K"] > 1:
             assert "r2mu_gate_step1" in r["keys"], (name, r["keys"])
 
 
