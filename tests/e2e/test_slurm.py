@@ -359,18 +359,24 @@ def test_pretrain_debug_script(cluster, trainer, debug_job):
 @pytest.mark.timeout(240)
 def test_pretrain_1b_script_scaled_to_debug(cluster, trainer, tmp_path):
     """The 1B script itself, with its GPU defaults overridden the documented way (variables + sbatch options), on
-    plain ZeRO-3 (the AutoEP layout it defaults to: test_pretrain_1b_script_runs_the_paper_model_with_autoep)."""
+    plain ZeRO-3 (the AutoEP layout it defaults to: test_pretrain_1b_script_runs_the_paper_model_with_autoep), with
+    sequence parallelism across the two nodes (SP=2: each node's rank holds half of every sample, the attention
+    all-to-alls go between the nodes)."""
     run_dir, log, steps = tmp_path / "run", tmp_path / "1b.out", 20
     job = _sbatch(cluster, "slurm/pretrain_1b.sh", log, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                   "--cpus-per-task=1", "--time=00:10:00",
                   RUN_DIR=run_dir, GPUS_PER_NODE=1, CONFIG="pretrain/configs/debug.yaml", DATA=trainer["prefix"],
-                  DS_CONFIG="ds_configs/zero3.json", WANDB_PROJECT="",
+                  DS_CONFIG="ds_configs/zero3.json", WANDB_PROJECT="", SP=2,
                   EXTRA_ARGS=f"--set steps={steps} {DEBUG_ARGS} --set data.tokenizer={trainer['tok']}")
     info = _wait(cluster, job, log, _completed, 200, "COMPLETED")
     assert info.get("NumNodes") == "2" and info.get("NumTasks") == "2"
     text = log.read_text()
     assert "--ds_config ds_configs/zero3.json" in text, "the 1B script must launch with the DS_CONFIG given"
-    _check_finished_run(run_dir, steps, log)
+    assert "--set sequence_parallel_size=2" in text and '"sequence_parallel_size": 2' in text, _tail(log)
+    rows = _check_finished_run(run_dir, steps, log)
+    # one sample per step per sequence-parallel group: the one group of the two ranks reads micro_batch samples
+    run = json.loads((run_dir / "run_info.json").read_text())["run_config"]
+    assert rows[-1]["tokens_seen"] == steps * run["micro_batch"] * run["grad_accum"] * run["seq_len"], rows[-1]
 
 
 @pytest.mark.slow
