@@ -209,7 +209,7 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     world = dist.get_world_size()
     ds = build_ds_config(ds_json, run, world)
     ep = resolve_plan(run.model_config(), ds, world).backend != "none"
-    check_sequence_parallel(run, world, ep)
+    check_sequence_parallel(run, ds, world)
     model = build_model_for(run, ds, init_state, compile_now=not ep)
     if run.sequence_parallel_size > 1:
         from pretrain.sequence_parallel import UlyssesShards, sequence_group
@@ -229,14 +229,16 @@ def build_engine(run: RunConfig, ds_json: dict, init_state: dict | None = None):
     return engine, opt, sched, ds
 
 
-def check_sequence_parallel(run: RunConfig, world: int, expert_parallel: bool) -> None:
-    """The layout side of `sequence_parallel_size` (the run config checked the model side): a ValueError naming the
-    fix, before any memory is allocated."""
+def check_sequence_parallel(run: RunConfig, ds: dict, world: int) -> None:
+    """The layout side of `sequence_parallel_size` on `world` ranks with DeepSpeed config `ds` (the run config
+    checked the model side): a ValueError naming the fix (the trainer asks before its preflight allocates)."""
+    from pretrain.expert_parallel import resolve_plan
+
     P = run.sequence_parallel_size
     if P == 1:
         return
     run.data_parallel_size(world)  # P divides the world size
-    if expert_parallel:
+    if resolve_plan(run.model_config(), ds, world).backend != "none":
         raise ValueError("expert parallelism (AutoEP, native MoE) with sequence_parallel_size > 1: not supported "
                          "(DeepSpeed refuses AutoEP with ZeRO-3 under sequence parallelism); the combination that "
                          "works is the routed experts without expert parallelism, sharded by ZeRO-3: "

@@ -191,9 +191,15 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_eval_tasks(run)
+    from pretrain.ds_config import build_ds_config
+    from pretrain.engine import check_sequence_parallel
+
+    try:
+        check_sequence_parallel(run, build_ds_config(ds_json, run, world), world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     checked = None
     if run.preflight.enabled:  # before the engine: free memory is measured before it is taken
-        from pretrain.ds_config import build_ds_config
         from pretrain.preflight import preflight
 
         checked = preflight(run, build_ds_config(ds_json, run, world), min_fraction=run.preflight.min_fraction)
