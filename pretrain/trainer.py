@@ -71,7 +71,7 @@ def model_inputs(engine, batch: dict) -> dict:
     engine's device. A sequence-parallel model (`sequence_parallel_size`) takes its rank's shard of each sequence,
     the labels shifted before they are cut (ressformer.sequence_parallel)."""
     ids, labels = batch["input_ids"], batch["labels"]
-    sp = getattr(engine.module, "sp", None)
+    sp = getattr(getattr(engine, "module", None), "sp", None)  # (a DeepSpeed engine holds the model as .module)
     if sp is not None:
         from ressformer.sequence_parallel import shard, shift_labels
 
@@ -96,7 +96,8 @@ def micro_step(engine, batch: dict, num_steps: int, guard: NanGuard):
     backward): skipping a bad micro batch needs the decision before its backward, on every rank alike. The model's
     forward and backward themselves read nothing on the host."""
     phase("forward")
-    out = engine(**model_inputs(engine, batch), num_steps=num_steps)
+    inputs = model_inputs(engine, batch)
+    out = engine(inputs.pop("input_ids"), **inputs, num_steps=num_steps)
     if any_rank(not bool(torch.isfinite(out.loss).item())):  # every rank takes the same branch
         guard.skipped += 1
         guard.in_a_row += 1
@@ -136,7 +137,8 @@ def evaluate(engine, valid, run: RunConfig) -> float:
     tot = 0.0
     with torch.no_grad():
         for b in eval_batches(valid, run.micro_batch, *data_rank(run), run.eval_iters):
-            tot = tot + engine(**model_inputs(engine, b)).lm_loss.float()
+            inputs = model_inputs(engine, b)
+            tot = tot + engine(inputs.pop("input_ids"), **inputs).lm_loss.float()
     engine.train()
     return all_mean(float(tot) / run.eval_iters)  # read once
 
