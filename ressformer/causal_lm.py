@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from ressformer.attention import ASAMAttention
 from ressformer.config import ModelConfig
-from ressformer.kernels import use_lm_loss_kernel
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
+from ressformer.kernels import use_lm_loss_kernel
 from ressformer.moe import MoEExperts, moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
 from ressformer.sequence_parallel import sequence_parallel_error

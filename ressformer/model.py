@@ -20,6 +20,9 @@ The paper has the loop alone (prelude / coda, r2mu.n_prelude / n_coda, are an ex
 * Incremental decoding (cache.py): each unit keeps its keys / values and what its memory and graph read.
 * Document masking (`documents=`): per-sample positions (selection.document_positions) keep every read - ASAM keys,
   token cache, summaries (segments restart per document), SOES edges - inside the token's document.
+* Sequence parallelism (`set_sequence_parallel`, ressformer.sequence_parallel): the forward takes a shard of each
+  sequence at positions rank * T/P ..; memory keys carry those positions and are block-aligned after the exchange,
+  in ASAMAttention; the smoothness penalty and gate means are the group's.
 """
 
 from __future__ import annotations
