@@ -9,9 +9,9 @@ ressformer's model (ressformer.sequence_parallel) says where the sequence has to
 - `gather(x, dim)`: every rank's shard concatenated along `dim`, differentiable. Built from the same all-to-all on P
   copies of the shard, so its backward (the gradients of the copies routed back and summed) needs no reduce-scatter,
   which gloo lacks.
-- `sum(x)`: the group's sum, differentiable (the backward sums the gradients too). A loss made as sum(local part) / global count is the same scalar on every rank of the group, and
-  each rank's backward then yields P times its own share of the gradient: the data-parallel mean over all ranks
-  (P per sample) is the exact gradient.
+- `sum(x)`: the group's sum, differentiable (the backward sums the gradients too). A loss made as
+  sum(local part) / global count is the same scalar on every rank of the group, and each rank's backward then yields
+  P times its own share of the gradient: the data-parallel mean over all ranks (P per sample) is the exact gradient.
 
 DeepSpeed's `DistributedAttention` itself takes (q, k, v) and returns one tensor; ReSSFormer's attention also
 exchanges R2MU memory keys, the SOES graph rows and the attention pattern, so the model calls the exchange directly.

@@ -196,15 +196,16 @@ def _train(run: RunConfig, ds_json: dict, ckpt, signals, guard: WriteGuard, moni
     from pretrain.ds_config import build_ds_config
     from pretrain.engine import check_sequence_parallel
 
+    ds = build_ds_config(ds_json, run, world)
     try:
-        check_sequence_parallel(run, build_ds_config(ds_json, run, world), world)
+        check_sequence_parallel(run, ds, world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     checked = None
     if run.preflight.enabled:  # before the engine: free memory is measured before it is taken
         from pretrain.preflight import preflight
 
-        checked = preflight(run, build_ds_config(ds_json, run, world), min_fraction=run.preflight.min_fraction)
+        checked = preflight(run, ds, min_fraction=run.preflight.min_fraction)
     restored = ckpt.load()
     engine, sched, state = restored.engine, restored.scheduler, restored.state
     mcfg = run.model_config()
