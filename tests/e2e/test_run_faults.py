@@ -8,7 +8,8 @@ then --overwrite), every kind of damage to a file of the newest checkpoints (fal
 tag that is damaged (refused, never replaced) or older than the newest (the newer ones set aside), a kill
 during a save, SIGTERM to the process group with wandb offline, SIGTERM to the launcher alone, a NaN on the last
 micro batch, a full disk (simulated ENOSPC on one rank, and a real tmpfs where a mount namespace is allowed),
-resharding 2 -> 1 ranks with ZeRO-3 -> ZeRO-1 and back, and a resume with another model config.
+resharding 2 -> 1 ranks with ZeRO-3 -> ZeRO-1 and back, sequence parallelism (a kill -9 resumed with P = 2,
+the run handed back to P = 1), and a resume with another model config.
 """
 
 from __future__ import annotations
@@ -435,13 +436,31 @@ def test_resume_on_one_rank_with_zero1_and_back_to_two_with_zero3(ref, tmp_path)
     same_after(losses(d), ref[1], 10, exact=False)
 
 
-def test_sequence_parallel_continues_the_run_and_hands_it_back(ref, tmp_path):
+def test_sequence_parallel_survives_kill_9_and_hands_the_run_back(ref, tmp_path):
     """sequence_parallel_size=2 (the two ranks share each sample; grad_accum 2 keeps the global batch at 4) resumes
-    the reference run's step 6 and trains as it did; its step 9 (a kill right after that save) resumes with P = 1."""
+    the reference run's step 6 and trains as it did. The whole job is killed (SIGKILL) once step 9 is saved and step
+    10 logged; the resume with P = 2 repeats the killed run's steps after 9 bit for bit, and step 9 resumes with
+    P = 1 as well."""
     d = copy_run(ref[0], tmp_path / "r")
     truncate_to(d, 6)
-    run(d, "--resume", "auto", "--set", "sequence_parallel_size=2", "--set", "grad_accum=2")
-    same_after(losses(d), ref[1], 7, exact=False)
+    sp = ("--resume", "auto", "--set", "sequence_parallel_size=2", "--set", "grad_accum=2")
+    p = subprocess.Popen(cmd(d, *sp), cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while not ((d / "step_00000009" / "COMPLETE").is_file()
+               and '{"step": 10, "loss"' in (d / "metrics.jsonl").read_text()):
+        assert p.poll() is None and time.time() - t0 < 200, p.stdout.read()[-3000:]
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole job, in step 11 or later, before the run's end
+    p.wait()
+    assert not (d / "FINISHED").is_file(), "the job ended before the kill: nothing was interrupted"
+    killed = losses(d)
+    for s in range(7, max(killed) + 1):
+        assert abs(killed[s] - ref[1][s]) <= 1e-5 * abs(ref[1][s]), (s, killed[s], ref[1][s])
+    run(d, *sp)
+    got = losses(d)
+    same_after(got, ref[1], 7, exact=False)
+    assert all(got[s] == killed[s] for s in range(10, max(killed) + 1)), (got, killed)  # same layout: bit for bit
     truncate_to(d, 9)
     run(d, "--resume", "auto")
     same_after(losses(d), ref[1], 10, exact=False)
