@@ -5,7 +5,7 @@ launch helpers the multi-rank tests start."""
 
 from __future__ import annotations
 
-import collections
+import json
 import os
 import subprocess
 import sys
@@ -28,18 +28,20 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files whose slow tests may take longest (the sum of their timeouts) run first, the order within a file kept:
-    each xdist worker takes whole files, and the quick files left for the end keep both workers busy until the last
-    one finishes."""
-    slow: collections.Counter = collections.Counter()
+    """Files run longest first, the order within a file kept: each xdist worker takes whole files (scripts/test.sh:
+    --dist loadfile --no-loadscope-reorder), and the short files left for the end keep both workers busy until the
+    last one finishes. The seconds are measured (tests/file_seconds.json, tests/helpers/file_seconds.py). A file not
+    in the table goes first if it has slow tests (a long file left for the end would run alone), last otherwise."""
+    table = json.loads((REPO / "tests" / "file_seconds.json").read_text())
+    seconds: dict = {}
     for item in items:
-        if item.get_closest_marker("slow"):
-            limit = item.get_closest_marker("timeout")
-            slow[item.path] += limit.args[0] if limit and limit.args else 300
+        known = table.get(item.path.relative_to(REPO).as_posix())
+        slow = float("inf") if item.get_closest_marker("slow") else 0.0
+        seconds[item.path] = max(seconds.get(item.path, 0.0), slow if known is None else known)
     first: dict = {}
     for i, item in enumerate(items):
         first.setdefault(item.path, i)
-    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
+    items.sort(key=lambda item: (-seconds[item.path], first[item.path]))
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,17 @@
 """Faults a cluster throws at a run folder, on 2 real gloo ranks through the `deepspeed` launcher and the trainer
-CLI (ZeRO-3, the debug model, 12 steps, a checkpoint every 3). Each test checks the behaviour and that the
-loss curve after recovery equals the uninterrupted run's (`ref`): bit for bit where the layout is the same,
+CLI (tests.helpers.job: ZeRO-3, the debug model, 12 steps, a checkpoint every 3). Each test checks the behaviour and
+that the loss curve after recovery equals the uninterrupted run's (`ref`): bit for bit where the layout is the same,
 within fp32 tolerance where the run was resharded to another world size / ZeRO stage.
 
 Covered: a second writer (refused while the first holds the folder), a fresh run into a used folder (refused,
-then --overwrite), every kind of damage to a file of the newest checkpoints (fallback past each, the file named), a named
-tag that is damaged (refused, never replaced) or older than the newest (the newer ones set aside), a kill
-during a save, SIGTERM to the process group with wandb offline, SIGTERM to the launcher alone, a NaN on the last
-micro batch, a full disk (simulated ENOSPC on one rank, and a real tmpfs where a mount namespace is allowed),
-resharding 2 -> 1 ranks with ZeRO-3 -> ZeRO-1 and back, sequence parallelism (a kill -9 resumed with P = 2,
-the run handed back to P = 1), and a resume with another model config.
+then --overwrite), every kind of damage to a file of the newest checkpoints (fallback past each, the file named), a
+named tag that is damaged (refused, never replaced) or older than the newest (the newer ones set aside), a kill
+during a save, a NaN on the last micro batch and a NaN storm, a full disk (simulated ENOSPC on one rank, and a real
+tmpfs where a mount namespace is allowed), resharding 2 -> 1 ranks with ZeRO-3 -> ZeRO-1 and back, another global
+batch, sequence parallelism (a kill -9 resumed with P = 2, the run handed back to P = 1), torchrun's restarts, a
+cool-down branch, and a resume with another model config. Faults that reach the job's processes (signals, a stopped
+rank, a straggler) are in test_process_faults.py.
 """
-
 from __future__ import annotations
 
 import json
@@ -25,43 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.dist import REPO, base_env, free_port, run_group
+from tests.helpers.dist import REPO, base_env, run_group
+from tests.helpers.job import ARGS, DS, STEPS, cmd, losses, run, tags
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.usefixtures("default_data")]
-
-STEPS = 12
-ARGS = ["--config", "pretrain/configs/debug.yaml", "--set", "plot=false", "--set", "log_every=1",
-        "--set", "save_every=3",
-        "--set", "eval_iters=0", "--set", "micro_batch=2", "--set", "seq_len=64", "--set", "warmup_steps=2",
-        "--set", "keep_last=10", "--set", f"steps={STEPS}"]
-DS = "ds_configs/zero3.json"
-
-
-def cmd(run_dir, *extra, ranks=2, ds=DS, script="pretrain/main.py"):
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                str(free_port())] if ranks > 1 else [sys.executable]
-    return [*launcher, script, "--ds_config", ds, *ARGS, "--set", f"run_dir={run_dir}", *extra]
-
-
-def run(run_dir, *extra, ok=True, env=None, **kw):
-    p = run_group(cmd(run_dir, *extra, **kw), timeout=300, cwd=REPO, env=env or base_env())
-    if ok:
-        assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    return p
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            assert r["step"] not in out, f"step {r['step']} logged twice in {run_dir}/metrics.jsonl"
-            out[r["step"]] = r["loss"]
-    return out
-
-
-def tags(run_dir) -> list[str]:
-    return sorted(p.name for p in Path(run_dir).glob("step_*") if (p / "COMPLETE").is_file())
 
 
 def truncate_to(run_dir, step):
@@ -207,74 +174,6 @@ def test_kill_during_save_resumes_from_the_previous_checkpoint(ref, tmp_path):
     assert tags(d) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
 
 
-def _no_processes_left(pgid: int, timeout: float = 60) -> bool:
-    import psutil
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        alive = [q for q in psutil.process_iter(["pid"]) if _pgid(q.pid) == pgid]
-        if not alive:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _start_and_wait_for_step(d, *extra, env=None, ranks=2):
-    p = subprocess.Popen(cmd(d, "--set", "steps=400", "--set", "save_every=1000", *extra, ranks=ranks), cwd=REPO, env=env or base_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    t0 = time.time()
-    while not (d / "metrics.jsonl").is_file() or len((d / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert p.poll() is None and time.time() - t0 < 200, p.stdout.read()[-3000:]
-        time.sleep(0.05)
-    return p
-
-
-def test_sigterm_to_the_process_group_with_wandb_offline_saves_once(tmp_path):
-    d = tmp_path / "r"
-    env = dict(base_env(), WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    p = _start_and_wait_for_step(d, env=env)
-    os.killpg(p.pid, signal.SIGTERM)  # what scancel and timeout do: the launcher, the ranks, wandb's service
-    out, _ = p.communicate(timeout=120)
-    assert _no_processes_left(p.pid), "processes of the job outlived it"
-    assert "saved step" in out and "Traceback" not in out, out[-4000:]
-    done = tags(d)
-    assert len(done) == 1 and not (d / "FINISHED").exists(), done
-    assert list((d / "wandb").glob("offline-run-*")), "wandb's offline files are missing"
-    step = int(done[0][5:])
-    assert max(json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()) == step
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGINT and SIGUSR1 set the same flag (pretrain/signals.py)
-def test_a_signal_to_one_process_with_wandb_offline_exits_zero(tmp_path, sig):
-    d = tmp_path / "r"
-    env = dict(base_env(), WANDB_MODE="offline", WANDB_SILENT="true")
-    p = _start_and_wait_for_step(d, env=env, ranks=1)
-    os.killpg(p.pid, sig)  # the trainer and wandb's service, as Slurm signals a job step (SIGINT: Ctrl-C)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0 and "saved step" in out and "Traceback" not in out, out[-4000:]
-    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
-
-
-def test_sigusr1_to_one_rank_stops_every_rank_after_one_save(tmp_path):
-    import psutil
-
-    d = tmp_path / "r"
-    p = _start_and_wait_for_step(d)
-    ranks = [q for q in psutil.Process(p.pid).children(recursive=True) if "--local_rank=1" in " ".join(q.cmdline())]
-    assert len(ranks) == 1
-    ranks[0].send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@T reaches the tasks, here only one of them
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0 and "saved step" in out, out[-3000:]
-    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
-
-
 def test_a_tag_written_before_manifests_still_resumes(ref, tmp_path):
     d = copy_run(ref[0], tmp_path / "r")
     truncate_to(d, 6)
@@ -285,15 +184,6 @@ def test_a_tag_written_before_manifests_still_resumes(ref, tmp_path):
         (t / "run_state.json").rename(t / "run_config.json")
     run(d, "--resume", "auto")
     same_after(losses(d), ref[1], 1)
-
-
-def test_sigterm_to_the_launcher_alone_leaves_no_ranks(tmp_path):
-    d = tmp_path / "r"
-    p = _start_and_wait_for_step(d)
-    p.send_signal(signal.SIGTERM)  # the `deepspeed` runner dies; its launcher child and the ranks remain
-    p.communicate(timeout=60)
-    assert _no_processes_left(p.pid, timeout=90), "ranks kept running after the launcher died"
-    assert len(tags(d)) == 1 and not (d / "FINISHED").exists()
 
 
 def test_nan_in_the_last_micro_batch_does_not_end_the_run(ref, tmp_path):
@@ -472,88 +362,6 @@ def test_resume_with_another_model_config_is_refused(ref, tmp_path):
     p = run(d, "--resume", "auto", "--set", "model.asam.topk=8", ok=False)
     msg = p.stdout + p.stderr
     assert p.returncode != 0 and "asam.topk" in msg and "init_from" in msg, msg[-3000:]
-
-
-def test_wandb_online_without_credentials_does_not_stop_training(tmp_path):
-    d = tmp_path / "r"
-    env = dict(base_env(), WANDB_MODE="online", WANDB_API_KEY="", WANDB_DIR=str(tmp_path))
-    p = run(d, "--set", "steps=3", env=env, ranks=1)
-    assert "wandb init failed" in p.stderr and (d / "FINISHED").is_file(), (p.stdout + p.stderr)[-3000:]
-    assert sorted(losses(d)) == [1, 2, 3]  # every record in metrics.jsonl
-
-
-def test_converting_while_the_job_saves_every_step_with_keep_last_1(tmp_path):
-    """pretrain.convert holds the tag it reads (tags.reading); the job's keep_last leaves it until a later save."""
-    d = tmp_path / "r"
-    job = subprocess.Popen(cmd(d, "--set", "steps=20", "--set", "save_every=1", "--set", "keep_last=1"), cwd=REPO,
-                           env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    try:
-        t0 = time.time()
-        while not tags(d):
-            assert job.poll() is None and time.time() - t0 < 200, job.stdout.read()[-3000:]
-            time.sleep(0.05)
-        done = []
-        while job.poll() is None and len(done) < 3:
-            c = subprocess.run([sys.executable, "-m", "pretrain.convert", "--checkpoint", str(d), "--out",
-                                str(tmp_path / f"hf{len(done)}")], cwd=REPO, env=base_env(), capture_output=True,
-                               text=True, timeout=300)
-            assert c.returncode == 0, (c.stdout + c.stderr)[-3000:]
-            done.append(c.stdout)
-        out, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == 0 and done, out[-3000:]
-    assert tags(d) == ["step_00000020"], tags(d)  # the tags held by readers went at a later save or the run's end
-
-
-def test_a_stopped_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path):
-    """SIGSTOP to rank 1 (a hung driver, a frozen node): rank 0 waits in a collective until its watchdog (step_timeout_s
-    10) dumps its stacks, names rank 1 as stopped, and exits 4; the launcher then ends the stopped rank too."""
-    import psutil
-
-    d = tmp_path / "r"
-    p = _start_and_wait_for_step(d, "--set", "faults.step_timeout_s=10")
-    while len((d / "metrics.jsonl").read_text().splitlines()) < 6:  # past the first steps: the limit is 10 s now
-        assert p.poll() is None
-        time.sleep(0.1)
-    rank1 = next(q for q in psutil.Process(p.pid).children(recursive=True) if "--local_rank=1" in " ".join(q.cmdline()))
-    rank1.send_signal(signal.SIGSTOP)
-    t0 = time.time()
-    out, _ = p.communicate(timeout=200)
-    ended = time.time() - t0
-    assert p.returncode == 4, (p.returncode, out[-3000:])
-    assert "[watchdog] rank 0" in out and "ranks that stopped reporting: rank 1" in out, out[-3000:]
-    dump = json.loads((d / "hang" / "rank0.json").read_text())
-    # The watchdog fires within the limit (+ one heartbeat interval + a busy machine's slack); the job then ends
-    # after deepspeed's launcher has waited its 30 s for the stopped rank to take SIGTERM before it kills it.
-    fired = dump["time"] - t0
-    assert fired < 10 + 30 and ended < fired + 30 + 60, (fired, ended)
-    assert [x["rank"] for x in dump["stopped_reporting"]] == [1] and dump["phase"] in ("forward", "backward",
-                                                                                        "optimizer", "data", "log")
-    stacks = (d / "hang" / "rank0.stacks.txt").read_text()  # every thread's stack: the main one and the watchdog's
-    assert stacks.count("Thread 0x") >= 2 and "pretrain/monitor.py" in stacks and "pretrain/trainer.py" in stacks
-    assert _no_processes_left(p.pid, timeout=60), "the stopped rank outlived the job"
-
-
-def test_a_straggler_is_named_in_metrics_and_warned_about(tmp_path):
-    """(The same run profiles steps 3-4 on both ranks: the traces hold the loop's phases as named ranges.)"""
-    d = tmp_path / "r"
-    p = run(d, "--set", "steps=8", "--set", "log_every=2", "--set", "faults.straggler_windows=2",
-            "--set", "profile={enabled: true, wait: 1, warmup: 1, active: 2, ranks: []}",
-            env=dict(base_env(), FAULT="slow:2.0:1"), script="tests/helpers/fault_worker.py")
-    for r in (0, 1):
-        trace = json.loads((d / "profile" / f"rank{r}_step4.pt.trace.json").read_text())
-        names = {e.get("name") for e in trace["traceEvents"]}
-        assert {"phase/data", "phase/forward", "phase/backward", "phase/optimizer"} <= names, sorted(names)[:50]
-    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in recs if "ranks/slow_rank" in r]
-    assert len(windows) == 4 and all(r["ranks/slow_rank"] == 1 and r["ranks/slow_phase"] == "data" for r in windows), [
-        {k: v for k, v in r.items() if k.startswith("ranks/slow_")} for r in windows]
-    assert all(r["ranks/slow_ratio"] > 1.3 and r["ranks/fast_rank"] == 0 for r in windows)
-    msg = p.stdout + p.stderr
-    assert "rank 1 on" in msg and "has been the slow rank for 2 windows" in msg and "its data phase" in msg, msg[-3000:]
 
 
 def test_torchrun_max_restarts_with_resume_auto_recovers_a_crashed_rank(ref, tmp_path):
