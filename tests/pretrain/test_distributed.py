@@ -20,6 +20,7 @@ distributed.setup_distributed()
 t = torch.ones(2)
 dist.all_reduce(t)
 print("world", dist.get_world_size(), t.tolist())
+distributed.teardown_distributed()  # as the trainer does: exiting under a live gloo group can abort (SIGABRT)
 """
 
 
