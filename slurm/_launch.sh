@@ -85,10 +85,13 @@ ressformer_launch() {
         "$PYTHON" -m pretrain.slurm_env exec -- "$PYTHON" "${trainer_args[@]}" > >(tee "$srun_log") 2>&1 &
     _RESSFORMER_SRUN_PID=$!
     local rc=0
-    # `wait` returns early (rc > 128) when a trapped signal arrives; keep waiting until srun has exited.
-    while kill -0 "$_RESSFORMER_SRUN_PID" 2>/dev/null; do
+    # `wait` returns early (rc > 128) when a trapped signal arrives while srun still runs: wait again then. srun's
+    # own job entry says whether it runs (`kill -0 PID` would not: once srun is reaped, another process may get its
+    # pid, and `wait` on a pid that is not a child returns 127 at once).
+    while :; do
         wait "$_RESSFORMER_SRUN_PID"
         rc=$?
+        [ "$rc" -gt 128 ] && jobs -pr | grep -qx "$_RESSFORMER_SRUN_PID" || break
     done
     trap - USR1 TERM
     echo "[launch] $(date -u +%FT%TZ) srun exited rc=$rc signal=${_RESSFORMER_SIGNAL:-none}"
