@@ -172,6 +172,7 @@ def main(inp: str, outp: str) -> None:
     if rank == 0:
         torch.save(results, outp)
     dist.barrier()
+    dist.destroy_process_group()  # every rank together (a rank exiting under a live gloo group can abort)
 
 
 def _engine_case(case, input_ids, rank, world) -> dict:

@@ -60,6 +60,7 @@ def main(inp: str, out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
+    distributed.teardown_distributed()  # every rank together (a rank exiting under a live gloo group can abort)
 
 
 if __name__ == "__main__":
