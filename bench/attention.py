@@ -13,6 +13,9 @@ these methods (same B, H, D and inputs for all):
     reference        ressformer.attention.sparse_attention(impl="reference"): (T x T) scores, up to --reference-max
     chunked          impl="chunked": exact per-query top-k, memory linear in T, selection O(T^2) without grad
     block            impl="block": block pre-selection, then top-k inside the kept blocks
+    chunked+gather, block+gather   the same with the kept keys gathered per query (sparse_attention's
+                     attend="gather"); the rows above take attend="auto", which runs a chunk with few candidates
+                     per kept key as dense matmuls masked to the kept keys (attention._dense_topk_pays)
     chunked+triton, block+triton   the same with ASAM's Triton top-k kernel (ressformer.kernels, CUDA only)
 The ASAM rows use the preset's asam settings (topk, activation, chunk / block sizes; `--set asam.X=V` overrides)
 and the torch path unless named +triton. H and D come from the preset (D = d_model / n_heads), --heads overrides H.
@@ -194,7 +197,7 @@ def method_table(device: torch.device, asam_cfg, reference_max: int) -> list[tup
         alpha = 2.0 if a.activation == "sparsemax" else 1.5
         return lambda: ada.adasplash(q, k, v, alpha=alpha, is_causal=True)
 
-    def asam(impl, kernel):
+    def asam(impl, kernel, attend="auto"):
         def build(q, k, v):
             T = q.shape[2]
             if impl == "reference" and T > reference_max:
@@ -207,7 +210,7 @@ def method_table(device: torch.device, asam_cfg, reference_max: int) -> list[tup
                     out, _ = sparse_attention(q, k, v, q_pos=pos, k_pos=pos, causal=True, activation=a.activation,
                                               topk=a.topk, impl=impl, chunk_size=a.chunk_size,
                                               block_size=a.block_size, blocks_per_query=a.blocks_per_query,
-                                              block_select=a.block_select)
+                                              block_select=a.block_select, attend=attend)
                 finally:
                     _set_asam_kernel(prev)
                 return out
@@ -232,7 +235,8 @@ def method_table(device: torch.device, asam_cfg, reference_max: int) -> list[tup
     else:
         rows.append((ada_name, adasplash))
     rows += [("reference", asam("reference", "torch")), ("chunked", asam("chunked", "torch")),
-             ("block", asam("block", "torch"))]
+             ("chunked+gather", asam("chunked", "torch", "gather")), ("block", asam("block", "torch")),
+             ("block+gather", asam("block", "torch", "gather"))]
     from ressformer.kernels import triton_available
 
     try:

@@ -31,6 +31,7 @@ from pretrain.distributed import all_means
 from pretrain.ds_config import resolve_precision
 from pretrain.run_files import LOW_SPACE, WriteGuard, write_atomic, writing
 from ressformer.flops import flops_per_token
+from ressformer.kernels import use_asam_kernel
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak per GPU
@@ -139,6 +140,9 @@ class MetricsLog:
                  guard: WriteGuard | None = None) -> None:
         self.run, self.rank = run, dist.get_rank()
         self.mcfg = run.model_config()
+        # the top-k pass whose FLOPs the step computes: the Triton kernel's kept keys, or the PyTorch path's choice
+        probe = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.attend = "gather" if use_asam_kernel(probe) else "auto"
         self.t0, self.tok0 = time.time(), tokens
         self.guard = guard or WriteGuard()
         self.path = rundir / "metrics.jsonl"
@@ -179,7 +183,7 @@ class MetricsLog:
         rec = {"step": step, **dict(zip(names, means)),
                "lr": sched.get_last_lr()[0], "grad_norm": float(gn) if gn is not None else None,
                "num_steps": num_steps, "tokens_seen": tokens, "tokens_per_s": tps,
-               "tflops": tps * flops_per_token(self.mcfg, self.run.seq_len, num_steps) / 1e12,
+               "tflops": tps * flops_per_token(self.mcfg, self.run.seq_len, num_steps, attend=self.attend) / 1e12,
                "skipped_micro_batches": skipped, "peak_mem_gib": peak_memory_gib()}
         peak = peak_tflops()
         if peak:

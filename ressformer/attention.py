@@ -11,10 +11,14 @@ Code paths of `sparse_attention`, by the config fields ASAMAttention passes (`as
     asam.impl=reference   _reference: the (B, H, Tq, Tk) scores materialised; plain, the tests' yardstick
     asam.impl=chunked     query chunks of chunk_size over every key                    memory linear in T
     asam.impl=block       query chunks over the key blocks they keep (selection.block_candidates)
-  and per chunk: asam.topk == 0 or >= its keys: `_dense_chunk` (recomputed in backward under grad); else
-  `_select_topk` (no grad), then `_gathered_attend` over the kept keys (with grad: all chunks in one call, so
-  autograd keeps O(T * topk * D)); in Triton on CUDA (ressformer.kernels.use_asam_kernel).
-The graph bias is matched to the kept keys by index, so no T x T tensor exists outside `reference`.
+  and per chunk: asam.topk == 0 or >= its keys: `_dense_chunk` (recomputed in backward under grad); else, with
+  at most topk * D candidates, `_dense_topk_chunk` (one score matmul selects and attends, the
+  probabilities zero off the kept keys); else `_select_topk` (no grad), then `_gathered_attend` over the kept keys
+  (with grad: all chunks in one call, so autograd keeps O(T * topk * D)); in Triton on CUDA
+  (ressformer.kernels.use_asam_kernel).
+The graph bias is matched to the kept keys by index. Outside `reference` a (chunk, n) block of scores exists one
+chunk at a time; what autograd keeps is O(T * topk * D) (the dense top-k path's (chunk, n) probabilities only while
+n <= topk * D).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ressformer.sequence_parallel import memory_order
 from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
 
 IMPLS = ("reference", "chunked", "block")
+ATTEND = ("auto", "dense", "gather")
 
 
 class Attended(NamedTuple):
@@ -267,6 +272,15 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
+def _chunk_scores(q_c, k_c, mask, edge_slot, edge_val) -> torch.Tensor:
+    """Scores (B, H, c, n) float32 of queries q_c (B, H, c, D) over candidates k_c (B, H, n, D), plus the graph bias
+    of edges at edge_slot (B, H, c, m; -1: absent) / edge_val, -inf where mask (B|1, H|1, c, n) is False."""
+    s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
+    if edge_slot is not None:
+        s = s + _edge_bias(edge_slot, edge_val.to(s.dtype), s.shape[-1])
+    return torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+
+
 def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activation, pattern) -> Attended:
     """Attention of a query chunk q_c (B, H, c, D) over all its candidate keys k_c, v_c (B, H, n, D).
 
@@ -275,14 +289,52 @@ def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activ
     positional: torch.utils.checkpoint keeps positional inputs through the saved-tensor hooks (the memory
     accounting of bench/act_memory.py sees them), keyword ones only by reference.
     """
-    s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
-    if edge_slot is not None:
-        s = s + _edge_bias(edge_slot, edge_val.to(s.dtype), s.shape[-1])
-    s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
-    p = normalize(s, activation)
+    p = normalize(_chunk_scores(q_c, k_c, mask, edge_slot, edge_val), activation)
     pat = None if pattern is None else _pattern(p, keys, pattern, q_pos)
     out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(v_c.dtype)
     return Attended(out, (p.detach() > 0).sum().float(), pat)
+
+
+def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, topk, activation,
+                      pattern) -> Attended:
+    """`_gathered_attend` of a query chunk's top-k selection computed with dense matmuls over its n candidates.
+
+    The chunk's scores (B, H, c, n) come from one matmul and feed both the selection (`topk_first`, as
+    `_select_topk`) and the attention: the kept scores are gathered as scalars (B, H, c, topk), normalised exactly
+    as `_gathered_attend` normalises them, scattered back into a (c, n) row of probabilities (zeros elsewhere) and
+    multiplied with v_c. No (c, topk, D) copy of the keys and values is made; the price is O(c n D) arithmetic and
+    a (c, n) float32 row kept for backward instead of O(c topk D). `dense_topk_pays` says when that is cheaper.
+    Arguments as `_dense_chunk`'s.
+    """
+    B, H, c, _ = q_c.shape
+    n = k_c.shape[2]
+    s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val)  # (B, H, c, n)
+    with torch.no_grad():
+        sel = topk_first(s.detach(), topk)  # (B, H, c, topk) candidate positions
+    p_sel = normalize(s.gather(-1, sel), activation)  # (B, H, c, topk); invisible kept slots are -inf: p = 0
+    p = torch.zeros_like(s).scatter(-1, sel, p_sel)  # (B, H, c, n)
+    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(v_c.dtype)
+    pat = None
+    if pattern is not None:
+        key_idx = sel if keys is None else keys[:, :, None, :].expand(B, H, c, n).gather(-1, sel)
+        pat = _pattern_rows(key_idx, p_sel, pattern, q_pos)
+    return Attended(out, (p_sel.detach() > 0).sum().float(), pat)
+
+
+def dense_topk_pays(n: int, topk: int, head_dim: int, attend: str) -> bool:
+    """Whether a top-k chunk over n candidates runs `_dense_topk_chunk` rather than select + gather.
+
+    attend: "dense" | "gather" force a path; "auto": dense when n <= topk * head_dim. Per query and head the dense
+    path multiplies over n keys where the gathered path copies topk * head_dim floats of keys and of values; on
+    CPU (bench/RESULTS.md: chunked, fp32, forward + backward, 2 threads) dense took 0.27x the gathered time at
+    n = 8 topk and 0.83x at n = 64 topk for head_dim 64, 0.89x at n = 16 topk and 1.6x at n = 64 topk for head_dim 16.
+    Its (c, n) float32 probabilities kept for backward are then at most half the gathered (c, topk, head_dim) keys
+    and values, so the saved memory stays O(T * topk * head_dim) however long the sequence."""
+    if attend == "dense":
+        return True
+    if attend == "gather":
+        return False
+    return n <= topk * head_dim
 
 
 @torch.no_grad()
@@ -292,10 +344,7 @@ def _select_topk(q_c, k, *, keys, mask, edge_slot, edge_val, topk) -> Selection:
     B, H, c, D = q_c.shape
     n = mask.shape[-1]
     k_c = k if keys is None else k.gather(2, keys[..., None].expand(B, H, n, D))
-    s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(D)  # (B, H, c, n) float32
-    if edge_slot is not None:
-        s = s + _edge_bias(edge_slot, edge_val.to(s.dtype), n)
-    s = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val)  # (B, H, c, n) float32
     sel = topk_first(s, topk)  # (B, H, c, topk) candidate positions
     del s, k_c
     sel_mask = mask.expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
@@ -367,7 +416,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
                      blocks_per_query: int = 8, block_select: str = "query", local_blocks: int | None = None,
                      pattern_degree: int = 0, pattern_keys: int | None = None, pattern_rows: bool = False,
-                     q_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     q_index: torch.Tensor | None = None, attend: str = "auto") -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
 
@@ -385,9 +434,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     pattern_keys keys, default Tq: the tokens), with gradient; pattern_rows=True: instead each head's rows
     (key index (B, H, Tq, n), probability (B, H, Tq, n); index -1 with probability 0 pads), whose `pattern_edges`
     are the graph (sequence parallelism takes them to the ranks that hold every head of a query).
+
+    attend: how a top-k chunk computes its attention on the PyTorch path (the Triton kernel, where it runs, reads the
+    kept keys by index): "auto" (`dense_topk_pays`), "dense" (`_dense_topk_chunk`: dense matmuls over the chunk's
+    candidates, probabilities zero off the kept keys) or "gather" (`_select_topk` + `_gathered_attend`: copies of
+    the kept keys). Both compute the same function; the choice is speed and memory.
     """
     _check_inputs(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, activation=activation, topk=topk,
                   graph=graph, graph_scale=graph_scale, impl=impl)
+    if attend not in ATTEND:
+        raise ValueError(f"attend={attend!r}: choose one of {ATTEND}")
     B, H, Tq, D = q.shape
     pattern = None
     if pattern_degree > 0:
@@ -444,13 +500,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         n = mask.shape[-1]
         n_visible = n_visible + mask.sum().float() * (B // mask.shape[0]) * (H // mask.shape[1])
 
-        if topk == 0 or topk >= n:  # dense over the candidates
+        dense_topk = 0 < topk < n and not use_asam_kernel(q) and dense_topk_pays(n, topk, D, attend)
+        if topk == 0 or topk >= n or dense_topk:  # dense over the candidates
             if keys is None:
                 k_c, v_c = k, v  # (B, H, n=Tk, D)
             else:
                 gi = keys[..., None].expand(B, H, n, D)
                 k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
             args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qi_c)
+            if dense_topk:  # keeps (c, n) probabilities for backward, no recomputation
+                results.append(_dense_topk_chunk(*args, topk=topk, activation=activation, pattern=pattern))
+                continue
             if grad:  # keep the chunk's inputs only: its scores are recomputed in backward
                 res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False,
                                                         activation=activation, pattern=pattern)

@@ -19,11 +19,14 @@ from ressformer.flops import count_params, flops_per_token, matched_dense
 def describe(cfg: ModelConfig, seq_len: int | None = None) -> str:
     seq = seq_len or cfg.max_seq_len
     p = count_params(cfg)
-    fl = flops_per_token(cfg, seq)
+    fl, fl_torch = flops_per_token(cfg, seq, attend="gather"), flops_per_token(cfg, seq)
     lines = [cfg.to_yaml().rstrip("\n"),
              f"# params total:  {p['total']:,} ({p['total'] / 1e9:.3f} B)",
              f"# params active: {p['active']:,} ({p['active'] / 1e9:.3f} B) per token",
              f"# FLOPs/token (fwd+bwd) at T={seq}: {fl:.4g}"]
+    if fl_torch != fl:
+        lines.append(f"#   {fl_torch:.4g} on ASAM's PyTorch path (CPU): top-k chunks as dense matmuls over their "
+                     f"candidates (attention.dense_topk_pays)")
     if cfg.arch == "ressformer":
         dense = matched_dense(cfg, seq)
         lines.append(f"# matched compute: a dense {dense.n_layers}-layer Transformer of this width "

@@ -83,26 +83,23 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 # --- FLOPs --------------------------------------------------------------------------------------
-def _attention_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]:
+def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto") -> tuple[float, float]:
     """(grad-carrying MACs, no-grad MACs) of ASAM scores + P@V for one block call, per token.
 
-    Summed over heads (H * head_dim = D). Tk = T + n_mem keys.
+    Summed over heads (H * head_dim = D). Tk = T + n_mem keys. attend: the top-k pass counted, as
+    attention.sparse_attention's `attend` ("gather": the kept keys only, what the Triton kernel computes).
     """
+    from ressformer.attention import dense_topk_pays
+
     a, d = cfg.asam, cfg.d_model
     tk = T + n_mem
     if a.impl == "reference":
         return 2.0 * tk * d, 0.0  # full (T x Tk) scores and a dense (T x Tk) @ (Tk x D) product
-    k = min(a.topk, tk) if a.topk > 0 else 0
-    if a.impl == "chunked":
-        if k:
-            return 2.0 * k * d, 1.0 * tk * d  # no-grad selection over all keys, then k gathered keys
-        return 2.0 * tk * d, 0.0
-    # block: block summaries (mean keys) scored without grad, then selection inside each chunk's candidate blocks,
-    # which the model pads to a static bound (selection.max_kept_blocks): the keys counted are the ones computed
-    n_blocks = math.ceil(tk / a.block_size)
-    kept = _block_kept_keys(cfg, tk, memory=n_mem > 0)
-    sel = n_blocks * d + (kept * d if k else 0)
-    return 2.0 * (k if k else kept) * d, float(sel)
+    n = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk, memory=n_mem > 0)  # a chunk's candidates
+    sel = 0.0 if a.impl == "chunked" else math.ceil(tk / a.block_size) * d  # block summaries, scored without grad
+    if a.topk == 0 or a.topk >= n or dense_topk_pays(n, a.topk, cfg.head_dim, attend):
+        return 2.0 * n * d, sel  # every candidate with grad (top-k: selected from those same scores)
+    return 2.0 * a.topk * d, sel + n * d  # no-grad selection scores over the candidates, then topk gathered keys
 
 
 def _block_kept_keys(cfg: ModelConfig, tk: int, memory: bool = False) -> int:
@@ -135,16 +132,21 @@ def _mlp_macs(cfg: ModelConfig) -> float:
     return float(_mlp_params(cfg, active=True))  # one MAC per active weight per token
 
 
-def _block_macs(cfg: ModelConfig, T: int, n_mem: int) -> tuple[float, float]:
+def _block_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str) -> tuple[float, float]:
     d = cfg.d_model
     g = 2.0 * d * d + 2.0 * d * d * (T + n_mem) / T  # q, o on tokens; k, v on tokens + memory
-    ag, an = _attention_macs(cfg, T, n_mem) if cfg.arch == "ressformer" else (float(T + 1) * d, 0.0)
+    ag, an = _attention_macs(cfg, T, n_mem, attend) if cfg.arch == "ressformer" else (float(T + 1) * d, 0.0)
     gg, gn = _graph_macs(cfg, T)
     return g + ag + gg + _mlp_macs(cfg), an + gn
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None, causal_skip: bool = False) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None, causal_skip: bool = False,
+                    attend: str = "auto") -> float:
     """Training (fwd + bwd) FLOPs per token at sequence length seq_len (K = num_steps or r2mu.steps).
+
+    ASAM's top-k pass as `attend` says (attention.sparse_attention's argument): "auto", what the PyTorch path
+    runs (dense over a chunk's candidates when attention.dense_topk_pays, else the gathered kept keys); "gather",
+    the kept keys only: what the Triton kernel computes on a GPU, and the sparse algorithm's own count.
 
     The dense baseline's causal attention: the full T x T product (what SDPA computes on CPU), or with
     causal_skip=True the (T + 1) / 2 keys per query a FlashAttention-style kernel computes on a GPU.
@@ -159,7 +161,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
         return 6.0 * (grad + cfg.n_layers * bg)
     r = cfg.r2mu
     K = r.steps if num_steps is None else num_steps
-    plain_g, plain_n = _block_macs(cfg, T, 0)
+    plain_g, plain_n = _block_macs(cfg, T, 0, attend)
     n_plain = r.n_prelude + r.n_coda
     grad += n_plain * plain_g
     nograd += n_plain * plain_n
@@ -174,7 +176,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
             if t >= 1:
                 grad += n_sum * 2 * d / T  # overwrite gate
                 n_mem = T + n_sum
-        bg, bn = _block_macs(cfg, T, n_mem)
+        bg, bn = _block_macs(cfg, T, n_mem, attend)
         grad += bg
         nograd += bn
     return 6.0 * grad + 2.0 * nograd
@@ -182,10 +184,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
 
 def matched_dense(cfg: ModelConfig, seq_len: int, max_layers: int = 256) -> ModelConfig:
     """The dense Transformer of cfg's width (vocab, d_model, heads, FFN) whose depth gives the training FLOPs per
-    token closest to cfg's at seq_len; its causal attention counted at (T + 1) / 2 keys per query (causal_skip)."""
+    token closest to cfg's at seq_len; its causal attention counted at (T + 1) / 2 keys per query (causal_skip),
+    cfg's top-k attention at its kept keys (attend="gather": the sparse algorithm's FLOPs, what the Triton kernel
+    computes, whichever path a CPU takes)."""
     dense = ModelConfig(arch="transformer", vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                         ffn_hidden=cfg.ffn_hidden, max_seq_len=cfg.max_seq_len, moe=MoEConfig(num_experts=1))
-    target = flops_per_token(cfg, seq_len)
+    target = flops_per_token(cfg, seq_len, attend="gather")
     n = min(range(1, max_layers + 1),
             key=lambda k: abs(flops_per_token(dense.replace(n_layers=k), seq_len, causal_skip=True) - target))
     return dense.replace(n_layers=n)

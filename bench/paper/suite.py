@@ -175,7 +175,7 @@ def dense_layers(suite: Suite, match: str) -> int:
         size, target = (lambda c: count_params(c)["total"]), count_params(p)["total"]
     else:
         size = lambda c: flops_per_token(c, suite.seq_len, causal_skip=True)  # noqa: E731
-        target = flops_per_token(p, suite.seq_len)
+        target = flops_per_token(p, suite.seq_len, attend="gather")  # the sparse algorithm's (flops.matched_dense)
     return min(range(1, 49), key=lambda n: abs(size(base.replace(n_layers=n)) - target))
 
 

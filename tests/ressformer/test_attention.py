@@ -56,7 +56,9 @@ def test_fast_paths_equal_reference(activation, causal, topk, Tm):
     p = _problem(seed=ACTS.index(activation) * 8 + 4 * causal + 2 * bool(topk) + bool(Tm), Tm=Tm)
     kw = dict(causal=causal, activation=activation, topk=topk)
     ref_out, ref_grads, ref_stats = _run(p, impl="reference", **kw)
-    for name, fast in FAST.items():
+    fast_paths = {f"{name} {attend}": dict(fast, attend=attend) for name, fast in FAST.items()
+                  for attend in (("dense", "gather") if topk else ("auto",))}
+    for name, fast in fast_paths.items():
         out, grads, stats = _run(p, **fast, **kw)
         torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10, msg=f"{name} forward")
         for i, (g, gr) in enumerate(zip(grads, ref_grads)):
@@ -98,7 +100,7 @@ def test_block_mixed_dense_and_topk_chunks_equal_per_chunk_calls(activation, mon
     # the keys are one run: <= 2 local blocks per chunk of 3 positions; + 1 block per query: chunks of 3 queries
     # have 5 candidate blocks (20 keys, top-k), the last chunk of 2 queries 4 (16 keys, dense)
     kw = dict(k_pos=p["k_pos"], activation=activation, topk=16, impl="block", chunk_size=3, block_size=4,
-              blocks_per_query=1, local_blocks=run_local_blocks(3, 4), graph_scale=p["graph_scale"])
+              blocks_per_query=1, local_blocks=run_local_blocks(3, 4), graph_scale=p["graph_scale"], attend="gather")
     calls = {"dense": 0, "gathered": 0}
     for name, key in (("_dense_chunk", "dense"), ("_gathered_attend", "gathered")):
         f = getattr(attn, name)
@@ -401,18 +403,20 @@ def test_normalize_of_bf16_scores_sums_to_one(activation):
 def test_bf16_attention_matches_fp32(activation, impl, topk):
     """bf16 inputs: the output is the fp32 computation on the same (bf16-rounded) inputs, rounded once to bf16."""
     p = _problem(seed=5, T=29, Tm=4, dtype=torch.float32)
-    kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], k_window=p["k_window"], activation=activation, topk=topk,
-              impl=impl, chunk_size=8, block_size=4, blocks_per_query=3, pattern_degree=3, pattern_keys=29)
-    with torch.no_grad():
-        qb, kb, vb = (p[n].detach().bfloat16() for n in "qkv")
-        gb = (p["graph"][0], p["graph"][1].detach().bfloat16())
-        out_b, st_b = sparse_attention(qb, kb, vb, graph=gb, graph_scale=p["graph_scale"].detach(), **kw)
-        out_f, st_f = sparse_attention(qb.float(), kb.float(), vb.float(), graph=(gb[0], gb[1].float()),
-                                       graph_scale=p["graph_scale"].detach(), **kw)
-    assert out_b.dtype == torch.bfloat16
-    torch.testing.assert_close(out_b.float(), out_f, rtol=1e-2, atol=1e-2)
-    assert torch.equal(st_b["pattern"][0], st_f["pattern"][0])  # the same kept keys and edges
-    torch.testing.assert_close(st_b["pattern"][1], st_f["pattern"][1])
+    for attend in ("dense", "gather") if topk and impl != "reference" else ("auto",):
+        kw = dict(q_pos=p["q_pos"], k_pos=p["k_pos"], k_window=p["k_window"], activation=activation, topk=topk,
+                  impl=impl, chunk_size=8, block_size=4, blocks_per_query=3, pattern_degree=3, pattern_keys=29,
+                  attend=attend)
+        with torch.no_grad():
+            qb, kb, vb = (p[n].detach().bfloat16() for n in "qkv")
+            gb = (p["graph"][0], p["graph"][1].detach().bfloat16())
+            out_b, st_b = sparse_attention(qb, kb, vb, graph=gb, graph_scale=p["graph_scale"].detach(), **kw)
+            out_f, st_f = sparse_attention(qb.float(), kb.float(), vb.float(), graph=(gb[0], gb[1].float()),
+                                           graph_scale=p["graph_scale"].detach(), **kw)
+        assert out_b.dtype == torch.bfloat16
+        torch.testing.assert_close(out_b.float(), out_f, rtol=1e-2, atol=1e-2, msg=attend)
+        assert torch.equal(st_b["pattern"][0], st_f["pattern"][0])  # the same kept keys and edges
+        torch.testing.assert_close(st_b["pattern"][1], st_f["pattern"][1])
 
 
 # --- selection.topk_first: tie-breaking on the device ----------------------------------------------------------

@@ -70,7 +70,8 @@ def measured_flops_per_token(cfg: ModelConfig, B: int = 1, T: int = 64) -> float
 @pytest.mark.parametrize("over", [
     {"asam.impl": "reference", "asam.topk": 8},
     {"asam.impl": "reference", "asam.topk": 0},
-    {"asam.impl": "chunked", "asam.topk": 8},
+    {"asam.impl": "chunked", "asam.topk": 8},  # dense top-k pass at K step 0 (64 keys), gathered after (144 keys)
+    {"asam.impl": "chunked", "asam.topk": 2},  # the gathered pass throughout (> topk * head_dim = 32 keys)
     {"asam.impl": "chunked", "asam.topk": 0},
     {"asam.impl": "block", "asam.topk": 8},
     {"asam.impl": "block", "asam.topk": 8, "asam.block_select": "chunk"},
