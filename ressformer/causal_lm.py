@@ -13,7 +13,6 @@ A subclass builds `self.model` (with embed_tokens, layers, norm), sets `arch` an
 from __future__ import annotations
 
 import math
-import types
 from typing import Callable
 
 import torch
@@ -23,7 +22,7 @@ from ressformer.attention import ASAMAttention
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, layer_rules, normal, ones, run_plan
 from ressformer.kernels import use_lm_loss_kernel
-from ressformer.moe import MoEExperts, moe_aux
+from ressformer.moe import moe_aux
 from ressformer.output import ModelOutput, lm_loss, logits_and_loss
 from ressformer.sequence_parallel import sequence_parallel_error
 
@@ -111,10 +110,10 @@ class CausalLM(nn.Module):
           fullgraph=True compiles (tests/ressformer/test_compile.py). Nothing in the forward or backward reads the device
           on the host: top-k ties break on the device (selection.topk_first), block selection pads to a static
           bound (selection.max_kept_blocks), routed experts run torch._grouped_mm or the static-shape tiles
-          (`ressformer.kernels.moe_experts`; "auto" takes the per-expert loop only for eager CPU tensors).
-        * Graph breaks left: `moe_experts="loop"` chosen explicitly (MoEExperts.loop reads the token counts on the
-          host to size its matmuls; it is torch.compiler.disable'd here, so the step breaks around it instead of
-          failing), and whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather hooks).
+          (`ressformer.kernels.moe_experts`) - except on CPU, where "auto" runs the per-expert loop as one custom
+          op (its host read of the token counts inside the op: no graph break, and no device to stall).
+        * Graph breaks left: whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather
+          hooks).
           torch.compile of the whole forward + loss instead of the units is one graph too, but specialises on K
           (the step loop is Python): one graph per K. Not checked (no GPU): the CUDA-only kernels inside or after
           the step, the Triton ASAM kernel (kernels.asam_triton) and liger's fused loss.
@@ -125,9 +124,6 @@ class CausalLM(nn.Module):
         # the other one (other saved tensors: torch.utils.checkpoint raises; or other rounding). Insertion order
         # (process-wide; torchtitan does the same).
         torch._C._dynamo.eval_frame._set_lru_cache(False)
-        for module in self.modules():
-            if isinstance(module, MoEExperts):  # this instance only
-                module.loop = types.MethodType(torch.compiler.disable(type(module).loop), module)
         for unit in self._compile_targets():
             unit.compile(**compile_kwargs)
         self._compile_functions(**compile_kwargs)

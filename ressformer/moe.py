@@ -85,6 +85,85 @@ class _TileMatmul(torch.autograd.Function):
         return gx, gw, None
 
 
+@torch.library.custom_op("ressformer::experts_loop", mutates_args=())
+def _experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token: torch.Tensor,
+                  weight: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MoEExperts.loop` as one op that torch.compile does not trace into: its host read of the counts (E,) stays
+    inside, so the compiled graph neither breaks nor specialises on them (on CPU a host read stalls nothing).
+    x (N, D), gate_up (E, 2F, D), down (E, D, F), token (R,) / weight (R, 1) of the assignments sorted by expert
+    -> (out (N, D), h (R, 2F) the gate / up pre-activations, y (R, D) the experts' outputs): h and y are kept for
+    `_experts_loop_backward`. The same operations as the loop, so the same bits."""
+    out = x.new_zeros(x.shape)  # contiguous, as the fake says
+    h = x.new_empty(token.shape[0], gate_up.shape[1])
+    y = x.new_empty(token.shape[0], x.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        h[sl] = x[token[sl]] @ gate_up[e].t()
+        g, u = h[sl].chunk(2, dim=-1)
+        y[sl] = (F.silu(g) * u) @ down[e].t()
+        out.index_add_(0, token[sl], y[sl] * weight[sl])
+        start += n
+    return out, h, y
+
+
+@_experts_loop.register_fake
+def _(x, gate_up, down, token, weight, counts):
+    R = token.shape[0]
+    return x.new_empty(x.shape), x.new_empty(R, gate_up.shape[1]), x.new_empty(R, x.shape[1])
+
+
+@torch.library.custom_op("ressformer::experts_loop_backward", mutates_args=())
+def _experts_loop_backward(grad: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                           token: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, h: torch.Tensor,
+                           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (x, gate_up, down, weight) of `_experts_loop`'s out given grad (N, D), one expert at a time:
+    SwiGLU's backward written out (silu'(g) = s (1 + g (1 - s)), s = sigmoid(g), as autograd computes it)."""
+    gx, g_gate_up, g_down, g_weight = (t.new_zeros(t.shape) for t in (x, gate_up, down, weight))  # contiguous
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        tok = token[sl]
+        go = grad[tok]  # (n, D)
+        g_weight[sl] = (go * y[sl]).sum(-1, keepdim=True)
+        dy = go * weight[sl]
+        g, u = h[sl].chunk(2, dim=-1)
+        sg = torch.sigmoid(g)
+        act = g * sg  # silu(g)
+        g_down[e] = dy.t() @ (act * u)
+        da = dy @ down[e]  # (n, F)
+        dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * act], dim=-1)  # (n, 2F)
+        xe = x[tok]
+        g_gate_up[e] = dh.t() @ xe
+        gx.index_add_(0, tok, dh @ gate_up[e])
+        start += n
+    return gx, g_gate_up, g_down, g_weight
+
+
+@_experts_loop_backward.register_fake
+def _(grad, x, gate_up, down, token, weight, counts, h, y):
+    return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape), weight.new_empty(
+        weight.shape)
+
+
+def _experts_loop_setup(ctx, inputs, output) -> None:
+    x, gate_up, down, token, weight, counts = inputs
+    ctx.save_for_backward(x, gate_up, down, token, weight, counts, output[1], output[2])
+
+
+def _experts_loop_grad(ctx, grad, _grad_h, _grad_y):
+    x, gate_up, down, token, weight, counts, h, y = ctx.saved_tensors
+    gx, g_gate_up, g_down, g_weight = _experts_loop_backward(grad, x, gate_up, down, token, weight, counts, h, y)
+    return gx, g_gate_up, g_down, None, g_weight, None
+
+
+_experts_loop.register_autograd(_experts_loop_grad, setup_context=_experts_loop_setup)
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts as fused 3-D parameters: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
 
@@ -145,12 +224,14 @@ class MoEExperts(nn.Module):
         token = order // k  # (N*k,) source token of each sorted assignment
         weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
         path = experts_path(x, (x.shape[-1], self.hidden))
-        if path == "loop":
+        if path == "loop" and not torch.compiler.is_compiling():
             return self.loop(x, flat_idx, token, weight)
         # counts on the device by scatter_add (bincount's output shape depends on the data): torch.compile traces
         # these paths whole
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        if path == "loop":  # compiled: the loop as one opaque op, its host read inside
+            return _experts_loop(x, self.gate_up_proj, self.down_proj, token, weight, counts)[0]
         y = self.grouped(x[token], counts) if path == "grouped_mm" else self.padded(x[token], counts, flat_idx[order])
         return torch.zeros_like(x).index_add_(0, token, y * weight)
 

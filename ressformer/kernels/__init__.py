@@ -19,18 +19,20 @@ and likewise `lm_loss_kernel` (`set_lm_loss_kernel`) for the loss of a forward t
 and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEExperts):
     "auto"        CUDA: torch._grouped_mm for bfloat16 on compute capability 9.x / 10.x with 16-byte aligned widths
                   (torch 2.13 runs its CUTLASS grouped GEMM there, offsets on the device; elsewhere torch falls
-                  back to a loop that copies the offsets to the host), else "padded". CPU: the loop eagerly (a
-                  host read costs no device sync there, and the loop is the fastest: "padded" takes 1.4x its time
-                  at the debug preset's widths, 2.8x at 125m's, 2048 tokens fp32 fwd+bwd); under torch.compile,
-                  whose graph the loop's host read would break, torch._grouped_mm for aligned bfloat16 (the CPU
-                  kernel gives the loop's results bit for bit) and "padded" otherwise
+                  back to a loop that copies the offsets to the host), else "padded". CPU: the loop (a host read
+                  costs no device sync there, and the loop is the fastest: "padded" takes 1.4x its time at the
+                  debug preset's widths, 2.8x at 125m's, 2048 tokens fp32 fwd+bwd); under torch.compile
+                  torch._grouped_mm for aligned bfloat16 (the CPU kernel gives the loop's results bit for bit), else
+                  the loop as one opaque op (see "loop")
     "grouped_mm"  always torch._grouped_mm (on CPU too: the loop's results bit for bit in torch 2.13, 1-2x its
                   speed, bench/moe_experts.py; compiles for bfloat16 only); an error when torch lacks it or the
                   widths are not 16-byte multiples
     "padded"      batched matmuls over tiles of rows sorted by expert, every shape static (moe.MoEExperts.padded):
                   no host read on any device or dtype, at the price of up to 1.5x the rows and a transient copy of
                   the weights per tile
-    "loop"        one matmul per expert on the token counts read on the host (the reference)
+    "loop"        one matmul per expert on the token counts read on the host (the reference); under
+                  torch.compile the same loop as one custom op (moe._experts_loop, its backward written out), so
+                  the read stays inside the op and the graph neither breaks nor recompiles
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
 
@@ -141,8 +143,6 @@ def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
     if moe_experts == "auto":
         grouped = aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")  # traceable: bf16 only
         if not x.is_cuda:
-            if not torch.compiler.is_compiling():
-                return "loop"
-            return "grouped_mm" if grouped else "padded"
+            return "grouped_mm" if grouped and torch.compiler.is_compiling() else "loop"
         return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")

@@ -22,7 +22,6 @@ Inductor caches go to a temporary folder of this session.
 """
 
 import collections
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import RunConfig, load_run_config
 from ressformer import ModelConfig, build_model, kernels
-from ressformer.moe import MoEExperts
 from ressformer.recurrence import sample_num_steps
 
 B, T = 2, 64
@@ -162,15 +160,13 @@ def test_the_host_read_check_sees_the_experts_loop():
 
 
 # --- the hook ---------------------------------------------------------------------------------------------------
-def test_compile_units_keeps_keys_and_leaves_experts_and_cached_path_eager():
+def test_compile_units_keeps_keys_and_leaves_cached_path_eager():
     cfg = ModelConfig.from_preset("debug", **{"r2mu.n_prelude": 1, "r2mu.n_coda": 1})
     eager, compiled = _pair(cfg, backend="eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints are unchanged
     layers = compiled.model.layers
     assert layers[0]._compiled_call_impl is not None and layers[2]._compiled_call_impl is not None  # prelude, coda
     assert layers[1]._compiled_call_impl is None and compiled._compiled_step is not None  # the step as one function
-    experts = [m for m in compiled.modules() if isinstance(m, MoEExperts)]
-    assert experts and all(getattr(m.loop, "_torchdynamo_disable", False) for m in experts)
     compiled.load_state_dict(eager.state_dict())  # a checkpoint of the eager model loads as is
     # generation (the cached path) calls forward_cached, which stays eager, and agrees with the full forward
     from ressformer.cache import ModelCache
@@ -270,13 +266,13 @@ def test_topk_first_traces_whole_and_keeps_one_graph_across_ties():
 
 @pytest.mark.parametrize("path", ["block_chunk"])
 def test_whole_forward_and_loss_is_one_graph(path):
-    """torch.compile of the whole model (embedding, K steps, tail, LM and aux losses, diagnostics): one graph. The
-    one break left is the experts' host-read loop when chosen explicitly (moe_experts="loop"): a call of a
-    disabled function, the routed experts' matmuls alone."""
+    """torch.compile of the whole model (embedding, K steps, tail, LM and aux losses, diagnostics): one graph, with
+    the experts' host-read loop too (CPU "auto", or moe_experts="loop"): one opaque op (ressformer::experts_loop)
+    per MoE call inside the graph."""
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.compile_units(backend="eager")  # torch.compiler.disable's the experts loop, as compile_units documents
+    model.compile_units(backend="eager")
     model._compiled_step = None  # explain traces the eager forward
     ids = torch.randint(0, cfg.vocab_size, (B, T))
 
@@ -284,20 +280,16 @@ def test_whole_forward_and_loss_is_one_graph(path):
         out = model(ids, labels=ids)
         return out.loss, out.diagnostics
 
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(loss)(ids)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    kernels.set_moe_experts("loop")
-    try:
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(loss)(ids)
-    finally:
-        kernels.set_moe_experts("auto")
-    assert explained.graph_break_count >= cfg.r2mu.steps  # each MoE call (and the frames around it)
-    for brk in explained.break_reasons:
-        frame = [f for f in brk.user_stack if "/ressformer/" in f.filename][-1]
-        assert (Path(frame.filename).name, frame.name) == ("moe.py", "forward") and "self.loop(" in frame.line
-        assert "disable" in brk.reason, brk.reason
+    for mode, experts in (("auto", "experts_loop"), ("padded", None), ("loop", "experts_loop")):
+        kernels.set_moe_experts(mode)
+        try:
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(loss)(ids)
+        finally:
+            kernels.set_moe_experts("auto")
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (mode, explained.break_reasons)
+        code = explained.graphs[0].code
+        assert (code.count("ressformer.experts_loop.default(") == cfg.r2mu.steps) if experts else "experts_loop" not in code
 
 
 # --- parity -----------------------------------------------------------------------------------------------------
