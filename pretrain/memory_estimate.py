@@ -32,6 +32,10 @@ Tk = T + memory keys):
                    attention    PyTorch top-k: 8kD (gathered keys and values as fp32 copies) + 4D (fp32 q) + 13Hk
                                 (fp32 probabilities, mask, int64 indices). Triton kernel: 2D (q) + 12Hk (int64
                                 indices, fp32 probabilities); no gathered (T, k, D) keys / values, no T x T scores.
+                                PyTorch dense top-k (at most k x head_dim candidates n per chunk, ASAM's CPU
+                                choice): 4D (fp32 q) + 8D Tk/T (fp32 k, v, once; they replace the projections'
+                                4D Tk/T) + n/B (the shared mask; block: Hn) + 12Hk (int64 slots, fp32 kept
+                                probabilities) + 4Hn (the (c, n) fp32 probabilities).
                                 Dense chunks (topk 0): only each chunk's checkpoint inputs
                    graph_bias   9Hm + 4m: the SOES graph's slot indices and mask (top-k path)
                    pattern      25Hk + 13m + 20: attention.pattern_edges making the next graph (sort order, run ids,
@@ -42,7 +46,8 @@ Tk = T + memory keys):
                  transients per micro batch: `selection` (chunked top-k, no grad): 3 fp32 (B, H, c, Tk) score
                  buffers with a graph (2 without) + fp32 keys 4BTkD. `backward`: PyTorch top-k 6kD BT (fp32 + bf16
                  gradient of the gathered keys); kernel 12 B Tk D (fp32 dk / dv and their casts) + 2BTD (dq)
-                 + 4HkBT (graph bias gradient); dense chunks (n candidates) one recomputed chunk: 24 BHcn + its
+                 + 4HkBT (graph bias gradient); dense top-k: `selection` without the keys, `backward` two fp32
+                 (B, H, c, n) gradients + 8 B Tk D (fp32 dk / dv); dense chunks (n candidates) one recomputed chunk: 24 BHcn + its
                  SOES pattern (block 40 BHcn, chunked 8 Bcn) + 8BnD, block + 8 B Tk D: the roughest (within 25 %).
   logits         PyTorch: 10 B per logit ((B, T, V) bf16 logits, the fp32 log-softmax and its gradient). Fused
                  (liger): 2BTD (the gradient of h, computed in the forward) + 4VD (fp32 lm_head gradient) + 4BT
@@ -124,14 +129,20 @@ def units(cfg: ModelConfig, T: int, num_steps: int | None = None) -> list[Unit]:
     return [plain] * r.n_prelude + steps + [plain] * r.n_coda
 
 
-def asam_path(cfg: ModelConfig, T: int, n_mem: int) -> tuple[str, int]:
-    """(path, keys per query) of ASAM in a unit: reference | gathered (top-k of the candidates) | dense_chunks."""
+def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True) -> tuple[str, int]:
+    """(path, keys per query) of ASAM in a unit: reference | gathered (top-k of the candidates; the Triton kernel's
+    path) | dense_topk (without the kernel, few candidates per kept key: attention.dense_topk_pays; the keys are the
+    candidates) | dense_chunks."""
+    from ressformer.attention import dense_topk_pays
+
     a, tk = cfg.asam, T + n_mem
     if a.impl == "reference":
         return "reference", tk
     cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk, memory=n_mem > 0)
     if a.topk == 0 or a.topk >= cand:
         return "dense_chunks", cand
+    if not asam_kernel and dense_topk_pays(cand, a.topk, cfg.head_dim, "auto"):
+        return "dense_topk", cand
     return "gathered", a.topk
 
 
@@ -146,11 +157,21 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
         out["memory_pool"] = covered * (16.0 * D + 4 + 4 * r.summary_slots) + 8.0 * D * u.n_sum / T
     out["projections"] = 2.0 * D + (2.0 * D * tk if u.n_mem else 0.0) + 4.0 * D * tk + 2.0 * D
     if cfg.arch == "ressformer":
-        path, n = asam_path(cfg, T, u.n_mem)
+        path, n = asam_path(cfg, T, u.n_mem, asam_kernel)
+        if path == "dense_topk" and cfg.asam.impl == "chunked":  # k, v kept as float32 copies only (attention)
+            out["projections"] -= 4.0 * D * tk
         if path == "gathered":
             out["attention"] = 2.0 * D + 12.0 * H * n if asam_kernel else 8.0 * n * D + 4.0 * D + 13.0 * H * n
             if u.graph_in:
                 out["graph_bias"] = 9.0 * H * m + 4.0 * m
+        elif path == "dense_topk":  # fp32 q; fp32 k, v (chunked: once; block: each chunk's candidates); the mask;
+            # the kept slots (int64) and their probabilities; the (c, n) fp32 probabilities
+            k = cfg.asam.topk
+            block = cfg.asam.impl == "block"
+            kv = 8.0 * D * n / min(cfg.asam.chunk_size, T) if block else 8.0 * D * tk
+            out["attention"] = 4.0 * D + kv + (H * n if block else n / micro_batch) + 12.0 * H * k + 4.0 * H * n
+            if u.graph_in:  # the edges' key index (chunked) or slots (block), their float32 values
+                out["graph_bias"] = (8.0 * H * m if block else 8.0 * m) + 4.0 * m
         elif path == "dense_chunks":  # the chunks' checkpoint inputs: q, the keys / values and mask of each chunk
             block = cfg.asam.impl == "block"
             out["attention"] = 2.0 * D + (4.0 * D * n / min(cfg.asam.chunk_size, T) + H * n if block
@@ -161,8 +182,8 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
             out["attention"] = 8.0 * H * n + 4.0 * D * (1 + 2 * tk)
         if u.graph_in and cfg.soes.graph == "bilinear":  # LatentGraph: src / dst projections, edge scores
             out["graph_bias"] = out.get("graph_bias", 0.0) + 4.0 * cfg.soes.rank + 12.0 * m
-        if u.pattern and path == "gathered":
-            out["pattern"] = 25.0 * H * n + 13.0 * m + 20
+        if u.pattern and path in ("gathered", "dense_topk"):
+            out["pattern"] = 25.0 * H * cfg.asam.topk + 13.0 * m + 20
     else:  # dense baseline: causal attention, fp32 scores and bf16 probabilities over (T + 1) / 2 keys
         out["attention"] = 2.0 * D + 6.0 * H * (T + 1) / 2
     e = cfg.moe
@@ -180,7 +201,7 @@ def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micr
     if cfg.arch != "ressformer":
         return {}
     B, D, H = micro_batch, cfg.d_model, cfg.n_heads
-    path, n = asam_path(cfg, T, u.n_mem)
+    path, n = asam_path(cfg, T, u.n_mem, asam_kernel)
     Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
     if path == "gathered":
         cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, Tk, memory=u.n_mem > 0)
@@ -191,6 +212,11 @@ def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micr
         else:
             bwd = 6.0 * B * T * n * D
         return {"selection": sel, "backward": bwd}
+    if path == "dense_topk":  # one chunk: its fp32 scores (+ bias, masked), the tie-broken top-k's int32 key; in
+        # backward two (c, n) fp32 gradients at a time (probabilities -> kept scores -> masked scores) and the fp32
+        # dk / dv every chunk adds to
+        c_n = 4.0 * B * H * c * n
+        return {"selection": c_n * (3 if u.graph_in else 2) + c_n, "backward": 2 * c_n + 8.0 * B * Tk * D}
     if path == "dense_chunks":  # one recomputed chunk (scores, bias, masked scores, probabilities, their
         # gradients; the SOES pattern over its H x n probabilities) + fp32 candidate keys / values; block: the k / v
         # gradients the chunks' gathers scatter into

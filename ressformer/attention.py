@@ -295,6 +295,22 @@ def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activ
     return Attended(out, (p.detach() > 0).sum().float(), pat)
 
 
+class _KeptSlots(torch.autograd.Function):
+    """s.gather(-1, idx) for idx distinct along the last dim, whose backward scatters into zeros of s's shape: it
+    keeps the index only (torch.gather's own backward keeps s, a (c, n) float32 block per chunk)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.n = s.shape[-1]
+        return s.gather(-1, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(*grad.shape[:-1], ctx.n).scatter(-1, idx, grad), None
+
+
 def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, topk, activation,
                       pattern) -> Attended:
     """`_gathered_attend` of a query chunk's top-k selection computed with dense matmuls over its n candidates.
@@ -311,9 +327,9 @@ def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, 
     s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val)  # (B, H, c, n)
     with torch.no_grad():
         sel = topk_first(s.detach(), topk)  # (B, H, c, topk) candidate positions
-    p_sel = normalize(s.gather(-1, sel), activation)  # (B, H, c, topk); invisible kept slots are -inf: p = 0
+    p_sel = normalize(_KeptSlots.apply(s, sel), activation)  # (B, H, c, topk); invisible kept slots: -inf, p = 0
     p = torch.zeros_like(s).scatter(-1, sel, p_sel)  # (B, H, c, n)
-    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(v_c.dtype)
+    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(q_c.dtype)  # k_c / v_c may be float32 copies
     pat = None
     if pattern is not None:
         key_idx = sel if keys is None else keys[:, :, None, :].expand(B, H, c, n).gather(-1, sel)
@@ -473,6 +489,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     results: list[Attended | None] = []  # per query chunk; None: a top-k chunk whose gradient pass comes after
     pending = []  # (s0, s1, Selection, edge_val) of those chunks
     n_visible = q.new_zeros((), dtype=torch.float32)
+    k32 = v32 = None  # float32 k and v, made once for the dense top-k chunks over every key
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
         q_c, qp_c, qi_c = q[:, :, s0:s1], q_pos[..., s0:s1], q_index[s0:s1]
@@ -502,7 +519,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
 
         dense_topk = 0 < topk < n and not use_asam_kernel(q) and dense_topk_pays(n, topk, D, attend)
         if topk == 0 or topk >= n or dense_topk:  # dense over the candidates
-            if keys is None:
+            if keys is None and dense_topk:  # one contiguous float32 k and v that every chunk's matmuls share
+                if k32 is None:  # (a strided k would be copied by each chunk's matmul, and kept for backward)
+                    k32, v32 = f32(k.contiguous()), f32(v.contiguous())
+                k_c, v_c = k32, v32
+            elif keys is None:
                 k_c, v_c = k, v  # (B, H, n=Tk, D)
             else:
                 gi = keys[..., None].expand(B, H, n, D)
