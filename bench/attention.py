@@ -25,6 +25,8 @@ minimum. Peak memory is measured over the timed calls, above what was allocated 
 CUDA: torch.cuda.max_memory_allocated. CPU: torch exposes no allocator statistics for CPU tensors (tracemalloc does
 not see them), so the peak is the process RSS sampled every millisecond by a thread, minus the RSS before the call,
 with glibc's mmap threshold set to 1 MiB (mallopt) so freed tensors leave the RSS; short calls can miss their peak.
+That threshold maps and zeroes every large allocation afresh, which slows allocation-heavy methods: --time-only
+times with the allocator as training runs it and measures no memory on CPU.
 A method is `skipped` at T when it cannot run there (with the reason), when its time at the previous T scaled by
 (T / T_prev)^2 exceeds --budget-s, or when --max-total-s is spent; `oom` when it runs out of memory. The fitted
 exponent is the least-squares slope of log(ms) vs log(T) over the measured T >= --fit-from (2 points at least).
@@ -126,10 +128,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
-def measure(fn, device: torch.device, repeats: int) -> dict:
+def measure(fn, device: torch.device, repeats: int, memory: bool = True) -> dict:
     """Time and peak memory of fn() (one forward+backward): a warm-up call, then `repeats` timed calls.
 
-    Returns {"status": "ok", "ms", "warmup_ms", "peak_mib"} or {"status": "oom"|"error", "reason"}."""
+    Returns {"status": "ok", "ms", "warmup_ms", "peak_mib"} or {"status": "oom"|"error", "reason"}; memory=False:
+    no memory measured on CPU (peak_mib None)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
@@ -144,15 +147,16 @@ def measure(fn, device: torch.device, repeats: int) -> dict:
                 base = torch.cuda.memory_allocated()
                 mon = contextlib.nullcontext()
             else:
-                mon = _RssPeak()
-            with mon:
+                mon = _RssPeak() if memory else None
+            with mon or contextlib.nullcontext():
                 t0 = time.perf_counter()
                 fn()
                 sync()
                 times.append(time.perf_counter() - t0)
-            used = torch.cuda.max_memory_allocated() - base if cuda else mon.peak - mon.base
-            peak = max(peak, used)
-        return {"status": "ok", "ms": min(times) * 1e3, "warmup_ms": warm * 1e3, "peak_mib": peak / 2**20}
+            if cuda or mon is not None:
+                peak = max(peak, torch.cuda.max_memory_allocated() - base if cuda else mon.peak - mon.base)
+        peak_mib = peak / 2**20 if cuda or memory else None
+        return {"status": "ok", "ms": min(times) * 1e3, "warmup_ms": warm * 1e3, "peak_mib": peak_mib}
     except Exception as e:  # noqa: BLE001 (a method that fails is reported, the others still run)
         if cuda:
             torch.cuda.empty_cache()
@@ -297,6 +301,10 @@ def _parse(argv):
                     help="stop measuring after this long (default: no limit)")
     ap.add_argument("--methods", nargs="+", default=None, help="only these methods (names as in the table)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-only", action="store_true",
+                    help="CPU: time with glibc's allocator as training runs it (no mmap threshold, no RSS sampling; "
+                         "peak MiB not measured). The memory measurement's 1 MiB mmap threshold maps and zeroes every "
+                         "large allocation afresh, which slows allocation-heavy methods")
     ap.add_argument("--json", default=None, metavar="OUT")
     a = ap.parse_args(argv)
     a.device = torch.device(a.device)
@@ -340,7 +348,8 @@ def _header(a) -> dict:
         "asam": {"activation": s.activation, "topk": s.topk, "chunk_size": s.chunk_size, "block_size": s.block_size,
                  "blocks_per_query": s.blocks_per_query, "block_select": s.block_select},
         "repeats": a.repeats, "budget_s": a.budget_s, "fit_from": a.fit_from, "reference_max": a.reference_max,
-        "memory": memory_method(a.device), "seq_lens": a.seq_lens,
+        "memory": ("not measured (--time-only)" if a.time_only and a.device.type != "cuda" else
+                   memory_method(a.device)), "seq_lens": a.seq_lens,
     }
 
 
@@ -357,7 +366,7 @@ def _run_one(build, q, k, v, gout, a, gate: str | None) -> dict:
                 t.grad = None
             fwd().backward(gout)
 
-        return measure(fn, a.device, a.repeats)
+        return measure(fn, a.device, a.repeats, memory=not a.time_only)
     except Skip as e:
         return {"status": "skipped", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 (building the method failed: report it, keep going)
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     oom_at: dict[str, int] = {}  # method -> the T it ran out of memory at (larger T are skipped)
     t_start = time.perf_counter()
     torch.manual_seed(a.seed)
-    with _cpu_mmap_threshold(enabled=not cuda):
+    with _cpu_mmap_threshold(enabled=not cuda and not a.time_only):
         for T in a.seq_lens:
             g = torch.Generator().manual_seed(a.seed + T)
             q, k, v, gout = (torch.randn(a.batch, H, T, D, generator=g).to(a.device, a.dtype) for _ in range(4))
@@ -418,10 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
                 ok = row["status"] == "ok" and sdpa_row is not None and sdpa_row["status"] == "ok"
                 row["x_sdpa_ms"] = row["ms"] / sdpa_row["ms"] if ok and sdpa_row["ms"] > 0 else None
                 row["x_sdpa_mib"] = (row["peak_mib"] / sdpa_row["peak_mib"]  # below 1 MiB: sampling noise on CPU
-                                     if ok and sdpa_row["peak_mib"] >= 1.0 else None)
+                                     if ok and row["peak_mib"] is not None and sdpa_row["peak_mib"] >= 1.0 else None)
                 result["rows"].append(row)
                 if row["status"] == "ok":
-                    print(f"{T:>6} {name:16} {row['ms']:>10.2f} {row['peak_mib']:>10.1f} "
+                    print(f"{T:>6} {name:16} {row['ms']:>10.2f} {_fmt(row['peak_mib'], '>10.1f')} "
                           f"{_fmt(row['x_sdpa_ms'], '>10.2f')} {_fmt(row['x_sdpa_mib'], '>10.2f')}", flush=True)
                 else:
                     print(f"{T:>6} {name:16} {row['status']:>10} {'':>32}  {row.get('reason', '')}", flush=True)

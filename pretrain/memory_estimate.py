@@ -47,8 +47,9 @@ Tk = T + memory keys):
                  buffers with a graph (2 without) + fp32 keys 4BTkD. `backward`: PyTorch top-k 6kD BT (fp32 + bf16
                  gradient of the gathered keys); kernel 12 B Tk D (fp32 dk / dv and their casts) + 2BTD (dq)
                  + 4HkBT (graph bias gradient); dense top-k: `selection` without the keys, `backward` two fp32
-                 (B, H, c, n) gradients + 8 B Tk D (fp32 dk / dv); dense chunks (n candidates) one recomputed chunk: 24 BHcn + its
-                 SOES pattern (block 40 BHcn, chunked 8 Bcn) + 8BnD, block + 8 B Tk D: the roughest (within 25 %).
+                 (B, H, c, n) gradients + 8 B Tk D (fp32 dk / dv); dense chunks (n candidates) one recomputed
+                 chunk: 24 BHcn + its SOES pattern (block 40 BHcn, chunked 8 Bcn) + 8BnD, block + 8 B Tk D: the
+                 roughest (within 25 %).
   logits         PyTorch: 10 B per logit ((B, T, V) bf16 logits, the fp32 log-softmax and its gradient). Fused
                  (liger): 2BTD (the gradient of h, computed in the forward) + 4VD (fp32 lm_head gradient) + 4BT
                  (per-token loss) + one bf16 chunk of logits, chunk = next_pow2(BT / ceil(V / D)) tokens. Both:

@@ -342,10 +342,11 @@ def dense_topk_pays(n: int, topk: int, head_dim: int, attend: str) -> bool:
 
     attend: "dense" | "gather" force a path; "auto": dense when n <= topk * head_dim. Per query and head the dense
     path multiplies over n keys where the gathered path copies topk * head_dim floats of keys and of values; on
-    CPU (bench/RESULTS.md: chunked, fp32, forward + backward, 2 threads) dense took 0.27x the gathered time at
-    n = 8 topk and 0.83x at n = 64 topk for head_dim 64, 0.89x at n = 16 topk and 1.6x at n = 64 topk for head_dim 16.
-    Its (c, n) float32 probabilities kept for backward are then at most half the gathered (c, topk, head_dim) keys
-    and values, so the saved memory stays O(T * topk * head_dim) however long the sequence."""
+    CPU (bench/RESULTS.md: chunked, fp32, forward + backward, 2 threads) dense took 0.25x the gathered time at
+    n = 8 topk and 0.87x at n = 64 topk for head_dim 64, 0.90x at n = 16 topk for head_dim 16 (and, forced beyond
+    the rule, 1.09x at 32 topk, 1.56x at 64 topk). Its (c, n) float32 probabilities kept for backward are then at
+    most half the gathered (c, topk, head_dim) keys and values, so the saved memory stays O(T * topk * head_dim)
+    however long the sequence."""
     if attend == "dense":
         return True
     if attend == "gather":

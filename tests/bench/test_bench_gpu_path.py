@@ -36,7 +36,7 @@ def test_attention_bench_rows(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))  # the file holds what was returned
     rows = {(r["T"], r["method"]): r for r in res["rows"]}
     for T in (64, 128):
-        for m in ("sdpa", "reference", "chunked", "block"):
+        for m in ("sdpa", "reference", "chunked", "chunked+gather", "block", "block+gather"):
             r = rows[(T, m)]
             assert r["status"] == "ok", r
             assert r["ms"] > 0 and math.isfinite(r["x_sdpa_ms"]) and r["x_sdpa_ms"] > 0
@@ -46,6 +46,11 @@ def test_attention_bench_rows(tmp_path):
     assert {r["method"] for r in res["rows"]} == set(res["exponents"])
     assert res["exponents"]["sdpa"]["points"] == 2 and res["exponents"]["flex"] is None
     assert "CPU process RSS" in res["config"]["memory"] and res["config"]["heads"] == 2
+    res = attn_bench.main(["--device", "cpu", "--seq-lens", "64", "--preset", "debug", "--heads", "2", "--repeats",
+                           "1", "--methods", "chunked", "--time-only"])  # times only: no memory column
+    assert [(r["method"], r["status"], r["peak_mib"], r["x_sdpa_mib"]) for r in res["rows"]] == [
+        ("sdpa", "ok", None, None), ("chunked", "ok", None, None)]
+    assert res["config"]["memory"] == "not measured (--time-only)"
 
 
 def test_attention_bench_budget_and_oom_are_reported(monkeypatch, capsys):
