@@ -8,9 +8,10 @@
   moe/ep_router.py): router `gate`, fused experts gate_up_proj [E, 2F, D] (gate rows first) and down_proj
   [E, D, F], softmax in float32, top-k renormalised. One process computes what a ZeRO-3 + AutoEP run computes.
 * Dropless: assignments sorted by expert, then one of (`ressformer.kernels.moe_experts`): one matmul per expert on
-  counts read on the host (the loop, the reference); one torch._grouped_mm per projection over all experts with
-  device-side offsets (bfloat16 on CUDA sm90 / sm100); batched matmuls over tiles of expert-sorted rows with static
-  shapes (`MoEExperts.padded`: no host read anywhere); index_add back; empty experts get zero gradient.
+  counts read on the host (the loop, the reference; under torch.compile one custom op, `_experts_loop`); one
+  torch._grouped_mm per projection over all experts with device-side offsets (bfloat16 on CUDA sm90 / sm100);
+  batched matmuls over tiles of expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere);
+  index_add back; empty experts get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """

@@ -32,7 +32,8 @@ and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEEx
                   the weights per tile
     "loop"        one matmul per expert on the token counts read on the host (the reference); under
                   torch.compile the same loop as one custom op (moe._experts_loop, its backward written out), so
-                  the read stays inside the op and the graph neither breaks nor recompiles
+                  the read stays inside the op and the graph neither breaks nor recompiles (on CUDA the read still
+                  waits for the device)
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
 
