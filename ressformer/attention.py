@@ -491,6 +491,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     pending = []  # (s0, s1, Selection, edge_val) of those chunks
     n_visible = q.new_zeros((), dtype=torch.float32)
     k32 = v32 = None  # float32 k and v, made once for the dense top-k chunks over every key
+    kernel = use_asam_kernel(q)  # the Triton kernel takes the top-k chunks (`_gathered_attend`)
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
         q_c, qp_c, qi_c = q[:, :, s0:s1], q_pos[..., s0:s1], q_index[s0:s1]
@@ -518,7 +519,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         n = mask.shape[-1]
         n_visible = n_visible + mask.sum().float() * (B // mask.shape[0]) * (H // mask.shape[1])
 
-        dense_topk = 0 < topk < n and not use_asam_kernel(q) and dense_topk_pays(n, topk, D, attend)
+        dense_topk = 0 < topk < n and not kernel and dense_topk_pays(n, topk, D, attend)
         if topk == 0 or topk >= n or dense_topk:  # dense over the candidates
             if keys is None and dense_topk:  # one contiguous float32 k and v that every chunk's matmuls share
                 if k32 is None:  # (a strided k would be copied by each chunk's matmul, and kept for backward)
