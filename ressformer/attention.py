@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ressformer.config import ModelConfig, block_documents_error
-from ressformer.kernels import use_asam_kernel
+from ressformer.kernels import custom_op, use_asam_kernel
 from ressformer.recurrence import block_aligned, memory_fillers
 from ressformer.selection import (UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, run_local_blocks,
                                   topk_first, visible)
@@ -229,7 +229,7 @@ def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, gra
 
 
 # --- impl=chunked / block ---------------------------------------------------------------------------------------
-@torch.library.custom_op("ressformer::edge_bias", mutates_args=())
+@custom_op("edge_bias", __name__, mutates_args=())
 def _edge_bias(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
     """Scatter graph edge values onto slots. epos (B, H, c, m) slot of each edge (-1: not present),
     gval (B, H, c, m) gamma_h * val -> (B, H, c, n).

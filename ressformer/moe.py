@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressformer.config import ModelConfig, MoEConfig
-from ressformer.kernels import experts_path
+from ressformer.kernels import custom_op, experts_path
 
 # AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
 _ROUTE_NORM_EPS = 1e-20
@@ -86,7 +86,7 @@ class _TileMatmul(torch.autograd.Function):
         return gx, gw, None
 
 
-@torch.library.custom_op("ressformer::experts_loop", mutates_args=())
+@custom_op("experts_loop", __name__, mutates_args=())
 def _experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token: torch.Tensor,
                   weight: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`MoEExperts.loop` as one op that torch.compile does not trace into: its host read of the counts (E,) stays
@@ -116,7 +116,7 @@ def _(x, gate_up, down, token, weight, counts):
     return x.new_empty(x.shape), x.new_empty(R, gate_up.shape[1]), x.new_empty(R, x.shape[1])
 
 
-@torch.library.custom_op("ressformer::experts_loop_backward", mutates_args=())
+@custom_op("experts_loop_backward", __name__, mutates_args=())
 def _experts_loop_backward(grad: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                            token: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, h: torch.Tensor,
                            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,8 +33,33 @@ def pytest_configure(config):
             signal.signal(sig, _worker_signalled)
 
 
+_fault_file = None
+
+
+def pytest_sessionstart(session):
+    """An xdist worker writes the Python stacks of a fatal error (SIGSEGV, SIGABRT, SIGBUS, SIGFPE) into a file of
+    its own, which pytest_handlecrashitem adds to the report (pytest's faulthandler writes them to the worker's
+    stderr, which xdist does not show). Set here, after pytest's faulthandler plugin has set its own."""
+    global _fault_file
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import faulthandler
+
+        _fault_file = open(_fault_note(os.getpid()), "w")
+        faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def pytest_unconfigure(config):
+    if _fault_file is not None:
+        _fault_file.close()
+        Path(_fault_file.name).unlink(missing_ok=True)
+
+
 def _signal_note(pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"pytest-worker-{pid}-signalled.txt"
+
+
+def _fault_note(pid: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"pytest-worker-{pid}-fault.txt"
 
 
 def _worker_signalled(signum, frame):
@@ -54,8 +79,9 @@ def _worker_signalled(signum, frame):
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
     """xdist: a worker died while running `crashitem`. Add how it ended to the report: its exit status (a signal by
-    name), the kernel's out-of-memory line for its pid if there is one, the memory then available and the largest
-    processes at that moment.
+    name), the Python stacks of a fatal error (pytest_sessionstart) or of a signal from outside, the kernel's
+    out-of-memory line for its pid if there is one, the memory then available and the largest processes at that
+    moment.
 
     A worker ended by a signal from outside (SIGKILL, SIGTERM, SIGHUP, SIGUSR1/2: the kernel's OOM killer, or a
     process that signalled a stale pid: pid_max is 32768 on these 2-core machines, and the suite takes 500 to 1,000
@@ -73,10 +99,12 @@ def pytest_handlecrashitem(crashitem, report, sched):
         how = ("still running 10 s later" if rc is None else f"killed by {_signal_name(-rc)}" if rc < 0
                else f"exit status {rc}")
         notes.append(f"worker pid {popen.pid}: {how}")
-        note = _signal_note(popen.pid)
-        if note.is_file():
-            notes.append(note.read_text())
-            note.unlink()
+        for note in (_signal_note(popen.pid), _fault_note(popen.pid)):
+            if note.is_file():
+                text = note.read_text().strip()
+                if text:
+                    notes.append(text)
+                note.unlink()
         try:
             kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout.splitlines()
             notes += [line for line in kernel if f"process {popen.pid} " in line or f"pid={popen.pid}," in line]

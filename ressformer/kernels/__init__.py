@@ -147,3 +147,19 @@ def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
             return "grouped_mm" if grouped and torch.compiler.is_compiling() else "loop"
         return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")
+
+
+def custom_op(name: str, module: str, **kwargs):
+    """torch.library.custom_op for an op of ressformer named `name`, defined by the module named `module`, under a
+    namespace where no op of that name exists yet: "ressformer" for the package's own modules, "ressformer_<i>"
+    (the first free i) for a copy of a module loaded under another name (an exported model's remote code,
+    `transformers_modules.<folder>.ressformer_attention`) or a module executed again.
+
+    torch replaces an op defined again under the same name: it destroys the first definition's registration, and
+    every holder of the first (its CustomOpDef, an OpOverload in a compiled graph, the modules of a model built
+    before) keeps a dangling operator handle, so calling the op then reads freed memory (a segmentation fault, or
+    by chance the new definition). Defining each copy's ops under a namespace of their own replaces nothing."""
+    namespaces = (["ressformer"] if module.split(".")[0] == "ressformer" else []) + [f"ressformer_{i}" for i in
+                                                                                    range(1, 1 << 16)]
+    ns = next(n for n in namespaces if not hasattr(getattr(torch.ops, n), name))
+    return torch.library.custom_op(f"{ns}::{name}", **kwargs)

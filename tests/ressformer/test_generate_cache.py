@@ -240,3 +240,37 @@ def test_generate_gives_the_same_tokens_with_and_without_the_cache(hf_models, na
         assert hf(x, use_cache=False).past_key_values is None
         with pytest.raises(ValueError, match="equal length"):
             hf(x, attention_mask=torch.ones_like(x).index_fill(1, torch.tensor([10]), 0), use_cache=True)
+
+
+def test_remote_code_defines_its_ops_beside_the_package_s(hf_models):
+    """The exported model's remote code (a copy of every ressformer module, loaded above in this process) and a
+    module executed a second time define their custom ops under namespaces of their own: redefining an op under
+    the package's name would destroy the package's registration, and a model built before would then call a
+    dangling operator handle (a segmentation fault, seen under pytest-xdist)."""
+    import importlib.util
+    import sys
+
+    from torch._library.custom_ops import OPDEFS
+
+    import ressformer.attention as attention
+    import ressformer.moe as moe
+
+    package = {"ressformer::edge_bias": attention._edge_bias, "ressformer::experts_loop": moe._experts_loop,
+               "ressformer::experts_loop_backward": moe._experts_loop_backward}
+    remote = [m for name, m in sys.modules.items() if name.startswith("transformers_modules.")
+              and name.endswith(("ressformer_attention", "ressformer_moe"))]
+    assert len(remote) == 2
+    spec = importlib.util.spec_from_file_location("moe_again", moe.__file__)
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    copies = [getattr(m, op) for m in remote + [again] for op in ("_edge_bias", "_experts_loop") if hasattr(m, op)]
+    assert len(copies) == 3
+    for qualname, op in package.items():
+        assert op._qualname == qualname and OPDEFS[qualname] is op
+    for op in copies:
+        assert op._qualname.split("::")[0].startswith("ressformer_") and OPDEFS[op._qualname] is op
+    # the package's model and the export still run and agree
+    model, hf = hf_models["block_chunk_bilinear"]
+    x = ids(model.config, B=2, n=13, seed=5)
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, model(x).logits) < 1e-5
