@@ -49,7 +49,12 @@ def pytest_sessionstart(session):
 
 
 def pytest_unconfigure(config):
+    """Stop writing fatal errors to the worker's file before closing it (pytest's faulthandler plugin, after this
+    hook, restores the original stderr)."""
     if _fault_file is not None:
+        import faulthandler
+
+        faulthandler.disable()
         _fault_file.close()
         Path(_fault_file.name).unlink(missing_ok=True)
 
