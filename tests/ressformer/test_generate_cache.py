@@ -258,13 +258,13 @@ def test_remote_code_defines_its_ops_beside_the_package_s(hf_models):
     package = {"ressformer::edge_bias": attention._edge_bias, "ressformer::experts_loop": moe._experts_loop,
                "ressformer::experts_loop_backward": moe._experts_loop_backward}
     remote = [m for name, m in sys.modules.items() if name.startswith("transformers_modules.")
-              and name.endswith(("ressformer_attention", "ressformer_moe"))]
-    assert len(remote) == 2
+              and name.endswith(("ressformer_attention", "ressformer_moe"))]  # this file's exports, and any
+    assert len(remote) >= 2  # other test's run earlier in this process
     spec = importlib.util.spec_from_file_location("moe_again", moe.__file__)
     again = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(again)
     copies = [getattr(m, op) for m in remote + [again] for op in ("_edge_bias", "_experts_loop") if hasattr(m, op)]
-    assert len(copies) == 3
+    assert len(copies) == len(remote) + 1
     for qualname, op in package.items():
         assert op._qualname == qualname and OPDEFS[qualname] is op
     for op in copies:
