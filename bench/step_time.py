@@ -43,6 +43,8 @@ ABLATIONS = {
     "soes.enabled=false": {"soes.enabled": False},
     "r2mu.memory=false": {"r2mu.memory": False},
     "document mask, 4 docs per row": {"<documents>": 4},  # documents= (data.document_mask), 4 equal documents
+    "asam.impl=block": {"asam.impl": "block"},
+    "asam.impl=block, document mask, 4 docs per row": {"asam.impl": "block", "<documents>": 4},
 }
 
 
@@ -167,7 +169,7 @@ def main() -> None:
     for name, cfg, eager, compiled in runners:
         t = min(eager.times)
         t_base = t_base or t
-        gflop = flops_per_token(cfg, a.seq) * a.batch * a.seq / 1e9
+        gflop = flops_per_token(cfg, a.seq, documents=eager.docs is not None) * a.batch * a.seq / 1e9
         line = f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
         if compiled is not None:
             c = min(compiled.times)

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 
 from pretrain.data import DataConfig
-from ressformer.config import ModelConfig, block_documents_error, parse_sets
+from ressformer.config import ModelConfig, parse_sets
 
 
 class ConfigError(ValueError):
@@ -419,8 +419,6 @@ class RunConfig:
             base = ModelConfig.from_preset(self.model)
         if self.model_overrides:
             base = base.replace(**dict(self.model_overrides))
-        if self.data.document_mask and base.asam.impl == "block":
-            raise block_documents_error("data.document_mask=true", "set data.document_mask=false")
         if self.data.document_mask and not base.causal:
             raise ValueError("data.document_mask=true needs a causal model (causal=true)")
         if self.seq_len > base.max_seq_len:

@@ -5,8 +5,9 @@
     python -m pretrain.memory_estimate --preset 1b-long --asam-kernel off --fused-loss off   # the PyTorch paths
     python -m pretrain.memory_estimate --preset 1b-long --set model.asam.topk=0 --ckpt-every 1 --zero-stage 3
 
-The estimate is for a bf16 GPU run. Two kernels, which ressformer.kernels picks by itself on CUDA, change what it
-keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the gathered top-k path) and liger's
+The estimate is for a bf16 GPU run without document masking (data.document_mask: block ASAM then computes over a
+few more candidate keys per query chunk, ressformer.flops._block_kept_keys; not modelled here). Two kernels, which
+ressformer.kernels picks by itself on CUDA, change what it keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the gathered top-k path) and liger's
 fused LM head + cross-entropy (`--fused-loss`, auto = on). Parameter counts come from
 `ressformer.flops.count_params`, the checkpoint units from the model's `set_checkpointing` contract (a prelude
 block, one whole R2MU step, or a coda block). Terms, in bytes per GPU (B micro batch, T tokens, D width, H heads,
@@ -139,7 +140,7 @@ def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True) ->
     a, tk = cfg.asam, T + n_mem
     if a.impl == "reference":
         return "reference", tk
-    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk, memory=n_mem > 0)
+    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem)
     if a.topk == 0 or a.topk >= cand:
         return "dense_chunks", cand
     if not asam_kernel and dense_topk_pays(cand, a.topk, cfg.head_dim, "auto"):
@@ -205,7 +206,7 @@ def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micr
     path, n = asam_path(cfg, T, u.n_mem, asam_kernel)
     Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
     if path == "gathered":
-        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, Tk, memory=u.n_mem > 0)
+        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, T, u.n_mem)
         # fp32 scores (+ bias), the tie-broken top-k's int32 key beside them (selection.topk_first), the keys
         sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * H * c * cand + 4.0 * B * cand * D
         if asam_kernel:

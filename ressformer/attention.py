@@ -10,7 +10,8 @@ the model appends the memory keys after the T token keys). A query with no visib
 Code paths of `sparse_attention`, by the config fields ASAMAttention passes (`asam_options`):
     asam.impl=reference   _reference: the (B, H, Tq, Tk) scores materialised; plain, the tests' yardstick
     asam.impl=chunked     query chunks of chunk_size over every key                    memory linear in T
-    asam.impl=block       query chunks over the key blocks they keep (selection.block_candidates)
+    asam.impl=block       query chunks over the key blocks they keep (selection.block_candidates; under
+                          document masking selection.document_block_candidates, blocks cut per document)
   and per chunk: asam.topk == 0 or >= its keys: `_dense_chunk` (recomputed in backward under grad); else, with
   at most topk * D candidates, `_dense_topk_chunk` (one score matmul selects and attends, the
   probabilities zero off the kept keys); else `_select_topk` (no grad), then `_gathered_attend` over the kept keys
@@ -30,10 +31,11 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from ressformer.config import ModelConfig, block_documents_error
+from ressformer.config import ModelConfig
 from ressformer.kernels import custom_op, use_asam_kernel
 from ressformer.recurrence import block_aligned, memory_fillers
-from ressformer.selection import (UNBOUNDED_WINDOW, Candidates, block_candidates, block_summaries, run_local_blocks,
+from ressformer.selection import (UNBOUNDED_WINDOW, DocumentCandidates, block_candidates, block_summaries,
+                                  chunk_first_index, document_block_candidates, document_key_blocks, run_local_blocks,
                                   topk_first, visible)
 from ressformer.sequence_parallel import memory_order
 from ressformer.sparse import ACTIVATIONS, at_least_fp32 as f32, normalize
@@ -84,6 +86,20 @@ def local_block_bound(cfg: ModelConfig, memory: bool, span: int) -> int | None:
     if memory:
         n += run_local_blocks(span, bs) + run_local_blocks(r.summary_slots * ((span - 1) // r.segment_len + 1), bs)
     return n
+
+
+def document_runs(cfg: ModelConfig, T: int, n_memory: int) -> tuple[tuple[int, int], ...]:
+    """The runs of keys the model gives ASAM under document masking with asam.impl=block (`sparse_attention`'s
+    doc_runs): the T tokens, then R2MU memory of n_memory keys = [token cache (T) | summaries], as
+    (keys, span): a query chunk's later documents hold at most chunk_size tokens (and token-cache entries) and the
+    summaries of the segments ending among them, summary_slots * ceil(chunk_size / segment_len)."""
+    c, r = cfg.asam.chunk_size, cfg.r2mu
+    runs = [(T, c)]
+    if n_memory:
+        runs.append((T, c))
+        if n_memory > T:
+            runs.append((n_memory - T, r.summary_slots * -(-c // r.segment_len)))
+    return tuple(runs)
 
 
 def _check_inputs(q, k, v, *, q_pos, k_pos, k_window, activation, topk, graph, graph_scale, impl):
@@ -272,6 +288,21 @@ def _edge_slots(e: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
     return torch.where(hit.any(-1), slot, torch.full_like(slot, -1))
 
 
+def _document_edge_slots(e: torch.Tensor, cand: DocumentCandidates, block_size: int) -> torch.Tensor:
+    """`_edge_slots` for document candidates (selection.document_block_candidates): the candidate position of each
+    edge's key in the chunk's blocks of its first document or in a later documents' span, -1 if in neither."""
+    rel = e[..., None] - cand.starts[:, :, None, None, :]  # (B, H, c, m, n_sel)
+    hit = (rel >= 0) & (rel < cand.lens[:, :, None, None, :])
+    j = hit.to(torch.uint8).argmax(-1, keepdim=True)
+    slot = torch.where(hit.any(-1), j[..., 0] * block_size + rel.gather(-1, j)[..., 0], -1)
+    off = cand.starts.shape[-1] * block_size
+    for first, span in cand.spans:  # first (B, 1)
+        r = e - first[:, :, None, None]
+        slot = torch.where((slot < 0) & (r >= 0) & (r < span), off + r, slot)
+        off += span
+    return slot
+
+
 def _chunk_scores(q_c, k_c, mask, edge_slot, edge_val) -> torch.Tensor:
     """Scores (B, H, c, n) float32 of queries q_c (B, H, c, D) over candidates k_c (B, H, n, D), plus the graph bias
     of edges at edge_slot (B, H, c, m; -1: absent) / edge_val, -inf where mask (B|1, H|1, c, n) is False."""
@@ -433,13 +464,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      impl: str = "chunked", chunk_size: int = 128, block_size: int = 64,
                      blocks_per_query: int = 8, block_select: str = "query", local_blocks: int | None = None,
                      pattern_degree: int = 0, pattern_keys: int | None = None, pattern_rows: bool = False,
-                     q_index: torch.Tensor | None = None, attend: str = "auto") -> tuple[torch.Tensor, dict]:
+                     q_index: torch.Tensor | None = None, attend: str = "auto",
+                     doc_runs: tuple[tuple[int, int], ...] | None = None,
+                     q_first: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
 
     Per-sample positions (document masking, selection.document_positions): q_pos (B, Tq), k_pos and k_window
     (B, Tk); q_index (Tq,) is then the queries' token indices (their own graph slot), default 0..Tq-1 (1-D q_pos:
-    q_pos itself). Not with impl=block, whose key blocks are cut by key index, not per document.
+    q_pos itself). impl=block (causal) then cuts each document's key blocks from its own first key in each run of
+    keys (selection.document_key_blocks): doc_runs = ((n_keys, span), ...) in key order, default one run of every
+    key, span chunk_size (the tokens alone); block_select=chunk: q_first (B, H, Tq, D) the q of each query's chunk's
+    first query (selection.chunk_first_index), default gathered from q (the queries then are tokens q_index).
 
     local_blocks (impl=block): a bound on the key blocks overlapping one query chunk's positions when the keys come
     in block-aligned runs (`local_block_bound`); it sizes each chunk's candidates (selection.max_kept_blocks).
@@ -471,15 +507,23 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         return _reference(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, causal=causal,
                           activation=activation, topk=topk, graph=graph, graph_scale=graph_scale, pattern=pattern,
                           q_index=q_index)
-    key_blocks = None
+    key_blocks = doc_blocks = None
     if impl == "block":
-        if q_pos.dim() == 2 or k_pos.dim() == 2:
-            raise block_documents_error("per-sample positions (document masking)", "pass shared (T,) positions")
         if chunk_size < 1 or block_size < 1 or blocks_per_query < 1:
             raise ValueError(f"block attention needs chunk_size, block_size, blocks_per_query >= 1; got "
                              f"{chunk_size}, {block_size}, {blocks_per_query}")
-        with torch.no_grad():
-            key_blocks = block_summaries(k, k_pos, k_window, block_size, local_blocks)
+        if q_pos.dim() == 2 or k_pos.dim() == 2:
+            if not causal:
+                raise ValueError("per-sample positions (document masking) with impl=block need causal=True")
+            B_ = q.shape[0]
+            q_pos, k_pos = q_pos.expand(B_, Tq), k_pos.expand(B_, k.shape[2])
+            k_window = None if k_window is None else k_window.expand(B_, k.shape[2])
+            runs = ((k.shape[2], chunk_size),) if doc_runs is None else tuple(doc_runs)
+            with torch.no_grad():
+                doc_blocks = document_key_blocks(k, k_pos, k_window, block_size, runs, local_blocks)
+        else:
+            with torch.no_grad():
+                key_blocks = block_summaries(k, k_pos, k_window, block_size, local_blocks)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
 
@@ -496,11 +540,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         s1 = min(Tq, s0 + chunk_size)
         q_c, qp_c, qi_c = q[:, :, s0:s1], q_pos[..., s0:s1], q_index[s0:s1]
         c = s1 - s0
-        cand: Candidates | None = None  # the chunk's keys: every key, or the union of its queries' kept blocks
+        cand = None  # the chunk's keys: every key, or the union of its queries' kept blocks
         if key_blocks is not None:
             with torch.no_grad():
                 cand = block_candidates(q_c, qp_c, key_blocks, causal=causal, blocks_per_query=blocks_per_query,
                                         select=block_select, chunk_size=chunk_size)
+        elif doc_blocks is not None:
+            with torch.no_grad():
+                qf = None
+                if block_select == "chunk":  # each query's chunk's first query, in this call or given
+                    qf = q_first[:, :, s0:s1] if q_first is not None else q.gather(2, chunk_first_index(
+                        qp_c, qi_c, chunk_size)[:, None, :, None].expand(B, H, c, D))
+                cand = document_block_candidates(q_c, qp_c, doc_blocks, blocks_per_query=blocks_per_query,
+                                                 select=block_select, chunk_size=chunk_size, q_first=qf)
         keys = None if cand is None else cand.keys
         edge_slot = edge_val = None
         if graph is not None:
@@ -510,9 +562,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                 edge_slot = e
             else:
                 with torch.no_grad():
-                    edge_slot = _edge_slots(e, cand.blocks, block_size)
+                    edge_slot = _edge_slots(e, cand.blocks, block_size) if key_blocks is not None \
+                        else _document_edge_slots(e, cand, block_size)
         if keys is None:
             mask = _batched_mask(visible(qp_c, k_pos, k_window, causal))  # (B|1, 1, c, Tk)
+        elif doc_blocks is not None:
+            flat = keys.flatten(1)  # (B, H * n)
+            kw = None if k_window is None else k_window.gather(1, flat).view(keys.shape)
+            mask = visible(qp_c[:, None], k_pos.gather(1, flat).view(keys.shape), kw, causal) & cand.valid
         else:
             kw = None if k_window is None else k_window[keys]
             mask = visible(qp_c, k_pos[keys], kw, causal) & cand.valid  # (B, H, c, n)
@@ -622,11 +679,17 @@ class ASAMAttention(nn.Module):
         k = self.k_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)  # (B, H, Tk, hd)
         v = self.v_proj(kv_in).view(B, Tk, H, hd).transpose(1, 2)
         g = None if graph is None else (graph[0], graph[1])
-        # the query chunks of a full forward (pos = 0..T-1) start at multiples of chunk_size
-        local = local_block_bound(self.cfg, memory is not None, self.cfg.asam.chunk_size)
+        a = self.cfg.asam
+        runs = None
+        if pos.dim() == 2 and a.impl == "block":  # document masking: the key runs (selection.document_key_blocks)
+            runs = document_runs(self.cfg, T, Tk - T)
+        # the query chunks of a full forward (pos = 0..T-1) start at multiples of chunk_size; under document masking
+        # a chunk of queries may straddle two chunks of a document's positions
+        local = local_block_bound(self.cfg, memory is not None, a.chunk_size * (1 if runs is None else 2))
         out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, graph=g,
                                       graph_scale=self.graph_scale, **asam_options(self.cfg), local_blocks=local,
-                                      pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T)
+                                      pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T,
+                                      doc_runs=runs)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats
 

@@ -22,7 +22,10 @@ Document masking (`model(ids, cache=cache, documents=ids_of_their_documents)`, e
 cache keeps each token's per-sample position (selection.document_positions, continued across calls by
 `ModelCache.positions_of`), so reads stay inside the token's document as in the full forward; R2MU then keeps the
 last segment_len - 1 states (`hist_h`) and the summaries' positions and windows (`sum_pos`, `sum_win`), segments
-restarting at each document's first token.
+restarting at each document's first token. Block ASAM cuts each document's key blocks from its first key in each run
+(selection.document_key_blocks): the memory then holds the whole token cache and the summaries in position order,
+and under block_select=chunk `chunk_q` / `chunk_src` are per sample: the last token that started a chunk of its
+document, which chooses for the queries of that chunk in later calls.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ressformer.attention import asam_options, local_block_bound, sparse_attention
-from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW, document_positions
+from ressformer.attention import asam_options, document_runs, local_block_bound, sparse_attention
+from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW, chunk_first_index, document_positions
 
 
 class _Seq:
@@ -181,6 +184,35 @@ def _next_chunk_start(pos: torch.Tensor, Ti: int, chunk_size: int) -> int | None
     return c - int(pos[0]) if Ti % chunk_size and c >= int(pos[0]) else None
 
 
+def _chunk_firsts(new: torch.Tensor, ghost: torch.Tensor | None, doc_pos: torch.Tensor, pos: torch.Tensor,
+                  chunk_size: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document masking under block_select=chunk: each new query's chunk's first query (selection.chunk_first_index)
+    from new (the new tokens' q (B, H, n, hd), dim 2, or src (B, n, r), dim 1) or, when it came in an earlier call,
+    ghost (that query's, kept per sample: size 1 along dim). -> (per new query (like new), the next call's ghost: the
+    last new token that starts a chunk, else the kept one). On the device: no host read."""
+    n = new.shape[dim]
+
+    def along(x: torch.Tensor) -> torch.Tensor:  # (B, j) -> broadcastable against new, j along dim
+        shape = [x.shape[0]] + [1] * (new.dim() - 1)
+        shape[dim] = x.shape[1]
+        return x.view(shape)
+
+    def take(idx: torch.Tensor) -> torch.Tensor:  # (B, j) indices among the new tokens -> their entries
+        full = list(new.shape)
+        full[dim] = idx.shape[1]
+        return new.gather(dim, along(idx.clamp(min=0)).expand(full))
+
+    i_first = chunk_first_index(doc_pos, pos, chunk_size) - pos[0]  # (B, n) among the new tokens; < 0: earlier
+    firsts = take(i_first)
+    starts = doc_pos % DOCUMENT_STRIDE % chunk_size == 0  # (B, n) the tokens that start a chunk
+    last = torch.where(starts, torch.arange(n, device=new.device), -1).amax(1, keepdim=True)  # (B, 1)
+    nxt = take(last)
+    if ghost is not None:
+        firsts = torch.where(along(i_first < 0), ghost, firsts)
+        nxt = torch.where(along(last >= 0), nxt, ghost)
+    return firsts, nxt
+
+
 def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory=None, graph=None,
            pattern: bool = False, doc_pos: tuple[torch.Tensor, torch.Tensor] | None = None):
     """ASAMAttention over the cached + new tokens (+ memory keys), for the new queries only.
@@ -210,6 +242,13 @@ def attend(attn, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache, *, memory
     kw = dict(k_pos=k_pos, k_window=k_win, graph_scale=attn.graph_scale, **asam_options(cfg),
               local_blocks=local_block_bound(cfg, memory is not None, 2 * a.chunk_size),
               pattern_degree=cfg.soes.degree if pattern else 0, pattern_keys=Ti)
+    if doc_pos is not None and a.impl == "block":  # each document's blocks cut from its first key in each run
+        kw["doc_runs"] = document_runs(cfg, Ti, k.shape[2] - Ti)
+        if a.block_select == "chunk":
+            kw["q_first"], unit.chunk_q = _chunk_firsts(q, unit.chunk_q, doc_pos[0], pos, a.chunk_size, 2)
+        o, stats = sparse_attention(q, k, v, graph=graph, q_pos=doc_pos[0], q_index=pos, **kw)
+        y = attn.o_proj(o.transpose(1, 2).reshape(B, n, D))
+        return y, stats["pattern"] if pattern else None
     chunk_pick = a.impl == "block" and a.block_select == "chunk"
     # block_select=chunk: a chunk whose first query came in an earlier call gets that query back as a leading
     # ghost (its own output dropped), so it picks the chunk's blocks as in the full forward
@@ -257,14 +296,21 @@ def latent_graph(lg, xn: torch.Tensor, pos: torch.Tensor, unit: UnitCache,
     dst = unit.dst.append(lg.dst_proj(xn))  # (B, Ti, r)
     Ti = dst.shape[1]
     chunk_pick = a.impl == "block" and a.block_select == "chunk"
+    doc_block = doc_pos is not None and a.impl == "block"  # each document's blocks cut from its first token
     parts = []
     with torch.no_grad():
-        blocks = lg.key_blocks(dst, torch.arange(Ti, device=xn.device))
+        blocks = lg.key_blocks(dst, torch.arange(Ti, device=xn.device), doc_pos[1] if doc_block else None)
+        firsts = None
+        if doc_block and chunk_pick:
+            firsts, unit.chunk_src = _chunk_firsts(src, unit.chunk_src, doc_pos[0], pos, a.chunk_size, 1)
         for s0, s1 in _position_chunks(pos, a.chunk_size):
-            ghost = unit.chunk_src if chunk_pick and int(pos[s0]) % a.chunk_size != 0 else None
-            dp = None if doc_pos is None else (doc_pos[0][:, s0:s1], doc_pos[1])
+            ghost = unit.chunk_src if chunk_pick and not doc_block and int(pos[s0]) % a.chunk_size != 0 else None
+            dp = None
+            if doc_pos is not None:
+                dp = (doc_pos[0][:, s0:s1], doc_pos[1]) + ((None if firsts is None else firsts[:, s0:s1],)
+                                                           if doc_block else ())
             parts.append(lg.neighbours(src[:, s0:s1], pos[s0:s1], dst, blocks, ghost=ghost, doc_pos=dp))
-    if chunk_pick and (i := _next_chunk_start(pos, Ti, chunk_size=a.chunk_size)) is not None:
+    if chunk_pick and not doc_block and (i := _next_chunk_start(pos, Ti, chunk_size=a.chunk_size)) is not None:
         unit.chunk_src = src[:, i:i + 1].clone()  # (B, 1, r)
     idx, valid = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # (B, n, m)
     return lg.edges(src, dst, idx, valid)

@@ -38,13 +38,6 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"invalid config value {name}={value!r}: {allowed}")
 
 
-def block_documents_error(what: str, off: str) -> ValueError:
-    """The refusal of document masking with asam.impl=block, raised where each layer checks (the run config, the
-    model, sparse_attention). what: the request as that layer sees it; off: how to turn document masking off there."""
-    return ValueError(f"{what} with asam.impl=block: key blocks are cut by key index and would mix documents; use "
-                      f"asam.impl=chunked (exact; the paper presets' ASAM) or {off}")
-
-
 @dataclass
 class R2MUConfig:
     """Recurrent Reasoning & Memory Unit (paper sec. 3.1)."""

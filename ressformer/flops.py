@@ -83,11 +83,13 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 # --- FLOPs --------------------------------------------------------------------------------------
-def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto") -> tuple[float, float]:
+def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto",
+                    documents: bool = False) -> tuple[float, float]:
     """(grad-carrying MACs, no-grad MACs) of ASAM scores + P@V for one block call, per token.
 
     Summed over heads (H * head_dim = D). Tk = T + n_mem keys. attend: the top-k pass counted, as
     attention.sparse_attention's `attend` ("gather": the kept keys only, what the Triton kernel computes).
+    documents: document masking (block ASAM's candidates per document, `_block_kept_keys`).
     """
     from ressformer.attention import dense_topk_pays
 
@@ -95,36 +97,46 @@ def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto") 
     tk = T + n_mem
     if a.impl == "reference":
         return 2.0 * tk * d, 0.0  # full (T x Tk) scores and a dense (T x Tk) @ (Tk x D) product
-    n = tk if a.impl == "chunked" else _block_kept_keys(cfg, tk, memory=n_mem > 0)  # a chunk's candidates
+    n = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem, documents)  # a chunk's candidates
     sel = 0.0 if a.impl == "chunked" else math.ceil(tk / a.block_size) * d  # block summaries, scored without grad
     if a.topk == 0 or a.topk >= n or dense_topk_pays(n, a.topk, cfg.head_dim, attend):
         return 2.0 * n * d, sel  # every candidate with grad (top-k: selected from those same scores)
     return 2.0 * a.topk * d, sel + n * d  # no-grad selection scores over the candidates, then topk gathered keys
 
 
-def _block_kept_keys(cfg: ModelConfig, tk: int, memory: bool = False) -> int:
-    """Candidate keys a query chunk computes over in block mode (`memory`: the R2MU token cache and summaries come
-    with the tokens): the static block count the model pads every chunk to (selection.max_kept_blocks: the blocks
+def _block_kept_keys(cfg: ModelConfig, T: int, n_mem: int = 0, documents: bool = False) -> int:
+    """Candidate keys a query chunk computes over in block mode, T tokens and n_mem R2MU memory keys (token cache and
+    summaries): the static block count the model pads every chunk to (selection.max_kept_blocks: the blocks
     overlapping the chunk's positions, attention.local_block_bound, + blocks_per_query chosen, by the chunk's
-    earliest query or, with block_select=query, by each of its chunk_size queries; at most all blocks), in keys."""
-    from ressformer.attention import local_block_bound
+    earliest query or, with block_select=query, by each of its chunk_size queries; at most all blocks), in keys.
+    documents (selection.document_block_candidates): the first document's blocks, a chunk of queries straddling two
+    chunks of its positions (two choosers under block_select=chunk), + the later documents' spans of every run."""
+    from ressformer.attention import document_runs, local_block_bound
 
     a = cfg.asam
-    nb = math.ceil(tk / a.block_size)
-    local = local_block_bound(cfg, memory, a.chunk_size)
+    bs = a.block_size
+    memory = n_mem > 0
+    if documents:
+        runs = document_runs(cfg, T, n_mem)
+        nb = sum(math.ceil(n / bs) for n, _ in runs)
+        local, choosers, spans = local_block_bound(cfg, memory, 2 * a.chunk_size), 2, sum(s for _, s in runs)
+    else:
+        nb = math.ceil((T + n_mem) / bs)
+        local, choosers, spans = local_block_bound(cfg, memory, a.chunk_size), 1, 0
     if local is None:
-        return nb * a.block_size
+        return nb * bs + spans
     n_top = min(nb, a.blocks_per_query)
-    return min(nb, local + (n_top if a.block_select == "chunk" else a.chunk_size * n_top)) * a.block_size
+    return min(nb, local + n_top * (choosers if a.block_select == "chunk" else a.chunk_size)) * bs + spans
 
 
-def _graph_macs(cfg: ModelConfig, T: int) -> tuple[float, float]:
+def _graph_macs(cfg: ModelConfig, T: int, documents: bool = False) -> tuple[float, float]:
     if not cfg.soes.enabled or cfg.arch != "ressformer" or cfg.soes.graph == "attention":
         return 0.0, 0.0  # the attention-pattern graph reuses ASAM's probabilities: no matmul of its own
     r, m = cfg.soes.rank, min(cfg.soes.degree, T)
     a = cfg.asam
     if a.impl == "block":  # neighbours chosen inside kept token blocks, like ASAM's block path
-        return 2.0 * cfg.d_model * r + m * r, float((math.ceil(T / a.block_size) + _block_kept_keys(cfg, T)) * r)
+        kept = _block_kept_keys(cfg, T, documents=documents)
+        return 2.0 * cfg.d_model * r + m * r, float((math.ceil(T / a.block_size) + kept) * r)
     return 2.0 * cfg.d_model * r + m * r, float(T * r)
 
 
@@ -132,16 +144,17 @@ def _mlp_macs(cfg: ModelConfig) -> float:
     return float(_mlp_params(cfg, active=True))  # one MAC per active weight per token
 
 
-def _block_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str) -> tuple[float, float]:
+def _block_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str, documents: bool) -> tuple[float, float]:
     d = cfg.d_model
     g = 2.0 * d * d + 2.0 * d * d * (T + n_mem) / T  # q, o on tokens; k, v on tokens + memory
-    ag, an = _attention_macs(cfg, T, n_mem, attend) if cfg.arch == "ressformer" else (float(T + 1) * d, 0.0)
-    gg, gn = _graph_macs(cfg, T)
+    ag, an = _attention_macs(cfg, T, n_mem, attend, documents) if cfg.arch == "ressformer" \
+        else (float(T + 1) * d, 0.0)
+    gg, gn = _graph_macs(cfg, T, documents)
     return g + ag + gg + _mlp_macs(cfg), an + gn
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None, causal_skip: bool = False,
-                    attend: str = "auto") -> float:
+                    attend: str = "auto", documents: bool = False) -> float:
     """Training (fwd + bwd) FLOPs per token at sequence length seq_len (K = num_steps or r2mu.steps).
 
     ASAM's top-k pass as `attend` says (attention.sparse_attention's argument): "auto", what the PyTorch path
@@ -150,6 +163,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
 
     The dense baseline's causal attention: the full T x T product (what SDPA computes on CPU), or with
     causal_skip=True the (T + 1) / 2 keys per query a FlashAttention-style kernel computes on a GPU.
+
+    documents: document masking (data.document_mask), which changes block ASAM's candidates (`_block_kept_keys`).
     """
     if seq_len < 1:
         raise ValueError(f"flops_per_token: seq_len={seq_len} must be >= 1")
@@ -161,7 +176,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
         return 6.0 * (grad + cfg.n_layers * bg)
     r = cfg.r2mu
     K = r.steps if num_steps is None else num_steps
-    plain_g, plain_n = _block_macs(cfg, T, 0, attend)
+    plain_g, plain_n = _block_macs(cfg, T, 0, attend, documents)
     n_plain = r.n_prelude + r.n_coda
     grad += n_plain * plain_g
     nograd += n_plain * plain_n
@@ -176,7 +191,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
             if t >= 1:
                 grad += n_sum * 2 * d / T  # overwrite gate
                 n_mem = T + n_sum
-        bg, bn = _block_macs(cfg, T, n_mem, attend)
+        bg, bn = _block_macs(cfg, T, n_mem, attend, documents)
         grad += bg
         nograd += bn
     return 6.0 * grad + 2.0 * nograd

@@ -16,7 +16,8 @@ The paper has the loop alone (prelude / coda, r2mu.n_prelude / n_coda, are an ex
 * The forward keeps no tensors on `self`, so the shared block may run K times under ZeRO-3 / recomputation.
 * Block ASAM with memory: the memory keys are block-aligned, [tokens | fillers | token cache | fillers | summaries |
   fillers] (fillers: zero keys, window 0), so key blocks hold the same positions whatever the sequence length and
-  a query's output never depends on how many tokens follow it.
+  a query's output never depends on how many tokens follow it. Under document masking the memory stays [token cache
+  | summaries] and ASAM cuts each document's blocks from its first key in each run (selection.document_key_blocks).
 * Incremental decoding (cache.py): each unit keeps its keys / values and what its memory and graph read.
 * Document masking (`documents=`): per-sample positions (selection.document_positions) keep every read - ASAM keys,
   token cache, summaries (segments restart per document), SOES edges - inside the token's document.
@@ -36,12 +37,12 @@ import torch.nn as nn
 from ressformer.attention import ASAMAttention
 from ressformer.cache import attend, latent_graph
 from ressformer.causal_lm import CausalLM
-from ressformer.config import ModelConfig, block_documents_error
+from ressformer.config import ModelConfig
 from ressformer.initialization import Plan
 from ressformer.moe import make_mlp
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory, block_aligned, memory_fillers, summary_positions
-from ressformer.selection import UNBOUNDED_WINDOW, document_positions
+from ressformer.selection import SPARE_POSITION, UNBOUNDED_WINDOW, document_positions
 from ressformer.sequence_parallel import shard_error
 from ressformer.structure import Graph, LatentGraph, smoothness_penalty
 
@@ -218,8 +219,9 @@ class ReSSFormerForCausalLM(CausalLM):
                 offset = 0 if self.sp is None else self.sp.rank * h.shape[1]
                 memory = mem.memory_keys(h_prev, summary, pos if docs else None, (seg_end, seg_valid) if docs else None,
                                          offset=offset)
-                if self.config.causal and self.config.asam.impl == "block" and self.sp is None:  # (sp: aligned
-                    memory = self._block_align(memory, h.shape[1])  # after the exchange, in ASAMAttention)
+                if self.config.causal and self.config.asam.impl == "block" and self.sp is None and not docs:
+                    memory = self._block_align(memory, h.shape[1])  # (sp: aligned after the exchange, in ASAMAttention;
+                    #                                                  documents: blocks cut per document there)
         g_in = None if g_idx is None else (g_idx, g_val)
         h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True)
         return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
@@ -235,10 +237,6 @@ class ReSSFormerForCausalLM(CausalLM):
         return (block_aligned(states[:, :T], states[:, T:], tuple(states.new_zeros(B, f, D) for f in n), 1),
                 block_aligned(pos[:T], pos[T:], (f_tok.to(pos.dtype), f_sum.to(pos.dtype)), 0),
                 block_aligned(win[:T], win[T:], tuple(win.new_zeros(f) for f in n), 0))
-
-    def _check_documents(self) -> None:
-        if self.config.asam.impl == "block":
-            raise block_documents_error("documents (document masking)", "call without documents")
 
     def _forward(self, input_ids: torch.Tensor, *, labels, num_steps, return_logits, documents) -> ModelOutput:
         cfg = self.config
@@ -258,7 +256,6 @@ class ReSSFormerForCausalLM(CausalLM):
         elif documents is None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # masks only, never embedded
         else:
-            self._check_documents()
             pos = document_positions(documents)  # (B, T)
             if need_summary:
                 seg_end, seg_valid = self.model.memory.document_segments(pos)
@@ -343,7 +340,7 @@ class ReSSFormerForCausalLM(CausalLM):
             return None
         summary, _ = self.model.memory(seq, s_prev, P + end)
         m = summary.shape[2]
-        s_pos = new_pos.gather(1, end).repeat_interleave(m, dim=1)
+        s_pos = torch.where(valid, new_pos.gather(1, end), SPARE_POSITION).repeat_interleave(m, dim=1)
         s_win = torch.where(valid, UNBOUNDED_WINDOW, 0).repeat_interleave(m, dim=1)
         return summary, s_pos, s_win
 
@@ -391,8 +388,11 @@ class ReSSFormerForCausalLM(CausalLM):
         return torch.cat([k, sk], 2), torch.cat([v, sv], 2), torch.cat([pos, s_pos]), torch.cat([win, s_win])
 
     def _cached_document_memory(self, block: ReSSFormerBlock, *, prev, unit, summary, T0: int, Ti: int, doc_pos):
-        """`_cached_memory` under document masking (not block ASAM): positions and windows per sample."""
+        """`_cached_memory` under document masking: positions and windows per sample. Block ASAM (each document's
+        blocks cut from its first key in each run, selection.document_key_blocks): the whole token cache, and the
+        summaries in position order (a call's spare slots, at SPARE_POSITION, after every document's)."""
         r = self.config.r2mu
+        block_asam = self.config.asam.impl == "block"
         attn = block.self_attn
         if summary is not None:
             s, s_pos, s_win = summary
@@ -402,21 +402,24 @@ class ReSSFormerForCausalLM(CausalLM):
             unit.sum_v.append(attn.v_proj(sn).view(B, n_seg * m, attn.n_heads, attn.head_dim).transpose(1, 2))
             unit.sum_pos.append(s_pos)
             unit.sum_win.append(s_win)
-        c0 = max(0, T0 - r.cache_window + 1)  # earlier tokens are out of every query's window (index = position
-        #                                       within a document; other documents are invisible anyway)
+        # earlier tokens are out of every query's window (index = position within a document; other documents are
+        # invisible anyway)
+        c0 = 0 if block_asam else max(0, T0 - r.cache_window + 1)
         k, v = prev.k.view[:, :, c0:Ti], prev.v.view[:, :, c0:Ti]
         pos = doc_pos[:, c0:Ti]
         win = torch.full_like(pos, r.cache_window)
         if unit.sum_k.view is None:
             return k, v, pos, win
-        return (torch.cat([k, unit.sum_k.view], 2), torch.cat([v, unit.sum_v.view], 2),
-                torch.cat([pos, unit.sum_pos.view], 1), torch.cat([win, unit.sum_win.view], 1))
+        sk, sv, sp, sw = unit.sum_k.view, unit.sum_v.view, unit.sum_pos.view, unit.sum_win.view
+        if block_asam:
+            order = sp.sort(dim=1, stable=True).indices  # (B, S) a sample's summaries, then its spare slots
+            sk, sv = (t.gather(2, order[:, None, :, None].expand_as(t)) for t in (sk, sv))
+            sp, sw = sp.gather(1, order), sw.gather(1, order)
+        return torch.cat([k, sk], 2), torch.cat([v, sv], 2), torch.cat([pos, sp], 1), torch.cat([win, sw], 1)
 
     def _forward_cached(self, input_ids: torch.Tensor, *, labels, num_steps, cache, documents) -> ModelOutput:
         K = self._num_steps(num_steps)
         B, n = input_ids.shape
-        if documents is not None:
-            self._check_documents()
         units = self.n_prelude + K + self.config.r2mu.n_coda  # [prelude..., step 0..K-1, coda...]
         cache.begin(units, B, K, n)
         T0 = cache.length

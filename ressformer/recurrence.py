@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan, normal, ones, run_plan, zeros
-from ressformer.selection import DOCUMENT_STRIDE, UNBOUNDED_WINDOW
+from ressformer.selection import DOCUMENT_STRIDE, SPARE_POSITION, UNBOUNDED_WINDOW
 from ressformer.sparse import at_least_fp32
 
 
@@ -157,7 +157,8 @@ class SegmentMemory(nn.Module):
                     segments: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0):
         """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)].
         Document masking: the tokens' positions pos (B, T) and their `document_segments` -> positions and windows
-        (B, Tm), a summary at its segment's last token (window 0: a spare slot, never visible). offset: the position
+        (B, Tm), a summary at its segment's last token (a spare slot: window 0, never visible, at SPARE_POSITION, after
+        every position, so the summaries' positions ascend). offset: the position
         of h_prev's first token (a shard of the sequence under sequence parallelism starts at rank * T/P)."""
         B, T, D = h_prev.shape
         dev = h_prev.device
@@ -166,7 +167,8 @@ class SegmentMemory(nn.Module):
             if summary is not None:
                 m = summary.shape[2]
                 seg_end, valid = segments
-                k_pos.append(pos.gather(1, seg_end).repeat_interleave(m, dim=1))  # (B, S * m)
+                s_pos = torch.where(valid, pos.gather(1, seg_end), SPARE_POSITION)  # after every position
+                k_pos.append(s_pos.repeat_interleave(m, dim=1))  # (B, S * m)
                 win.append(torch.where(valid, UNBOUNDED_WINDOW, 0).repeat_interleave(m, dim=1))
                 states.append(summary.reshape(B, -1, D))
             return torch.cat(states, dim=1), torch.cat(k_pos, dim=1), torch.cat(win, dim=1)

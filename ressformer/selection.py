@@ -12,6 +12,9 @@
   positions (local, kept by position alone). A kept non-local block lies wholly before the chunk, so the choice is
   causal. block_select=chunk: the chunk's earliest query chooses for all its queries (a bounded union of blocks,
   at the price of blocks chosen up to chunk_size - 1 positions earlier).
+* Key blocks under document masking (`document_key_blocks`, `document_block_candidates`): a document's blocks are
+  cut from its own first key in each run of keys (tokens, token cache, summaries), as they are when it runs alone,
+  and its queries choose among them by the same rule; so a packed document's selection is the one it has alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ UNBOUNDED_WINDOW = 1 << 40
 # Every key's window is at most UNBOUNDED_WINDOW, far below the gap between two documents, so a key of another
 # document is never visible, whatever reads it (ASAM, R2MU memory, SOES), with no mask of its own.
 DOCUMENT_STRIDE = 1 << 44
+# A spare R2MU summary slot's position under document masking: after every position, so each run of memory keys
+# stays sorted by position; its window is 0, so nothing reads it.
+SPARE_POSITION = 1 << 62
 # Top-k choices: values within TIE_RTOL * max(|largest|, |(k+1)-th|) of the k-th value count as equal to it.
 TIE_RTOL = 1e-5
 
@@ -236,3 +242,147 @@ def block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: KeyBlocks, *, c
     cand = (blocks[..., None] * kb.size + offs).flatten(2)  # (B, H, n)
     valid = keep.repeat_interleave(kb.size, dim=-1) & (cand < kb.n_keys)[:, :, None, :]  # (B, H, c, n)
     return Candidates(keys=cand.clamp(max=kb.n_keys - 1), valid=valid, blocks=blocks)
+
+
+class DocumentKeyBlocks(NamedTuple):
+    """Keys under document masking, for block selection (`document_key_blocks`): every key may start a block."""
+
+    k: torch.Tensor  # (B, H, Tk, D) the keys
+    pos: torch.Tensor  # (B, Tk) key positions (selection.document_positions), ascending within each run per sample
+    reach: torch.Tensor  # (B, Tk) k_pos + window
+    runs: tuple[tuple[int, int], ...]  # (keys, span) per run in key order (`document_key_blocks`)
+    size: int
+    local_blocks: int | None = None  # the most blocks overlapping two query chunks' positions; None: no bound
+
+
+class DocumentCandidates(NamedTuple):
+    """The keys a query chunk computes over under document masking (`document_block_candidates`)."""
+
+    keys: torch.Tensor  # (B, H, n) key index of each candidate (clamped in range; invalid ones are masked)
+    valid: torch.Tensor  # (B, H, c, n) bool: query i may read the candidate
+    starts: torch.Tensor  # (B, H, n_sel) first key of each candidate block of the chunk's first document
+    lens: torch.Tensor  # (B, H, n_sel) its keys in that document (0..size): candidates j * size + o, o < len
+    spans: tuple[tuple[torch.Tensor, int], ...]  # per run: (first key (B, 1), keys) of the later documents' span
+
+
+def document_key_blocks(k: torch.Tensor, k_pos: torch.Tensor, k_window: torch.Tensor | None, block_size: int,
+                        runs: tuple[tuple[int, int], ...], local_blocks: int | None = None) -> DocumentKeyBlocks:
+    """k (B, H, Tk, D), per-sample k_pos (B, Tk) and k_window (B, Tk) | None, under document masking.
+
+    runs: the key axis as runs (n_keys, span), in order, summing to Tk: the tokens, and with R2MU memory the token
+    cache and the summaries. In each run a document's keys are consecutive, from its first one (its first token,
+    token-cache entry or summary), positions ascending, so its blocks are cut from there as in the document alone.
+    span: the most keys of one run that documents starting inside one query chunk hold (the tokens: chunk_size).
+    local_blocks: a bound on one document's blocks overlapping two query chunks' positions (a chunk of queries
+    may straddle two of the document's chunks); None: no bound.
+    """
+    if sum(n for n, _ in runs) != k.shape[2]:
+        raise ValueError(f"runs {runs} must cover the {k.shape[2]} keys")
+    w = k_window if k_window is not None else torch.full_like(k_pos, UNBOUNDED_WINDOW)
+    return DocumentKeyBlocks(k=k, pos=k_pos, reach=k_pos + w, runs=tuple(runs), size=block_size,
+                             local_blocks=local_blocks)
+
+
+def chunk_first_index(q_pos: torch.Tensor, q_index: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Under document masking: the token index (B, c) of the first query of each query's chunk (its document's token
+    at the last multiple of chunk_size within the document), which chooses the chunk's blocks under
+    block_select=chunk. q_pos (B, c) per-sample positions of tokens q_index (c,)."""
+    return q_index - q_pos % DOCUMENT_STRIDE % chunk_size
+
+
+def document_block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: DocumentKeyBlocks, *, blocks_per_query: int,
+                              select: str, chunk_size: int, q_first: torch.Tensor | None = None) -> DocumentCandidates:
+    """`block_candidates` under document masking (causal): the key blocks of a chunk of at most chunk_size
+    consecutive queries q_c (B, H, c, D) at per-sample positions q_pos (B, c). select=chunk: q_first (B, H, c, D)
+    the q of each query's chunk's first query (`chunk_first_index`), which chooses for it.
+
+    The chunk's first query's document (per sample) may have begun earlier: its queries choose among its blocks
+    (each run cut from the document's first key there) by `block_candidates`' rule, local blocks by the positions of
+    their own chunk within the document, the chooser of block_select=chunk its first query. Every later document
+    began inside the chunk, so alone its queries keep every block they may see: they read its span of each run (the
+    keys after the first document's; visibility keeps them in their document). No host read; one static shape.
+    """
+    if select not in ("query", "chunk"):
+        raise ValueError(f"block_select={select!r}: choose 'query' or 'chunk'")
+    if select == "chunk" and q_first is None:
+        raise ValueError("document_block_candidates with select='chunk' needs q_first (each chunk's first query)")
+    B, H, c, D = q_c.shape
+    Tk, bs, dev = kb.pos.shape[1], kb.size, q_c.device
+    huge = torch.full((), SPARE_POSITION, dtype=kb.pos.dtype, device=dev)
+    base0 = q_pos[:, :1] - q_pos[:, :1] % DOCUMENT_STRIDE  # (B, 1) the first query's document
+    within = q_pos % DOCUMENT_STRIDE  # (B, c) position within the document
+    old = q_pos - within == base0  # (B, c) a query of that document
+    starts, lens, spans, a = [], [], [], 0
+    for n_r, span in kb.runs:
+        rp = kb.pos[:, a:a + n_r].contiguous()
+        f = a + torch.searchsorted(rp, base0)  # (B, 1) the document's first key in the run
+        e = a + torch.searchsorted(rp, base0 + DOCUMENT_STRIDE)  # (B, 1) the first key after it
+        st = f + torch.arange(-(-n_r // bs), device=dev) * bs  # (B, nb_r)
+        starts.append(st)
+        lens.append((e - st).clamp(0, bs))
+        spans.append((e, span, a + n_r))
+        a += n_r
+    st, ln = torch.cat(starts, 1), torch.cat(lens, 1)  # (B, nb) the document's blocks, in key order
+    nb = st.shape[1]
+    full = ln == bs
+    first, last = st.clamp(max=Tk - 1), (st + bs - 1).clamp(max=Tk - 1)
+    # a partial block (the document's last in a run) overlaps every later position, as the filler keys after it
+    # make it do alone (ressformer.model's docstring): local or invisible, never scored
+    pos_min = torch.where(ln > 0, kb.pos.gather(1, first), huge)[:, None]  # (B, 1, nb)
+    pos_max = torch.where(full, kb.pos.gather(1, last), huge)[:, None]
+    reach_hi = torch.where(full, kb.reach.gather(1, last), huge)[:, None]
+    # each block's mean key, summed as `block_summaries` sums (keys past the document's end only reach partial
+    # blocks, whose mean is never scored): O(Tk D) per chunk
+    members = (st[..., None] + torch.arange(bs, device=dev)).clamp(max=Tk - 1).flatten(1)  # (B, nb * bs)
+    kg = kb.k.gather(2, members[:, None, :, None].expand(B, H, nb * bs, D))
+    mean = f32(kg).view(B, H, nb, bs, D).sum(3) / bs  # (B, H, nb, D)
+    c_lo = (q_pos - within + within // chunk_size * chunk_size)[..., None]  # (B, c, 1) the query's chunk
+    c_hi = c_lo + chunk_size - 1
+    overlap = (pos_min <= c_hi) & (pos_max >= c_lo)  # (B, c, nb)
+
+    def seen(qp: torch.Tensor) -> torch.Tensor:  # (B, c, 1) -> (B, c, nb) some key of the block may be visible
+        return (pos_min <= qp) & (qp < reach_hi) & old[..., None]
+
+    bvis = seen(q_pos[..., None])
+    local = bvis & overlap
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=dev)
+    n_top = min(nb, blocks_per_query)
+    if select == "query":
+        q_sel, s_vis = q_c, bvis & ~local
+    else:  # each query's chunk's first query (the document's token at c_lo) chooses, perhaps from an earlier chunk
+        q_sel = q_first
+        v_first = seen(c_lo)
+        s_vis = v_first & ~(v_first & overlap)
+    sb = torch.einsum("bhid,bhnd->bhin", f32(q_sel), mean)  # (B, H, c, nb)
+    sb = torch.where(s_vis[:, None], sb, neg_inf)
+    top = topk_first(sb, n_top)
+    kept = torch.zeros(B, H, c, nb, dtype=torch.bool, device=dev)
+    kept.scatter_(-1, top, sb.gather(-1, top) > float("-inf"))
+    if select == "chunk":
+        kept &= bvis[:, None]
+    kept |= local[:, None]  # (B, H, c, nb)
+    union = kept.any(2)  # (B, H, nb)
+    n_sel = nb if kb.local_blocks is None else min(nb, kb.local_blocks + (c if select == "query" else 2) * n_top)
+    if n_sel < nb:
+        torch._assert_async(union.sum(-1).max() <= n_sel,
+                            "document_block_candidates: a query chunk keeps more key blocks than "
+                            "DocumentKeyBlocks.local_blocks allows for; pass local_blocks=None")
+    ar = torch.arange(nb, device=dev)
+    blocks = torch.where(union, 2 * nb - ar, nb - ar).topk(n_sel, dim=-1).indices.sort(-1).values  # (B, H, n_sel)
+    keep = kept.gather(-1, blocks[:, :, None, :].expand(B, H, c, n_sel))
+    b_st = st[:, None].expand(B, H, nb).gather(-1, blocks)  # (B, H, n_sel)
+    b_ln = ln[:, None].expand(B, H, nb).gather(-1, blocks)
+    offs = torch.arange(bs, device=dev)
+    keys = [(b_st[..., None] + offs).flatten(2)]  # (B, H, n_sel * bs)
+    valid = [keep.repeat_interleave(bs, -1) & (offs < b_ln[..., None]).flatten(2)[:, :, None, :]]
+    young = ~old[:, None, :, None]  # (B, 1, c, 1)
+    out_spans = []
+    for e, span, end in spans:  # the later documents: every key of the span, visibility decides
+        if span == 0:
+            continue
+        idx = e + torch.arange(span, device=dev)  # (B, span)
+        keys.append(idx[:, None].expand(B, H, span))
+        valid.append((young & (idx < end)[:, None, None, :]).expand(B, H, c, span))
+        out_spans.append((e, span))
+    return DocumentCandidates(keys=torch.cat(keys, -1).clamp(max=Tk - 1), valid=torch.cat(valid, -1),
+                              starts=b_st, lens=b_ln, spans=tuple(out_spans))

@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 
 from ressformer.config import ModelConfig
-from ressformer.selection import block_candidates, block_summaries, run_local_blocks, topk_first, visible
+from ressformer.selection import (DocumentKeyBlocks, block_candidates, block_summaries, chunk_first_index,
+                                  document_block_candidates, document_key_blocks, run_local_blocks, topk_first,
+                                  visible)
 from ressformer.sparse import at_least_fp32, masked_softmax
 
 
@@ -69,20 +71,36 @@ class LatentGraph(nn.Module):
         docs = doc_pos is not None and doc_pos.dim() == 2
         # neighbour selection, no autograd graph, chunk x T (block: chunk x kept keys) scores at a time
         with torch.no_grad():
-            blocks = self.key_blocks(dst, pos)
+            blocks = self.key_blocks(dst, pos, doc_pos if docs else None)
             c = self.chunk_size
             parts = [self.neighbours(src[:, s0:s0 + c], pos[s0:s0 + c], dst, blocks,
-                                     doc_pos=(doc_pos[:, s0:s0 + c], doc_pos) if docs else None)
+                                     doc_pos=(doc_pos[:, s0:s0 + c], doc_pos, self._first_src(src, doc_pos, s0))
+                                     if docs else None)
                      for s0 in range(0, T, c)]
         idx, valid = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)  # (B, T, m)
         return self.edges(src, dst, idx, valid)
 
-    def key_blocks(self, dst: torch.Tensor, pos: torch.Tensor):
+    def _first_src(self, src: torch.Tensor, doc_pos: torch.Tensor, s0: int) -> torch.Tensor | None:
+        """Document masking under block_select=chunk: the src vector (B, c, r) of the first query of each query's
+        chunk of tokens s0 .. s0 + c - 1 (selection.chunk_first_index), which chooses its blocks; else None."""
+        a = self.cfg.asam
+        if a.impl != "block" or a.block_select != "chunk":
+            return None
+        p = doc_pos[:, s0:s0 + self.chunk_size]
+        i = chunk_first_index(p, torch.arange(s0, s0 + p.shape[1], device=src.device), a.chunk_size)  # (B, c)
+        return src.gather(1, i[..., None].expand(*i.shape, src.shape[-1]))
+
+    def key_blocks(self, dst: torch.Tensor, pos: torch.Tensor, doc_pos: torch.Tensor | None = None):
         """asam.impl=block: the KeyBlocks of the destination vectors dst (B, Tk, r) at positions pos (Tk,) = 0..Tk-1
-        (one run of keys: a query chunk overlaps at most run_local_blocks(chunk_size) blocks); else None."""
+        (one run of keys: a query chunk overlaps at most run_local_blocks(chunk_size) blocks); else None.
+        doc_pos (B, Tk): document masking's positions -> DocumentKeyBlocks, each document's blocks cut from its first
+        token (a chunk of queries may straddle two chunks of a document's positions)."""
         a = self.cfg.asam
         if a.impl != "block":
             return None
+        if doc_pos is not None:
+            return document_key_blocks(dst[:, None], doc_pos, None, a.block_size, ((dst.shape[1], a.chunk_size),),
+                                       run_local_blocks(2 * a.chunk_size, a.block_size))
         return block_summaries(dst[:, None], pos, None, a.block_size, run_local_blocks(a.chunk_size, a.block_size))
 
     def neighbours(self, src_c: torch.Tensor, p_c: torch.Tensor, dst: torch.Tensor, blocks, ghost=None,
@@ -92,12 +110,20 @@ class LatentGraph(nn.Module):
         blocks or None). ghost (B, 1, r): the src vector of the chunk's first query when it is not in src_c
         (block_select=chunk picks the chunk's blocks by it; incremental decoding). -> (idx (B, c, m) token indices,
         spare slots = the token itself, valid (B, c, m)), m = min(degree, Tk). No grad needed.
-        doc_pos: document masking's per-sample positions (queries (B, c), keys (B, Tk)), which decide visibility
-        (not with blocks)."""
+        doc_pos: document masking's per-sample positions (queries (B, c), keys (B, Tk)), which decide visibility; with
+        DocumentKeyBlocks also the src vector of each query's chunk's first query (B, c, r), which chooses its blocks
+        under block_select=chunk (else None)."""
         a = self.cfg.asam
         B, c, _ = src_c.shape
         m = min(self.degree, dst.shape[1])
-        if blocks is not None:
+        if isinstance(blocks, DocumentKeyBlocks):  # document masking
+            first = None if doc_pos[2] is None else doc_pos[2][:, None]
+            kept = document_block_candidates(src_c[:, None], doc_pos[0], blocks, blocks_per_query=a.blocks_per_query,
+                                             select=a.block_select, chunk_size=a.chunk_size, q_first=first)
+            cand = kept.keys[:, 0]  # (B, n) token indices
+            d_c = dst.gather(1, cand[..., None].expand(*cand.shape, self.rank))  # (B, n, r)
+            vis = kept.valid[:, 0] & visible(doc_pos[0], doc_pos[1].gather(1, cand), None, causal=True)
+        elif blocks is not None:
             q_in, p_in = src_c, p_c
             if ghost is not None:
                 c_lo = torch.div(p_c[:1], a.chunk_size, rounding_mode="floor") * a.chunk_size  # (1,) the chunk's start

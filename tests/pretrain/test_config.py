@@ -45,7 +45,6 @@ def test_set_reaches_model_overrides_or_a_model_dict():
     (["steps=3", "steps.every=2"], ["steps.every", "mapping"]),
     (["eval_tasks_every=0"], ["eval_tasks_every", ">= 1"]),
     (["eval_tasks=[paper:hops, 3]"], ["eval_tasks[1]=3", "string"]),
-    (["data.document_mask=true", "model.asam.impl=block"], ["document_mask", "asam.impl=chunked"]),
     (["data.document_mask=2"], ["data.document_mask", "true or false"]),
 ])
 def test_bad_config_names_key_and_fix(sets, words):

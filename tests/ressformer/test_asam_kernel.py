@@ -233,13 +233,15 @@ def test_kernel_large_fp32(activation, kk):
         assert (a - r).abs().max() < 1e-3 * max(1.0, r.abs().max().item()), name
 
 
-def test_document_masked_model_with_kernel_equals_each_document_alone(monkeypatch):
+@pytest.mark.parametrize("name", ["chunked", "block"])
+def test_document_masked_model_with_kernel_equals_each_document_alone(monkeypatch, name):
     """Document masking through the kernel: the model's packed forward with the kernel forced (selection with
-    per-sample positions, R2MU memory and SOES edges feeding it) gives each document the logits the PyTorch path
-    gives it alone (the kernel's packed loss gradients equal the PyTorch path's)."""
+    per-sample positions, block ASAM's per-document blocks, R2MU memory and SOES edges feeding it) gives each
+    document the logits the PyTorch path gives it alone (the kernel's packed loss gradients equal the PyTorch
+    path's)."""
     from tests.ressformer.test_document_mask import model_of, packed, tiny, worst_vs_alone
 
-    cfg = tiny("chunked")
+    cfg = tiny(name)
     model = model_of(cfg).to(DEV)
     x, docs = (t.to(DEV) for t in packed(cfg))
     res = {}

@@ -1,9 +1,9 @@
 """Document masking (`documents=`): in a packed window no token reads a key, R2MU memory entry (token cache,
 segment summary) or SOES edge of another document, so a document's logits equal those of the document run alone
-(no positional encoding: to fp32 rounding), for each ASAM path that supports it, both SOES graphs, routed experts,
-prelude / coda, the dense baseline (same-document mask, RoPE restarting per document), the generation cache and a
-compiled step. Tiny configs (test_generate_cache.TINY: chunks of 8, segments of 5, a 6-token cache window, vocab 64:
-repeated tokens, so equal keys and score ties)."""
+(no positional encoding: to fp32 rounding), for each ASAM path (block ASAM: each document's key blocks cut from its
+own first key), both SOES graphs, routed experts, prelude / coda, the dense baseline (same-document mask, RoPE
+restarting per document), the generation cache and a compiled step. Tiny configs (test_generate_cache.TINY: chunks
+of 8, blocks of 4, segments of 5, a 6-token cache window, vocab 64: repeated tokens, so equal keys and score ties)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ CONFIGS = {
     "chunked": {},
     "chunked_bilinear": {"soes.graph": "bilinear"},
     "reference": {"asam.impl": "reference"},
+    "block": {"asam.impl": "block"},
+    "block_chunk_bilinear": {"asam.impl": "block", "asam.block_select": "chunk", "soes.graph": "bilinear"},
     "dense_softmax": {"asam.topk": 0, "asam.activation": "softmax"},
     "prelude_coda_entmax": {"r2mu.n_prelude": 1, "r2mu.n_coda": 1, "asam.activation": "entmax15"},
     "no_r2mu": {"r2mu.enabled": False},
@@ -122,7 +124,8 @@ def test_training_forward_backward_with_documents_and_checkpointing():
         assert (a - b).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("name", ["chunked", "chunked_bilinear", "prelude_coda_entmax", "transformer"])
+@pytest.mark.parametrize("name", ["chunked", "chunked_bilinear", "prelude_coda_entmax", "transformer", "block",
+                                  "block_chunk_bilinear"])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_cached_decoding_with_documents_equals_the_full_forward(name, schedule):
     cfg = tiny(name)
@@ -150,25 +153,21 @@ def test_refusals_name_the_fix():
     model(x[:, :5], cache=cache, documents=docs[:, :5])
     with pytest.raises(ValueError, match="to every call of a cache or to none"):
         model(x[:, 5:6], cache=cache)
-    block = model_of(ModelConfig.from_preset("debug", **{**TINY, "asam.impl": "block"}))
-    with pytest.raises(ValueError, match="asam.impl=chunked"):
-        block(x, documents=docs)
-    with pytest.raises(ValueError, match="asam.impl=chunked"):
-        block(x[:, :3], cache=ModelCache(), documents=docs[:, :3])
     enc = model_of(ModelConfig.from_preset("debug", **{**TINY, "causal": False}))
     with pytest.raises(ValueError, match="causal=True"):
         enc(x, documents=docs)
 
 
-def test_step_with_documents_reads_nothing_on_the_host_and_compiles_whole():
-    """The document path adds no host read (sort, cummax and gathers of static shape) and no graph break: the
-    recurrent step compiles with fullgraph=True and equals eager."""
+@pytest.mark.parametrize("name", ["chunked", "block_chunk_bilinear"])
+def test_step_with_documents_reads_nothing_on_the_host_and_compiles_whole(name):
+    """The document path adds no host read (sort, cummax, searchsorted and gathers of static shape) and no graph
+    break: the recurrent step compiles with fullgraph=True and equals eager."""
     from torch._dynamo.testing import CompileCounter
 
     from ressformer import kernels
     from tests.ressformer.test_compile import HostReads
 
-    cfg = tiny("chunked")
+    cfg = tiny(name)
     x, docs = packed(cfg)
     kernels.set_moe_experts("padded")
     try:
@@ -201,3 +200,42 @@ def test_gate_diagnostic_counts_real_segments_only():
     for t in range(1, cfg.r2mu.steps):
         key = f"r2mu_gate_step{t}"
         assert abs(float(a[key]) - float(b[key])) < 1e-6 and 0 < float(c[key]) < 1
+
+
+@pytest.mark.parametrize("select", ["query", "chunk"])
+@pytest.mark.parametrize("topk", [0, 3])
+def test_block_attention_with_documents_equals_each_document_alone(select, topk):
+    """sparse_attention(impl=block) over packed documents (per-sample positions) equals the call on each document
+    alone, on fp64, with SOES edges and the candidate bound of two query chunks: documents longer than a chunk,
+    shorter than a block, starting off the block and chunk grids; and the blocks prune (block != every key)."""
+    from ressformer.attention import sparse_attention
+    from ressformer.selection import run_local_blocks
+
+    lens, H, D, cs, bs, m = (40, 9, 30, 3, 20), 2, 8, 16, 4, 3
+    rows = [torch.cat([torch.full((n,), i) for i, n in enumerate(order)]) for order in (lens, lens[::-1])]
+    docs = torch.stack(rows)
+    pos = document_positions(docs)
+    B, T = docs.shape
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    within = pos % DOCUMENT_STRIDE
+    back = (torch.rand(B, T, m, generator=g) * (within[..., None] + 1)).long()  # an earlier token of the document
+    g_idx, g_val = torch.arange(T)[None, :, None] - back, torch.rand(B, T, m, generator=g, dtype=torch.float64)
+    scale = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    kw = dict(causal=True, activation="sparsemax", topk=topk, impl="block", chunk_size=cs, block_size=bs,
+              blocks_per_query=2, block_select=select, graph_scale=scale)
+    out, _ = sparse_attention(q, k, v, q_pos=pos, k_pos=pos, graph=(g_idx, g_val),
+                              local_blocks=run_local_blocks(2 * cs, bs), **kw)
+    pruned = 0.0
+    for b in range(B):
+        for d in docs[b].unique():
+            cols = (docs[b] == d).nonzero().flatten()
+            p, sub = torch.arange(len(cols)), (lambda t: t[b:b + 1, :, cols])  # noqa: E731
+            graph = (g_idx[b:b + 1, cols] - cols[0], g_val[b:b + 1, cols])
+            alone, _ = sparse_attention(sub(q), sub(k), sub(v), q_pos=p, k_pos=p, graph=graph,
+                                        local_blocks=run_local_blocks(cs, bs), **kw)
+            assert (sub(out) - alone).abs().max() < 1e-12
+            every, _ = sparse_attention(sub(q), sub(k), sub(v), q_pos=p, k_pos=p, graph=graph,
+                                        **{**kw, "impl": "chunked"})
+            pruned = max(pruned, (alone - every).abs().max().item())
+    assert pruned > 1e-2

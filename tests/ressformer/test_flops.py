@@ -56,14 +56,15 @@ def test_count_params_matches_built_model(name):
         assert counts["active"] == counts["total"]
 
 
-def measured_flops_per_token(cfg: ModelConfig, B: int = 1, T: int = 64) -> float:
+def measured_flops_per_token(cfg: ModelConfig, B: int = 1, T: int = 64, documents: bool = False) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)
     x = torch.randint(0, cfg.vocab_size, (B, T))
+    kw = {"documents": (torch.arange(T) * 3 // T).expand(B, T)} if documents else {}  # three documents
     # FlopCounterMode does not see inside CPU fused SDPA kernels: force the math backend so the
     # baseline's attention matmuls are counted like ours.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(x, labels=x).loss.backward()
+        model(x, labels=x, **kw).loss.backward()
     return fc.get_total_flops() / (B * T)
 
 
@@ -76,16 +77,19 @@ def measured_flops_per_token(cfg: ModelConfig, B: int = 1, T: int = 64) -> float
     {"asam.impl": "block", "asam.topk": 8},
     {"asam.impl": "block", "asam.topk": 8, "asam.block_select": "chunk"},
     {"asam.impl": "block", "asam.topk": 0, "asam.block_select": "chunk"},
+    {"asam.impl": "block", "asam.topk": 8, "documents": True},  # per-document blocks + the later documents' spans
     {"asam.impl": "chunked", "asam.topk": 8, "moe.num_experts": 1, "soes.enabled": False},
     {"asam.impl": "chunked", "asam.topk": 8, "r2mu.memory": False},
     {"asam.impl": "chunked", "asam.topk": 8, "r2mu.enabled": False},
     {"asam.impl": "chunked", "asam.topk": 8, "causal": False},
 ], ids=lambda o: ",".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()))
 def test_flops_per_token_matches_flop_counter(over):
+    over = dict(over)
+    docs = over.pop("documents", False)
     cfg = small(**over)
     T = 64
-    want = measured_flops_per_token(cfg, T=T)
-    got = flops_per_token(cfg, T)
+    want = measured_flops_per_token(cfg, T=T, documents=docs)
+    got = flops_per_token(cfg, T, documents=docs)
     print(f"{over}: analytic {got:.4g} measured {want:.4g} ratio {got / want:.3f}")
     assert abs(got / want - 1) < 0.10
 
