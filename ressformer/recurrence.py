@@ -158,8 +158,8 @@ class SegmentMemory(nn.Module):
         """Memory for ASAM: (states (B, Tm, D), positions (Tm,), windows (Tm,)) = [cache H^(t-1); S^(t)].
         Document masking: the tokens' positions pos (B, T) and their `document_segments` -> positions and windows
         (B, Tm), a summary at its segment's last token (a spare slot: window 0, never visible, at SPARE_POSITION, after
-        every position, so the summaries' positions ascend). offset: the position
-        of h_prev's first token (a shard of the sequence under sequence parallelism starts at rank * T/P)."""
+        every position, so the summaries' positions ascend). offset: the position of h_prev's first token (a shard of
+        the sequence under sequence parallelism starts at rank * T/P)."""
         B, T, D = h_prev.shape
         dev = h_prev.device
         if pos is not None:
