@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.num_gpus,
                               zero_stage=ds["zero_stage"], ckpt_every=every,
                               max_live_parameters=ds["max_live_parameters"], ep_size=ds["ep_size"],
-                              asam_kernel=kernel, fused_loss=fused)
+                              asam_kernel=kernel, fused_loss=fused, documents=run["documents"])
     except (OSError, ValueError) as e:
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)

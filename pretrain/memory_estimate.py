@@ -5,10 +5,10 @@
     python -m pretrain.memory_estimate --preset 1b-long --asam-kernel off --fused-loss off   # the PyTorch paths
     python -m pretrain.memory_estimate --preset 1b-long --set model.asam.topk=0 --ckpt-every 1 --zero-stage 3
 
-The estimate is for a bf16 GPU run without document masking (data.document_mask: block ASAM then computes over a
-few more candidate keys per query chunk, ressformer.flops._block_kept_keys; not modelled here). Two kernels, which
-ressformer.kernels picks by itself on CUDA, change what it keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the gathered top-k path) and liger's
-fused LM head + cross-entropy (`--fused-loss`, auto = on). Parameter counts come from
+The estimate is for a bf16 GPU run. Document masking (data.document_mask, `documents=True`) changes block ASAM's
+candidate keys per query chunk (ressformer.flops._block_kept_keys). Two kernels, which ressformer.kernels picks by
+itself on CUDA, change what it keeps: the Triton ASAM kernel (`--asam-kernel`, auto = on when the model takes the
+gathered top-k path) and liger's fused LM head + cross-entropy (`--fused-loss`, auto = on). Parameter counts come from
 `ressformer.flops.count_params`, the checkpoint units from the model's `set_checkpointing` contract (a prelude
 block, one whole R2MU step, or a coda block). Terms, in bytes per GPU (B micro batch, T tokens, D width, H heads,
 F expert hidden, V vocabulary, E experts, P parameters, k = asam.topk, m = soes.degree, c = asam.chunk_size,
@@ -113,10 +113,11 @@ class Unit:
     graph_in: bool = False  # a SOES graph biases its attention
     pattern: bool = False  # it makes the next step's graph from its attention probabilities
     recurrent: bool = False
+    documents: bool = False  # document masking (block ASAM's candidates per document)
 
 
-def units(cfg: ModelConfig, T: int, num_steps: int | None = None) -> list[Unit]:
-    """The checkpoint units of one forward, in order."""
+def units(cfg: ModelConfig, T: int, num_steps: int | None = None, documents: bool = False) -> list[Unit]:
+    """The checkpoint units of one forward, in order (documents: under document masking)."""
     if cfg.arch != "ressformer":
         return [Unit() for _ in range(cfg.n_layers)]
     r, s = cfg.r2mu, cfg.soes
@@ -126,12 +127,13 @@ def units(cfg: ModelConfig, T: int, num_steps: int | None = None) -> list[Unit]:
     bilinear = s.enabled and s.graph == "bilinear"
     steps = [Unit(n_mem=T + n_sum if (memory and t >= 1) else 0, summary=memory and K > 1, n_sum=n_sum,
                   graph_in=bilinear or (s.enabled and t >= 1), pattern=s.enabled and s.graph == "attention",
-                  recurrent=True) for t in range(K)]
-    plain = Unit(graph_in=bilinear)
+                  recurrent=True, documents=documents) for t in range(K)]
+    plain = Unit(graph_in=bilinear, documents=documents)
     return [plain] * r.n_prelude + steps + [plain] * r.n_coda
 
 
-def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True) -> tuple[str, int]:
+def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True,
+              documents: bool = False) -> tuple[str, int]:
     """(path, keys per query) of ASAM in a unit: reference | gathered (top-k of the candidates; the Triton kernel's
     path) | dense_topk (without the kernel, few candidates per kept key: attention.dense_topk_pays; the keys are the
     candidates) | dense_chunks."""
@@ -140,7 +142,7 @@ def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True) ->
     a, tk = cfg.asam, T + n_mem
     if a.impl == "reference":
         return "reference", tk
-    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem)
+    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem, documents)
     if a.topk == 0 or a.topk >= cand:
         return "dense_chunks", cand
     if not asam_kernel and dense_topk_pays(cand, a.topk, cfg.head_dim, "auto"):
@@ -159,7 +161,7 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
         out["memory_pool"] = covered * (16.0 * D + 4 + 4 * r.summary_slots) + 8.0 * D * u.n_sum / T
     out["projections"] = 2.0 * D + (2.0 * D * tk if u.n_mem else 0.0) + 4.0 * D * tk + 2.0 * D
     if cfg.arch == "ressformer":
-        path, n = asam_path(cfg, T, u.n_mem, asam_kernel)
+        path, n = asam_path(cfg, T, u.n_mem, asam_kernel, u.documents)
         if path == "dense_topk" and cfg.asam.impl == "chunked":  # k, v kept as float32 copies only (attention)
             out["projections"] -= 4.0 * D * tk
         if path == "gathered":
@@ -203,10 +205,10 @@ def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micr
     if cfg.arch != "ressformer":
         return {}
     B, D, H = micro_batch, cfg.d_model, cfg.n_heads
-    path, n = asam_path(cfg, T, u.n_mem, asam_kernel)
+    path, n = asam_path(cfg, T, u.n_mem, asam_kernel, u.documents)
     Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
     if path == "gathered":
-        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, T, u.n_mem)
+        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, T, u.n_mem, u.documents)
         # fp32 scores (+ bias), the tie-broken top-k's int32 key beside them (selection.topk_first), the keys
         sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * H * c * cand + 4.0 * B * cand * D
         if asam_kernel:
@@ -283,8 +285,9 @@ def resolve_kernels(cfg: ModelConfig, asam_kernel: str = "auto", fused_loss: str
 def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, world_size: int = 1,
                     zero_stage: int = 3, ckpt_every: int | None = 1, num_steps: int | None = None,
                     max_live_parameters: float = 1e9, ep_size: int = 1, asam_kernel: bool = False,
-                    fused_loss: bool = False, sequence_parallel: int = 1) -> MemoryEstimate:
-    """Bytes per GPU of one training micro-step (see the module docstring for each term)."""
+                    fused_loss: bool = False, sequence_parallel: int = 1, documents: bool = False) -> MemoryEstimate:
+    """Bytes per GPU of one training micro-step (see the module docstring for each term); documents: under document
+    masking (data.document_mask)."""
     if sequence_parallel > 1:
         from ressformer.sequence_parallel import sequence_parallel_error, shard_error
 
@@ -319,7 +322,7 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
         ep = f", experts / {ep_size} (AutoEP)" if ep_size > 1 else ""
         est.notes["zero3_gathered"] = f"{live / 1e9:.3f} B live params gathered (bf16 weight + grad){ep}"
 
-    us = units(cfg, T, num_steps)
+    us = units(cfg, T, num_steps, documents)
     sp = sequence_parallel
     # Sequence parallelism: a rank keeps its T/P tokens' tensors and, inside attention, H/P heads over all T
     # queries: every per-token and per-(token, head) term is the whole sequence's / P.
@@ -369,7 +372,7 @@ def run_settings(run) -> dict:
     """Model + memory-relevant settings of a RunConfig: model config, seq_len, micro_batch, checkpointing."""
     ac = run.activation_checkpointing
     return {"cfg": run.model_config(), "seq_len": run.seq_len, "micro_batch": run.micro_batch,
-            "sequence_parallel": run.sequence_parallel_size,
+            "sequence_parallel": run.sequence_parallel_size, "documents": run.data.document_mask,
             "ckpt_every": ac.every if ac.enabled else None}
 
 
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel, fused = resolve_kernels(cfg, args.asam_kernel, args.fused_loss, seq)
         est = estimate_memory(cfg, seq_len=seq, micro_batch=mb, world_size=args.world_size, zero_stage=stage,
                               ckpt_every=every, num_steps=args.num_steps, max_live_parameters=live, ep_size=ep,
-                              asam_kernel=kernel, fused_loss=fused, sequence_parallel=sp)
+                              asam_kernel=kernel, fused_loss=fused, sequence_parallel=sp, documents=run["documents"])
     except ValueError as e:
         ap.error(str(e))
     sys.stdout.write(f"# {name} {' '.join(args.set)} T={seq} micro_batch={mb} world_size={args.world_size} "

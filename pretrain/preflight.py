@@ -271,7 +271,7 @@ def estimate_gib(run, ds: dict) -> float | None:
                               world_size=D.world_size(), zero_stage=dss["zero_stage"], ckpt_every=st["ckpt_every"],
                               max_live_parameters=dss["max_live_parameters"], ep_size=dss["ep_size"],
                               asam_kernel=kernel and torch.cuda.is_available(),
-                              fused_loss=fused and torch.cuda.is_available())
+                              fused_loss=fused and torch.cuda.is_available(), documents=st["documents"])
         return est.total / 2**30
     except (ValueError, KeyError, AttributeError):
         return None

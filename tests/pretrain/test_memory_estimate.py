@@ -255,10 +255,11 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def measure_units(overrides: dict, T: int, B: int, K: int, kernel: bool, peak_unit: int) -> dict:
+def measure_units(overrides: dict, T: int, B: int, K: int, kernel: bool, peak_unit: int, documents: int = 0) -> dict:
     """Run a bf16 model on CPU and measure each checkpoint unit: the bytes it saves for backward (parameters
     excluded) and, for unit `peak_unit`, the peak of its forward + backward on detached inputs. kernel=True needs
-    TRITON_INTERPRET=1 set before ressformer.kernels.asam_triton is imported."""
+    TRITON_INTERPRET=1 set before ressformer.kernels.asam_triton is imported. documents: that many equal documents
+    per row (document masking), 0 none."""
     import ressformer.kernels as kernels
     from ressformer import build_model
 
@@ -298,27 +299,31 @@ def measure_units(overrides: dict, T: int, B: int, K: int, kernel: bool, peak_un
 
         model.set_checkpointing(fn, every=1)
         ids = torch.randint(0, cfg.vocab_size, (B, T))
-        model(ids, labels=ids, num_steps=K)
+        docs = (torch.arange(T) * documents // T).expand(B, T) if documents else None
+        model(ids, labels=ids, num_steps=K, documents=docs)
         return {"saved": saved, "peak": peaks}
     finally:
         kernels.set_asam_kernel("auto")
 
 
-def _estimated(overrides: dict, T: int, B: int, K: int, kernel: bool) -> tuple[list[float], list[float]]:
+def _estimated(overrides: dict, T: int, B: int, K: int, kernel: bool,
+               documents: bool = False) -> tuple[list[float], list[float]]:
     cfg = ModelConfig.from_preset("debug", **overrides)
-    res = [unit_bytes(cfg, T, u, asam_kernel=kernel, micro_batch=B) for u in units(cfg, T, K)]
+    res = [unit_bytes(cfg, T, u, asam_kernel=kernel, micro_batch=B) for u in units(cfg, T, K, documents)]
     return [k for k, _ in res], [p for _, p in res]
 
 
 # (model overrides, T, B): the paper's chunked top-k (wide and narrow; the dense top-k pass where a unit has at most
 # topk x head_dim keys, the gathered one elsewhere), the dense top-k pass throughout, the dense chunks of topk 0,
-# block selection
+# block selection, with document masking too ("<documents>": equal documents per row)
 CASES = [({"max_seq_len": 256}, 256, 2),
          ({"max_seq_len": 256, "asam.topk": 64}, 256, 2),
          ({"max_seq_len": 512, "d_model": 128, "asam.topk": 32, "soes.degree": 8, "asam.chunk_size": 128}, 512, 1),
          ({"max_seq_len": 1024, "asam.chunk_size": 512}, 1024, 1),
          ({"max_seq_len": 512, "asam.topk": 0}, 512, 1),
-         ({"max_seq_len": 512, "asam.impl": "block", "asam.topk": 0, "asam.block_select": "chunk"}, 512, 1)]
+         ({"max_seq_len": 512, "asam.impl": "block", "asam.topk": 0, "asam.block_select": "chunk"}, 512, 1),
+         ({"max_seq_len": 512, "asam.impl": "block", "asam.topk": 0, "asam.block_select": "chunk",
+           "<documents>": 3}, 512, 1)]
 
 
 @pytest.mark.timeout(300)
@@ -328,8 +333,10 @@ def test_pytorch_path_matches_a_cpu_run(overrides, T, B):
     chunks, whose union of blocks the estimate bounds per query), and the peak of a recurrent unit's forward +
     backward within 25 % of unit_bytes' peak (the top-k paths within 12 %)."""
     K = 3
-    got = measure_units(overrides, T, B, K, kernel=False, peak_unit=2)
-    kept, peak = _estimated(overrides, T, B, K, kernel=False)
+    overrides = dict(overrides)
+    docs = overrides.pop("<documents>", 0)
+    got = measure_units(overrides, T, B, K, kernel=False, peak_unit=2, documents=docs)
+    kept, peak = _estimated(overrides, T, B, K, kernel=False, documents=bool(docs))
     dense = overrides.get("asam.topk") == 0
     for i, (g, e) in enumerate(zip(got["saved"], kept)):
         assert e == pytest.approx(g, rel=0.10 if dense else 0.02), f"unit {i}: saved {g} B, estimated {e:.0f} B"
