@@ -47,8 +47,8 @@ Tk = T + memory keys):
                  transients per micro batch: `selection` (chunked top-k, no grad): 3 fp32 (B, H, c, Tk) score
                  buffers with a graph (2 without) + fp32 keys 4BTkD. `backward`: PyTorch top-k 6kD BT (fp32 + bf16
                  gradient of the gathered keys); kernel 12 B Tk D (fp32 dk / dv and their casts) + 2BTD (dq)
-                 + 4HkBT (graph bias gradient); dense top-k: `selection` without the keys, `backward` two fp32
-                 (B, H, c, n) gradients + 8 B Tk D (fp32 dk / dv); dense chunks (n candidates) one recomputed
+                 + 4HkBT (graph bias gradient); dense top-k: `selection` without the keys, `backward` one fp32
+                 (B, H, c, n) gradient + 8 B Tk D (fp32 dk / dv); dense chunks (n candidates) one recomputed
                  chunk: 24 BHcn + its SOES pattern (block 40 BHcn, chunked 8 Bcn) + 8BnD, block + 8 B Tk D: the
                  roughest (within 25 %).
   logits         PyTorch: 10 B per logit ((B, T, V) bf16 logits, the fp32 log-softmax and its gradient). Fused
@@ -132,26 +132,55 @@ def units(cfg: ModelConfig, T: int, num_steps: int | None = None, documents: boo
     return [plain] * r.n_prelude + steps + [plain] * r.n_coda
 
 
-def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True,
-              documents: bool = False) -> tuple[str, int]:
-    """(path, keys per query) of ASAM in a unit: reference | gathered (top-k of the candidates; the Triton kernel's
-    path) | dense_topk (without the kernel, few candidates per kept key: attention.dense_topk_pays; the keys are the
-    candidates) | dense_chunks."""
+def asam_chunks(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True,
+                key_runs: bool = True, documents: bool = False) -> list[tuple[str, int, int]]:
+    """[(path, keys per query, queries)] of ASAM's query chunks in a unit. path: reference | gathered (top-k of the
+    candidates; the Triton kernel's path) | dense_topk (without the kernel, few candidates per kept key:
+    attention.dense_topk_pays; the keys are the candidates) | dense_chunks. A causal chunked unit's chunk [s0, s1)
+    computes over the tokens before s1, the token cache entries of [s0 - cache_window + 1, s1) and every summary
+    (ASAMAttention.key_runs), so its candidates change from chunk to chunk; the widest decides the top-k pass.
+    key_runs=False: every chunk over every key (sequence parallelism's attention). documents: under document masking
+    (block ASAM's candidates per document)."""
     from ressformer.attention import dense_topk_pays
 
     a, tk = cfg.asam, T + n_mem
     if a.impl == "reference":
-        return "reference", tk
-    cand = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem, documents)
-    if a.topk == 0 or a.topk >= cand:
-        return "dense_chunks", cand
-    if not asam_kernel and dense_topk_pays(cand, a.topk, cfg.head_dim, "auto"):
-        return "dense_topk", cand
-    return "gathered", a.topk
+        return [("reference", tk, T)]
+
+    def path(n: int) -> tuple[str, int]:
+        if a.topk == 0 or a.topk >= n:
+            return "dense_chunks", n
+        if not asam_kernel and dense_topk_pays(n, a.topk, cfg.head_dim, "auto"):
+            return "dense_topk", n
+        return "gathered", a.topk
+
+    chunks = []  # (candidates, queries)
+    for s0 in range(0, T, a.chunk_size):
+        s1 = min(T, s0 + a.chunk_size)
+        if a.impl == "block":
+            n = _block_kept_keys(cfg, T, n_mem, documents)
+        elif not cfg.causal or not key_runs:
+            n = tk
+        else:
+            n = s1 + (s1 - max(0, s0 - cfg.r2mu.cache_window + 1) + n_mem - T if n_mem else 0)
+        chunks.append((n, s1 - s0))
+    if a.impl == "chunked" and cfg.causal and key_runs:  # the widest chunk decides the top-k pass of the call
+        widest = max(n for n, _ in chunks)
+        if 0 < a.topk < widest and not asam_kernel and dense_topk_pays(widest, a.topk, cfg.head_dim, "auto"):
+            return [("dense_topk", n, c) for n, c in chunks]
+        return [("dense_chunks", n, c) if a.topk == 0 or a.topk >= n else ("gathered", a.topk, c) for n, c in chunks]
+    return [(*path(n), c) for n, c in chunks]
 
 
-def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> dict[str, float]:
-    """Bytes per token one unit saves for its backward (bf16 activations), by part (module docstring)."""
+def asam_path(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True) -> tuple[str, int]:
+    """(path, keys per query) of the unit's last query chunk (the one with the most candidates): `asam_chunks`."""
+    return asam_chunks(cfg, T, n_mem, asam_kernel)[-1][:2]
+
+
+def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1,
+              key_runs: bool = True) -> dict[str, float]:
+    """Bytes per token one unit saves for its backward (bf16 activations), by part (module docstring); ASAM's parts
+    summed over its query chunks (`asam_chunks`), each per query of the chunk."""
     D, H, F, m = cfg.d_model, cfg.n_heads, cfg.ffn_hidden, cfg.soes.degree
     tk = (T + u.n_mem) / T
     out = {"norms": (8.0 * D + 4) * (2 + u.n_mem / T)}
@@ -161,33 +190,40 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
         out["memory_pool"] = covered * (16.0 * D + 4 + 4 * r.summary_slots) + 8.0 * D * u.n_sum / T
     out["projections"] = 2.0 * D + (2.0 * D * tk if u.n_mem else 0.0) + 4.0 * D * tk + 2.0 * D
     if cfg.arch == "ressformer":
-        path, n = asam_path(cfg, T, u.n_mem, asam_kernel, u.documents)
-        if path == "dense_topk" and cfg.asam.impl == "chunked":  # k, v kept as float32 copies only (attention)
-            out["projections"] -= 4.0 * D * tk
-        if path == "gathered":
-            out["attention"] = 2.0 * D + 12.0 * H * n if asam_kernel else 8.0 * n * D + 4.0 * D + 13.0 * H * n
-            if u.graph_in:
-                out["graph_bias"] = 9.0 * H * m + 4.0 * m
-        elif path == "dense_topk":  # fp32 q; fp32 k, v (chunked: once; block: each chunk's candidates); the mask;
-            # the kept slots (int64) and their probabilities; the (c, n) fp32 probabilities
-            k = cfg.asam.topk
-            block = cfg.asam.impl == "block"
-            kv = 8.0 * D * n / min(cfg.asam.chunk_size, T) if block else 8.0 * D * tk
-            out["attention"] = 4.0 * D + kv + (H * n if block else n / micro_batch) + 12.0 * H * k + 4.0 * H * n
-            if u.graph_in:  # the edges' key index (chunked) or slots (block), their float32 values
-                out["graph_bias"] = (8.0 * H * m if block else 8.0 * m) + 4.0 * m
-        elif path == "dense_chunks":  # the chunks' checkpoint inputs: q, the keys / values and mask of each chunk
-            block = cfg.asam.impl == "block"
-            out["attention"] = 2.0 * D + (4.0 * D * n / min(cfg.asam.chunk_size, T) + H * n if block
-                                          else n / micro_batch)
-            if u.graph_in:  # per chunk: edge slots (block only) and the scaled edge values
-                out["graph_bias"] = (12.0 if block else 4.0) * H * m + 4.0 * m
-        else:  # reference: (B, H, T, Tk) fp32 scores and probabilities, fp32 q / k / v
-            out["attention"] = 8.0 * H * n + 4.0 * D * (1 + 2 * tk)
+        chunks = asam_chunks(cfg, T, u.n_mem, asam_kernel, key_runs, u.documents)
+        paths = {path for path, _, _ in chunks}
+        block, k = cfg.asam.impl == "block", cfg.asam.topk
+        attention = graph_bias = pattern = 0.0
+        if "dense_topk" in paths and not block:  # fp32 k, v made once per call, the chunks' candidates slices
+            attention += 8.0 * D * tk
+            if paths == {"dense_topk"}:  # ... and then nothing keeps the bf16 k, v
+                out["projections"] -= 4.0 * D * tk
+        for path, n, c in chunks:
+            w = c / T
+            if path == "gathered":
+                attention += w * (2.0 * D + 12.0 * H * n if asam_kernel else 8.0 * n * D + 4.0 * D + 13.0 * H * n)
+                graph_bias += w * (9.0 * H * m + 4.0 * m)
+            elif path == "dense_topk":  # fp32 q; block: fp32 k, v of the chunk's candidates; the mask; the kept
+                # slots (int64) and their probabilities; the (c, n) fp32 probabilities
+                kv = 8.0 * D * n / min(cfg.asam.chunk_size, T) if block else 0.0
+                attention += w * (4.0 * D + kv + (H * n if block else n / micro_batch) + 12.0 * H * min(k, n)
+                                  + 4.0 * H * n)
+                graph_bias += w * ((8.0 * H * m if block else 8.0 * m) + 4.0 * m)  # edge key index / slots, values
+            elif path == "dense_chunks":  # the chunks' checkpoint inputs: q, the keys / values and mask of each chunk
+                attention += w * (2.0 * D + (4.0 * D * n / min(cfg.asam.chunk_size, T) + H * n if block
+                                             else n / micro_batch))
+                graph_bias += w * ((12.0 if block else 4.0) * H * m + 4.0 * m)  # edge slots (block), edge values
+            else:  # reference: (B, H, T, Tk) fp32 scores and probabilities, fp32 q / k / v
+                attention += 8.0 * H * n + 4.0 * D * (1 + 2 * tk)
+            if u.pattern and path in ("gathered", "dense_topk"):
+                pattern += w * (25.0 * H * min(k, n) + 13.0 * m + 20)
+        out["attention"] = attention
+        if u.graph_in and paths != {"reference"}:
+            out["graph_bias"] = graph_bias
         if u.graph_in and cfg.soes.graph == "bilinear":  # LatentGraph: src / dst projections, edge scores
             out["graph_bias"] = out.get("graph_bias", 0.0) + 4.0 * cfg.soes.rank + 12.0 * m
-        if u.pattern and path in ("gathered", "dense_topk"):
-            out["pattern"] = 25.0 * H * cfg.asam.topk + 13.0 * m + 20
+        if pattern:
+            out["pattern"] = pattern
     else:  # dense baseline: causal attention, fp32 scores and bf16 probabilities over (T + 1) / 2 keys
         out["attention"] = 2.0 * D + 6.0 * H * (T + 1) / 2
     e = cfg.moe
@@ -200,46 +236,66 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
     return out
 
 
-def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> dict[str, float]:
-    """Bytes (per micro batch) a unit holds briefly on top of what it keeps, during its recompute / backward."""
+def unit_transient(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1,
+                   key_runs: bool = True) -> dict[str, float]:
+    """Bytes (per micro batch) a unit holds briefly on top of what it keeps, during its recompute / backward: the
+    largest of its query chunks' (`asam_chunks`)."""
     if cfg.arch != "ressformer":
         return {}
     B, D, H = micro_batch, cfg.d_model, cfg.n_heads
-    path, n = asam_path(cfg, T, u.n_mem, asam_kernel, u.documents)
-    Tk, c = T + u.n_mem, min(cfg.asam.chunk_size, T)
-    if path == "gathered":
-        cand = Tk if cfg.asam.impl == "chunked" else _block_kept_keys(cfg, T, u.n_mem, u.documents)
-        # fp32 scores (+ bias), the tie-broken top-k's int32 key beside them (selection.topk_first), the keys
-        sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * H * c * cand + 4.0 * B * cand * D
-        if asam_kernel:
-            bwd = 12.0 * B * Tk * D + 2.0 * B * T * D + (4.0 * B * H * n * T if u.graph_in else 0.0)
-        else:
-            bwd = 6.0 * B * T * n * D
-        return {"selection": sel, "backward": bwd}
-    if path == "dense_topk":  # one chunk: its fp32 scores (+ bias, masked), the tie-broken top-k's int32 key; in
-        # backward two (c, n) fp32 gradients at a time (probabilities -> kept scores -> masked scores) and the fp32
-        # dk / dv every chunk adds to
-        c_n = 4.0 * B * H * c * n
-        return {"selection": c_n * (3 if u.graph_in else 2) + c_n, "backward": 2 * c_n + 8.0 * B * Tk * D}
-    if path == "dense_chunks":  # one recomputed chunk (scores, bias, masked scores, probabilities, their
-        # gradients; the SOES pattern over its H x n probabilities) + fp32 candidate keys / values; block: the k / v
-        # gradients the chunks' gathers scatter into
-        block = cfg.asam.impl == "block"
-        pattern = 0.0
-        if u.pattern:  # block: pattern_edges over H x n per query; chunked: the head mean, top-m of n
-            pattern = 40.0 * B * H * c * n if block else 8.0 * B * c * n
-        return {"backward": 24.0 * B * H * c * n + pattern + 8.0 * B * n * D + (8.0 * B * Tk * D if block else 0.0)}
-    return {}
+    Tk = T + u.n_mem
+    chunks = asam_chunks(cfg, T, u.n_mem, asam_kernel, key_runs, u.documents)
+    gathered_queries = sum(c for path, _, c in chunks if path == "gathered")  # their backward is one pass
+    out: dict[str, float] = {}
+
+    def keep(**parts: float) -> None:
+        for key, v in parts.items():
+            out[key] = max(out.get(key, 0.0), v)
+
+    start = 0
+    for path, n, c in chunks:
+        s0, s1 = start, start + c  # this chunk's queries
+        start = s1
+        if path == "gathered":
+            if cfg.asam.impl == "block":
+                cand = _block_kept_keys(cfg, T, u.n_mem, u.documents)
+            elif not cfg.causal or not key_runs:
+                cand = Tk
+            else:  # this chunk's candidates (the path keeps topk of them)
+                cand = s1 + (s1 - max(0, s0 - cfg.r2mu.cache_window + 1) + u.n_mem - T if u.n_mem else 0)
+            # fp32 scores (+ bias), the tie-broken top-k's int32 key beside them (selection.topk_first), the keys
+            sel = 4.0 * B * H * c * cand * (3 if u.graph_in else 2) + 4.0 * B * H * c * cand + 4.0 * B * cand * D
+            if asam_kernel:
+                bwd = 12.0 * B * Tk * D + 2.0 * B * T * D + (4.0 * B * H * n * T if u.graph_in else 0.0)
+            else:
+                bwd = 6.0 * B * gathered_queries * n * D
+            keep(selection=sel, backward=bwd)
+        elif path == "dense_topk":  # one chunk: its fp32 scores (+ bias, masked), the tie-broken top-k's int32 key;
+            # in backward the (c, n) fp32 gradients (probabilities -> kept scores -> masked scores), one more at a
+            # time than the chunk's kept probabilities, which its backward frees, and the fp32 dk / dv every chunk
+            # adds to
+            c_n = 4.0 * B * H * c * n
+            keep(selection=c_n * (3 if u.graph_in else 2) + c_n, backward=c_n + 8.0 * B * Tk * D)
+        elif path == "dense_chunks":  # one recomputed chunk (scores, bias, masked scores, probabilities, their
+            # gradients; the SOES pattern over its H x n probabilities) + fp32 candidate keys / values; block: the
+            # k / v gradients the chunks' gathers scatter into
+            block = cfg.asam.impl == "block"
+            pattern = 0.0
+            if u.pattern:  # block: pattern_edges over H x n per query; chunked: the head mean, top-m of n
+                pattern = 40.0 * B * H * c * n if block else 8.0 * B * c * n
+            keep(backward=24.0 * B * H * c * n + pattern + 8.0 * B * n * D + (8.0 * B * Tk * D if block else 0.0))
+    return out
 
 
-def unit_bytes(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1) -> tuple[float, float]:
+def unit_bytes(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_batch: int = 1,
+               key_runs: bool = True) -> tuple[float, float]:
     """(kept bytes, peak bytes) of one unit's recompute + backward for a micro batch. The selection runs after the
     norms, memory pooling and projections are saved and before the rest; the backward transients come with all."""
-    parts = unit_kept(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch)
+    parts = unit_kept(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch, key_runs=key_runs)
     per_token = micro_batch * T
     kept = sum(parts.values()) * per_token
     before = sum(parts.get(k, 0.0) for k in ("norms", "memory_pool", "projections")) * per_token
-    trans = unit_transient(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch)
+    trans = unit_transient(cfg, T, u, asam_kernel=asam_kernel, micro_batch=micro_batch, key_runs=key_runs)
     return kept, max(before + trans.get("selection", 0.0), kept + trans.get("backward", 0.0))
 
 
@@ -326,7 +382,8 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, wor
     sp = sequence_parallel
     # Sequence parallelism: a rank keeps its T/P tokens' tensors and, inside attention, H/P heads over all T
     # queries: every per-token and per-(token, head) term is the whole sequence's / P.
-    per_unit = [tuple(x / sp for x in unit_bytes(cfg, T, u, asam_kernel=asam_kernel, micro_batch=B)) for u in us]
+    per_unit = [tuple(x / sp for x in unit_bytes(cfg, T, u, asam_kernel=asam_kernel, micro_batch=B, key_runs=sp == 1))
+                for u in us]  # (sequence parallelism: every chunk over every key)
     m, E = cfg.soes.degree, cfg.moe.num_experts
     # Outside the units: what each returns and the losses read (graphs, smoothness match, router logits).
     extra = sum((12.0 * m + 4.0 * m * m) * B * T for u in us if u.pattern) / sp

@@ -184,7 +184,8 @@ class MetricsLog:
                "lr": sched.get_last_lr()[0], "grad_norm": float(gn) if gn is not None else None,
                "num_steps": num_steps, "tokens_seen": tokens, "tokens_per_s": tps,
                "tflops": tps * flops_per_token(self.mcfg, self.run.seq_len, num_steps, attend=self.attend,
-                                                 documents=self.run.data.document_mask) / 1e12,
+                                                 documents=self.run.data.document_mask,
+                                                 key_runs=self.run.sequence_parallel_size == 1) / 1e12,
                "skipped_micro_batches": skipped, "peak_mem_gib": peak_memory_gib()}
         peak = peak_tflops()
         if peak:

@@ -10,13 +10,15 @@ the model appends the memory keys after the T token keys). A query with no visib
 Code paths of `sparse_attention`, by the config fields ASAMAttention passes (`asam_options`):
     asam.impl=reference   _reference: the (B, H, Tq, Tk) scores materialised; plain, the tests' yardstick
     asam.impl=chunked     query chunks of chunk_size over every key                    memory linear in T
+                          (the model's full forward: `key_runs`, over the tokens before the chunk's end, the
+                          token cache entries within cache_window of its queries and the summaries only)
     asam.impl=block       query chunks over the key blocks they keep (selection.block_candidates; under
                           document masking selection.document_block_candidates, blocks cut per document)
   and per chunk: asam.topk == 0 or >= its keys: `_dense_chunk` (recomputed in backward under grad); else, with
-  at most topk * D candidates, `_dense_topk_chunk` (one score matmul selects and attends, the
-  probabilities zero off the kept keys); else `_select_topk` (no grad), then `_gathered_attend` over the kept keys
-  (with grad: all chunks in one call, so autograd keeps O(T * topk * D)); in Triton on CUDA
-  (ressformer.kernels.use_asam_kernel).
+  at most topk * D candidates (with key_runs: in the widest chunk, for all chunks), `_dense_topk_chunk` (one
+  score matmul selects and attends, the probabilities zero off the kept keys); else `_select_topk` (no grad), then
+  `_gathered_attend` over the kept keys (with grad: all chunks in one call, so autograd keeps O(T * topk * D)); in
+  Triton on CUDA (ressformer.kernels.use_asam_kernel).
 The graph bias is matched to the kept keys by index. Outside `reference` a (chunk, n) block of scores exists one
 chunk at a time; what autograd keeps is O(T * topk * D) (the dense top-k path's (chunk, n) probabilities only while
 n <= topk * D).
@@ -303,26 +305,112 @@ def _document_edge_slots(e: torch.Tensor, cand: DocumentCandidates, block_size: 
     return slot
 
 
-def _chunk_scores(q_c, k_c, mask, edge_slot, edge_val) -> torch.Tensor:
+def _span_grad(like: torch.Tensor, spans, parts) -> torch.Tensor:
+    """A gradient of `like`'s shape (B, H, Tk, D) holding parts[i] in like[:, :, a:b] of spans[i], zeros elsewhere:
+    written once (autograd's own backward of each slice zero-fills a whole Tk-sized gradient per slice)."""
+    g = like.new_empty(like.shape)
+    at = 0
+    for (a, b), part in zip(spans, parts):
+        g[:, :, at:a].zero_()
+        g[:, :, a:b].copy_(part)
+        at = b
+    g[:, :, at:].zero_()
+    return g
+
+
+class _SpanScores(torch.autograd.Function):
+    """q (B, H, c, D) float32 @ the spans [a, b) of k (B, H, Tk, D) along Tk, transposed and concatenated ->
+    (B, H, c, n) float32, n the spans' total length. Keeps q and k (no copy of the spans)."""
+
+    @staticmethod
+    def forward(ctx, q, k, spans):
+        ctx.spans = spans
+        ctx.save_for_backward(q, k)
+        return torch.cat([q @ f32(k[:, :, a:b]).transpose(-1, -2) for a, b in spans], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        gq, parts, o = None, [], 0
+        for a, b in ctx.spans:
+            g = grad[..., o:o + b - a]  # (B, H, c, L)
+            if ctx.needs_input_grad[0]:
+                part = g @ f32(k[:, :, a:b])
+                gq = part if gq is None else gq + part
+            if ctx.needs_input_grad[1]:
+                parts.append((g.transpose(-1, -2) @ q).to(k.dtype))
+            o += b - a
+        return gq, _span_grad(k, ctx.spans, parts) if ctx.needs_input_grad[1] else None, None
+
+
+class _SpanValues(torch.autograd.Function):
+    """p (B, H, c, n) float32 @ the spans [a, b) of v (B, H, Tk, D) along Tk, stacked -> (B, H, c, D) float32.
+    Keeps p and v (no copy of the spans)."""
+
+    @staticmethod
+    def forward(ctx, p, v, spans):
+        ctx.spans = spans
+        ctx.save_for_backward(p, v)
+        out, o = None, 0
+        for a, b in spans:
+            part = p[..., o:o + b - a] @ f32(v[:, :, a:b])
+            out, o = part if out is None else out + part, o + b - a
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, v = ctx.saved_tensors
+        gp, parts, o = [], [], 0
+        for a, b in ctx.spans:
+            if ctx.needs_input_grad[0]:
+                gp.append(grad @ f32(v[:, :, a:b]).transpose(-1, -2))
+            if ctx.needs_input_grad[1]:
+                parts.append((p[..., o:o + b - a].transpose(-1, -2) @ grad).to(v.dtype))
+            o += b - a
+        return (torch.cat(gp, dim=-1) if ctx.needs_input_grad[0] else None,
+                _span_grad(v, ctx.spans, parts) if ctx.needs_input_grad[1] else None, None)
+
+
+def _chunk_scores(q_c, k_c, mask, edge_slot, edge_val, spans=None) -> torch.Tensor:
     """Scores (B, H, c, n) float32 of queries q_c (B, H, c, D) over candidates k_c (B, H, n, D), plus the graph bias
-    of edges at edge_slot (B, H, c, m; -1: absent) / edge_val, -inf where mask (B|1, H|1, c, n) is False."""
-    s = torch.einsum("bhid,bhjd->bhij", f32(q_c), f32(k_c)) / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
+    of edges at edge_slot (B, H, c, m; -1: absent) / edge_val, -inf where mask (B|1, H|1, c, n) is False.
+    spans ((a, b), ...): the candidates are k_c[:, :, a:b] for each span in turn (slices, no copy); None: all of k_c."""
+    q32 = f32(q_c)
+    if spans is None:
+        s = torch.einsum("bhid,bhjd->bhij", q32, f32(k_c))
+    else:
+        s = _SpanScores.apply(q32.contiguous(), k_c, tuple(spans))  # (q_c: a slice of (B, T, H, D) heads)
+    s = s / math.sqrt(q_c.shape[-1])  # (B, H, c, n) f32
     if edge_slot is not None:
         s = s + _edge_bias(edge_slot, edge_val.to(s.dtype), s.shape[-1])
     return torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
 
 
-def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activation, pattern) -> Attended:
+def _weighted_values(p: torch.Tensor, v_c: torch.Tensor, spans) -> torch.Tensor:
+    """p (B, H, c, n) float32 @ the candidates' values (v_c, or its spans in turn as `_chunk_scores`) -> float32."""
+    if spans is None:
+        return torch.einsum("bhij,bhjd->bhid", p, f32(v_c))
+    return _SpanValues.apply(p, v_c, tuple(spans))
+
+
+def _dense_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, activation, pattern,
+                 spans=None, token_prefix=None) -> Attended:
     """Attention of a query chunk q_c (B, H, c, D) over all its candidate keys k_c, v_c (B, H, n, D).
 
     mask (B|1, H|1, c, n) bool; edge_slot / edge_val (B, H, c, m) or None; keys (B, H, n) key index of each
-    candidate, None: all keys in order (for the pattern); pattern (n_tokens, degree) or None. The tensors are
-    positional: torch.utils.checkpoint keeps positional inputs through the saved-tensor hooks (the memory
-    accounting of bench/act_memory.py sees them), keyword ones only by reference.
+    candidate, None: all keys in order (for the pattern); pattern (n_tokens, degree) or None; spans: the candidates
+    are these slices of k_c / v_c (`_chunk_scores`); token_prefix: the first token_prefix candidates are the tokens
+    0.. in order and no other candidate is a token (the pattern is then the head mean over those columns, as for
+    keys None). The tensors are positional: torch.utils.checkpoint keeps
+    positional inputs through the saved-tensor hooks (the memory accounting of bench/act_memory.py sees them),
+    keyword ones only by reference.
     """
-    p = normalize(_chunk_scores(q_c, k_c, mask, edge_slot, edge_val), activation)
-    pat = None if pattern is None else _pattern(p, keys, pattern, q_pos)
-    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(v_c.dtype)
+    p = normalize(_chunk_scores(q_c, k_c, mask, edge_slot, edge_val, spans), activation)
+    pat = None
+    if pattern is not None:
+        pat = _pattern(p, keys, pattern, q_pos) if token_prefix is None else _pattern(
+            p[..., :token_prefix], None, pattern, q_pos)
+    out = _weighted_values(p, v_c, spans).to(v_c.dtype)
     return Attended(out, (p.detach() > 0).sum().float(), pat)
 
 
@@ -343,7 +431,7 @@ class _KeptSlots(torch.autograd.Function):
 
 
 def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, topk, activation,
-                      pattern) -> Attended:
+                      pattern, spans=None) -> Attended:
     """`_gathered_attend` of a query chunk's top-k selection computed with dense matmuls over its n candidates.
 
     The chunk's scores (B, H, c, n) come from one matmul and feed both the selection (`topk_first`, as
@@ -354,18 +442,53 @@ def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, 
     Arguments as `_dense_chunk`'s.
     """
     B, H, c, _ = q_c.shape
-    n = k_c.shape[2]
-    s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val)  # (B, H, c, n)
+    s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val, spans)  # (B, H, c, n)
+    n = s.shape[-1]
     with torch.no_grad():
         sel = topk_first(s.detach(), topk)  # (B, H, c, topk) candidate positions
     p_sel = normalize(_KeptSlots.apply(s, sel), activation)  # (B, H, c, topk); invisible kept slots: -inf, p = 0
     p = torch.zeros_like(s).scatter(-1, sel, p_sel)  # (B, H, c, n)
-    out = torch.einsum("bhij,bhjd->bhid", p, f32(v_c)).to(q_c.dtype)  # k_c / v_c may be float32 copies
+    out = _weighted_values(p, v_c, spans).to(q_c.dtype)  # k_c / v_c may be float32 copies
     pat = None
     if pattern is not None:
         key_idx = sel if keys is None else keys[:, :, None, :].expand(B, H, c, n).gather(-1, sel)
         pat = _pattern_rows(key_idx, p_sel, pattern, q_pos)
     return Attended(out, (p_sel.detach() > 0).sum().float(), pat)
+
+
+def _check_key_runs(key_runs, Tq: int, Tk: int, impl: str, causal: bool) -> None:
+    """`sparse_attention`'s key_runs: causal chunked attention, runs inside the keys, ascending, not overlapping, at
+    most Tq keys each (entry j is query index j's token)."""
+    if impl != "chunked" or not causal:
+        raise ValueError(f"key_runs need impl='chunked' and causal attention, got impl={impl!r}, causal={causal}: "
+                         "pass key_runs=None")
+    end = 0
+    for start, length, window in key_runs:
+        if start < end or length < 0 or length > Tq or start + length > Tk or (window is not None and window < 1):
+            raise ValueError(f"key_runs {key_runs}: each run (start, length, window) must lie in the {Tk} keys after "
+                             f"the previous one, hold at most Tq={Tq} keys, window None or >= 1")
+        end = start + length
+
+
+def _run_spans(key_runs, s0: int, s1: int, Tk: int) -> tuple[tuple[int, int], ...]:
+    """The keys a causal query chunk [s0, s1) may see under `key_runs`, as ascending non-empty spans [a, b): each
+    run's entries j in [s0 - window + 1, s1), and every key outside the runs. Integers only: no host read, constants
+    to torch.compile."""
+    parts, at = [], 0
+    for start, length, window in key_runs:
+        lo = 0 if window is None else max(0, s0 - window + 1)
+        parts += [(at, start), (start + min(lo, length), start + min(s1, length))]
+        at = start + length
+    parts.append((at, Tk))
+    spans = []
+    for a, b in parts:  # merge touching spans: fewer, larger matmuls
+        if b <= a:
+            continue
+        if spans and spans[-1][1] == a:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return tuple(spans)
 
 
 def dense_topk_pays(n: int, topk: int, head_dim: int, attend: str) -> bool:
@@ -466,7 +589,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                      pattern_degree: int = 0, pattern_keys: int | None = None, pattern_rows: bool = False,
                      q_index: torch.Tensor | None = None, attend: str = "auto",
                      doc_runs: tuple[tuple[int, int], ...] | None = None,
-                     q_first: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     q_first: torch.Tensor | None = None,
+                     key_runs: tuple[tuple[int, int, int | None], ...] | None = None) -> tuple[torch.Tensor, dict]:
     """ASAM attention. q (B, H, Tq, D), k / v (B, H, Tk, D), q_pos (Tq,), k_pos (Tk,), k_window (Tk,) | None,
     graph (idx (B, Tq, m) into the key axis, val (B, Tq, m)) | None, graph_scale (H,).
 
@@ -492,6 +616,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     kept keys by index): "auto" (`dense_topk_pays`), "dense" (`_dense_topk_chunk`: dense matmuls over the chunk's
     candidates, probabilities zero off the kept keys) or "gather" (`_select_topk` + `_gathered_attend`: copies of
     the kept keys). Both compute the same function; the choice is speed and memory.
+
+    key_runs (impl=chunked, causal): runs (start, length, window) of keys whose entry j is the key of the token at
+    query index j, visible to query i only if j <= i (and i - j < window; None: no window): the tokens
+    (start 0, window None) and R2MU's token cache (window cache_window) of a full forward, per-sample positions
+    included. A query chunk [s0, s1) then computes over each run's keys j in [s0 - window + 1, s1) only (and every
+    key outside the runs): the keys it leaves out are invisible to the whole chunk, so the result is the same (to
+    the rounding of shorter sums) at about half the score, selection and value work of a causal sequence. The
+    caller vouches for the layout; None: every chunk computes over every key.
     """
     _check_inputs(q, k, v, q_pos=q_pos, k_pos=k_pos, k_window=k_window, activation=activation, topk=topk,
                   graph=graph, graph_scale=graph_scale, impl=impl)
@@ -526,6 +658,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                 key_blocks = block_summaries(k, k_pos, k_window, block_size, local_blocks)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if key_runs is not None:
+        _check_key_runs(key_runs, Tq, k.shape[2], impl, causal)
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if graph is not None:
@@ -536,6 +670,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
     n_visible = q.new_zeros((), dtype=torch.float32)
     k32 = v32 = None  # float32 k and v, made once for the dense top-k chunks over every key
     kernel = use_asam_kernel(q)  # the Triton kernel takes the top-k chunks (`_gathered_attend`)
+    widest = None  # key_runs: the most candidates of a chunk, which decides the top-k pass of every chunk
+    if key_runs is not None:
+        widest = max(sum(b - a for a, b in _run_spans(key_runs, s0, min(Tq, s0 + chunk_size), k.shape[2]))
+                     for s0 in range(0, Tq, chunk_size))
     for s0 in range(0, Tq, chunk_size):
         s1 = min(Tq, s0 + chunk_size)
         q_c, qp_c, qi_c = q[:, :, s0:s1], q_pos[..., s0:s1], q_index[s0:s1]
@@ -554,17 +692,29 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                 cand = document_block_candidates(q_c, qp_c, doc_blocks, blocks_per_query=blocks_per_query,
                                                  select=block_select, chunk_size=chunk_size, q_first=qf)
         keys = None if cand is None else cand.keys
+        spans = run_keys = None  # key_runs: the chunk's candidates as slices of k / v, and their key index (n,)
+        if key_runs is not None:
+            spans = _run_spans(key_runs, s0, s1, k.shape[2])
+            run_keys = torch.cat([torch.arange(a, b, device=q.device) for a, b in spans])
+            keys = run_keys.expand(B, H, run_keys.shape[0])
         edge_slot = edge_val = None
         if graph is not None:
             edge_val = gval_all[:, :, s0:s1]  # (B, H, c, m)
             e = g_idx[:, None, s0:s1].expand(B, H, c, g_idx.shape[-1])  # (B, H, c, m) key index of each edge
-            if cand is None:
-                edge_slot = e
-            else:
+            if cand is not None:
                 with torch.no_grad():
                     edge_slot = _edge_slots(e, cand.blocks, block_size) if key_blocks is not None \
                         else _document_edge_slots(e, cand, block_size)
-        if keys is None:
+            elif run_keys is not None:  # each edge's slot among the chunk's keys; -1: a key left out (invisible)
+                slot_of = torch.full((k.shape[2],), -1, dtype=e.dtype, device=e.device)
+                slot_of[run_keys] = torch.arange(run_keys.shape[0], dtype=e.dtype, device=e.device)
+                edge_slot = slot_of[g_idx[:, None, s0:s1]].expand_as(e)  # one (B, c, m) copy for all heads
+            else:
+                edge_slot = e
+        if run_keys is not None:
+            kw = None if k_window is None else k_window[..., run_keys]
+            mask = _batched_mask(visible(qp_c, k_pos[..., run_keys], kw, causal))  # (B|1, 1, c, n)
+        elif keys is None:
             mask = _batched_mask(visible(qp_c, k_pos, k_window, causal))  # (B|1, 1, c, Tk)
         elif doc_blocks is not None:
             flat = keys.flatten(1)  # (B, H * n)
@@ -576,26 +726,35 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
         n = mask.shape[-1]
         n_visible = n_visible + mask.sum().float() * (B // mask.shape[0]) * (H // mask.shape[1])
 
-        dense_topk = 0 < topk < n and not kernel and dense_topk_pays(n, topk, D, attend)
+        if widest is None:
+            dense_topk = 0 < topk < n and not kernel and dense_topk_pays(n, topk, D, attend)
+        else:  # one pass for the whole call (chunks with at most topk candidates keep them all)
+            dense_topk = 0 < topk < widest and not kernel and dense_topk_pays(widest, topk, D, attend)
         if topk == 0 or topk >= n or dense_topk:  # dense over the candidates
-            if keys is None and dense_topk:  # one contiguous float32 k and v that every chunk's matmuls share
-                if k32 is None:  # (a strided k would be copied by each chunk's matmul, and kept for backward)
-                    k32, v32 = f32(k.contiguous()), f32(v.contiguous())
+            if (keys is None or spans is not None) and dense_topk:  # one contiguous float32 k and v that every
+                if k32 is None:  # chunk's matmuls share (a strided k would be copied by each chunk's matmul, and
+                    k32, v32 = f32(k.contiguous()), f32(v.contiguous())  # kept for backward)
                 k_c, v_c = k32, v32
-            elif keys is None:
-                k_c, v_c = k, v  # (B, H, n=Tk, D)
+            elif keys is None or spans is not None:
+                k_c, v_c = k, v  # (B, H, Tk, D): all the candidates, or their spans
             else:
                 gi = keys[..., None].expand(B, H, n, D)
                 k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
             args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qi_c)
             if dense_topk:  # keeps (c, n) probabilities for backward, no recomputation
-                results.append(_dense_topk_chunk(*args, topk=topk, activation=activation, pattern=pattern))
+                results.append(_dense_topk_chunk(*args, topk=min(topk, n), activation=activation,
+                                                 pattern=pattern, spans=spans))
                 continue
+            prefix = None  # key_runs' tokens first: the pattern over the chunk's token columns
+            if spans is not None and key_runs[0][0] == 0 and key_runs[0][2] is None and pattern is not None \
+                    and pattern.n_tokens == key_runs[0][1]:
+                prefix = min(s1, key_runs[0][1])
             if grad:  # keep the chunk's inputs only: its scores are recomputed in backward
                 res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False,
-                                                        activation=activation, pattern=pattern)
+                                                        activation=activation, pattern=pattern, spans=spans,
+                                                        token_prefix=prefix)
             else:
-                res = _dense_chunk(*args, activation=activation, pattern=pattern)
+                res = _dense_chunk(*args, activation=activation, pattern=pattern, spans=spans, token_prefix=prefix)
             results.append(res)
             continue
         sel = _select_topk(q_c, k, keys=keys, mask=mask, edge_slot=edge_slot, edge_val=edge_val, topk=topk)
@@ -659,8 +818,10 @@ class ASAMAttention(nn.Module):
             nn.init.normal_(lin.weight, mean=0.0, std=self.cfg.init_std)
         self.init_graph_scale()
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, pattern: bool = False):
-        """pattern=True: stats["pattern"] is this call's attention pattern as a SOES graph over the T tokens."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, pattern: bool = False,
+                in_order: bool = False):
+        """pattern=True: stats["pattern"] is this call's attention pattern as a SOES graph over the T tokens.
+        in_order: pos grows with the token index and memory, if any, is [token cache | summaries] (`key_runs`)."""
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         kv_in, k_pos, k_window = x, pos, None
@@ -689,9 +850,24 @@ class ASAMAttention(nn.Module):
         out, stats = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_window, graph=g,
                                       graph_scale=self.graph_scale, **asam_options(self.cfg), local_blocks=local,
                                       pattern_degree=self.cfg.soes.degree if pattern else 0, pattern_keys=T,
-                                      doc_runs=runs)
+                                      doc_runs=runs,
+                                      key_runs=self.key_runs(T, memory is not None) if in_order else None)
         y = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y), stats
+
+    def key_runs(self, T: int, memory: bool):
+        """`sparse_attention`'s key_runs for the model's full forward (forward's in_order): keys [tokens (T) | R2MU
+        memory: token cache (T, window cache_window, the tokens' positions: recurrence.SegmentMemory.memory_keys) |
+        summaries], positions growing with the token index (0..T-1, or per document), so a causal query chunk never
+        sees a later token or cache entry. None where that layout does not hold: impl=block (block-aligned memory),
+        encoder mode."""
+        cfg = self.cfg
+        if cfg.asam.impl != "chunked" or not cfg.causal:
+            return None
+        runs = ((0, T, None),)
+        if memory:
+            runs += ((T, T, cfg.r2mu.cache_window),)
+        return runs
 
     def _forward_sp(self, x: torch.Tensor, pos: torch.Tensor, *, memory, graph, pattern: bool):
         """forward on a shard of the sequence (ressformer.sequence_parallel): x (B, T/P, D) at positions pos (T/P,);

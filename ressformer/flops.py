@@ -84,12 +84,14 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 # --- FLOPs --------------------------------------------------------------------------------------
 def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto",
-                    documents: bool = False) -> tuple[float, float]:
+                    documents: bool = False, key_runs: bool = True) -> tuple[float, float]:
     """(grad-carrying MACs, no-grad MACs) of ASAM scores + P@V for one block call, per token.
 
-    Summed over heads (H * head_dim = D). Tk = T + n_mem keys. attend: the top-k pass counted, as
-    attention.sparse_attention's `attend` ("gather": the kept keys only, what the Triton kernel computes).
-    documents: document masking (block ASAM's candidates per document, `_block_kept_keys`).
+    Summed over heads (H * head_dim = D). Tk = T + n_mem keys (n_mem: R2MU's token cache of T entries, then the
+    summaries). attend: the top-k pass counted, as attention.sparse_attention's `attend` ("gather": the kept keys
+    only, what the Triton kernel computes). documents: document masking (block ASAM's candidates per document,
+    `_block_kept_keys`). key_runs: a causal chunk computes only over the keys it can see (ASAMAttention.key_runs,
+    the model's full forward); False: over every key (sequence parallelism).
     """
     from ressformer.attention import dense_topk_pays
 
@@ -97,11 +99,29 @@ def _attention_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str = "auto",
     tk = T + n_mem
     if a.impl == "reference":
         return 2.0 * tk * d, 0.0  # full (T x Tk) scores and a dense (T x Tk) @ (Tk x D) product
-    n = tk if a.impl == "chunked" else _block_kept_keys(cfg, T, n_mem, documents)  # a chunk's candidates
-    sel = 0.0 if a.impl == "chunked" else math.ceil(tk / a.block_size) * d  # block summaries, scored without grad
-    if a.topk == 0 or a.topk >= n or dense_topk_pays(n, a.topk, cfg.head_dim, attend):
-        return 2.0 * n * d, sel  # every candidate with grad (top-k: selected from those same scores)
-    return 2.0 * a.topk * d, sel + n * d  # no-grad selection scores over the candidates, then topk gathered keys
+
+    def macs(n: int, sel: float) -> tuple[float, float]:  # per query over n candidates
+        if a.topk == 0 or a.topk >= n or dense_topk_pays(n, a.topk, cfg.head_dim, attend):
+            return 2.0 * n * d, sel  # every candidate with grad (top-k: selected from those same scores)
+        return 2.0 * a.topk * d, sel + n * d  # no-grad selection scores over the candidates, then topk gathered keys
+
+    if a.impl == "block":  # block summaries scored without grad, then the chunk's kept blocks
+        return macs(_block_kept_keys(cfg, T, n_mem, documents), math.ceil(tk / a.block_size) * d)
+    if not cfg.causal or not key_runs:
+        return macs(tk, 0.0)
+    # causal chunked: a chunk [s0, s1) computes over the tokens before s1, the token cache entries in
+    # [s0 - cache_window + 1, s1) and every summary (ASAMAttention.key_runs), each chunk its own count
+    chunks = []  # (candidates, queries)
+    for s0 in range(0, T, a.chunk_size):
+        s1 = min(T, s0 + a.chunk_size)
+        chunks.append((s1 + (s1 - max(0, s0 - cfg.r2mu.cache_window + 1) + n_mem - T if n_mem else 0), s1 - s0))
+    widest = max(n for n, _ in chunks)  # decides the top-k pass of every chunk (attention.sparse_attention)
+    dense = 0 < a.topk < widest and dense_topk_pays(widest, a.topk, cfg.head_dim, attend)
+    grad = nograd = 0.0
+    for n, c in chunks:
+        g, ng = (2.0 * n * d, 0.0) if dense else macs(n, 0.0)
+        grad, nograd = grad + g * c / T, nograd + ng * c / T
+    return grad, nograd
 
 
 def _block_kept_keys(cfg: ModelConfig, T: int, n_mem: int = 0, documents: bool = False) -> int:
@@ -144,22 +164,25 @@ def _mlp_macs(cfg: ModelConfig) -> float:
     return float(_mlp_params(cfg, active=True))  # one MAC per active weight per token
 
 
-def _block_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str, documents: bool) -> tuple[float, float]:
+def _block_macs(cfg: ModelConfig, T: int, n_mem: int, attend: str, documents: bool = False,
+                key_runs: bool = True) -> tuple[float, float]:
     d = cfg.d_model
     g = 2.0 * d * d + 2.0 * d * d * (T + n_mem) / T  # q, o on tokens; k, v on tokens + memory
-    ag, an = _attention_macs(cfg, T, n_mem, attend, documents) if cfg.arch == "ressformer" \
+    ag, an = _attention_macs(cfg, T, n_mem, attend, documents, key_runs) if cfg.arch == "ressformer" \
         else (float(T + 1) * d, 0.0)
     gg, gn = _graph_macs(cfg, T, documents)
     return g + ag + gg + _mlp_macs(cfg), an + gn
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None, causal_skip: bool = False,
-                    attend: str = "auto", documents: bool = False) -> float:
+                    attend: str = "auto", documents: bool = False, key_runs: bool = True) -> float:
     """Training (fwd + bwd) FLOPs per token at sequence length seq_len (K = num_steps or r2mu.steps).
 
     ASAM's top-k pass as `attend` says (attention.sparse_attention's argument): "auto", what the PyTorch path
     runs (dense over a chunk's candidates when attention.dense_topk_pays, else the gathered kept keys); "gather",
-    the kept keys only: what the Triton kernel computes on a GPU, and the sparse algorithm's own count.
+    the kept keys only: what the Triton kernel computes on a GPU, and the sparse algorithm's own count. A causal
+    query chunk computes over the keys it can see (ASAMAttention.key_runs); key_runs=False: over every key, as
+    under sequence parallelism.
 
     The dense baseline's causal attention: the full T x T product (what SDPA computes on CPU), or with
     causal_skip=True the (T + 1) / 2 keys per query a FlashAttention-style kernel computes on a GPU.
@@ -176,7 +199,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
         return 6.0 * (grad + cfg.n_layers * bg)
     r = cfg.r2mu
     K = r.steps if num_steps is None else num_steps
-    plain_g, plain_n = _block_macs(cfg, T, 0, attend, documents)
+    plain_g, plain_n = _block_macs(cfg, T, 0, attend, documents, key_runs)
     n_plain = r.n_prelude + r.n_coda
     grad += n_plain * plain_g
     nograd += n_plain * plain_n
@@ -191,7 +214,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: int | None = None
             if t >= 1:
                 grad += n_sum * 2 * d / T  # overwrite gate
                 n_mem = T + n_sum
-        bg, bn = _block_macs(cfg, T, n_mem, attend, documents)
+        bg, bn = _block_macs(cfg, T, n_mem, attend, documents, key_runs)
         grad += bg
         nograd += bn
     return 6.0 * grad + 2.0 * nograd

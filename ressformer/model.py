@@ -62,9 +62,12 @@ class ReSSFormerBlock(nn.Module):
         self.mlp = make_mlp(cfg)
         self.graph = LatentGraph(cfg) if cfg.soes.enabled and cfg.soes.graph == "bilinear" else None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, recurrent: bool = False):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, recurrent: bool = False,
+                in_order: bool = False):
         """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)), graph None |
         (idx, val) the previous recurrent step's graph (soes.graph=attention: it biases this call's attention).
+        in_order: the model's full forward lays the keys out as ASAMAttention.key_runs says (ASAM then skips, per
+        query chunk, the tokens and cache entries it cannot see).
 
         Returns (x (B, T, D), graph | None, router_logits (B*T, E) | None, attention stats dict). The graph is
         this call's: bilinear, induced from its input states; attention, its attention pattern, made only inside
@@ -77,7 +80,7 @@ class ReSSFormerBlock(nn.Module):
             m_states, m_pos, m_win = memory
             memory = (self.input_layernorm(m_states), m_pos, m_win)
         pattern = self.graph_from_attention and recurrent
-        a, stats = self.self_attn(xn, pos, memory=memory, graph=graph, pattern=pattern)
+        a, stats = self.self_attn(xn, pos, memory=memory, graph=graph, pattern=pattern, in_order=in_order)
         if pattern:
             graph = stats.pop("pattern")
         elif self.graph is None:
@@ -187,7 +190,7 @@ class ReSSFormerForCausalLM(CausalLM):
 
     # --- forward ------------------------------------------------------------------------------
     def _plain_block(self, block: ReSSFormerBlock, h: torch.Tensor, pos: torch.Tensor) -> UnitOut:
-        h, _, router_logits, stats = block(h, pos)
+        h, _, router_logits, stats = block(h, pos, in_order=True)
         return UnitOut(h, router_logits, stats.get("density"))
 
     def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
@@ -223,7 +226,8 @@ class ReSSFormerForCausalLM(CausalLM):
                     memory = self._block_align(memory, h.shape[1])  # (sp: aligned after the exchange, in ASAMAttention;
                     #                                                  documents: blocks cut per document there)
         g_in = None if g_idx is None else (g_idx, g_val)
-        h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True)
+        h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True,
+                                                   in_order=self.config.asam.impl != "block")
         return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
                        graph=None if graph is None else Graph(*graph), gate=gate)
 

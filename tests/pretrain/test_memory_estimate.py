@@ -26,9 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from pretrain.memory_estimate import (GiB, Unit, asam_path, ds_config_settings, estimate_memory, expert_params,
-                                      logits_bytes, main, resolve_kernels, run_config_settings, unit_bytes,
-                                      unit_kept, unit_transient, units)
+from pretrain.memory_estimate import (GiB, Unit, asam_chunks, asam_path, ds_config_settings, estimate_memory,
+                                      expert_params, logits_bytes, main, resolve_kernels, run_config_settings,
+                                      unit_bytes, unit_kept, unit_transient, units)
 from ressformer.config import ModelConfig
 from ressformer.flops import count_params
 
@@ -86,25 +86,36 @@ def test_unit_formulas_by_hand():
     step = units(cfg, 128)[2]
     assert step == Unit(n_mem=144, summary=True, n_sum=16, graph_in=True, pattern=True, recurrent=True)
     assert units(cfg, 128)[0].n_mem == 0 and not units(cfg, 128)[0].graph_in  # step 0: no memory, no graph yet
+    # The 4 query chunks of 32 see 80, 127, 159, 191 of the 272 keys (tokens before the chunk's end, the token cache
+    # entries within 16 of its queries, the 16 summaries): without the kernel the widest (191 <= top-k 16 x
+    # head_dim 16) takes the dense top-k pass for every chunk; the kernel gathers top-k of each chunk's candidates.
+    cands = (80, 127, 159, 191)
+    assert asam_chunks(cfg, 128, step.n_mem, asam_kernel=False) == [("dense_topk", n, 32) for n in cands]
+    assert asam_chunks(cfg, 128, step.n_mem, asam_kernel=True) == [("gathered", 16, 32)] * 4
     torch_path = unit_kept(cfg, 128, step, asam_kernel=False)
     kernel = unit_kept(cfg, 128, step, asam_kernel=True)
-    assert torch_path["attention"] == 8 * 16 * 64 + 4 * 64 + 13 * 4 * 16 == 9280  # gathered fp32 K and V: 8192
+    # fp32 k, v once; per query fp32 q, the mask, int64 slots + fp32 kept probabilities, the (c, n) probabilities
+    assert torch_path["attention"] == 8 * 64 * 272 / 128 + sum(
+        (4 * 64 + n + 12 * 4 * 16 + 4 * 4 * n) / 4 for n in cands) == 4479.25
     assert kernel["attention"] == 2 * 64 + 12 * 4 * 16 == 896  # q, int64 indices, fp32 probabilities
-    for parts in (torch_path, kernel):
-        assert {k: v for k, v in parts.items() if k != "attention"} == pytest.approx(DEBUG_STEP_KEPT)
-    # Transients of one micro batch (B = 2): the chunk of 32 queries' three fp32 score buffers over 272 keys, the
-    # tie-broken top-k's int32 key of the same shape + fp32 keys; the backward's gradient of the gathered keys
-    # (PyTorch) or the kernel's fp32 dk / dv + dq + the graph's ds.
+    assert {k: v for k, v in kernel.items() if k != "attention"} == pytest.approx(DEBUG_STEP_KEPT)
+    assert {k: v for k, v in torch_path.items() if k != "attention"} == pytest.approx(
+        {**DEBUG_STEP_KEPT, "projections": DEBUG_STEP_KEPT["projections"] - 4 * 64 * 272 / 128,  # the fp32 k, v
+         "graph_bias": 8 * 4 + 4 * 4})  # the edges' slots (one copy for all heads) and fp32 values
+    # Transients of one micro batch (B = 2): the widest chunk (32 queries over 191 keys): the dense pass's fp32
+    # scores, bias, masked scores and top-k key, then in backward one (c, n) gradient + fp32 dk / dv; the kernel
+    # path's three fp32 score buffers, the int32 key and the fp32 keys, then the kernel's fp32 dk / dv + dq + the
+    # graph's ds.
     assert unit_transient(cfg, 128, step, asam_kernel=False, micro_batch=2) == pytest.approx(
-        {"selection": 4 * 2 * 4 * 32 * 272 * 4 + 4 * 2 * 272 * 64, "backward": 6 * 2 * 128 * 16 * 64})
+        {"selection": 4 * 4 * 2 * 4 * 32 * 191, "backward": 4 * 2 * 4 * 32 * 191 + 8 * 2 * 272 * 64})
     assert unit_transient(cfg, 128, step, asam_kernel=True, micro_batch=2) == pytest.approx(
-        {"selection": 4 * 2 * 4 * 32 * 272 * 4 + 4 * 2 * 272 * 64,
+        {"selection": 4 * 2 * 4 * 32 * 191 * 4 + 4 * 2 * 191 * 64,
          "backward": 12 * 2 * 272 * 64 + 2 * 2 * 128 * 64 + 4 * 2 * 4 * 16 * 128})
     # Peak = max(saved before the attention + selection, all saved + backward transient), B * T = 256 tokens.
     kept, peak = unit_bytes(cfg, 128, step, asam_kernel=True, micro_batch=2)
     assert kept == (8636.5 + 896) * 256 == 2440320
     before = (1612.5 + 1100 + 1072) * 256  # norms, memory pooling, projections: 968832
-    assert peak == max(before + 974848, kept + 516096) == 2956416  # the backward's transient wins here
+    assert peak == max(before + 880128, kept + 516096) == 2956416  # the backward's transient wins here
 
 
 def test_logits_and_fused_loss_by_hand():
@@ -182,16 +193,24 @@ def test_cli_prints_a_table(capsys):
     assert "ZeRO-3 ep=8" in out and "asam_kernel=on fused_loss=on" in out and "experts / 8 (AutoEP)" in out
 
 
-def test_sequence_parallel_keeps_a_shards_worth_per_gpu():
+def test_sequence_parallel_keeps_a_shards_worth_per_gpu(monkeypatch):
     """Under Ulysses a GPU keeps its T/P tokens' tensors and H/P heads over all T in attention: the units cost what
-    they cost at T/P; the exchange is a term of its own; the 1M-token config fits 70 GiB on 32 GPUs."""
+    they cost at T/P with every chunk over every key (SP's attention does not slice the keys per chunk); the
+    exchange is a term of its own; the 1M-token config fits 70 GiB on 32 GPUs."""
+    import pretrain.memory_estimate as me
+
     cfg = ModelConfig.from_preset("1b-long", max_seq_len=131072)
     kw = dict(world_size=32, ep_size=1, asam_kernel=True, fused_loss=True)
     sp = estimate_memory(cfg, seq_len=131072, sequence_parallel=4, **kw).terms
+    sliced = estimate_memory(cfg, seq_len=32768, **kw).terms
+    unit = me.unit_bytes
+    monkeypatch.setattr(me, "unit_bytes", lambda *a, **k: unit(*a, **{**k, "key_runs": False}))
     one = estimate_memory(cfg, seq_len=32768, **kw).terms
     for k in ("model_states", "zero3_gathered", "checkpoints", "logits"):
         assert sp[k] == pytest.approx(one[k], rel=1e-3), k
     assert sp["unit_recompute"] == pytest.approx(one["unit_recompute"], rel=1e-2)
+    assert sliced["unit_recompute"] < 0.8 * one["unit_recompute"]  # one process slices the keys per chunk
+    monkeypatch.undo()
     assert 0 < sp["sp_exchange"] < 0.1 * sum(sp.values()) and "sp_exchange" not in one
     with pytest.raises(ValueError, match="divisors of 16"):
         estimate_memory(cfg, seq_len=131072, sequence_parallel=32, **kw)

@@ -58,6 +58,9 @@ def test_fast_paths_equal_reference(activation, causal, topk, Tm):
     ref_out, ref_grads, ref_stats = _run(p, impl="reference", **kw)
     fast_paths = {f"{name} {attend}": dict(fast, attend=attend) for name, fast in FAST.items()
                   for attend in (("dense", "gather") if topk else ("auto",))}
+    if causal:  # chunks over the tokens they can see (the memory keys, outside the run, stay candidates)
+        fast_paths.update({f"chunked key_runs {attend}": dict(FAST["chunked"], attend=attend, key_runs=((0, 23, None),))
+                           for attend in (("dense", "gather") if topk else ("auto",))})
     for name, fast in fast_paths.items():
         out, grads, stats = _run(p, **fast, **kw)
         torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10, msg=f"{name} forward")
@@ -71,6 +74,60 @@ def test_fast_paths_equal_reference(activation, causal, topk, Tm):
     assert 0 < float(ref_stats["density"]) <= 1
     if topk or activation != "softmax":
         assert float(ref_stats["density"]) < 1
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_key_runs_leave_out_only_keys_a_chunk_cannot_see(documents):
+    """key_runs (ASAMAttention.key_runs: tokens, then R2MU's token cache with its window, then summaries): each
+    chunk computes over the tokens before its end and the cache entries within the window of its queries. Against
+    every key: outputs and gradients to fp64 rounding, the same density and SOES pattern, for each top-k pass and
+    top-k from every key kept (0) through fewer candidates than top-k in the first chunks (24, 40), with per-sample
+    document positions too."""
+    from ressformer.selection import document_positions
+
+    g = torch.Generator().manual_seed(11)
+    B, H, T, D, W, m = 2, 2, 40, 8, 6, 3
+    if documents:  # documents of 13, 15 and 12 tokens in row 0, one document in row 1
+        pos = document_positions(torch.tensor([[0] * 13 + [1] * 15 + [2] * 12, [0] * T]))
+        seg_end = pos.gather(1, torch.tensor([[9, 19, 29], [9, 19, 29]])).repeat_interleave(2, dim=1)
+    else:
+        pos = torch.arange(T)
+        seg_end = torch.tensor([9, 9, 19, 19, 29, 29])
+    cat = lambda *t: torch.cat([x.expand(B, -1) if documents and x.dim() == 1 else x for x in t], dim=-1)  # noqa
+    k_pos = cat(pos, pos, seg_end)
+    k_win = cat(torch.full((T,), UNBOUNDED_WINDOW), torch.full((T,), W), torch.full((6,), UNBOUNDED_WINDOW))
+    Tk = 2 * T + 6
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64, requires_grad=True) for n in (T, Tk, Tk))
+    idx = torch.minimum(torch.randint(0, T, (B, T, m), generator=g), torch.arange(T)[None, :, None])
+    graph = (idx, torch.rand(B, T, m, generator=g, dtype=torch.float64, requires_grad=True))
+    gs = torch.rand(H, generator=g, dtype=torch.float64) + 0.5
+    w = torch.cos(torch.arange(B * H * T * D, dtype=torch.float64)).view(B, H, T, D)
+    for topk in (0, 4, 12, 24, 40):
+        for attend in ("dense", "gather") if topk else ("auto",):
+            for activation in ("sparsemax", "softmax"):
+                runs = []
+                for key_runs in (None, ((0, T, None), (T, T, W))):
+                    out, st = sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_win, graph=graph,
+                                               graph_scale=gs, activation=activation, topk=topk, chunk_size=8,
+                                               attend=attend, pattern_degree=m, key_runs=key_runs,
+                                               q_index=torch.arange(T) if documents else None)
+                    loss = (out * w).sum() + st["pattern"][1].sum()
+                    runs.append((out, torch.autograd.grad(loss, (q, k, v, graph[1])), st))
+                (o1, g1, s1), (o2, g2, s2) = runs
+                msg = f"topk {topk} {attend} {activation}"
+                torch.testing.assert_close(o2, o1, rtol=1e-12, atol=1e-12, msg=msg)
+                for a, b in zip(g2, g1):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=msg)
+                assert torch.equal(s2["pattern"][0], s1["pattern"][0]), msg
+                torch.testing.assert_close(s2["pattern"][1], s1["pattern"][1], rtol=1e-12, atol=1e-12)
+                assert s2["nnz"] == s1["nnz"] and s2["visible"] == s1["visible"], msg
+    from ressformer.attention import _run_spans  # what a chunk computes over: queries 8..15 see tokens 0..15, cache
+    assert _run_spans(((0, T, None), (T, T, W)), 8, 16, Tk) == ((0, 16), (43, 56), (80, 86))  # 3..15, summaries
+    assert _run_spans(((0, T, None), (T, T, W)), 0, 8, Tk) == ((0, 8), (40, 48), (80, 86))
+    with pytest.raises(ValueError, match="key_runs need impl='chunked' and causal"):
+        sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_win, causal=False, key_runs=((0, T, None),))
+    with pytest.raises(ValueError, match="must lie in the 86 keys"):
+        sparse_attention(q, k, v, q_pos=pos, k_pos=k_pos, k_window=k_win, key_runs=((0, T, None), (10, T, W)))
 
 
 def test_edge_slots_match_brute_force_candidate_lookup():
