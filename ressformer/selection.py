@@ -351,8 +351,7 @@ def document_block_candidates(q_c: torch.Tensor, q_pos: torch.Tensor, kb: Docume
         q_sel, s_vis = q_c, bvis & ~local
     else:  # each query's chunk's first query (the document's token at c_lo) chooses, perhaps from an earlier chunk
         q_sel = q_first
-        v_first = seen(c_lo)
-        s_vis = v_first & ~(v_first & overlap)
+        s_vis = seen(c_lo) & ~overlap  # visible to the chooser and not local
     sb = torch.einsum("bhid,bhnd->bhin", f32(q_sel), mean)  # (B, H, c, nb)
     sb = torch.where(s_vis[:, None], sb, neg_inf)
     top = topk_first(sb, n_top)
