@@ -235,7 +235,7 @@ def _reference(q, k, v, *, q_pos, k_pos, k_window, causal, activation, topk, gra
     s = torch.where(vis, s, neg)
     keep = vis.expand(B, H, Tq, Tk)
     if 0 < topk < Tk:
-        sel = topk_first(s.detach(), topk)  # (B, H, Tq, topk)
+        sel = topk_first(s.detach(), topk, ordered=False)  # (B, H, Tq, topk)
         keep = torch.zeros_like(keep).scatter(-1, sel, True) & vis
         s = torch.where(keep, s, neg)
     p = normalize(s, activation)  # (B, H, Tq, Tk)
@@ -445,7 +445,7 @@ def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, 
     s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val, spans)  # (B, H, c, n)
     n = s.shape[-1]
     with torch.no_grad():
-        sel = topk_first(s.detach(), topk)  # (B, H, c, topk) candidate positions
+        sel = topk_first(s.detach(), topk, ordered=False)  # (B, H, c, topk) candidate positions
     p_sel = normalize(_KeptSlots.apply(s, sel), activation)  # (B, H, c, topk); invisible kept slots: -inf, p = 0
     p = torch.zeros_like(s).scatter(-1, sel, p_sel)  # (B, H, c, n)
     out = _weighted_values(p, v_c, spans).to(q_c.dtype)  # k_c / v_c may be float32 copies
@@ -516,7 +516,7 @@ def _select_topk(q_c, k, *, keys, mask, edge_slot, edge_val, topk) -> Selection:
     n = mask.shape[-1]
     k_c = k if keys is None else k.gather(2, keys[..., None].expand(B, H, n, D))
     s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val)  # (B, H, c, n) float32
-    sel = topk_first(s, topk)  # (B, H, c, topk) candidate positions
+    sel = topk_first(s, topk, ordered=False)  # (B, H, c, topk) candidate positions
     del s, k_c
     sel_mask = mask.expand(B, H, c, n).gather(-1, sel)  # (B, H, c, topk)
     slot = None

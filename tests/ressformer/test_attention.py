@@ -500,10 +500,17 @@ def _topk_first_host(x: torch.Tensor, k: int, floor: float = float("-inf")) -> t
     return idx
 
 
+def _chosen(x: torch.Tensor, idx: torch.Tensor, floor: float = float("-inf")) -> torch.Tensor:
+    """The entries of x that idx chooses, as a mask over x's last dim, those <= floor left out (ties among them are
+    arbitrary)."""
+    return torch.zeros_like(x, dtype=torch.bool).scatter(-1, idx, True) & (x > floor)
+
+
 def test_topk_first_equals_the_host_rule_on_ties():
     """topk_first (every row's tie-broken choice computed, picked per row on the device) returns the host rule's
     indices, in the same order, on rows full of exact and near ties (within TIE_RTOL), -inf entries, floors, every
-    k, float32 and float64, and on a chunk of the attention's scores with repeated keys."""
+    k, float32 and float64, and on a chunk of the attention's scores with repeated keys; ordered=False the same
+    entries in any order."""
     from ressformer.selection import topk_first
 
     g = torch.Generator().manual_seed(0)
@@ -517,6 +524,8 @@ def test_topk_first_equals_the_host_rule_on_ties():
         floor = (float("-inf"), 0.0, 1.5)[trial % 3]
         want, got = _topk_first_host(x, k, floor), topk_first(x, k, floor)
         assert got.is_contiguous() and torch.equal(got, want), (trial, n, k, floor)
+        loose = topk_first(x, k, floor, ordered=False)  # the same set of entries above floor, in any order
+        assert loose.is_contiguous() and torch.equal(_chosen(x, loose, floor), _chosen(x, want, floor)), trial
         if k < n:
             v = x.topk(k + 1, dim=-1).values
             tied_rows += int(((v[..., k] > floor) & (v[..., k - 1] - v[..., k] <= 1e-5 * v[..., 0].abs())).sum())
@@ -527,3 +536,4 @@ def test_topk_first_equals_the_host_rule_on_ties():
     s[..., 30:] = float("-inf")
     for k in (1, 4, 16):
         assert torch.equal(topk_first(s, k), _topk_first_host(s, k))
+        assert torch.equal(_chosen(s, topk_first(s, k, ordered=False)), _chosen(s, _topk_first_host(s, k)))
