@@ -431,7 +431,7 @@ class _KeptSlots(torch.autograd.Function):
 
 
 def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, topk, activation,
-                      pattern, spans=None) -> Attended:
+                      pattern, spans=None, token_prefix=None) -> Attended:
     """`_gathered_attend` of a query chunk's top-k selection computed with dense matmuls over its n candidates.
 
     The chunk's scores (B, H, c, n) come from one matmul and feed both the selection (`topk_first`, as
@@ -439,7 +439,8 @@ def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, 
     as `_gathered_attend` normalises them, scattered back into a (c, n) row of probabilities (zeros elsewhere) and
     multiplied with v_c. No (c, topk, D) copy of the keys and values is made; the price is O(c n D) arithmetic and
     a (c, n) float32 row kept for backward instead of O(c topk D). `dense_topk_pays` says when that is cheaper.
-    Arguments as `_dense_chunk`'s.
+    Arguments as `_dense_chunk`'s; with token_prefix the pattern (edges) is the head mean of the (c, n) probabilities
+    over the token columns, as `_dense_chunk`'s, which is `pattern_edges` of the kept keys without its sort.
     """
     B, H, c, _ = q_c.shape
     s = _chunk_scores(q_c, k_c, mask, edge_slot, edge_val, spans)  # (B, H, c, n)
@@ -450,7 +451,9 @@ def _dense_topk_chunk(q_c, k_c, v_c, mask, edge_slot, edge_val, keys, q_pos, *, 
     p = torch.zeros_like(s).scatter(-1, sel, p_sel)  # (B, H, c, n)
     out = _weighted_values(p, v_c, spans).to(q_c.dtype)  # k_c / v_c may be float32 copies
     pat = None
-    if pattern is not None:
+    if pattern is not None and token_prefix is not None and not pattern.rows:
+        pat = _pattern(p[..., :token_prefix], None, pattern, q_pos)
+    elif pattern is not None:
         key_idx = sel if keys is None else keys[:, :, None, :].expand(B, H, c, n).gather(-1, sel)
         pat = _pattern_rows(key_idx, p_sel, pattern, q_pos)
     return Attended(out, (p_sel.detach() > 0).sum().float(), pat)
@@ -741,14 +744,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos
                 gi = keys[..., None].expand(B, H, n, D)
                 k_c, v_c = k.gather(2, gi), v.gather(2, gi)  # (B, H, n, D)
             args = (q_c, k_c, v_c, mask, edge_slot, edge_val, keys, qi_c)
-            if dense_topk:  # keeps (c, n) probabilities for backward, no recomputation
-                results.append(_dense_topk_chunk(*args, topk=min(topk, n), activation=activation,
-                                                 pattern=pattern, spans=spans))
-                continue
             prefix = None  # key_runs' tokens first: the pattern over the chunk's token columns
             if spans is not None and key_runs[0][0] == 0 and key_runs[0][2] is None and pattern is not None \
                     and pattern.n_tokens == key_runs[0][1]:
                 prefix = min(s1, key_runs[0][1])
+            if dense_topk:  # keeps (c, n) probabilities for backward, no recomputation
+                results.append(_dense_topk_chunk(*args, topk=min(topk, n), activation=activation,
+                                                 pattern=pattern, spans=spans, token_prefix=prefix))
+                continue
             if grad:  # keep the chunk's inputs only: its scores are recomputed in backward
                 res = torch.utils.checkpoint.checkpoint(_dense_chunk, *args, use_reentrant=False,
                                                         activation=activation, pattern=pattern, spans=spans,
