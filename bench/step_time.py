@@ -18,6 +18,10 @@ row's warm-up steps, and the graphs its timed steps compiled per step (recompile
 --rows keeps the named rows (the baseline always runs). --one-at-a-time builds, times and releases one model after
 the other instead (no interleaving; for sizes where the models do not fit in memory together, e.g. 125m at T=1024). --profile N: torch.profiler over one more step of the
 first ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
+"x FLOP" is the time ratio per FLOP (GFLOP/step as run). The header names the CPU allocator setting: with
+THP_MEM_ALLOC_ENABLE=1 in the environment PyTorch's CPU allocator asks for transparent huge pages for large tensors,
+so a freshly allocated gradient costs fewer page faults (ReSSFormer allocates its shared block's gradients once per
+recurrent step: at 125m the experts' are 300 MB per step); it applies to every row alike.
 """
 
 import argparse
@@ -135,7 +139,8 @@ def main() -> None:
         (n, base.replace(**{k: v for k, v in o.items() if k != "<documents>"}), o.get("<documents>", 0))
         for n, o in ABLATIONS.items() if n in chosen]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
-          f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved")
+          f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
     profiled = None
     if a.one_at_a_time:  # one model in memory at a time: each is timed, then released
@@ -160,22 +165,24 @@ def main() -> None:
                 eager.step()
                 if compiled is not None:
                     compiled.step()
-    head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11}"
+    head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11} {'x FLOP':>7}"
     if a.compile:
-        head += (f" {'compiled ms':>12} {'x baseline':>11} {'speedup':>8} {'compile s':>10} {'graphs':>7}"
-                 f" {'breaks':>7} {'recompiles/step':>16}")
+        head += (f" {'compiled ms':>12} {'x baseline':>11} {'x FLOP':>7} {'speedup':>8} {'compile s':>10}"
+                 f" {'graphs':>7} {'breaks':>7} {'recompiles/step':>16}")
     print(head)
-    t_base = c_base = None
+    t_base = c_base = g_base = None
     for name, cfg, eager, compiled in runners:
         t = min(eager.times)
-        t_base = t_base or t
         gflop = flops_per_token(cfg, a.seq, documents=eager.docs is not None) * a.batch * a.seq / 1e9
-        line = f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
+        t_base, g_base = t_base or t, g_base or gflop
+        line = (f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
+                f" {t / t_base * g_base / gflop:>7.2f}")
         if compiled is not None:
             c = min(compiled.times)
             c_base = c_base or c
-            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {t / c:>8.2f} {compiled.first:>10.1f}"
-                     f" {compiled.graphs:>7} {compiled.breaks:>7} {compiled.recompiled / a.repeats:>16.2f}")
+            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {c / c_base * g_base / gflop:>7.2f} {t / c:>8.2f}"
+                     f" {compiled.first:>10.1f} {compiled.graphs:>7} {compiled.breaks:>7}"
+                     f" {compiled.recompiled / a.repeats:>16.2f}")
         print(line, flush=True)
     if a.profile and profiled is None and not a.one_at_a_time:
         name, _, eager, compiled = next(rw for rw in runners if rw[1].arch == "ressformer")
