@@ -2,6 +2,7 @@
 
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
                               [--rows ressformer ...] [--baseline depth|matched] [--profile N] [--one-at-a-time]
+                              [--compiled-only]
 
 Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
@@ -16,8 +17,11 @@ TORCHINDUCTOR_CACHE_DIR is set, shared by the rows of the run, so rows after the
 common), and Dynamo's counters (torch._dynamo.utils.counters): the graphs compiled and graph breaks met by the
 row's warm-up steps, and the graphs its timed steps compiled per step (recompiles; 0 when nothing recompiles).
 --rows keeps the named rows (the baseline always runs). --one-at-a-time builds, times and releases one model after
-the other instead (no interleaving; for sizes where the models do not fit in memory together, e.g. 125m at T=1024). --profile N: torch.profiler over one more step of the
-first ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
+the other instead (no interleaving; for sizes where the models do not fit in memory together, e.g. 125m at T=1024).
+--compiled-only (with --compile) builds no eager copies and interleaves the compiled rows' steps, for sizes where
+those fit together (125m at T=1024: the ratio then comes from steps timed side by side, which this VM's drift of
+10 % between runs spoils for --one-at-a-time). --profile N: torch.profiler over one more step of the first
+ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
 "x FLOP" is the time ratio per FLOP (GFLOP/step as run). The header names the CPU allocator setting: with
 THP_MEM_ALLOC_ENABLE=1 in the environment PyTorch's CPU allocator asks for transparent huge pages for large tensors,
 so a freshly allocated gradient costs fewer page faults (ReSSFormer allocates its shared block's gradients once per
@@ -116,7 +120,12 @@ def main() -> None:
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="build, time and release one model at a time (rows not interleaved): sizes where two "
                          "models do not fit in memory")
+    ap.add_argument("--compiled-only", action="store_true",
+                    help="with --compile: no eager copies, the compiled rows interleaved (sizes where every row's "
+                         "eager and compiled copies do not fit in memory together but the compiled ones do)")
     a = ap.parse_args()
+    if a.compiled_only and (not a.compile or a.one_at_a_time):
+        ap.error("--compiled-only needs --compile and rows interleaved (not --one-at-a-time)")
     if a.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compile times, no cache left behind
         cache = tempfile.TemporaryDirectory(prefix="step_time_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
@@ -158,11 +167,12 @@ def main() -> None:
             runners.append((name, cfg, pair[0], pair[1] if a.compile else None))
     else:
         for name, cfg, docs in rows:
-            runners.append((name, cfg, Runner(cfg, a.batch, a.seq, documents=docs),
+            runners.append((name, cfg, None if a.compiled_only else Runner(cfg, a.batch, a.seq, documents=docs),
                             Runner(cfg, a.batch, a.seq, compiled=True, documents=docs) if a.compile else None))
         for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
             for _, _, eager, compiled in runners:
-                eager.step()
+                if eager is not None:
+                    eager.step()
                 if compiled is not None:
                     compiled.step()
     head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11} {'x FLOP':>7}"
@@ -172,15 +182,20 @@ def main() -> None:
     print(head)
     t_base = c_base = g_base = None
     for name, cfg, eager, compiled in runners:
-        t = min(eager.times)
-        gflop = flops_per_token(cfg, a.seq, documents=eager.docs is not None) * a.batch * a.seq / 1e9
-        t_base, g_base = t_base or t, g_base or gflop
-        line = (f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f} {t * 1e3:>9.1f} {t / t_base:>11.2f}"
-                f" {t / t_base * g_base / gflop:>7.2f}")
+        gflop = flops_per_token(cfg, a.seq, documents=(eager or compiled).docs is not None) * a.batch * a.seq / 1e9
+        g_base = g_base or gflop
+        line = f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f}"
+        if eager is None:
+            line += f" {'-':>9} {'-':>11} {'-':>7}"
+        else:
+            t = min(eager.times)
+            t_base = t_base or t
+            line += f" {t * 1e3:>9.1f} {t / t_base:>11.2f} {t / t_base * g_base / gflop:>7.2f}"
         if compiled is not None:
             c = min(compiled.times)
             c_base = c_base or c
-            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {c / c_base * g_base / gflop:>7.2f} {t / c:>8.2f}"
+            speedup = f"{t / c:>8.2f}" if eager is not None else f"{'-':>8}"
+            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {c / c_base * g_base / gflop:>7.2f} {speedup}"
                      f" {compiled.first:>10.1f} {compiled.graphs:>7} {compiled.breaks:>7}"
                      f" {compiled.recompiled / a.repeats:>16.2f}")
         print(line, flush=True)
