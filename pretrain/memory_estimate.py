@@ -40,7 +40,8 @@ Tk = T + memory keys):
                                 Dense chunks (topk 0): only each chunk's checkpoint inputs
                    graph_bias   9Hm + 4m: the SOES graph's slot indices and mask (top-k path)
                    pattern      25Hk + 13m + 20: attention.pattern_edges making the next graph (sort order, run ids,
-                                values)
+                                values); the dense top-k pass of a causal chunked unit (key_runs): 4 s1 + 17m + 24
+                                for a chunk ending at s1 (the head mean over its token columns, top-m indices)
                    ffn          per routed slot 6D + 8F + 16 (input, gate/up, silu, product, weighted output, ids),
                                 per token 2D + 4E + 12 top_k + 4 (router); dense SwiGLU 2D + 8F. ressformer.moe's
                                 layer; AutoEP's replacement keeps the same kinds of tensors, not measured
@@ -198,8 +199,10 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
             attention += 8.0 * D * tk
             if paths == {"dense_topk"}:  # ... and then nothing keeps the bf16 k, v
                 out["projections"] -= 4.0 * D * tk
+        runs = cfg.asam.impl == "chunked" and cfg.causal and key_runs  # ASAMAttention.key_runs: tokens first
+        s1 = 0
         for path, n, c in chunks:
-            w = c / T
+            w, s1 = c / T, s1 + c
             if path == "gathered":
                 attention += w * (2.0 * D + 12.0 * H * n if asam_kernel else 8.0 * n * D + 4.0 * D + 13.0 * H * n)
                 graph_bias += w * (9.0 * H * m + 4.0 * m)
@@ -215,7 +218,10 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
                 graph_bias += w * ((12.0 if block else 4.0) * H * m + 4.0 * m)  # edge slots (block), edge values
             else:  # reference: (B, H, T, Tk) fp32 scores and probabilities, fp32 q / k / v
                 attention += 8.0 * H * n + 4.0 * D * (1 + 2 * tk)
-            if u.pattern and path in ("gathered", "dense_topk"):
+            if u.pattern and path == "dense_topk" and runs:  # the head mean of the chunk's s1 token columns,
+                # top-m of them: the mean (fp32, kept by the gather of the m values), the indices
+                pattern += w * (4.0 * max(s1, m) + 17.0 * m + 24)
+            elif u.pattern and path in ("gathered", "dense_topk"):
                 pattern += w * (25.0 * H * min(k, n) + 13.0 * m + 20)
         out["attention"] = attention
         if u.graph_in and paths != {"reference"}:

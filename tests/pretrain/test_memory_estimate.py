@@ -101,7 +101,9 @@ def test_unit_formulas_by_hand():
     assert {k: v for k, v in kernel.items() if k != "attention"} == pytest.approx(DEBUG_STEP_KEPT)
     assert {k: v for k, v in torch_path.items() if k != "attention"} == pytest.approx(
         {**DEBUG_STEP_KEPT, "projections": DEBUG_STEP_KEPT["projections"] - 4 * 64 * 272 / 128,  # the fp32 k, v
-         "graph_bias": 8 * 4 + 4 * 4})  # the edges' slots (one copy for all heads) and fp32 values
+         "graph_bias": 8 * 4 + 4 * 4,  # the edges' slots (one copy for all heads) and fp32 values
+         # the pattern from the dense pass: each chunk's head mean over its s1 token columns, top-m indices
+         "pattern": sum(4 * s1 for s1 in (32, 64, 96, 128)) / 4 + 17 * 4 + 24})  # 412
     # Transients of one micro batch (B = 2): the widest chunk (32 queries over 191 keys): the dense pass's fp32
     # scores, bias, masked scores and top-k key, then in backward one (c, n) gradient + fp32 dk / dv; the kernel
     # path's three fp32 score buffers, the int32 key and the fp32 keys, then the kernel's fp32 dk / dv + dq + the
