@@ -20,7 +20,12 @@ from tests.helpers.dist import REPO, base_env
 
 def pytest_configure(config):
     """Under pytest-xdist each worker takes its share of the cores (torch's default is all of them per process), for
-    its own tensors and for the processes its tests start."""
+    its own tensors and for the processes its tests start. Before any test module is collected, triton's language
+    functions are imported for its interpreter on a host without CUDA (tests/helpers/triton_interpreter.py): the
+    kernel tests then pass whichever module imports triton first."""
+    from tests.helpers.triton_interpreter import import_language_interpreted
+
+    import_language_interpreted()
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch

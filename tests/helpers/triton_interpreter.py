@@ -2,9 +2,16 @@
 
 TRITON_INTERPRET=1 has to be set before triton (or a library's kernels) is imported, so a module calls
 `for_this_module()` before those imports and keeps the fixture it returns at module level.
+
+Triton decides once, when triton.language is first imported, whether its own language functions (tl.zeros, tl.sum,
+tl.max: @triton.jit functions) are interpreted; an interpreted kernel that calls compiled-mode ones fails ("Cannot
+call @triton.jit'd outside of the scope of a kernel"). Any module may import triton first (torch._inductor does,
+DeepSpeed may), so the test session imports it in interpreter mode before collecting (`import_language_interpreted`,
+tests/conftest.py) and the order of the test files does not matter.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +31,25 @@ def _interpreter_works_with_this_numpy() -> None:
     if tv < (3, 8) and nv >= (2, 4):
         pytest.skip(f"Triton {triton.__version__}'s interpreter converts 1-element arrays with int(), which numpy "
                     f"{numpy.__version__} refuses: pip install 'numpy<2.4' (or triton>=3.8)", allow_module_level=True)
+
+
+def import_language_interpreted() -> None:
+    """On a host without CUDA, import triton (and with it triton.language) with TRITON_INTERPRET=1, then restore the
+    variable: every kernel a later `for_this_module()` imports then calls interpreted language functions, and the
+    processes tests start do not inherit the variable. Nothing when triton is missing or already imported."""
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def for_this_module():
