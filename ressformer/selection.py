@@ -101,11 +101,13 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf"), ordered: b
     if ordered or k < 1:
         thr, nxt, top = vals[..., k - 1:k], vals[..., k:k + 1], vals[..., :1]
         keep = idx[..., :k]
-    else:  # the (k+1)-th value is the smallest of the k + 1 and the k-th the next; drop the slot of the (k+1)-th
-        low, at = vals.topk(2, dim=-1, largest=False)  # (..., 2) ascending
-        nxt, thr, top = low[..., :1], low[..., 1:2], vals.amax(dim=-1, keepdim=True)
+    else:  # the (k+1)-th value is the smallest of the k + 1 and the k-th the smallest of the rest; drop the slot
+        # of the (k+1)-th (reductions a compiled caller fuses, where a second top-k would be one more library call)
+        nxt, at = vals.min(dim=-1, keepdim=True)  # (..., 1)
+        thr = vals.scatter(-1, at, float("inf")).amin(dim=-1, keepdim=True)
+        top = vals.amax(dim=-1, keepdim=True)
         j = torch.arange(k, device=x.device)
-        keep = idx.gather(-1, j + (j >= at[..., :1]).to(j.dtype))
+        keep = idx.gather(-1, j + (j >= at).to(j.dtype))
     tol = TIE_RTOL * torch.maximum(top.abs(), nxt.abs())  # (..., 1)
     tie = (nxt > floor) & (thr - nxt <= tol)  # (..., 1) an entry within tol of the k-th value is left out
     # a key distinct for every entry above floor: 2n - i above the k-th value, n - i near it (int32 when it fits)
