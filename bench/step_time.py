@@ -2,7 +2,7 @@
 
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
                               [--rows ressformer ...] [--baseline depth|matched] [--profile N] [--one-at-a-time]
-                              [--compiled-only]
+                              [--compiled-only] [--keep-freed-memory]
 
 Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
@@ -25,7 +25,11 @@ ReSSFormer row (compiled with --compile), the N operators with the most self CPU
 "x FLOP" is the time ratio per FLOP (GFLOP/step as run). The header names the CPU allocator setting: with
 THP_MEM_ALLOC_ENABLE=1 in the environment PyTorch's CPU allocator asks for transparent huge pages for large tensors,
 so a freshly allocated gradient costs fewer page faults (ReSSFormer allocates its shared block's gradients once per
-recurrent step: at 125m the experts' are 300 MB per step); it applies to every row alike.
+recurrent step: at 125m the experts' are 300 MB per step); it applies to every row alike. --keep-freed-memory runs
+the command again under glibc malloc settings that keep freed memory for reuse (MALLOC_MMAP_MAX_=0,
+MALLOC_TRIM_THRESHOLD_=2^40; the header names them), which PyTorch's CPU allocator, unlike a GPU's caching allocator,
+does not do by itself: the 300 MB of expert gradients per recurrent step are then faulted in once, not every step.
+The process's memory then stays at its peak; every row runs under the same settings.
 """
 
 import argparse
@@ -54,6 +58,13 @@ ABLATIONS = {
     "asam.impl=block": {"asam.impl": "block"},
     "asam.impl=block, document mask, 4 docs per row": {"asam.impl": "block", "<documents>": 4},
 }
+
+
+# glibc malloc (read at process start): never serve an allocation by mmap, never give the heap's free top back to the
+# kernel. PyTorch's CPU allocator caches nothing, so by default every tensor of more than glibc's mmap threshold
+# (at most 32 MiB) is fresh pages from the kernel, each page faulted in when first written, and freed memory goes
+# back to the kernel. GPU caching allocators keep freed blocks; these settings are the CPU's nearest equivalent.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def _dynamo_counts() -> tuple[int, int]:
@@ -123,9 +134,16 @@ def main() -> None:
     ap.add_argument("--compiled-only", action="store_true",
                     help="with --compile: no eager copies, the compiled rows interleaved (sizes where every row's "
                          "eager and compiled copies do not fit in memory together but the compiled ones do)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="run under glibc malloc settings that keep freed memory for reuse (MALLOC_MMAP_MAX_=0, "
+                         "MALLOC_TRIM_THRESHOLD_ very large): no page faults on memory freed and allocated again")
     a = ap.parse_args()
     if a.compiled_only and (not a.compile or a.one_at_a_time):
         ap.error("--compiled-only needs --compile and rows interleaved (not --one-at-a-time)")
+    if a.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        # glibc reads these when the process starts: run this command again with them set
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
     if a.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compile times, no cache left behind
         cache = tempfile.TemporaryDirectory(prefix="step_time_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
@@ -149,7 +167,8 @@ def main() -> None:
         for n, o in ABLATIONS.items() if n in chosen]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+          + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KEEP_FREED_MEMORY))
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
     profiled = None
     if a.one_at_a_time:  # one model in memory at a time: each is timed, then released
