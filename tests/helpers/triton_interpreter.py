@@ -5,9 +5,9 @@ TRITON_INTERPRET=1 has to be set before triton (or a library's kernels) is impor
 
 Triton decides once, when triton.language is first imported, whether its own language functions (tl.zeros, tl.sum,
 tl.max: @triton.jit functions) are interpreted; an interpreted kernel that calls compiled-mode ones fails ("Cannot
-call @triton.jit'd outside of the scope of a kernel"). Any module may import triton first (torch._inductor does,
-DeepSpeed may), so the test session imports it in interpreter mode before collecting (`import_language_interpreted`,
-tests/conftest.py) and the order of the test files does not matter.
+call @triton.jit'd outside of the scope of a kernel"). Any module may import triton first (`import torch._dynamo`
+or `torch._inductor.config` does), so the test session imports it in interpreter mode before collecting
+(`import_language_interpreted`, tests/conftest.py) and the order of the test files does not matter.
 """
 
 import os
