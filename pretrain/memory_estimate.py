@@ -133,6 +133,12 @@ def units(cfg: ModelConfig, T: int, num_steps: int | None = None, documents: boo
     return [plain] * r.n_prelude + steps + [plain] * r.n_coda
 
 
+def _runs_apply(cfg: ModelConfig, key_runs: bool) -> bool:
+    """Whether ASAMAttention.key_runs shapes the unit's chunks: causal chunked attention over the tokens first, each
+    chunk's candidates its own (`asam_chunks`), the widest chunk deciding the top-k pass of the call."""
+    return cfg.asam.impl == "chunked" and cfg.causal and key_runs
+
+
 def asam_chunks(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True,
                 key_runs: bool = True, documents: bool = False) -> list[tuple[str, int, int]]:
     """[(path, keys per query, queries)] of ASAM's query chunks in a unit. path: reference | gathered (top-k of the
@@ -165,7 +171,7 @@ def asam_chunks(cfg: ModelConfig, T: int, n_mem: int, asam_kernel: bool = True,
         else:
             n = s1 + (s1 - max(0, s0 - cfg.r2mu.cache_window + 1) + n_mem - T if n_mem else 0)
         chunks.append((n, s1 - s0))
-    if a.impl == "chunked" and cfg.causal and key_runs:  # the widest chunk decides the top-k pass of the call
+    if _runs_apply(cfg, key_runs):  # the widest chunk decides the top-k pass of the call
         widest = max(n for n, _ in chunks)
         if 0 < a.topk < widest and not asam_kernel and dense_topk_pays(widest, a.topk, cfg.head_dim, "auto"):
             return [("dense_topk", n, c) for n, c in chunks]
@@ -199,7 +205,7 @@ def unit_kept(cfg: ModelConfig, T: int, u: Unit, *, asam_kernel: bool, micro_bat
             attention += 8.0 * D * tk
             if paths == {"dense_topk"}:  # ... and then nothing keeps the bf16 k, v
                 out["projections"] -= 4.0 * D * tk
-        runs = cfg.asam.impl == "chunked" and cfg.causal and key_runs  # ASAMAttention.key_runs: tokens first
+        runs = _runs_apply(cfg, key_runs)  # the dense top-k pass's pattern: the head mean over the token columns
         s1 = 0
         for path, n, c in chunks:
             w, s1 = c / T, s1 + c
