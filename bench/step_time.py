@@ -8,8 +8,12 @@ Every row is timed in this run and printed as a ratio to the `baseline` row, so 
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
 n_prelude + steps + n_coda, `--baseline matched` with the depth whose training FLOPs per token match the preset's at
 --seq (ressformer.flops.matched_dense: `python -m ressformer.describe`, bench/train_throughput.py's dense:NAME).
-Every model is built and warmed up first, then the rows are timed round robin, `--repeats` rounds, and the minimum
-is reported: a slow spell of shared cores hits every row alike.
+Every model is built and warmed up first, then the rows are timed round robin, `--repeats` rounds. "ms" is a row's
+fastest step; "x baseline" the median over the rounds of the row's step / the baseline's step of the same round, and
+"iqr" those ratios' interquartile range. A shared VM's cores switch between slow and fast spells (here the dense
+step took 26 or 37 ms, whole runs long or switching within one): rows timed side by side share the spell, so the
+paired ratio holds where a ratio of minima would divide one spell's time by another's. (--one-at-a-time: ratios of
+minima, iqr "-".)
 --compile also times each row with its units compiled (`model.compile_units()`, inductor; the run config's
 `compile: true`) on the same input after two warm-up steps, and prints compiled ms, compiled x baseline (compiled),
 the speedup eager / compiled, the first step's time (compilation; inductor caches in a fresh temporary folder unless
@@ -35,6 +39,7 @@ The process's memory then stays at its peak; every row runs under the same setti
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +70,15 @@ ABLATIONS = {
 # (at most 32 MiB) is fresh pages from the kernel, each page faulted in when first written, and freed memory goes
 # back to the kernel. GPU caching allocators keep freed blocks; these settings are the CPU's nearest equivalent.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def paired_ratio(times: list[float], base: list[float]) -> tuple[float, float]:
+    """(median, interquartile range) of the ratios times[i] / base[i]: steps of one round divided pairwise."""
+    r = [t / b for t, b in zip(times, base, strict=True)]
+    if len(r) < 2:
+        return r[0], 0.0
+    q1, _, q3 = statistics.quantiles(r, n=4, method="inclusive")
+    return statistics.median(r), q3 - q1
 
 
 def _dynamo_counts() -> tuple[int, int]:
@@ -165,8 +179,9 @@ def main() -> None:
     rows = [(f"baseline (dense, {dense.n_layers} layers)", dense, 0)] + [
         (n, base.replace(**{k: v for k, v in o.items() if k != "<documents>"}), o.get("<documents>", 0))
         for n, o in ABLATIONS.items() if n in chosen]
+    order = "one at a time (x baseline: ratio of minima)" if a.one_at_a_time else "interleaved (x baseline: paired)"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
-          f"B={a.batch} T={a.seq}, fwd+bwd, min of {a.repeats}, rows interleaved, "
+          f"B={a.batch} T={a.seq}, fwd+bwd, {a.repeats} rounds, rows {order}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KEEP_FREED_MEMORY))
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
@@ -194,27 +209,34 @@ def main() -> None:
                     eager.step()
                 if compiled is not None:
                     compiled.step()
-    head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11} {'x FLOP':>7}"
+    head = f"{'model':32} {'params':>12} {'GFLOP/step':>11} {'ms':>9} {'x baseline':>11} {'iqr':>5} {'x FLOP':>7}"
     if a.compile:
-        head += (f" {'compiled ms':>12} {'x baseline':>11} {'x FLOP':>7} {'speedup':>8} {'compile s':>10}"
+        head += (f" {'compiled ms':>12} {'x baseline':>11} {'iqr':>5} {'x FLOP':>7} {'speedup':>8} {'compile s':>10}"
                  f" {'graphs':>7} {'breaks':>7} {'recompiles/step':>16}")
     print(head)
-    t_base = c_base = g_base = None
+    _, _, e_base, c_base = runners[0]
+    g_base = None
+
+    def ratio(r: Runner, b: Runner, gflop: float) -> str:  # "x baseline  iqr  x FLOP"
+        if a.one_at_a_time:
+            x, iqr = min(r.times) / min(b.times), f"{'-':>5}"
+        else:
+            x, spread = paired_ratio(r.times, b.times)
+            iqr = f"{spread:>5.2f}"
+        return f"{x:>11.2f} {iqr} {x * g_base / gflop:>7.2f}"
+
     for name, cfg, eager, compiled in runners:
         gflop = flops_per_token(cfg, a.seq, documents=(eager or compiled).docs is not None) * a.batch * a.seq / 1e9
         g_base = g_base or gflop
         line = f"{name:32} {count_params(cfg)['total']:>12,} {gflop:>11.3f}"
         if eager is None:
-            line += f" {'-':>9} {'-':>11} {'-':>7}"
+            line += f" {'-':>9} {'-':>11} {'-':>5} {'-':>7}"
         else:
-            t = min(eager.times)
-            t_base = t_base or t
-            line += f" {t * 1e3:>9.1f} {t / t_base:>11.2f} {t / t_base * g_base / gflop:>7.2f}"
+            line += f" {min(eager.times) * 1e3:>9.1f} {ratio(eager, e_base, gflop)}"
         if compiled is not None:
             c = min(compiled.times)
-            c_base = c_base or c
-            speedup = f"{t / c:>8.2f}" if eager is not None else f"{'-':>8}"
-            line += (f" {c * 1e3:>12.1f} {c / c_base:>11.2f} {c / c_base * g_base / gflop:>7.2f} {speedup}"
+            speedup = f"{min(eager.times) / c:>8.2f}" if eager is not None else f"{'-':>8}"
+            line += (f" {c * 1e3:>12.1f} {ratio(compiled, c_base, gflop)} {speedup}"
                      f" {compiled.first:>10.1f} {compiled.graphs:>7} {compiled.breaks:>7}"
                      f" {compiled.recompiled / a.repeats:>16.2f}")
         print(line, flush=True)
