@@ -102,9 +102,9 @@ def _experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
         if n == 0:
             continue
         sl = slice(start, start + n)
-        h[sl] = x[token[sl]] @ gate_up[e].t()
+        torch.mm(x[token[sl]], gate_up[e].t(), out=h[sl])  # written in place: no copy of an (n, 2F) result
         g, u = h[sl].chunk(2, dim=-1)
-        y[sl] = (F.silu(g) * u) @ down[e].t()
+        torch.mm(F.silu(g) * u, down[e].t(), out=y[sl])
         out.index_add_(0, token[sl], y[sl] * weight[sl])
         start += n
     return out, h, y
