@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ressformer.sparse import at_least_fp32 as f32
+from ressformer.sparse import order_key
 
 # Window meaning "no window": larger than any position difference within a document (kept in int64 arithmetic).
 UNBOUNDED_WINDOW = 1 << 40
@@ -77,26 +78,6 @@ def document_ids(input_ids: torch.Tensor, eos_token_id: int, pad_token_id: int |
     if pad_token_id is not None:
         start[..., 1:] |= ((input_ids[..., :-1] == pad_token_id) & (input_ids[..., 1:] != pad_token_id)).long()
     return start.cumsum(dim=-1)
-
-
-# float dtype -> the signed int of its width: `order_key` views the bits as it
-_ORDER_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-              torch.float64: torch.int64}
-
-
-def order_key(x: torch.Tensor) -> torch.Tensor:
-    """Integers of x's width that order as x's values do, for top-k on the CPU: x + 0 (-0.0 becomes +0.0) viewed as
-    signed integers, a negative value's magnitude bits flipped. Equal values give equal integers and larger ones
-    larger, so torch.topk over them compares as over x and returns the same indices in the same order (NaN aside:
-    above +inf or below -inf by its sign bit, where float top-k takes any NaN as the largest). PyTorch's CPU top-k
-    checks every float comparison for NaN; over integers it takes about 0.65x the time (2 threads: 1024 rows of 191,
-    k = 17; 3072 rows of 1300, k = 129). Another device, or a non-float x: x itself (CUDA's radix top-k makes such a
-    key inside)."""
-    it = _ORDER_INT.get(x.dtype)
-    if it is None or x.device.type != "cpu":
-        return x
-    b = (x + 0.0).view(it)
-    return b ^ ((b >> (torch.iinfo(it).bits - 1)) & torch.iinfo(it).max)
 
 
 def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf"), ordered: bool = True) -> torch.Tensor:

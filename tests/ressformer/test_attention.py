@@ -507,10 +507,11 @@ def _chosen(x: torch.Tensor, idx: torch.Tensor, floor: float = float("-inf")) ->
 
 
 def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them():
-    """selection.order_key for every float dtype: the integers compare as the values do, pair by pair (-0.0 == +0.0,
+    """sparse.order_key for every float dtype: the integers compare as the values do, pair by pair (-0.0 == +0.0,
     infinities and subnormals included), and torch.topk over them returns the float top-k's indices in the same
-    order, sorted or not, on rows of exact ties, signed zeros and -inf."""
-    from ressformer.selection import order_key
+    order, sorted or not, on rows of exact ties, signed zeros and -inf; sparse.sorted_descending, the sort over
+    them mapped back, returns the values torch.sort returns."""
+    from ressformer.sparse import order_key, sorted_descending
 
     special = [float("-inf"), -3.5, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 2.0, float("inf")]
     g = torch.Generator().manual_seed(0)
@@ -528,6 +529,7 @@ def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them()
             for ordered in (True, False):
                 want = x.topk(k, sorted=ordered).indices
                 assert torch.equal(order_key(x).topk(k, sorted=ordered).indices, want), (dt, k, ordered)
+        assert torch.equal(sorted_descending(x), x.sort(-1, descending=True).values), dt  # -0.0 == +0.0
 
 
 def test_topk_first_equals_the_host_rule_on_ties():
