@@ -506,32 +506,6 @@ def _chosen(x: torch.Tensor, idx: torch.Tensor, floor: float = float("-inf")) ->
     return torch.zeros_like(x, dtype=torch.bool).scatter(-1, idx, True) & (x > floor)
 
 
-def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them():
-    """sparse.order_key for every float dtype: the integers compare as the values do, pair by pair (-0.0 == +0.0,
-    infinities and subnormals included), and torch.topk over them returns the float top-k's indices in the same
-    order, sorted or not, on rows of exact ties, signed zeros and -inf; sparse.sorted_descending, the sort over
-    them mapped back, returns the values torch.sort returns."""
-    from ressformer.sparse import order_key, sorted_descending
-
-    special = [float("-inf"), -3.5, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 2.0, float("inf")]
-    g = torch.Generator().manual_seed(0)
-    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        v = torch.cat([torch.tensor(special, dtype=dt), (10 * torch.randn(300, generator=g)).to(dt)])
-        kv = order_key(v)
-        assert not kv.dtype.is_floating_point and kv.element_size() == v.element_size(), dt
-        assert torch.equal(kv[:, None] < kv[None, :], v[:, None] < v[None, :]), dt
-        assert torch.equal(kv[:, None] == kv[None, :], v[:, None] == v[None, :]), dt
-        x = (torch.randint(-3, 4, (64, 50), generator=g) * 0.5).to(dt)  # exact ties
-        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)  # both zeros
-        x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
-        assert (torch.signbit(x) & (x == 0)).any()
-        for k in (1, 7, 50):
-            for ordered in (True, False):
-                want = x.topk(k, sorted=ordered).indices
-                assert torch.equal(order_key(x).topk(k, sorted=ordered).indices, want), (dt, k, ordered)
-        assert torch.equal(sorted_descending(x), x.sort(-1, descending=True).values), dt  # -0.0 == +0.0
-
-
 def test_topk_first_equals_the_host_rule_on_ties():
     """topk_first (every row's tie-broken choice computed, picked per row on the device) returns the host rule's
     indices, in the same order, on rows full of exact and near ties (within TIE_RTOL), -inf entries, floors, every

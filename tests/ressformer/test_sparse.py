@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ressformer.sparse import entmax15, masked_softmax, normalize, sparsemax
+from ressformer.sparse import entmax15, masked_softmax, normalize, order_key, sorted_descending, sparsemax
 
 NEG = float("-inf")
 
@@ -125,3 +125,26 @@ def test_bf16_input_is_normalised_in_float32(fn):
     assert x.grad.dtype == torch.bfloat16
     torch.testing.assert_close(x.grad.float(), xf.grad.bfloat16().float(), rtol=0, atol=0)
 
+
+def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them():
+    """sparse.order_key for every float dtype: the integers compare as the values do, pair by pair (-0.0 == +0.0,
+    infinities and subnormals included), and torch.topk over them returns the float top-k's indices in the same
+    order, sorted or not, on rows of exact ties, signed zeros and -inf; sparse.sorted_descending, the sort over
+    them mapped back, returns the values torch.sort returns."""
+    special = [float("-inf"), -3.5, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 2.0, float("inf")]
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        v = torch.cat([torch.tensor(special, dtype=dt), (10 * torch.randn(300, generator=g)).to(dt)])
+        kv = order_key(v)
+        assert not kv.dtype.is_floating_point and kv.element_size() == v.element_size(), dt
+        assert torch.equal(kv[:, None] < kv[None, :], v[:, None] < v[None, :]), dt
+        assert torch.equal(kv[:, None] == kv[None, :], v[:, None] == v[None, :]), dt
+        x = (torch.randint(-3, 4, (64, 50), generator=g) * 0.5).to(dt)  # exact ties
+        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)  # both zeros
+        x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
+        assert (torch.signbit(x) & (x == 0)).any()
+        for k in (1, 7, 50):
+            for ordered in (True, False):
+                want = x.topk(k, sorted=ordered).indices
+                assert torch.equal(order_key(x).topk(k, sorted=ordered).indices, want), (dt, k, ordered)
+        assert torch.equal(sorted_descending(x), x.sort(-1, descending=True).values), dt  # -0.0 == +0.0
