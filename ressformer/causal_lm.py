@@ -111,7 +111,8 @@ class CausalLM(nn.Module):
           on the host: top-k ties break on the device (selection.topk_first), block selection pads to a static
           bound (selection.max_kept_blocks), routed experts run torch._grouped_mm or the static-shape tiles
           (`ressformer.kernels.moe_experts`) - except on CPU, where "auto" runs the per-expert loop as one custom
-          op (its host read of the token counts inside the op: no graph break, and no device to stall).
+          op and topk_first redoes its tied rows alone in one (each reads the token counts or the tie flags inside
+          the op: no graph break, and no device to stall).
         * Graph breaks left: whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather
           hooks).
           torch.compile of the whole forward + loss instead of the units is one graph too, but specialises on K

@@ -506,12 +506,17 @@ def _chosen(x: torch.Tensor, idx: torch.Tensor, floor: float = float("-inf")) ->
     return torch.zeros_like(x, dtype=torch.bool).scatter(-1, idx, True) & (x > floor)
 
 
-def test_topk_first_equals_the_host_rule_on_ties():
-    """topk_first (every row's tie-broken choice computed, picked per row on the device) returns the host rule's
-    indices, in the same order, on rows full of exact and near ties (within TIE_RTOL), -inf entries, floors, every
-    k, float32 and float64, and on a chunk of the attention's scores with repeated keys; ordered=False the same
-    entries in any order."""
+@pytest.mark.parametrize("tied_rows_only", [True, False], ids=["tied-rows-op", "every-row"])
+def test_topk_first_equals_the_host_rule_on_ties(tied_rows_only, monkeypatch):
+    """topk_first returns the host rule's indices, in the same order, on rows full of exact and near ties (within
+    TIE_RTOL), -inf entries, floors, every k, float32 and float64, and on a chunk of the attention's scores with
+    repeated keys; ordered=False the same entries in any order. Both tie passes: the CPU's op that redoes the tied
+    rows alone, and the static one (every row's tie-broken choice computed and picked per row on the device) that
+    other devices run."""
+    from ressformer import selection
     from ressformer.selection import topk_first
+
+    monkeypatch.setattr(selection, "redo_tied_rows_only", lambda x: tied_rows_only)
 
     g = torch.Generator().manual_seed(0)
     tied_rows = 0

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import RunConfig, load_run_config
-from ressformer import ModelConfig, build_model, kernels
+from ressformer import ModelConfig, build_model, kernels, selection
 from ressformer.recurrence import sample_num_steps
 
 B, T = 2, 64
@@ -105,7 +105,7 @@ class HostReads(TorchDispatchMode):
     depends on the data."""
 
     OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-           "bincount", "is_nonzero", "equal"}
+           "bincount", "is_nonzero", "equal", "redo_tied_rows"}  # the last: the CPU's tie pass, reading inside
 
     def __init__(self):
         super().__init__()
@@ -138,23 +138,25 @@ def _host_reads(cfg: ModelConfig, dtype) -> dict:
 @pytest.mark.parametrize("path,dtype", [(p, torch.float32) for p in PATHS] + [
     ("chunked", torch.bfloat16), ("block_chunk", torch.bfloat16)])
 def test_forward_and_backward_read_nothing_on_the_host(path, dtype):
-    """The training step of every ASAM path, with the experts on the path a GPU takes (the static tiles; grouped
-    GEMM on sm90 / sm100 bf16, which reads nothing either), reads no device value on the host: no stall of a GPU's
-    stream, nothing that stops a CUDA graph."""
+    """The training step of every ASAM path, with the experts and the top-k tie pass on the paths a GPU takes (the
+    static tiles, grouped GEMM on sm90 / sm100 bf16 reading nothing either; every row's tie-broken choice), reads
+    no device value on the host: no stall of a GPU's stream, nothing that stops a CUDA graph."""
     kernels.set_moe_experts("padded")
     try:
-        assert _host_reads(ModelConfig.from_preset("debug", **PATHS[path]), dtype) == {}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(selection, "redo_tied_rows_only", lambda x: False)
+            assert _host_reads(ModelConfig.from_preset("debug", **PATHS[path]), dtype) == {}
     finally:
         kernels.set_moe_experts("auto")
 
 
 def test_the_host_read_check_sees_the_experts_loop():
     """The check above is not blind: the experts' loop (the reference; "auto" on eager CPU tensors) reads the token
-    counts on the host, and the check reports it."""
+    counts on the host, topk_first's CPU tie pass the tie flags, and the check reports both."""
     kernels.set_moe_experts("loop")
     try:
-        assert set(_host_reads(ModelConfig.from_preset("debug"), torch.float32)) == {"aten.bincount.default",
-                                                                                      "Tensor.tolist"}
+        assert set(_host_reads(ModelConfig.from_preset("debug"), torch.float32)) == {
+            "aten.bincount.default", "Tensor.tolist", "ressformer.redo_tied_rows.default"}
     finally:
         kernels.set_moe_experts("auto")
 
@@ -243,13 +245,16 @@ def test_125m_step_traces_whole(path):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_topk_first_traces_whole_and_keeps_one_graph_across_ties():
-    """topk_first breaks ties on the device: compiled (fullgraph) it gives eager's indices on rows with and without
-    ties, with one graph for both."""
+@pytest.mark.parametrize("tied_rows_only", [True, False], ids=["tied-rows-op", "every-row"])
+def test_topk_first_traces_whole_and_keeps_one_graph_across_ties(tied_rows_only, monkeypatch):
+    """topk_first breaks ties without a graph break: compiled (fullgraph) it gives eager's indices on rows with and
+    without ties, with one graph for both, with either tie pass (the CPU's op that redoes the tied rows, the static
+    one of other devices)."""
     from torch._dynamo.testing import CompileCounter
 
     from ressformer.selection import topk_first
 
+    monkeypatch.setattr(selection, "redo_tied_rows_only", lambda x: tied_rows_only)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(topk_first, backend=counter, fullgraph=True, dynamic=False)
