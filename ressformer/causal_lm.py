@@ -200,15 +200,16 @@ class CausalLM(nn.Module):
 
     def _output(self, h: torch.Tensor, *, labels: torch.Tensor | None, return_logits: bool | None,
                 router_logits: list[torch.Tensor], aux_losses: dict | None = None,
-                diagnostics: dict | None = None) -> ModelOutput:
+                diagnostics: dict | None = None, moe_parts: list[dict | None] | None = None) -> ModelOutput:
         """The forward's tail from the last unit's states h (B, T, D): final norm, logits / LM loss, the MoE aux
-        losses of `router_logits` (one entry per MoE call), loss = LM loss + the MoE losses + `aux_losses`."""
+        losses of `router_logits` (one entry per MoE call; moe_parts: those a unit computed itself, `moe.moe_aux`),
+        loss = LM loss + the MoE losses + `aux_losses`."""
         hn = self.model.norm(h)  # (B, T, D)
         if self.sp is None:
             logits, lm = logits_and_loss(self.lm_head, hn, labels, self.training, return_logits=return_logits)
         else:
             logits, lm = self._sequence_parallel_loss(hn, labels, return_logits)
-        moe_losses, moe_diagnostics = moe_aux(self.config.moe, router_logits, self.sp)
+        moe_losses, moe_diagnostics = moe_aux(self.config.moe, router_logits, self.sp, moe_parts)
         aux_losses = {**moe_losses, **(aux_losses or {})}
         diagnostics = {**(diagnostics or {}), **moe_diagnostics}
         loss = None

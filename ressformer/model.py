@@ -39,7 +39,7 @@ from ressformer.cache import attend, latent_graph
 from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan
-from ressformer.moe import make_mlp
+from ressformer.moe import make_mlp, moe_aux_losses
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory, block_aligned, memory_fillers, summary_positions
 from ressformer.selection import SPARE_POSITION, UNBOUNDED_WINDOW, document_positions
@@ -133,6 +133,9 @@ class UnitOut(NamedTuple):
     summary: torch.Tensor | None = None  # recurrent step: S^(t) (B, n_seg, m, D)
     graph: Graph | None = None  # recurrent step: its SOES graph A^(t) (B, T, m)
     gate: torch.Tensor | None = None  # recurrent step: the mean R2MU overwrite gate of S^(t)
+    moe_parts: dict | None = None  # recurrent step, no sequence parallelism: moe_aux_losses of its router logits
+    smooth: torch.Tensor | None = None  # recurrent step t >= 1, no sequence parallelism: the SOES smoothness penalty
+    #                                     between A^(t-1) (its graph input) and A^(t)
 
 
 class ReSSFormerForCausalLM(CausalLM):
@@ -228,8 +231,16 @@ class ReSSFormerForCausalLM(CausalLM):
         g_in = None if g_idx is None else (g_idx, g_val)
         h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True,
                                                    in_order=self.config.asam.impl != "block")
-        return UnitOut(h_new, router_logits, stats.get("density"), summary=summary,
-                       graph=None if graph is None else Graph(*graph), gate=gate)
+        graph = None if graph is None else Graph(*graph)
+        # the step's aux terms inside its graph, where the compiler fuses them (the forward's tail, eager, would run
+        # each op alone); with sequence parallelism they are sums over the group, taken in the tail
+        moe_parts = smooth = None
+        if self.sp is None and router_logits is not None:
+            moe_parts = moe_aux_losses(router_logits, self.config.moe.experts_per_token, self.config.moe.num_experts)
+        if self.sp is None and graph is not None and g_idx is not None:
+            smooth = smoothness_penalty(Graph(g_idx, g_val), graph)
+        return UnitOut(h_new, router_logits, stats.get("density"), summary=summary, graph=graph, gate=gate,
+                       moe_parts=moe_parts, smooth=smooth)
 
     def _block_align(self, memory, T: int):
         """Memory (states (B, T + S, D), pos, window) = [token cache; S summary entries] -> with the filler keys
@@ -265,12 +276,14 @@ class ReSSFormerForCausalLM(CausalLM):
                 seg_end, seg_valid = self.model.memory.document_segments(pos)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
         router_logits: list[torch.Tensor] = []
+        moe_parts: list[dict | None] = []  # per MoE call: its aux losses when its unit computed them
         densities: list[torch.Tensor] = []
         diagnostics: dict[str, torch.Tensor] = {}
 
         def collect(out: UnitOut) -> torch.Tensor:
             if out.router_logits is not None:
                 router_logits.append(out.router_logits)
+                moe_parts.append(out.moe_parts)
             if out.density is not None:
                 densities.append(torch.as_tensor(out.density).detach().float())
             return out.h
@@ -295,7 +308,9 @@ class ReSSFormerForCausalLM(CausalLM):
                 gate = out.gate.detach().float()
                 diagnostics[f"r2mu_gate_step{t}"] = gate if sp is None else sp.sum(gate) / sp.size  # equal shards
             if out.graph is not None:
-                if graph is not None:
+                if out.smooth is not None:
+                    smooth.append(out.smooth)
+                elif graph is not None:
                     pen = smoothness_penalty(graph, out.graph)  # a mean over the (equal) shards' rows
                     smooth.append(pen if sp is None else sp.sum(pen) / sp.size)
                 graph = out.graph
@@ -313,7 +328,7 @@ class ReSSFormerForCausalLM(CausalLM):
             diagnostics["attn_density"] = torch.stack(densities).mean()
         diagnostics["num_steps"] = torch.tensor(float(K))
         return self._output(h, labels=labels, return_logits=return_logits, router_logits=router_logits,
-                            aux_losses=aux_losses, diagnostics=diagnostics)
+                            aux_losses=aux_losses, diagnostics=diagnostics, moe_parts=moe_parts)
 
     # --- incremental decoding (ressformer/cache.py) ----------------------------------------------
     def _cached_summaries(self, h: torch.Tensor, unit, s_prev: torch.Tensor | None) -> torch.Tensor | None:

@@ -341,16 +341,19 @@ def moe_aux_losses(router_logits: torch.Tensor, experts_per_token: int, num_expe
     return {"balance": balance, "z": z, "load": f.detach()}
 
 
-def moe_aux(cfg: MoEConfig, router_logits: list[torch.Tensor], sp=None) -> tuple[dict, dict]:
+def moe_aux(cfg: MoEConfig, router_logits: list[torch.Tensor], sp=None,
+            parts: list[dict | None] | None = None) -> tuple[dict, dict]:
     """The weighted aux losses and load diagnostics of one forward, from the router logits of its MoE calls (sp:
-    `moe_aux_losses`).
+    `moe_aux_losses`). parts: per call, its `moe_aux_losses` already computed (a compiled recurrent step computes
+    its own inside its graph) or None (computed here from its router logits).
 
     losses: moe_balance = aux_loss_coef * mean balance, moe_z = z_loss_coef * mean z (over the calls);
     diagnostics: moe_load (E,) the mean fraction of assignments per expert, its max and min. ({}, {}) when dense.
     """
     if not router_logits:
         return {}, {}
-    parts = [moe_aux_losses(rl, cfg.experts_per_token, cfg.num_experts, sp) for rl in router_logits]
+    parts = [p if p is not None else moe_aux_losses(rl, cfg.experts_per_token, cfg.num_experts, sp)
+             for rl, p in zip(router_logits, parts or [None] * len(router_logits), strict=True)]
     losses = {"moe_balance": cfg.aux_loss_coef * torch.stack([p["balance"] for p in parts]).mean(),
               "moe_z": cfg.z_loss_coef * torch.stack([p["z"] for p in parts]).mean()}
     load = torch.stack([p["load"] for p in parts]).mean(0)  # (E,)
