@@ -2,7 +2,7 @@
 
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
                               [--rows ressformer ...] [--baseline depth|matched] [--profile N] [--one-at-a-time]
-                              [--compiled-only] [--keep-freed-memory]
+                              [--compiled-only] [--keep-freed-memory] [--cpp-wrapper]
 
 Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
@@ -25,7 +25,9 @@ the other instead (no interleaving; for sizes where the models do not fit in mem
 --compiled-only (with --compile) builds no eager copies and interleaves the compiled rows' steps, for sizes where
 those fit together (125m at T=1024: the ratio then comes from steps timed side by side, which this VM's drift of
 10 % between runs spoils for --one-at-a-time). --profile N: torch.profiler over one more step of the first
-ReSSFormer row (compiled with --compile), the N operators with the most self CPU time.
+ReSSFormer row (compiled with --compile), the N operators with the most self CPU time. --cpp-wrapper (with --compile)
+compiles every row, the baseline included, with inductor's C++ wrapper (the run config's `compile_cpp_wrapper: true`):
+the code that calls the kernels is C++, not Python; the header says which wrapper ran.
 "x FLOP" is the time ratio per FLOP (GFLOP/step as run). The header names the CPU allocator setting: with
 THP_MEM_ALLOC_ENABLE=1 in the environment PyTorch's CPU allocator asks for transparent huge pages for large tensors,
 so a freshly allocated gradient costs fewer page faults (ReSSFormer allocates its shared block's gradients once per
@@ -91,7 +93,8 @@ def _dynamo_counts() -> tuple[int, int]:
 class Runner:
     """One row's model (eager or compiled) with its input: `step()` times one forward+backward."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int, compiled: bool = False, documents: int = 0):
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, compiled: bool = False, documents: int = 0,
+                 compile_kwargs: dict | None = None):
         torch.manual_seed(0)
         self.model = build_model(cfg)
         self.x = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -101,7 +104,7 @@ class Runner:
         self.compiled, self.recompiled = compiled, 0
         before = _dynamo_counts() if compiled else (0, 0)
         if compiled:
-            self.model.compile_units()
+            self.model.compile_units(**(compile_kwargs or {}))
         self.first = self.step(record=False)  # warm-up (compiles)
         if compiled:
             self.step(record=False)  # the variants a first backward may still compile
@@ -137,6 +140,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time every row with compile_units() (inductor)")
+    ap.add_argument("--cpp-wrapper", action="store_true",
+                    help="with --compile: every row compiled with inductor's C++ wrapper (the run config's "
+                         "compile_cpp_wrapper: true)")
     ap.add_argument("--rows", nargs="+", choices=list(ABLATIONS), help="the rows to run (default: all)")
     ap.add_argument("--baseline", choices=("depth", "matched"), default="depth",
                     help="dense baseline: K-layer (depth) or FLOP-matched at --seq (matched)")
@@ -154,6 +160,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.compiled_only and (not a.compile or a.one_at_a_time):
         ap.error("--compiled-only needs --compile and rows interleaved (not --one-at-a-time)")
+    if a.cpp_wrapper and not a.compile:
+        ap.error("--cpp-wrapper needs --compile")
+    ckw = {"options": {"cpp_wrapper": True}} if a.cpp_wrapper else {}
     if a.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         # glibc reads these when the process starts: run this command again with them set
         sys.stdout.flush()
@@ -180,8 +189,9 @@ def main() -> None:
         (n, base.replace(**{k: v for k, v in o.items() if k != "<documents>"}), o.get("<documents>", 0))
         for n, o in ABLATIONS.items() if n in chosen]
     order = "one at a time (x baseline: ratio of minima)" if a.one_at_a_time else "interleaved (x baseline: paired)"
+    wrapper = f"inductor wrapper {'C++' if a.cpp_wrapper else 'Python'}, " if a.compile else ""
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
-          f"B={a.batch} T={a.seq}, fwd+bwd, {a.repeats} rounds, rows {order}, "
+          f"B={a.batch} T={a.seq}, fwd+bwd, {a.repeats} rounds, rows {order}, {wrapper}"
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KEEP_FREED_MEMORY))
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)
@@ -190,7 +200,7 @@ def main() -> None:
         for name, cfg, docs in rows:
             pair = []
             for compiled in ((False, True) if a.compile else (False,)):
-                rn = Runner(cfg, a.batch, a.seq, compiled=compiled, documents=docs)
+                rn = Runner(cfg, a.batch, a.seq, compiled=compiled, documents=docs, compile_kwargs=ckw)
                 for _ in range(a.repeats):
                     rn.step()
                 if a.profile and profiled is None and cfg.arch == "ressformer" and compiled == a.compile:
@@ -202,7 +212,8 @@ def main() -> None:
     else:
         for name, cfg, docs in rows:
             runners.append((name, cfg, None if a.compiled_only else Runner(cfg, a.batch, a.seq, documents=docs),
-                            Runner(cfg, a.batch, a.seq, compiled=True, documents=docs) if a.compile else None))
+                            Runner(cfg, a.batch, a.seq, compiled=True, documents=docs, compile_kwargs=ckw)
+                            if a.compile else None))
         for _ in range(a.repeats):  # round robin: a slow spell of a shared machine hits every row alike
             for _, _, eager, compiled in runners:
                 if eager is not None:

@@ -296,6 +296,11 @@ class RunConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile's mode: reduce-overhead captures CUDA graphs (needs a step free of host syncs), max-autotune
     also searches matmul configurations."""
+    compile_cpp_wrapper: bool = False
+    """Inductor's C++ wrapper (torch.compile option cpp_wrapper): the code that calls the compiled kernels and library
+    ops is generated as C++ instead of Python, which takes the per-call overhead out of every step; the first step
+    compiles longer (the wrappers are C++ too). On 2 CPU threads the debug ReSSFormer step took 0.95x the time and the
+    dense one 1.00x (bench/RESULTS.md). Only with compile_mode default (torch.compile takes a mode or options)."""
     sequence_parallel_size: int = 1
     """DeepSpeed-Ulysses sequence parallelism: P consecutive ranks share each sample, T/P tokens each outside
     attention, ASAM on n_heads/P heads over the whole sequence (ressformer.sequence_parallel); data parallelism runs
@@ -382,6 +387,9 @@ class RunConfig:
         _need(0 < self.nan_max_fraction <= 1, "nan_max_fraction", self.nan_max_fraction, "must be in (0, 1]")
         _need(self.sequence_parallel_size >= 1, "sequence_parallel_size", self.sequence_parallel_size,
               "must be an integer >= 1 (1: off)")
+        _need(not (self.compile_cpp_wrapper and self.compile_mode != "default"), "compile_mode", self.compile_mode,
+              "with compile_cpp_wrapper=true must be default: torch.compile takes a mode or options (the C++ wrapper "
+              "is an option), not both; set compile_mode=default or compile_cpp_wrapper=false")
         self._model_config = self._resolve_model()  # not a field: equality and to_dict see only the inputs
         if self.sequence_parallel_size > 1:
             self._check_sequence_parallel()

@@ -104,16 +104,23 @@ def build_model_for(run: RunConfig, ds: dict, init_state: dict | None = None, *,
 
 
 def compile_model(model, run: RunConfig) -> None:
-    """torch.compile the model's repeated units (`CausalLM.compile_units`) with `compile_mode`. Expert-parallel MoE
-    layers (DeepSpeed's AutoEP layer, our NativeMoEBlock) stay eager: they move tokens between ranks with
-    all-to-alls that Dynamo would have to trace, and DeepSpeed's own compile of AutoEP (`compile.autoep_non_moe`)
-    refuses ZeRO-3; so a recurrent step is two graphs around its MoE layer there, one graph without expert
-    parallelism."""
+    """torch.compile the model's repeated units (`CausalLM.compile_units`) with `compile_mode` and
+    `compile_cpp_wrapper` (`compile_kwargs`). Expert-parallel MoE layers (DeepSpeed's AutoEP layer, our
+    NativeMoEBlock) stay eager: they move tokens between ranks with all-to-alls that Dynamo would have to trace, and
+    DeepSpeed's own compile of AutoEP (`compile.autoep_non_moe`) refuses ZeRO-3; so a recurrent step is two graphs
+    around its MoE layer there, one graph without expert parallelism."""
     from pretrain.expert_parallel import expert_parallel_layers
 
     for layer in expert_parallel_layers(model):
         layer.forward = torch.compiler.disable(layer.forward)
-    model.compile_units(**({} if run.compile_mode == "default" else {"mode": run.compile_mode}))
+    model.compile_units(**compile_kwargs(run))
+
+
+def compile_kwargs(run: RunConfig) -> dict:
+    """torch.compile's keyword arguments for `compile_mode` and `compile_cpp_wrapper` (RunConfig refuses both set)."""
+    if run.compile_cpp_wrapper:
+        return {"options": {"cpp_wrapper": True}}
+    return {} if run.compile_mode == "default" else {"mode": run.compile_mode}
 
 
 @torch.no_grad()

@@ -322,10 +322,15 @@ def test_ressformer_bf16_compiled_equals_eager_aot_eager():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", ["block_chunk"])  # chunked: aot_eager above (inductor costs 2 min per path on CPU)
-def test_ressformer_compiled_equals_eager_inductor(path):
+@pytest.mark.parametrize("path,wrapper", [("block_chunk", "python"), ("chunked", "cpp")])
+def test_ressformer_compiled_equals_eager_inductor(path, wrapper):
+    """Inductor (2 min a path on CPU; chunked's other graphs: aot_eager above) with its Python wrapper on one path, K
+    fixed and sampled, and with its C++ wrapper (run config compile_cpp_wrapper) on the other."""
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
-    eager, compiled = _pair(cfg, fullgraph=True)
+    eager, compiled = _pair(cfg, fullgraph=True, **({"options": {"cpp_wrapper": True}} if wrapper == "cpp" else {}))
+    if wrapper == "cpp":
+        _assert_parity(eager, compiled, [(4, True), (2, False)])
+        return
     ks = _sampled_ks(cfg, 4)
     assert len(set(ks)) > 1, ks
     _assert_parity(eager, compiled, [(4, False), (4, True)] + [(k, i % 2 == 0) for i, k in enumerate(ks)])
@@ -337,3 +342,12 @@ def test_run_config_compile_field():
     assert load_run_config(None, ["compile=true"]).compile is True
     with pytest.raises(ValueError, match="compile='yes'"):
         RunConfig(compile="yes")
+    # compile_mode and compile_cpp_wrapper as torch.compile's arguments (it takes a mode or options, not both)
+    from pretrain.engine import compile_kwargs
+
+    assert compile_kwargs(RunConfig()) == {}
+    assert compile_kwargs(load_run_config(None, ["compile_mode=max-autotune"])) == {"mode": "max-autotune"}
+    assert compile_kwargs(load_run_config(None, ["compile=true", "compile_cpp_wrapper=true"])) == {
+        "options": {"cpp_wrapper": True}}
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead'.*compile_cpp_wrapper=false"):
+        load_run_config(None, ["compile_cpp_wrapper=true", "compile_mode=reduce-overhead"])
