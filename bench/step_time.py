@@ -83,6 +83,22 @@ def paired_ratio(times: list[float], base: list[float]) -> tuple[float, float]:
     return statistics.median(r), q3 - q1
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere). With the vector ISA PyTorch
+    picked, the header names the machine: one commit's ratios differ between CPUs (bench/RESULTS.md: 125m's compiled
+    step, 1.47x per FLOP on one 2-core VM, 1.62x on an AVX2 AMD EPYC one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def _dynamo_counts() -> tuple[int, int]:
     """(graphs compiled, graph breaks met) so far in this process (torch._dynamo.utils.counters)."""
     from torch._dynamo.utils import counters
@@ -190,7 +206,8 @@ def main() -> None:
         for n, o in ABLATIONS.items() if n in chosen]
     order = "one at a time (x baseline: ratio of minima)" if a.one_at_a_time else "interleaved (x baseline: paired)"
     wrapper = f"inductor wrapper {'C++' if a.cpp_wrapper else 'Python'}, " if a.compile else ""
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}, "
+    print(f"torch {torch.__version__}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, {a.repeats} rounds, rows {order}, {wrapper}"
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KEEP_FREED_MEMORY))

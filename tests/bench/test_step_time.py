@@ -6,14 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.dist import REPO, base_env
 
 
 def test_step_time_reruns_itself_under_the_malloc_settings_it_names():
     """--keep-freed-memory: the command runs again with glibc's MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ set
-    (read only when a process starts), the header names them, and the baseline and ReSSFormer rows are printed with
-    their paired ratio and its spread."""
+    (read only when a process starts), the header names them and the CPU, and the baseline and ReSSFormer rows are
+    printed with their paired ratio and its spread."""
     env = {k: v for k, v in base_env().items() if not k.startswith("MALLOC_")}
     p = subprocess.run([sys.executable, "bench/step_time.py", "--batch", "2", "--seq", "32", "--repeats", "3",
                         "--rows", "ressformer", "--baseline", "matched", "--keep-freed-memory"],
@@ -22,6 +23,8 @@ def test_step_time_reruns_itself_under_the_malloc_settings_it_names():
     header, columns, *rows = p.stdout.strip().splitlines()
     assert "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776" in header, header
     assert "3 rounds, rows interleaved (x baseline: paired)" in header, header
+    # the machine: the CPU's model and the vector ISA PyTorch picked (the same ratios differ between CPUs)
+    assert f" ({torch.backends.cpu.get_cpu_capability()}), threads " in header, header
     assert columns.split()[4:8] == ["x", "baseline", "iqr", "x"], columns
     assert [r.split()[0] for r in rows] == ["baseline", "ressformer"], p.stdout
     x, iqr, _ = (float(v) for v in rows[1].split()[-3:])  # x baseline, iqr, x FLOP
