@@ -101,12 +101,14 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf"), ordered: b
     over them); torch.topk then skips sorting its result (on CPU, 3072 rows of 1300 keys, k = 128: 0.81x the
     time).
     """
+    if k < 1:  # nothing kept (torch.topk would return the same empty indices)
+        return torch.empty(*x.shape[:-1], 0, dtype=torch.long, device=x.device)
     n = x.shape[-1]
     if k >= n:
         return order_key(x).topk(k, dim=-1, sorted=ordered).indices
     idx = order_key(x).topk(k + 1, dim=-1, sorted=ordered).indices  # (..., k + 1); ordered: descending
     vals = x.gather(-1, idx)
-    if ordered or k < 1:
+    if ordered:
         thr, nxt, top = vals[..., k - 1:k], vals[..., k:k + 1], vals[..., :1]
         keep = idx[..., :k]
     else:  # the (k+1)-th value is the smallest of the k + 1 and the k-th the smallest of the rest; drop the slot

@@ -509,10 +509,10 @@ def _chosen(x: torch.Tensor, idx: torch.Tensor, floor: float = float("-inf")) ->
 @pytest.mark.parametrize("tied_rows_only", [True, False], ids=["tied-rows-op", "every-row"])
 def test_topk_first_equals_the_host_rule_on_ties(tied_rows_only, monkeypatch):
     """topk_first returns the host rule's indices, in the same order, on rows full of exact and near ties (within
-    TIE_RTOL), -inf entries, floors, every k, float32 and float64, and on a chunk of the attention's scores with
-    repeated keys; ordered=False the same entries in any order. Both tie passes: the CPU's op that redoes the tied
-    rows alone, and the static one (every row's tie-broken choice computed and picked per row on the device) that
-    other devices run."""
+    TIE_RTOL), -inf entries, floors, every k (0 included), float32 and float64, and on a chunk of the attention's
+    scores with repeated keys; ordered=False the same entries in any order. Both tie passes: the CPU's op that redoes
+    the tied rows alone, and the static one (every row's tie-broken choice computed and picked per row on the
+    device) that other devices run."""
     from ressformer import selection
     from ressformer.selection import topk_first
 
@@ -535,6 +535,8 @@ def test_topk_first_equals_the_host_rule_on_ties(tied_rows_only, monkeypatch):
             v = x.topk(k + 1, dim=-1).values
             tied_rows += int(((v[..., k] > floor) & (v[..., k - 1] - v[..., k] <= 1e-5 * v[..., 0].abs())).sum())
     assert tied_rows > 500  # the redone branch really ran
+    for ordered in (True, False):  # k = 0: nothing kept, as torch.topk
+        assert torch.equal(topk_first(x, 0, ordered=ordered), x.topk(0, dim=-1).indices)
     # scores of a query chunk over repeated keys (exact ties) and distinct ones
     keys = torch.randn(6, 8, generator=g)[torch.randint(0, 6, (40,), generator=g)]
     s = torch.randn(2, 3, 16, 8, generator=g) @ keys.T  # (B, H, c, n)
