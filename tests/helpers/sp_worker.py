@@ -94,7 +94,8 @@ def main(out: str, cases_json: str, size: str = "0") -> None:
         results[name] = {
             # the first step: every loss and diagnostic
             "step0_rel": max(rel(sp_steps[0][k], ref_steps[0][k]) for k in ref_steps[0]),
-            # the loss of each step (after AdamW updates, whose normalisation magnifies rounding in tiny gradients)
+            # the loss of each step (after AdamW updates, whose normalisation magnifies rounding in tiny gradients,
+            # and a routing or key choice that rounding flips moves the loss by a step)
             "loss_rel": max(rel(s[k], r[k]) for s, r in zip(sp_steps, ref_steps) for k in ("loss", "lm_loss")),
             "grad_rel": rel(sp_grads[worst], ref_grads[worst]), "worst_grad": worst,
             "keys": sorted(ref_steps[0]), "loss": float(ref_steps[0]["loss"])}
