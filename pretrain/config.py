@@ -298,9 +298,9 @@ class RunConfig:
     also searches matmul configurations."""
     compile_cpp_wrapper: bool = False
     """Inductor's C++ wrapper (torch.compile option cpp_wrapper): the code that calls the compiled kernels and library
-    ops is generated as C++ instead of Python, which takes the per-call overhead out of every step; the first step
-    compiles longer (the wrappers are C++ too). On 2 CPU threads the debug ReSSFormer step took 0.95x the time and the
-    dense one 1.00x (bench/RESULTS.md). Only with compile_mode default (torch.compile takes a mode or options)."""
+    ops is generated as C++ instead of Python, which takes the per-call overhead out of every step. On 2 CPU threads
+    the debug ReSSFormer step took 0.95x the time and the dense one 1.00x, and the first compile was no longer
+    (bench/RESULTS.md). Only with compile_mode default (torch.compile takes a mode or options)."""
     sequence_parallel_size: int = 1
     """DeepSpeed-Ulysses sequence parallelism: P consecutive ranks share each sample, T/P tokens each outside
     attention, ASAM on n_heads/P heads over the whole sequence (ressformer.sequence_parallel); data parallelism runs
