@@ -110,9 +110,10 @@ class CausalLM(nn.Module):
           fullgraph=True compiles (tests/ressformer/test_compile.py). Nothing in the forward or backward reads the device
           on the host: top-k ties break on the device (selection.topk_first), block selection pads to a static
           bound (selection.max_kept_blocks), routed experts run torch._grouped_mm or the static-shape tiles
-          (`ressformer.kernels.moe_experts`) - except on CPU, where "auto" runs the per-expert loop as one custom
-          op and topk_first redoes its tied rows alone in one (each reads the token counts or the tie flags inside
-          the op: no graph break, and no device to stall).
+          (`ressformer.kernels.moe_experts`) - except on CPU, where "auto" runs the grouped GEMM as ops of ours
+          (the per-expert loop as one op at widths it cannot take) and topk_first redoes its tied rows alone in
+          one op (each reads the token counts or the tie flags inside the op: no graph break, and no device to
+          stall).
         * Graph breaks left: whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather
           hooks).
           torch.compile of the whole forward + loss instead of the units is one graph too, but specialises on K

@@ -9,9 +9,10 @@
   [E, D, F], softmax in float32, top-k renormalised. One process computes what a ZeRO-3 + AutoEP run computes.
 * Dropless: assignments sorted by expert, then one of (`ressformer.kernels.moe_experts`): one matmul per expert on
   counts read on the host (the loop, the reference; under torch.compile one custom op, `_experts_loop`); one
-  torch._grouped_mm per projection over all experts with device-side offsets (bfloat16 on CUDA sm90 / sm100);
-  batched matmuls over tiles of expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere);
-  index_add back; empty experts get zero gradient.
+  torch._grouped_mm per projection over all experts with device-side offsets (bfloat16 on CUDA sm90 / sm100; on
+  CPU as ops of ours, `_grouped_linear`, the default under torch.compile); batched matmuls over tiles of
+  expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere); index_add back; empty experts
+  get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
@@ -170,6 +171,62 @@ def _experts_loop_grad(ctx, grad, _grad_h, _grad_y):
 _experts_loop.register_autograd(_experts_loop_grad, setup_context=_experts_loop_setup)
 
 
+@custom_op("grouped_linear", __name__, mutates_args=())
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (R, I) rows sorted by group, group e the rows offs[e - 1]:offs[e] (offs (E,) int32, cumulative), w (E, O, I)
+    -> (R, O), each group's rows times w[e]^T: torch._grouped_mm as one op, for CPU tensors. Its fake (meta) tensor
+    rule takes bfloat16 only, so torch.compile cannot trace it in float32, where the CPU kernel runs float32 and
+    bfloat16 alike (one matmul per group, offsets read inside, where a read stalls nothing). An op, its inside
+    untraced: the graph around it (gather, SwiGLU, weighted sum) compiles and fuses; the backward
+    (`_grouped_linear_grad`) writes the weight gradient in w's layout (torch's own derivative of a transposed weight
+    gives it transposed, and the copy back into the parameter's layout took half as long as the matmuls themselves
+    at 125m's widths, 68 ms per 200 MB gradient)."""
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+
+@_grouped_linear.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@custom_op("grouped_matmul", __name__, mutates_args=())
+def _grouped_matmul(g: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """g (R, O) rows sorted by group as `_grouped_linear`'s, w (E, O, I) -> (R, I), each group's rows times w[e]."""
+    return torch._grouped_mm(g, w, offs=offs)
+
+
+@_grouped_matmul.register_fake
+def _(g, w, offs):
+    return g.new_empty(g.shape[0], w.shape[2])
+
+
+@custom_op("grouped_weight_grad", __name__, mutates_args=())
+def _grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """g (R, O), x (R, I) rows sorted by group as `_grouped_linear`'s -> (E, O, I): g_e^T x_e per group (zeros for an
+    empty group), the gradient of `_grouped_linear`'s w."""
+    return torch._grouped_mm(g.t(), x, offs=offs)
+
+
+@_grouped_weight_grad.register_fake
+def _(g, x, offs):
+    return g.new_empty(offs.shape[0], g.shape[1], x.shape[1])
+
+
+def _grouped_linear_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_linear_grad(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # torch._grouped_mm refuses strides that are not 16-byte multiples (an expanded grad)
+    gx = _grouped_matmul(grad, w, offs) if ctx.needs_input_grad[0] else None
+    gw = _grouped_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+_grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts as fused 3-D parameters: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
 
@@ -195,6 +252,9 @@ class MoEExperts(nn.Module):
         """Every expert on its rows of x (n, D), sorted by expert with counts (E,) rows each -> (n, D): one
         torch._grouped_mm per projection (the loop's math, DeepSpeed AutoEP's and torchtitan's grouped experts)."""
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
+        if x.device.type == "cpu":  # one op per projection (`_grouped_linear`): traceable in float32 too
+            g, u = _grouped_linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (n, F) each
+            return _grouped_linear(F.silu(g) * u, self.down_proj, offs)
         g, u = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # (n, F) each
         return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
 

@@ -22,11 +22,13 @@ and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEEx
                   back to a loop that copies the offsets to the host), else "padded". CPU: the loop (a host read
                   costs no device sync there, and the loop is the fastest: "padded" takes 1.4x its time at the
                   debug preset's widths, 2.8x at 125m's, 2048 tokens fp32 fwd+bwd); under torch.compile
-                  torch._grouped_mm for aligned bfloat16 (the CPU kernel gives the loop's results bit for bit), else
-                  the loop as one opaque op (see "loop")
+                  torch._grouped_mm for aligned float32 and bfloat16 (the CPU kernel gives the loop's results bit
+                  for bit; the graph fuses the gather, SwiGLU and weighted sum around it), else the loop as one
+                  opaque op (see "loop")
     "grouped_mm"  always torch._grouped_mm (on CPU too: the loop's results bit for bit in torch 2.13, 1-2x its
-                  speed, bench/moe_experts.py; compiles for bfloat16 only); an error when torch lacks it or the
-                  widths are not 16-byte multiples
+                  speed, bench/moe_experts.py; on CPU as ops of ours, moe._grouped_linear, which compile in
+                  float32 and bfloat16; on CUDA it compiles for bfloat16 only); an error when torch lacks it or
+                  the widths are not 16-byte multiples
     "padded"      batched matmuls over tiles of rows sorted by expert, every shape static (moe.MoEExperts.padded):
                   no host read on any device or dtype, at the price of up to 1.5x the rows and a transient copy of
                   the weights per tile
@@ -142,9 +144,10 @@ def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
                              f"{16 // x.element_size()}, or set_moe_experts('auto')")
         return "grouped_mm"
     if moe_experts == "auto":
-        grouped = aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")  # traceable: bf16 only
-        if not x.is_cuda:
+        if not x.is_cuda:  # CPU: the grouped GEMM as ops of ours (moe._grouped_linear), traceable in float32 too
+            grouped = aligned and x.dtype in (torch.float32, torch.bfloat16) and hasattr(torch, "_grouped_mm")
             return "grouped_mm" if grouped and torch.compiler.is_compiling() else "loop"
+        grouped = aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")  # traceable: bf16 only
         return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")
 

@@ -272,8 +272,8 @@ def test_topk_first_traces_whole_and_keeps_one_graph_across_ties(tied_rows_only,
 @pytest.mark.parametrize("path", ["block_chunk"])
 def test_whole_forward_and_loss_is_one_graph(path):
     """torch.compile of the whole model (embedding, K steps, tail, LM and aux losses, diagnostics): one graph, with
-    the experts' host-read loop too (CPU "auto", or moe_experts="loop"): one opaque op (ressformer::experts_loop)
-    per MoE call inside the graph."""
+    the experts' host-read loop too (moe_experts="loop"): one opaque op (ressformer::experts_loop) per MoE call
+    inside the graph; CPU "auto": the grouped GEMM, one op per projection (ressformer::grouped_linear)."""
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -285,7 +285,8 @@ def test_whole_forward_and_loss_is_one_graph(path):
         out = model(ids, labels=ids)
         return out.loss, out.diagnostics
 
-    for mode, experts in (("auto", "experts_loop"), ("padded", None), ("loop", "experts_loop")):
+    ops = {"auto": ("grouped_linear", 2), "padded": (None, 0), "loop": ("experts_loop", 1)}
+    for mode, (experts, per_call) in ops.items():
         kernels.set_moe_experts(mode)
         try:
             torch._dynamo.reset()
@@ -294,7 +295,8 @@ def test_whole_forward_and_loss_is_one_graph(path):
             kernels.set_moe_experts("auto")
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (mode, explained.break_reasons)
         code = explained.graphs[0].code
-        assert (code.count("ressformer.experts_loop.default(") == cfg.r2mu.steps) if experts else "experts_loop" not in code
+        for op in ("experts_loop", "grouped_linear"):
+            assert code.count(f"ressformer.{op}.default(") == (per_call * cfg.r2mu.steps if op == experts else 0), mode
 
 
 # --- parity -----------------------------------------------------------------------------------------------------

@@ -237,12 +237,14 @@ def test_sync_free_experts_match_loop(moe_mode, mode, dtype, E, k, n, empty):
         assert out[3][-1].abs().sum() == 0 and out[4][-1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("mode", ["loop", pytest.param("auto", marks=needs_grouped_mm)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("E,k,n,empty", [(8, 2, 40, True), (4, 1, 3, False)])
-def test_compiled_loop_is_one_op_equal_to_the_loop(moe_mode, dtype, E, k, n, empty):
-    """Under torch.compile the loop runs as one custom op (ressformer::experts_loop, its backward written out):
-    fullgraph compiles, and output and every gradient equal the eager loop's (an expert without tokens included:
-    zero gradient)."""
+def test_compiled_experts_equal_the_loop(moe_mode, mode, dtype, E, k, n, empty):
+    """Under torch.compile on CPU the loop runs as one custom op (ressformer::experts_loop, its backward written
+    out), and "auto" runs torch._grouped_mm as ops of ours (ressformer::grouped_linear, float32 too, where torch's
+    own op traces in bfloat16 only): fullgraph compiles, and output and every gradient equal the eager loop's (an
+    expert without tokens included: zero gradient)."""
     torch.manual_seed(0)
     b = MoEBlock(_cfg(E, k, 0, d=32, f=64)).to(DEV, dtype)
     b.init_weights(0.3)
@@ -255,14 +257,24 @@ def test_compiled_loop_is_one_op_equal_to_the_loop(moe_mode, dtype, E, k, n, emp
     g = torch.randn(2, n, 32, device=DEV, dtype=dtype)
     moe_mode("loop")
     ref = _fwd_bwd(b, x, g)
+    moe_mode(mode)
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
     torch._dynamo.reset()
-    out = _fwd_bwd(torch.compile(b, backend="aot_eager", fullgraph=True), x, g)
+    backend = AotEagerAndRecordGraphs()
+    out = _fwd_bwd(torch.compile(b, backend=backend, fullgraph=True), x, g)
     for name, r, o in zip(("y", "dx", "gate", "gate_up_proj", "down_proj"), ref, out):
         if dtype == torch.float32:
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         else:
             assert (o - r).float().norm() <= 1e-2 * r.float().norm(), name  # k = 1: the router's gradient is 0
-    assert torch.equal(out[0], ref[0])  # the forward runs the loop's own operations
+    if mode == "loop":
+        assert torch.equal(out[0], ref[0])  # the forward runs the loop's own operations
+    fw, bw = (g.code for g in backend.fw_graphs + backend.bw_graphs)
+    if DEV == "cpu":
+        ops = ("experts_loop.",) if mode == "loop" else ("grouped_linear.", "grouped_linear.")
+        assert [op for op in ("experts_loop.", "grouped_linear.") for _ in range(fw.count(op))] == list(ops)
+        assert bw.count("grouped_weight_grad.") == (0 if mode == "loop" else 2)
     if empty:
         assert out[3][-1].abs().sum() == 0 and out[4][-1].abs().sum() == 0
 
@@ -313,13 +325,15 @@ def test_experts_path_decision(moe_mode, monkeypatch):
     from ressformer import kernels
 
     x32 = torch.zeros(3, 8)
-    moe_mode("auto")  # CPU: the loop; under torch.compile grouped GEMM for aligned bf16, else the loop (as one op)
+    moe_mode("auto")  # CPU: the loop; under torch.compile grouped GEMM for aligned fp32 / bf16, else the loop (one op)
     assert kernels.experts_path(x32, (8, 16)) == "loop" and kernels.experts_path(x32.bfloat16(), (8, 16)) == "loop"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels.experts_path(x32, (8, 16)) == "loop"
     has_grouped = hasattr(torch, "_grouped_mm")
+    assert kernels.experts_path(x32, (8, 16)) == ("grouped_mm" if has_grouped else "loop")
     assert kernels.experts_path(x32.bfloat16(), (8, 16)) == ("grouped_mm" if has_grouped else "loop")
+    assert kernels.experts_path(x32, (8, 6)) == "loop"  # 24 bytes: not 16-byte aligned
     assert kernels.experts_path(x32.bfloat16(), (8, 12)) == "loop"
+    assert kernels.experts_path(x32.half(), (8, 16)) == "loop"
     monkeypatch.undo()
     if CUDA:  # bf16 on sm90 / sm100 with aligned widths: torch's grouped GEMM; anything else: the tiles
         xc = x32.cuda()
