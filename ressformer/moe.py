@@ -171,17 +171,21 @@ def _experts_loop_grad(ctx, grad, _grad_h, _grad_y):
 _experts_loop.register_autograd(_experts_loop_grad, setup_context=_experts_loop_setup)
 
 
+def _grouped_mm_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (R, I) rows sorted by group, group e the rows offs[e - 1]:offs[e] (offs (E,) int32, cumulative), w (E, O, I)
+    -> (R, O), each group's rows times w[e]^T (torch._grouped_mm)."""
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+
 @custom_op("grouped_linear", __name__, mutates_args=())
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x (R, I) rows sorted by group, group e the rows offs[e - 1]:offs[e] (offs (E,) int32, cumulative), w (E, O, I)
-    -> (R, O), each group's rows times w[e]^T: torch._grouped_mm as one op, for CPU tensors. Its fake (meta) tensor
-    rule takes bfloat16 only, so torch.compile cannot trace it in float32, where the CPU kernel runs float32 and
-    bfloat16 alike (one matmul per group, offsets read inside, where a read stalls nothing). An op, its inside
-    untraced: the graph around it (gather, SwiGLU, weighted sum) compiles and fuses; the backward
+    """`_grouped_mm_linear` as one op, for CPU tensors. torch._grouped_mm's fake (meta) tensor rule takes bfloat16
+    only, so torch.compile cannot trace it in float32, where the CPU kernel runs float32 and bfloat16 alike (one
+    matmul per group, offsets read inside, where a read stalls nothing). An op, its inside untraced: the graph around it (gather, SwiGLU, weighted sum) compiles and fuses; the backward
     (`_grouped_linear_grad`) writes the weight gradient in w's layout (torch's own derivative of a transposed weight
     gives it transposed, and the copy back into the parameter's layout took half as long as the matmuls themselves
     at 125m's widths, 68 ms per 200 MB gradient)."""
-    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return _grouped_mm_linear(x, w, offs)
 
 
 @_grouped_linear.register_fake
@@ -252,11 +256,10 @@ class MoEExperts(nn.Module):
         """Every expert on its rows of x (n, D), sorted by expert with counts (E,) rows each -> (n, D): one
         torch._grouped_mm per projection (the loop's math, DeepSpeed AutoEP's and torchtitan's grouped experts)."""
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
-        if x.device.type == "cpu":  # one op per projection (`_grouped_linear`): traceable in float32 too
-            g, u = _grouped_linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (n, F) each
-            return _grouped_linear(F.silu(g) * u, self.down_proj, offs)
-        g, u = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # (n, F) each
-        return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+        # CPU: our op (`_grouped_linear`, traceable in float32 too); CUDA: torch's, with its own derivative
+        linear = _grouped_linear if x.device.type == "cpu" else _grouped_mm_linear
+        g, u = linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (n, F) each
+        return linear(F.silu(g) * u, self.down_proj, offs)
 
     def padded(self, x: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """`grouped` with static shapes on any device and dtype: every expert on its rows of x (R, D), sorted by

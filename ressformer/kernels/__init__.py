@@ -144,10 +144,12 @@ def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
                              f"{16 // x.element_size()}, or set_moe_experts('auto')")
         return "grouped_mm"
     if moe_experts == "auto":
-        if not x.is_cuda:  # CPU: the grouped GEMM as ops of ours (moe._grouped_linear), traceable in float32 too
-            grouped = aligned and x.dtype in (torch.float32, torch.bfloat16) and hasattr(torch, "_grouped_mm")
+        # traceable dtypes: CPU runs the grouped GEMM as ops of ours (moe._grouped_linear), float32 too; CUDA runs
+        # torch's op, whose fake tensors take bfloat16 only
+        dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
+        grouped = aligned and x.dtype in dtypes and hasattr(torch, "_grouped_mm")
+        if not x.is_cuda:
             return "grouped_mm" if grouped and torch.compiler.is_compiling() else "loop"
-        grouped = aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")  # traceable: bf16 only
         return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")
 

@@ -270,7 +270,7 @@ def test_compiled_experts_equal_the_loop(moe_mode, mode, dtype, E, k, n, empty):
             assert (o - r).float().norm() <= 1e-2 * r.float().norm(), name  # k = 1: the router's gradient is 0
     if mode == "loop":
         assert torch.equal(out[0], ref[0])  # the forward runs the loop's own operations
-    fw, bw = (g.code for g in backend.fw_graphs + backend.bw_graphs)
+    fw, bw = (graph.code for graph in backend.fw_graphs + backend.bw_graphs)
     if DEV == "cpu":
         ops = ("experts_loop.",) if mode == "loop" else ("grouped_linear.", "grouped_linear.")
         assert [op for op in ("experts_loop.", "grouped_linear.") for _ in range(fw.count(op))] == list(ops)
