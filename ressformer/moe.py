@@ -11,8 +11,8 @@
   counts read on the host (the loop, the reference; under torch.compile one custom op, `_experts_loop`); one
   torch._grouped_mm per projection over all experts with device-side offsets (bfloat16 on CUDA sm90 / sm100; on
   CPU as ops of ours, `_grouped_linear`, the default under torch.compile); batched matmuls over tiles of
-  expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere); index_add back; empty experts
-  get zero gradient.
+  expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere); index_add back (the grouped
+  and padded paths: gathers both ways, `_Dispatch` / `_Combine`); empty experts get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
@@ -85,6 +85,41 @@ class _TileMatmul(torch.autograd.Function):
             per_tile = torch.bmm(g.transpose(1, 2), x).to(acc)
             gw = torch.zeros(w.shape, dtype=acc, device=w.device).index_add_(0, e, per_tile).to(w.dtype)
         return gx, gw, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (N, D) -> x[token] (N*k, D), the rows of the assignments sorted by expert (token = order // k, inv the
+    inverse permutation of order), whose backward is a gather too: the gradient's rows put back in token order by inv
+    and summed over each token's k assignments. Autograd's own backward of x[token] is a scatter-add, which inductor
+    compiles on CPU as atomic adds, one per element: in the compiled debug step that kernel and index_add_'s
+    (`_Combine`) took about 0.5 ms a call each, and replacing both made the step 0.945x (paired, bench/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y (N*k, D), the assignments' outputs sorted by expert -> (N, D), each token's k outputs summed: a gather by
+    inv (`_Dispatch`) and a sum over k, where index_add_ into zeros is a scatter (atomic adds under inductor on CPU).
+    For k <= 2 the same bits as index_add_ (one addition, commutative). Backward: the gradient gathered by token."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, token: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(token)
+        return y.index_select(0, inv).view(-1, k, y.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (token,) = ctx.saved_tensors
+        return g.index_select(0, token), None, None, None
 
 
 @custom_op("experts_loop", __name__, mutates_args=())
@@ -291,18 +326,23 @@ class MoEExperts(nn.Module):
         flat_idx = topk_idx.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
         token = order // k  # (N*k,) source token of each sorted assignment
-        weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
         path = experts_path(x, (x.shape[-1], self.hidden))
-        if path == "loop" and not torch.compiler.is_compiling():
-            return self.loop(x, flat_idx, token, weight)
+        if path == "loop":
+            weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
+            if not torch.compiler.is_compiling():
+                return self.loop(x, flat_idx, token, weight)
         # counts on the device by scatter_add (bincount's output shape depends on the data): torch.compile traces
         # these paths whole
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
         if path == "loop":  # compiled: the loop as one opaque op, its host read inside
             return _experts_loop(x, self.gate_up_proj, self.down_proj, token, weight, counts)[0]
-        y = self.grouped(x[token], counts) if path == "grouped_mm" else self.padded(x[token], counts, flat_idx[order])
-        return torch.zeros_like(x).index_add_(0, token, y * weight)
+        # the inverse permutation of order: tokens to sorted rows and back by gathers, forward and backward
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        xs = _Dispatch.apply(x, token, inv, k)  # (N*k, D) sorted by expert
+        weight = _Dispatch.apply(topk_weight.reshape(-1, 1), order, inv, 1).to(x.dtype)  # (N*k, 1) likewise
+        y = self.grouped(xs, counts) if path == "grouped_mm" else self.padded(xs, counts, flat_idx[order])
+        return _Combine.apply(y * weight, token, inv, k)
 
     def loop(self, x: torch.Tensor, flat_idx: torch.Tensor, token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The reference: one matmul per expert on counts read on the host, over the assignments sorted by expert

@@ -243,8 +243,9 @@ def test_sync_free_experts_match_loop(moe_mode, mode, dtype, E, k, n, empty):
 def test_compiled_experts_equal_the_loop(moe_mode, mode, dtype, E, k, n, empty):
     """Under torch.compile on CPU the loop runs as one custom op (ressformer::experts_loop, its backward written
     out), and "auto" runs torch._grouped_mm as ops of ours (ressformer::grouped_linear, float32 too, where torch's
-    own op traces in bfloat16 only): fullgraph compiles, and output and every gradient equal the eager loop's (an
-    expert without tokens included: zero gradient)."""
+    own op traces in bfloat16 only) between gathers that move the tokens to expert-sorted rows and back (forward and
+    backward): fullgraph compiles, and output and every gradient equal the eager loop's (an expert without tokens
+    included: zero gradient)."""
     torch.manual_seed(0)
     b = MoEBlock(_cfg(E, k, 0, d=32, f=64)).to(DEV, dtype)
     b.init_weights(0.3)
@@ -275,6 +276,9 @@ def test_compiled_experts_equal_the_loop(moe_mode, mode, dtype, E, k, n, empty):
         ops = ("experts_loop.",) if mode == "loop" else ("grouped_linear.", "grouped_linear.")
         assert [op for op in ("experts_loop.", "grouped_linear.") for _ in range(fw.count(op))] == list(ops)
         assert bw.count("grouped_weight_grad.") == (0 if mode == "loop" else 2)
+    if mode == "auto":  # tokens to sorted rows and back by gathers: no scatter-add (atomic adds under inductor)
+        assert "index_add" not in fw + bw and "index_put" not in fw + bw
+        assert fw.count("aten.index_select.") == 3 and bw.count("aten.index_select.") == 3  # x, weight, output
     if empty:
         assert out[3][-1].abs().sum() == 0 and out[4][-1].abs().sum() == 0
 
