@@ -216,10 +216,11 @@ def _grouped_mm_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`_grouped_mm_linear` as one op, for CPU tensors. torch._grouped_mm's fake (meta) tensor rule takes bfloat16
     only, so torch.compile cannot trace it in float32, where the CPU kernel runs float32 and bfloat16 alike (one
-    matmul per group, offsets read inside, where a read stalls nothing). An op, its inside untraced: the graph around it (gather, SwiGLU, weighted sum) compiles and fuses; the backward
-    (`_grouped_linear_grad`) writes the weight gradient in w's layout (torch's own derivative of a transposed weight
-    gives it transposed, and the copy back into the parameter's layout took half as long as the matmuls themselves
-    at 125m's widths, 68 ms per 200 MB gradient)."""
+    matmul per group, offsets read inside, where a read stalls nothing). An op, its inside untraced: the graph
+    around it (gathers, SwiGLU, weighted sum) compiles and fuses; the backward (`_grouped_linear_grad`) writes the
+    weight gradient in w's layout (torch's own derivative of a transposed weight gives it transposed, and the copy
+    back into the parameter's layout took half as long as the matmuls themselves at 125m's widths, 68 ms per 200 MB
+    gradient)."""
     return _grouped_mm_linear(x, w, offs)
 
 
