@@ -11,8 +11,9 @@
   counts read on the host (the loop, the reference; under torch.compile one custom op, `_experts_loop`); one
   torch._grouped_mm per projection over all experts with device-side offsets (bfloat16 on CUDA sm90 / sm100; on
   CPU as ops of ours, `_grouped_linear`, the default under torch.compile); batched matmuls over tiles of
-  expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere); index_add back (the grouped
-  and padded paths: gathers both ways, `_Dispatch` / `_Combine`); empty experts get zero gradient.
+  expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere). The loop adds each expert's
+  rows back with index_add_; the grouped and padded paths move the rows by gathers both ways (`_Dispatch`,
+  `_Combine`). Empty experts get zero gradient.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
