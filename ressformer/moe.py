@@ -110,7 +110,9 @@ class _Dispatch(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     """y (N*k, D), the assignments' outputs sorted by expert -> (N, D), each token's k outputs summed: a gather by
     inv (`_Dispatch`) and a sum over k, where index_add_ into zeros is a scatter (atomic adds under inductor on CPU).
-    For k <= 2 the same bits as index_add_ (one addition, commutative). Backward: the gradient gathered by token."""
+    For k <= 2 eager gives the same bits as index_add_ (one addition, commutative); compiled in bfloat16, inductor
+    multiplies by the routing weights and sums in float32 before the one rounding (closer to float32 than the
+    products rounded first). Backward: the gradient gathered by token."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, token: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
