@@ -88,6 +88,12 @@ class _TileMatmul(torch.autograd.Function):
         return gx, gw, None
 
 
+def _token_sum(y: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows y (N*k, D) sorted by expert -> (N, D): put back in token order by inv and summed over each token's k
+    rows (`_Combine`'s forward, `_Dispatch`'s backward)."""
+    return y.index_select(0, inv).view(-1, k, y.shape[-1]).sum(1)
+
+
 class _Dispatch(torch.autograd.Function):
     """x (N, D) -> x[token] (N*k, D), the rows of the assignments sorted by expert (token = order // k, inv the
     inverse permutation of order), whose backward is a gather too: the gradient's rows put back in token order by inv
@@ -104,7 +110,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+        return _token_sum(g, inv, ctx.k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -117,7 +123,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, token: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(token)
-        return y.index_select(0, inv).view(-1, k, y.shape[-1]).sum(1)
+        return _token_sum(y, inv, k)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -330,21 +336,19 @@ class MoEExperts(nn.Module):
         flat_idx = topk_idx.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
         token = order // k  # (N*k,) source token of each sorted assignment
+        # the inverse permutation of order: tokens to sorted rows and back by gathers, forward and backward
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        weight = _Dispatch.apply(topk_weight.reshape(-1, 1), order, inv, 1).to(x.dtype)  # (N*k, 1) sorted
         path = experts_path(x, (x.shape[-1], self.hidden))
-        if path == "loop":
-            weight = topk_weight.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (N*k, 1)
-            if not torch.compiler.is_compiling():
-                return self.loop(x, flat_idx, token, weight)
+        if path == "loop" and not torch.compiler.is_compiling():
+            return self.loop(x, flat_idx, token, weight)
         # counts on the device by scatter_add (bincount's output shape depends on the data): torch.compile traces
         # these paths whole
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
         if path == "loop":  # compiled: the loop as one opaque op, its host read inside
             return _experts_loop(x, self.gate_up_proj, self.down_proj, token, weight, counts)[0]
-        # the inverse permutation of order: tokens to sorted rows and back by gathers, forward and backward
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         xs = _Dispatch.apply(x, token, inv, k)  # (N*k, D) sorted by expert
-        weight = _Dispatch.apply(topk_weight.reshape(-1, 1), order, inv, 1).to(x.dtype)  # (N*k, 1) likewise
         y = self.grouped(xs, counts) if path == "grouped_mm" else self.padded(xs, counts, flat_idx[order])
         return _Combine.apply(y * weight, token, inv, k)
 
