@@ -255,10 +255,8 @@ def _edge_bias(epos: torch.Tensor, gval: torch.Tensor, n: int) -> torch.Tensor:
     An opaque op to torch.compile: inductor (torch 2.13, CPU) turns a scatter_add into zeros + an in-place scatter
     and, fused with the score's consumers, ran that scatter after ASAM's top-k had read the scores (wrong keys
     kept under block ASAM; tests/ressformer/test_compile.py)."""
-    present = epos >= 0
-    src = torch.where(present, gval, torch.zeros((), dtype=gval.dtype, device=gval.device))
-    out = torch.zeros(*epos.shape[:-1], n, dtype=gval.dtype, device=gval.device)
-    return out.scatter_add(-1, epos.clamp(min=0), src)
+    out = gval.new_zeros(*epos.shape[:-1], n)
+    return out.scatter_add_(-1, epos.clamp(min=0), gval.masked_fill(epos < 0, 0))  # absent: 0 added to slot 0
 
 
 @_edge_bias.register_fake

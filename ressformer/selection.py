@@ -120,9 +120,10 @@ def topk_first(x: torch.Tensor, k: int, floor: float = float("-inf"), ordered: b
         keep = idx.gather(-1, j + (j >= at).to(j.dtype))
     tol = TIE_RTOL * torch.maximum(top.abs(), nxt.abs())  # (..., 1)
     tie = (nxt > floor) & (thr - nxt <= tol)  # (..., 1) an entry within tol of the k-th value is left out
+    lo, hi = thr - tol, thr + tol  # (..., 1) the values tied with the k-th
     if redo_tied_rows_only(x):
-        return _redo_tied_rows(x.detach(), keep, thr.detach(), tol.detach(), tie, float(floor), ordered)
-    return torch.where(tie, _tie_broken(x, thr, tol, floor, k, ordered), keep)  # (..., k) contiguous
+        return _redo_tied_rows(x.detach(), keep, torch.cat([lo, hi], -1).detach(), tie, float(floor), ordered)
+    return torch.where(tie, _tie_broken(x, lo, hi, floor, k, ordered), keep)  # (..., k) contiguous
 
 
 def redo_tied_rows_only(x: torch.Tensor) -> bool:
@@ -130,42 +131,43 @@ def redo_tied_rows_only(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _tie_broken(x: torch.Tensor, thr: torch.Tensor, tol: torch.Tensor, floor: float, k: int,
+def _tie_broken(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, floor: float, k: int,
                 ordered: bool) -> torch.Tensor:
-    """The tie-broken choice (..., k) of rows x (..., n) whose k-th value is thr (..., 1): the entries above thr + tol
-    by index, then those within tol of thr (and > floor) by index; one top-k over an int key distinct for every
-    entry above floor: 2n - i above, n - i near, -1 else (int32 when it fits). A tied row's thr is finite, so -inf
-    entries are never near."""
+    """The tie-broken choice (..., k) of rows x (..., n) whose k-th value is thr, with lo = thr - tol and
+    hi = thr + tol (..., 1): the entries above hi by index, then those from lo up (and > floor) by index; one top-k
+    over an int key distinct for every entry above floor: 2n - i above, n - i near, -1 else (int32 when it fits).
+    A tied row's thr is finite, so -inf entries are never near."""
     n = x.shape[-1]
-    ar = torch.arange(n, device=x.device, dtype=torch.int32 if 2 * n < 2**31 else torch.int64)
-    near = x >= thr - tol
+    first = torch.arange(n, 0, -1, device=x.device, dtype=torch.int32 if 2 * n < 2**31 else torch.int64)  # n - i
+    near = x >= lo
     if floor != float("-inf"):
         near = near & (x > floor)
-    key = torch.where(x > thr + tol, 2 * n - ar, torch.where(near, n - ar, -1))  # (..., n)
+    key = torch.where(x > hi, first + n, torch.where(near, first, -1))  # (..., n)
     return key.topk(k, dim=-1, sorted=ordered).indices
 
 
 @custom_op("redo_tied_rows", __name__, mutates_args=())
-def _redo_tied_rows(x: torch.Tensor, keep: torch.Tensor, thr: torch.Tensor, tol: torch.Tensor, tie: torch.Tensor,
-                    floor: float, ordered: bool) -> torch.Tensor:
-    """keep (..., k), contiguous, with the rows where tie (..., 1) holds replaced by `_tie_broken`'s choice: the
-    tied rows are found here (nonzero) and redone alone, where the static path redoes every row. An op of its own:
-    to torch.compile its output is (..., k) whatever the ties, so the caller's graph neither breaks nor recompiles.
-    For CPU tensors (`topk_first`): the CPU runs ops in order on the calling thread, so the read of the tie flags
-    waits for nothing. Eager, at debug's chunk (8, 4, 32, 191), k = 16: 0.02 ms with no row tied, 0.13 ms with 2 %
-    tied, where the static pass over every row takes 1.1 ms; a debug training step ties 1.6 % of its rows."""
+def _redo_tied_rows(x: torch.Tensor, keep: torch.Tensor, band: torch.Tensor, tie: torch.Tensor, floor: float,
+                    ordered: bool) -> torch.Tensor:
+    """keep (..., k), contiguous, with the rows where tie (..., 1) holds replaced by `_tie_broken`'s choice, band
+    (..., 2) holding each row's (lo, hi): the tied rows are found here (nonzero) and redone alone, where the static
+    path redoes every row. An op of its own: to torch.compile its output is (..., k) whatever the ties, so the
+    caller's graph neither breaks nor recompiles. For CPU tensors (`topk_first`): the CPU runs ops in order on the
+    calling thread, so the read of the tie flags waits for nothing. Eager, at debug's chunk (8, 4, 32, 191),
+    k = 16: 0.012 ms with no row tied, 0.09 ms with 2 % tied, where the static pass over every row takes 1.1 ms;
+    a debug training step ties 1.6 % of its rows."""
     out = keep.clone(memory_format=torch.contiguous_format)
     rows = tie.reshape(-1).nonzero().squeeze(1)  # flat row indices: index_select / index_copy_ over dim 0 cost
     if rows.numel():  # less than advanced indexing with a tuple of per-dim indices
         k, n = keep.shape[-1], x.shape[-1]
-        redo = _tie_broken(x.reshape(-1, n).index_select(0, rows), thr.reshape(-1, 1).index_select(0, rows),
-                           tol.reshape(-1, 1).index_select(0, rows), floor, k, ordered)
+        b = band.reshape(-1, 2).index_select(0, rows)  # (r, 2)
+        redo = _tie_broken(x.reshape(-1, n).index_select(0, rows), b[:, :1], b[:, 1:], floor, k, ordered)
         out.view(-1, k).index_copy_(0, rows, redo)
     return out
 
 
 @_redo_tied_rows.register_fake
-def _(x, keep, thr, tol, tie, floor, ordered):
+def _(x, keep, band, tie, floor, ordered):
     return keep.new_empty(keep.shape)
 
 
