@@ -21,6 +21,8 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
@@ -52,11 +54,48 @@ def _flip_negatives(b: torch.Tensor) -> torch.Tensor:
 
 def sorted_descending(z: torch.Tensor) -> torch.Tensor:
     """torch.sort(z, dim=-1, descending=True).values; on the CPU a sort of `order_key(z)` mapped back (the same
-    values, -0.0 as +0.0: 0.72x the time on 3072 rows of 128, 2 threads)."""
+    values, -0.0 as +0.0: 0.72x the time on 3072 rows of 128, 2 threads). On the CPU under torch.compile, rows of
+    2 to SORT_NETWORK_MAX entries go through `_network_sorted`, which inductor fuses into one kernel: the same
+    values (NaN aside), at (8, 4, 32, 16) 0.36x the time of the compiled sort and 0.35x at 32 entries."""
     key = order_key(z)
     if key is z:
         return torch.sort(z, dim=-1, descending=True).values
+    if 2 <= z.shape[-1] <= SORT_NETWORK_MAX and torch.compiler.is_compiling():
+        return _network_sorted(z)
     return _flip_negatives(torch.sort(key, dim=-1, descending=True).values).view(z.dtype)
+
+
+# Rows up to this many entries sort by a compare-exchange network in compiled code (`sorted_descending`): the
+# network has (n/4) log2(n) (log2(n) + 1) steps, 240 at 32, and every step is one max and one min per row.
+SORT_NETWORK_MAX = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _bitonic_steps(m: int) -> tuple[tuple[int, int, bool], ...]:
+    """The compare-exchange steps (i, j, i takes the larger) of a bitonic network sorting m = 2^p entries into
+    descending order (Batcher 1968): runs of 2, 4, ... are merged, each run of 2s entries descending where bit s
+    of its first index is 0 and ascending where it is 1, so every merge sees one bitonic sequence."""
+    steps, size = [], 2
+    while size <= m:
+        half = size // 2
+        while half >= 1:
+            steps += [(i, i ^ half, (i & size) == 0) for i in range(m) if i ^ half > i]
+            half //= 2
+        size *= 2
+    return tuple(steps)
+
+
+def _network_sorted(z: torch.Tensor) -> torch.Tensor:
+    """z (..., n) sorted descending along the last dim by `_bitonic_steps`, padded with -inf to a power of two:
+    maximum and minimum of columns, so the values are exactly the sort's (z + 0.0 makes -0.0 +0.0, as
+    `order_key` does). Eager it costs ~2 (n/4) log2(n)^2 small ops: for compiled callers."""
+    n = z.shape[-1]
+    m = 1 << (n - 1).bit_length()
+    cols = list((z + 0.0).unbind(-1)) + [torch.full_like(z[..., 0], float("-inf"))] * (m - n)
+    for i, j, larger_first in _bitonic_steps(m):
+        hi, lo = torch.maximum(cols[i], cols[j]), torch.minimum(cols[i], cols[j])
+        cols[i], cols[j] = (hi, lo) if larger_first else (lo, hi)
+    return torch.stack(cols[:n], -1)
 
 
 def _prepare(x: torch.Tensor, dim: int):

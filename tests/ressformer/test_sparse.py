@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ressformer.sparse import entmax15, masked_softmax, normalize, order_key, sorted_descending, sparsemax
+from ressformer.sparse import (SORT_NETWORK_MAX, entmax15, masked_softmax, normalize, order_key, sorted_descending,
+                               sparsemax)
 
 NEG = float("-inf")
 
@@ -148,3 +149,37 @@ def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them()
                 want = x.topk(k, sorted=ordered).indices
                 assert torch.equal(order_key(x).topk(k, sorted=ordered).indices, want), (dt, k, ordered)
         assert torch.equal(sorted_descending(x), x.sort(-1, descending=True).values), dt  # -0.0 == +0.0
+
+
+def test_compiled_cpu_sort_of_short_rows_is_a_network_with_the_sorts_values():
+    """Under torch.compile on the CPU, sparse.sorted_descending sorts rows of 2..SORT_NETWORK_MAX entries by its
+    compare-exchange network (the traced graph holds no sort; wider rows keep torch.sort) and returns torch.sort's
+    values for every width, power of two or not, on rows of exact ties, signed zeros and -inf; inductor's fused
+    kernel of the network too."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n, dt):
+        x = (torch.randint(-3, 4, (64, n), generator=g) * 0.5).to(dt)  # exact ties
+        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)  # both zeros
+        x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
+        x[:8] = torch.randn(8, n, generator=g).to(dt)
+        return x
+
+    for dt, widths in ((torch.float32, (2, 3, 16, 17, SORT_NETWORK_MAX, SORT_NETWORK_MAX + 1)), (torch.bfloat16, (5,))):
+        for n in widths:
+            x = rows(n, dt)
+            torch._dynamo.reset()
+            graphs.clear()
+            got = torch.compile(sorted_descending, backend=capture, fullgraph=True)(x)
+            assert torch.equal(got, x.sort(-1, descending=True).values), (dt, n)
+            sorts = [nd for nd in graphs[0].nodes if "sort" in str(nd.target)]
+            assert bool(sorts) == (n > SORT_NETWORK_MAX), (dt, n, sorts)
+    x = rows(12, torch.float32)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(sorted_descending, fullgraph=True)(x), x.sort(-1, descending=True).values)
