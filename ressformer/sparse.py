@@ -21,8 +21,6 @@ Design choices:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
@@ -70,11 +68,11 @@ def sorted_descending(z: torch.Tensor) -> torch.Tensor:
 SORT_NETWORK_MAX = 32
 
 
-@functools.lru_cache(maxsize=None)
 def _bitonic_steps(m: int) -> tuple[tuple[int, int, bool], ...]:
     """The compare-exchange steps (i, j, i takes the larger) of a bitonic network sorting m = 2^p entries into
     descending order (Batcher 1968): runs of 2, 4, ... are merged, each run of 2s entries descending where bit s
-    of its first index is 0 and ascending where it is 1, so every merge sees one bitonic sequence."""
+    of its first index is 0 and ascending where it is 1, so every merge sees one bitonic sequence. Plain Python, run
+    while torch.compile traces (no functools cache: dynamo warns on one and traces through it anyway)."""
     steps, size = [], 2
     while size <= m:
         half = size // 2
@@ -88,7 +86,7 @@ def _bitonic_steps(m: int) -> tuple[tuple[int, int, bool], ...]:
 def _network_sorted(z: torch.Tensor) -> torch.Tensor:
     """z (..., n) sorted descending along the last dim by `_bitonic_steps`, padded with -inf to a power of two:
     maximum and minimum of columns, so the values are exactly the sort's (z + 0.0 makes -0.0 +0.0, as
-    `order_key` does). Eager it costs ~2 (n/4) log2(n)^2 small ops: for compiled callers."""
+    `order_key` does). Eager each step is two small ops of its own: for compiled callers."""
     n = z.shape[-1]
     m = 1 << (n - 1).bit_length()
     cols = list((z + 0.0).unbind(-1)) + [torch.full_like(z[..., 0], float("-inf"))] * (m - n)
