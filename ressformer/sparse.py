@@ -54,7 +54,8 @@ def sorted_descending(z: torch.Tensor) -> torch.Tensor:
     """torch.sort(z, dim=-1, descending=True).values; on the CPU a sort of `order_key(z)` mapped back (the same
     values, -0.0 as +0.0: 0.72x the time on 3072 rows of 128, 2 threads). On the CPU under torch.compile, rows of
     2 to SORT_NETWORK_MAX entries go through `_network_sorted`, which inductor fuses into one kernel: the same
-    values (NaN aside), at (8, 4, 32, 16) 0.36x the time of the compiled sort and 0.35x at 32 entries."""
+    values (NaN aside), at (8, 4, 32, 16) 0.36x the time of the compiled sort and 0.35x at 32 entries. The network
+    fixes the row length: a dynamic length of at most 32 compiles one graph per length (longer rows share one)."""
     key = order_key(z)
     if key is z:
         return torch.sort(z, dim=-1, descending=True).values
