@@ -29,6 +29,9 @@ ACTIVATIONS = ("softmax", "sparsemax", "entmax15")
 # float dtype -> the signed int of its width: `order_key` views the bits as it
 _ORDER_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
               torch.float64: torch.int64}
+# Rows up to this many entries sort by a compare-exchange network in compiled code (`sorted_descending`): the
+# network has (n/4) log2(n) (log2(n) + 1) steps, 240 at 32, and every step is one max and one min per row.
+SORT_NETWORK_MAX = 32
 
 
 def order_key(x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +65,6 @@ def sorted_descending(z: torch.Tensor) -> torch.Tensor:
     if 2 <= z.shape[-1] <= SORT_NETWORK_MAX and torch.compiler.is_compiling():
         return _network_sorted(z)
     return _flip_negatives(torch.sort(key, dim=-1, descending=True).values).view(z.dtype)
-
-
-# Rows up to this many entries sort by a compare-exchange network in compiled code (`sorted_descending`): the
-# network has (n/4) log2(n) (log2(n) + 1) steps, 240 at 32, and every step is one max and one min per row.
-SORT_NETWORK_MAX = 32
 
 
 def _bitonic_steps(m: int) -> tuple[tuple[int, int, bool], ...]:

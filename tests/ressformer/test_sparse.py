@@ -127,6 +127,14 @@ def test_bf16_input_is_normalised_in_float32(fn):
     torch.testing.assert_close(x.grad.float(), xf.grad.bfloat16().float(), rtol=0, atol=0)
 
 
+def _ties_zeros_and_inf(n: int, dt: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """64 rows of n entries in steps of 0.5 (exact ties), zeros of both signs and 20 % -inf."""
+    x = (torch.randint(-3, 4, (64, n), generator=g) * 0.5).to(dt)
+    x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)
+    x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
+    return x
+
+
 def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them():
     """sparse.order_key for every float dtype: the integers compare as the values do, pair by pair (-0.0 == +0.0,
     infinities and subnormals included), and torch.topk over them returns the float top-k's indices in the same
@@ -140,9 +148,7 @@ def test_order_key_orders_as_the_floats_do_and_topk_over_it_picks_as_over_them()
         assert not kv.dtype.is_floating_point and kv.element_size() == v.element_size(), dt
         assert torch.equal(kv[:, None] < kv[None, :], v[:, None] < v[None, :]), dt
         assert torch.equal(kv[:, None] == kv[None, :], v[:, None] == v[None, :]), dt
-        x = (torch.randint(-3, 4, (64, 50), generator=g) * 0.5).to(dt)  # exact ties
-        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)  # both zeros
-        x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
+        x = _ties_zeros_and_inf(50, dt, g)
         assert (torch.signbit(x) & (x == 0)).any()
         for k in (1, 7, 50):
             for ordered in (True, False):
@@ -165,9 +171,7 @@ def test_compiled_cpu_sort_of_short_rows_is_a_network_with_the_sorts_values():
     g = torch.Generator().manual_seed(0)
 
     def rows(n, dt):
-        x = (torch.randint(-3, 4, (64, n), generator=g) * 0.5).to(dt)  # exact ties
-        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) < 0.5), -0.0, x)  # both zeros
-        x[torch.rand(x.shape, generator=g) < 0.2] = float("-inf")
+        x = _ties_zeros_and_inf(n, dt, g)
         x[:8] = torch.randn(8, n, generator=g).to(dt)
         return x
 
