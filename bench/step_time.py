@@ -3,6 +3,7 @@
     python bench/step_time.py [--preset debug] [--batch 8] [--seq 128] [--repeats 5] [--compile]
                               [--rows ressformer ...] [--baseline depth|matched] [--profile N] [--one-at-a-time]
                               [--compiled-only] [--keep-freed-memory] [--cpp-wrapper]
+                              [--expert-weight-grad auto|stacked|per_step]
 
 Every row is timed in this run and printed as a ratio to the `baseline` row, so the numbers compare across
 machines. The baseline is the dense Transformer of the same width: `--baseline depth` (default) with n_layers =
@@ -35,7 +36,9 @@ recurrent step: at 125m the experts' are 300 MB per step); it applies to every r
 the command again under glibc malloc settings that keep freed memory for reuse (MALLOC_MMAP_MAX_=0,
 MALLOC_TRIM_THRESHOLD_=2^40; the header names them), which PyTorch's CPU allocator, unlike a GPU's caching allocator,
 does not do by itself: the 300 MB of expert gradients per recurrent step are then faulted in once, not every step.
-The process's memory then stays at its peak; every row runs under the same settings.
+The process's memory then stays at its peak; every row runs under the same settings. --expert-weight-grad sets
+`ressformer.kernels.expert_weight_grad` (how the K recurrent steps' expert weight gradients are summed; the header
+names it).
 """
 
 import argparse
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ressformer import ModelConfig, build_model  # noqa: E402
+from ressformer import ModelConfig, build_model, kernels  # noqa: E402
 from ressformer.flops import count_params, flops_per_token, matched_dense  # noqa: E402
 
 ABLATIONS = {
@@ -173,7 +176,11 @@ def main() -> None:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="run under glibc malloc settings that keep freed memory for reuse (MALLOC_MMAP_MAX_=0, "
                          "MALLOC_TRIM_THRESHOLD_ very large): no page faults on memory freed and allocated again")
+    ap.add_argument("--expert-weight-grad", choices=kernels.EXPERT_WEIGHT_GRAD_MODES, default="auto",
+                    help="ressformer.kernels.expert_weight_grad: the K recurrent steps' expert weight gradients in "
+                         "one grouped matmul (stacked), per step, or whichever the widths favour (auto)")
     a = ap.parse_args()
+    kernels.set_expert_weight_grad(a.expert_weight_grad)
     if a.compiled_only and (not a.compile or a.one_at_a_time):
         ap.error("--compiled-only needs --compile and rows interleaved (not --one-at-a-time)")
     if a.cpp_wrapper and not a.compile:
@@ -209,6 +216,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), "
           f"threads {torch.get_num_threads()}, preset {a.preset}, "
           f"B={a.batch} T={a.seq}, fwd+bwd, {a.repeats} rounds, rows {order}, {wrapper}"
+          f"expert_weight_grad {a.expert_weight_grad}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KEEP_FREED_MEMORY))
     runners = []  # (name, cfg, eager Runner, compiled Runner | None)

@@ -39,7 +39,7 @@ from ressformer.cache import attend, latent_graph
 from ressformer.causal_lm import CausalLM
 from ressformer.config import ModelConfig
 from ressformer.initialization import Plan
-from ressformer.moe import make_mlp, moe_aux_losses
+from ressformer.moe import MoEBlock, MoEExperts, make_mlp, moe_aux_losses
 from ressformer.output import ModelOutput
 from ressformer.recurrence import SegmentMemory, block_aligned, memory_fillers, summary_positions
 from ressformer.selection import SPARE_POSITION, UNBOUNDED_WINDOW, document_positions
@@ -63,7 +63,7 @@ class ReSSFormerBlock(nn.Module):
         self.graph = LatentGraph(cfg) if cfg.soes.enabled and cfg.soes.graph == "bilinear" else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, *, memory=None, graph=None, recurrent: bool = False,
-                in_order: bool = False):
+                in_order: bool = False, expert_taps=None):
         """x (B, T, D), pos (T,), memory None | (states (B, Tm, D), pos (Tm,), window (Tm,)), graph None |
         (idx, val) the previous recurrent step's graph (soes.graph=attention: it biases this call's attention).
         in_order: the model's full forward lays the keys out as ASAMAttention.key_runs says (ASAM then skips, per
@@ -71,7 +71,8 @@ class ReSSFormerBlock(nn.Module):
 
         Returns (x (B, T, D), graph | None, router_logits (B*T, E) | None, attention stats dict). The graph is
         this call's: bilinear, induced from its input states; attention, its attention pattern, made only inside
-        the recurrence (recurrent=True), where the next step reads it.
+        the recurrence (recurrent=True), where the next step reads it. expert_taps: None, or this call's pair of
+        the routed experts' `MoEExperts.weight_taps`.
         """
         xn = self.input_layernorm(x)
         if self.graph is not None:
@@ -86,7 +87,8 @@ class ReSSFormerBlock(nn.Module):
         elif self.graph is None:
             graph = None
         x = x + a
-        y, router_logits = self.mlp(self.post_attention_layernorm(x))
+        xn = self.post_attention_layernorm(x)
+        y, router_logits = self.mlp(xn) if expert_taps is None else self.mlp(xn, taps=expert_taps)
         return x + y, graph, router_logits, stats
 
     def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, unit, *, memory=None, graph=None,
@@ -198,19 +200,22 @@ class ReSSFormerForCausalLM(CausalLM):
 
     def _step(self, h: torch.Tensor, h_prev: torch.Tensor | None, s_prev: torch.Tensor | None,
               g_idx: torch.Tensor | None, g_val: torch.Tensor | None, pos: torch.Tensor,
-              seg_end: torch.Tensor | None, seg_valid: torch.Tensor | None, *, t: int, need_summary: bool) -> UnitOut:
+              seg_end: torch.Tensor | None, seg_valid: torch.Tensor | None, tap_up: torch.Tensor | None,
+              tap_down: torch.Tensor | None, *, t: int, need_summary: bool) -> UnitOut:
         """One recurrent step t: `_recurrent_step` with step t's block, compiled when `compile_units` compiled it.
 
         g_idx / g_val: step t-1's attention-pattern graph (soes.graph=attention), None otherwise. The tensors are
         positional, as the checkpointing hook's fn(function, *args) passes them. seg_end / seg_valid: the R2MU
-        segments under document masking (SegmentMemory.document_segments), None otherwise."""
+        segments under document masking (SegmentMemory.document_segments), None otherwise. tap_up / tap_down: step
+        t's pair of the routed experts' `MoEExperts.weight_taps`, None without them."""
         step = self._compiled_step if self._compiled_step is not None else self._recurrent_step
-        return step(self.core_block(t), h, h_prev, s_prev, g_idx, g_val, pos, seg_end, seg_valid, need_summary)
+        taps = None if tap_up is None else (tap_up, tap_down)
+        return step(self.core_block(t), h, h_prev, s_prev, g_idx, g_val, pos, seg_end, seg_valid, taps, need_summary)
 
     def _recurrent_step(self, block: ReSSFormerBlock, h: torch.Tensor, h_prev: torch.Tensor | None,
                         s_prev: torch.Tensor | None, g_idx: torch.Tensor | None, g_val: torch.Tensor | None,
                         pos: torch.Tensor, seg_end: torch.Tensor | None, seg_valid: torch.Tensor | None,
-                        need_summary: bool) -> UnitOut:
+                        expert_taps: tuple | None, need_summary: bool) -> UnitOut:
         """S^(t) from H^(t), M^(t) = [H^(t-1); S^(t)], H^(t+1) = block(H^(t), M^(t)): the unit torch.compile makes
         one graph of (memory pooling and gate, memory keys, ASAM, experts, SOES graph). need_summary: whether S^(t)
         is read (False only at step 0 of K = 1: computing it there would give the memory's parameters zero
@@ -230,7 +235,7 @@ class ReSSFormerForCausalLM(CausalLM):
                     #                                                  documents: blocks cut per document there)
         g_in = None if g_idx is None else (g_idx, g_val)
         h_new, graph, router_logits, stats = block(h, pos, memory=memory, graph=g_in, recurrent=True,
-                                                   in_order=self.config.asam.impl != "block")
+                                                   in_order=self.config.asam.impl != "block", expert_taps=expert_taps)
         graph = None if graph is None else Graph(*graph)
         # the step's aux terms inside its graph, where the compiler fuses them (the forward's tail, eager, would run
         # each op alone); with sequence parallelism they are sums over the group, taken in the tail
@@ -241,6 +246,17 @@ class ReSSFormerForCausalLM(CausalLM):
             smooth = smoothness_penalty(Graph(g_idx, g_val), graph)
         return UnitOut(h_new, router_logits, stats.get("density"), summary=summary, graph=graph, gate=gate,
                        moe_parts=moe_parts, smooth=smooth)
+
+    def _expert_taps(self, h: torch.Tensor, K: int) -> tuple | None:
+        """The shared block's routed experts' `MoEExperts.weight_taps` for K recurrent steps on hidden states h
+        (B, T, D): each step's expert weight gradients then sum in one grouped matmul per weight after the K
+        steps' backward (None where they do not apply: no MoE, expert parallelism, the ablation's distinct blocks,
+        the path or settings that method names)."""
+        mlp = self.core_block(0).mlp
+        if not self.config.r2mu.enabled or not isinstance(mlp, MoEBlock) or not isinstance(mlp.experts, MoEExperts):
+            return None
+        rows = h.shape[0] * h.shape[1] * mlp.top_k
+        return mlp.experts.weight_taps(h, rows, K, compiled=self._compiled_step is not None)
 
     def _block_align(self, memory, T: int):
         """Memory (states (B, T + S, D), pos, window) = [token cache; S summary entries] -> with the filler keys
@@ -297,10 +313,12 @@ class ReSSFormerForCausalLM(CausalLM):
         # only to seed S^(1).
         h_prev, summary, graph = None, None, None
         smooth = []
+        taps = self._expert_taps(h, K)
         for t in range(K):
             g_idx, g_val = (None, None) if graph is None else graph
+            tap_up, tap_down = (None, None) if taps is None else taps[t]
             out = self._checkpointed(unit, partial(self._step, t=t, need_summary=need_summary),
-                                     h, h_prev, summary, g_idx, g_val, pos, seg_end, seg_valid)
+                                     h, h_prev, summary, g_idx, g_val, pos, seg_end, seg_valid, tap_up, tap_down)
             unit += 1
             h_prev, h = h, collect(out)
             summary = out.summary

@@ -14,6 +14,9 @@
   expert-sorted rows with static shapes (`MoEExperts.padded`: no host read anywhere). The loop adds each expert's
   rows back with index_add_; the grouped and padded paths move the rows by gathers both ways (`_Dispatch`,
   `_Combine`). Empty experts get zero gradient.
+* The recurrent unit calls the shared block's experts K times a step. On the CPU's grouped ops their K weight
+  gradients can sum as one grouped matmul per weight after the K steps' backward (`ExpertWeightTaps`,
+  `ressformer.kernels.expert_weight_grad`), instead of one per step summed by autograd.
 * Aux losses come from the returned router logits (`moe_aux`), so they hold under any expert-parallel backend
   that keeps the (y, router_logits) contract.
 """
@@ -25,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressformer.config import ModelConfig, MoEConfig
-from ressformer.kernels import custom_op, experts_path
+from ressformer.kernels import custom_op, experts_path, stack_expert_weight_grads
 
 # AutoEP mixtral preset: route_norm=True adds this to the denominator (deepspeed/moe/ep_router.py).
 _ROUTE_NORM_EPS = 1e-20
@@ -222,19 +225,22 @@ def _grouped_mm_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
 
 
 @custom_op("grouped_linear", __name__, mutates_args=())
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tap: torch.Tensor | None) -> torch.Tensor:
     """`_grouped_mm_linear` as one op, for CPU tensors. torch._grouped_mm's fake (meta) tensor rule takes bfloat16
     only, so torch.compile cannot trace it in float32, where the CPU kernel runs float32 and bfloat16 alike (one
     matmul per group, offsets read inside, where a read stalls nothing). An op, its inside untraced: the graph
     around it (gathers, SwiGLU, weighted sum) compiles and fuses; the backward (`_grouped_linear_grad`) writes the
     weight gradient in w's layout (torch's own derivative of a transposed weight gives it transposed, and the copy
     back into the parameter's layout took half as long as the matmuls themselves at 125m's widths, 68 ms per 200 MB
-    gradient)."""
+    gradient).
+
+    tap: None, or one of `ExpertWeightTaps`' tensors (its values unread): the backward then leaves w's gradient to
+    the taps and gives the tap, as its gradient, what w's gradient is made of (`_tap_grad`)."""
     return _grouped_mm_linear(x, w, offs)
 
 
 @_grouped_linear.register_fake
-def _(x, w, offs):
+def _(x, w, offs, tap):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
@@ -262,18 +268,108 @@ def _(g, x, offs):
 
 
 def _grouped_linear_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    x, w, offs, tap = inputs
+    ctx.tapped = tap is not None
+    ctx.save_for_backward(x, w, offs)
 
 
 def _grouped_linear_grad(ctx, grad):
     x, w, offs = ctx.saved_tensors
     grad = grad.contiguous()  # torch._grouped_mm refuses strides that are not 16-byte multiples (an expanded grad)
     gx = _grouped_matmul(grad, w, offs) if ctx.needs_input_grad[0] else None
+    if ctx.tapped:
+        return gx, None, None, _tap_grad(grad, x, offs)
     gw = _grouped_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
-    return gx, gw, None
+    return gx, gw, None, None
 
 
 _grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
+
+
+_OFFS_SHIFTS = (0, 8, 16, 24)  # an int32 offset as four bytes, each exact in every float dtype
+
+
+def _tap_size(rows: int, w: torch.Tensor) -> int:
+    """Elements of `_grouped_linear`'s tap for `rows` rows and weight w (E, O, I): the output gradient (rows, O),
+    the input (rows, I) and the E offsets as bytes."""
+    return rows * (w.shape[1] + w.shape[2]) + len(_OFFS_SHIFTS) * w.shape[0]
+
+
+def _tap_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """What `_grouped_linear`'s weight gradient is made of, flat in one tensor (a tap's gradient): grad (R, O), x
+    (R, I) and offs (E,) int32, each offset as its four bytes, in grad's dtype (integers to 255 are exact in
+    every float dtype; `_tap_parts` reads them back)."""
+    b = torch.stack([(offs >> s) & 255 for s in _OFFS_SHIFTS], dim=-1)  # (E, 4)
+    return torch.cat([grad.reshape(-1), x.reshape(-1).to(grad.dtype), b.reshape(-1).to(grad.dtype)])
+
+
+def _tap_parts(t: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tap's gradient (`_tap_grad`) for weight w (E, O, I) -> (grad (R, O), x (R, I), offs (E,) int64): views,
+    but for offs."""
+    n_groups, n_out, n_in = w.shape
+    end = t.numel() - len(_OFFS_SHIFTS) * n_groups
+    R = end // (n_out + n_in)
+    b = t[end:].view(n_groups, len(_OFFS_SHIFTS)).to(torch.int64)
+    offs = (b << torch.tensor(_OFFS_SHIFTS, device=t.device)).sum(-1)
+    return t[:R * n_out].view(R, n_out), t[R * n_out:end].view(R, n_in), offs
+
+
+@custom_op("stacked_weight_grad", __name__, mutates_args=())
+def _stacked_weight_grad(gs: list[torch.Tensor], xs: list[torch.Tensor], offs: list[torch.Tensor]) -> torch.Tensor:
+    """sum over the calls s of `_grouped_linear`'s weight gradient (`_grouped_weight_grad`), the calls' gs[s]
+    (R, O), xs[s] (R, I) and offs[s] (E,) -> (E, O, I): every call's rows of group e copied next to each other
+    (group by group, calls in order), then one grouped matmul, group e's over all the calls' rows of e at once. The
+    recurrent unit calls the shared experts K times a step: K matmuls of about R / E rows each ran at a third of
+    one matmul's rate over K R / E rows at 125m's widths (CPU, fp32; bench/RESULTS.md), and their K results were
+    each written to fresh memory and summed. An op: the row count it reads on the host stays inside."""
+    counts = torch.stack([torch.diff(o, prepend=o.new_zeros(1)) for o in offs])  # (S, E)
+    total = counts.sum(0)  # (E,)
+    # first destination row of call s's group e: group e's block, then the rows of e from calls before s
+    dest0 = (total.cumsum(0) - total) + (counts.cumsum(0) - counts)  # (S, E)
+    src0 = torch.stack(offs) - counts  # (S, E) first row of group e in call s
+    n = int(total.sum())
+    g_all, x_all = gs[0].new_empty(n, gs[0].shape[1]), xs[0].new_empty(n, xs[0].shape[1])
+    for g, x, c, d, s in zip(gs, xs, counts, dest0, src0):
+        dest = torch.repeat_interleave(d - s, c, output_size=g.shape[0]) + torch.arange(g.shape[0], device=g.device)
+        g_all.index_copy_(0, dest, g)
+        x_all.index_copy_(0, dest, x)
+    return _grouped_weight_grad(g_all, x_all, total.cumsum(0).to(torch.int32))
+
+
+@_stacked_weight_grad.register_fake
+def _(gs, xs, offs):
+    return gs[0].new_empty(offs[0].shape[0], gs[0].shape[1], xs[0].shape[1])
+
+
+class ExpertWeightTaps(torch.autograd.Function):
+    """The routed experts' weight gradients of a recurrent forward, computed once for all its K steps.
+
+    apply(gate_up (E, 2F, D), down (E, D, F), rows, steps) -> 2 * steps tensors, (gate_up tap, down tap) of each
+    step, whose values nobody reads: a step passes its pair to `MoEExperts.forward` (taps=), whose `_grouped_linear`
+    ops give w no gradient and their tap, as its gradient, the parts of w's (`_tap_grad`). Autograd calls this
+    backward once, when every step's backward has run, with all the parts: it returns each weight's gradient summed
+    over the steps as one grouped matmul (`_stacked_weight_grad`); AccumulateGrad (and ZeRO's hooks on it) fire once.
+    rows: the experts' rows a step (tokens x experts_per_token). The parts of all K steps are held until then, K rows
+    (2F + D + D + F) elements (0.72 GB at 125m, B=1, T=1024, fp32), where each step's backward no longer makes a
+    weight-sized gradient (0.3 GB there): that compiled step's peak resident memory was 4.32 GB, against 4.37 GB
+    per step."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, down: torch.Tensor, rows: int, steps: int):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gate_up, down)
+        z = gate_up.new_zeros(1)
+        sizes = (_tap_size(rows, gate_up), _tap_size(rows, down))
+        return tuple(z.expand(sizes[i % 2]) for i in range(2 * steps))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gate_up, down = ctx.saved_tensors
+        out = []
+        for w, gs in ((gate_up, grads[0::2]), (down, grads[1::2])):
+            parts = [_tap_parts(g, w) for g in gs if g is not None]
+            out.append(_stacked_weight_grad(*map(list, zip(*parts))) if parts else None)
+        return out[0], out[1], None, None
 
 
 class MoEExperts(nn.Module):
@@ -297,14 +393,36 @@ class MoEExperts(nn.Module):
         """Expert e on x (n, D) -> (n, D)."""
         return _swiglu(x, self.gate_up_proj[e], self.down_proj[e])
 
-    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor, taps=None) -> torch.Tensor:
         """Every expert on its rows of x (n, D), sorted by expert with counts (E,) rows each -> (n, D): one
-        torch._grouped_mm per projection (the loop's math, DeepSpeed AutoEP's and torchtitan's grouped experts)."""
+        torch._grouped_mm per projection (the loop's math, DeepSpeed AutoEP's and torchtitan's grouped experts).
+        taps: None, or this call's (gate_up, down) pair of `ExpertWeightTaps` (CPU only)."""
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
-        # CPU: our op (`_grouped_linear`, traceable in float32 too); CUDA: torch's, with its own derivative
-        linear = _grouped_linear if x.device.type == "cpu" else _grouped_mm_linear
-        g, u = linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (n, F) each
-        return linear(F.silu(g) * u, self.down_proj, offs)
+        if x.device.type == "cpu":  # our op (`_grouped_linear`, traceable in float32 too)
+            t_up, t_down = (None, None) if taps is None else taps
+            g, u = _grouped_linear(x, self.gate_up_proj, offs, t_up).chunk(2, dim=-1)  # (n, F) each
+            return _grouped_linear(F.silu(g) * u, self.down_proj, offs, t_down)
+        if taps is not None:
+            raise ValueError("MoEExperts.grouped: weight taps are for the CPU's grouped ops; CUDA runs torch's")
+        g, u = _grouped_mm_linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # torch's op and derivative
+        return _grouped_mm_linear(F.silu(g) * u, self.down_proj, offs)
+
+    def weight_taps(self, x: torch.Tensor, rows: int, steps: int, *, compiled: bool) -> tuple | None:
+        """`ExpertWeightTaps` for a forward that calls these experts `steps` times on `rows` rows each (tokens x
+        experts_per_token) with hidden states like x, each call's weight gradient then summed over the calls in
+        one grouped matmul per weight: a tuple of `steps` (gate_up, down) tap pairs, to pass one pair per call.
+        None where the calls run anything but `_grouped_linear` (`experts_path` with compiled: whether the calls
+        run under torch.compile), where `ressformer.kernels.expert_weight_grad` is "per_step", with no gradient,
+        one call, autocast, or parameters ZeRO-3 partitions (their shape is not the gradient's); under "auto",
+        also where a call's rows hold as many elements as the weights (`ressformer.kernels` says why)."""
+        w = (self.gate_up_proj, self.down_proj)
+        if (steps < 2 or not torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                or x.dtype != w[0].dtype or not all(p.requires_grad and not hasattr(p, "ds_id") for p in w)
+                or not stack_expert_weight_grads(rows, tuple(w[0].shape))
+                or experts_path(x, (x.shape[-1], self.hidden), compiling=compiled) != "grouped_mm"):
+            return None
+        taps = ExpertWeightTaps.apply(*w, rows, steps)
+        return tuple(taps[i:i + 2] for i in range(0, 2 * steps, 2))
 
     def padded(self, x: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """`grouped` with static shapes on any device and dtype: every expert on its rows of x (R, D), sorted by
@@ -330,8 +448,9 @@ class MoEExperts(nn.Module):
         y = _TileMatmul.apply(F.silu(g) * u, self.down_proj, tile_expert)  # (n_tiles, t, D)
         return y.view(n_tiles * t, D).index_select(0, slot)
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x (N, D), topk_idx (N, k) long, topk_weight (N, k) -> (N, D), dropless."""
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, taps=None) -> torch.Tensor:
+        """x (N, D), topk_idx (N, k) long, topk_weight (N, k) -> (N, D), dropless. taps: None, or this call's pair
+        of `weight_taps` (made for this call's path)."""
         N, k = topk_idx.shape
         flat_idx = topk_idx.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_idx, stable=True)  # assignments grouped by expert
@@ -349,7 +468,7 @@ class MoEExperts(nn.Module):
         if path == "loop":  # compiled: the loop as one opaque op, its host read inside
             return _experts_loop(x, self.gate_up_proj, self.down_proj, token, weight, counts)[0]
         xs = _Dispatch.apply(x, token, inv, k)  # (N*k, D) sorted by expert
-        y = self.grouped(xs, counts) if path == "grouped_mm" else self.padded(xs, counts, flat_idx[order])
+        y = self.grouped(xs, counts, taps) if path == "grouped_mm" else self.padded(xs, counts, flat_idx[order])
         return _Combine.apply(y * weight, token, inv, k)
 
     def loop(self, x: torch.Tensor, flat_idx: torch.Tensor, token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -411,12 +530,13 @@ class MoEBlock(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, taps=None):
+        """x (B, T, D) -> (y (B, T, D), router_logits (B*T, E)); taps: None, or a pair of `MoEExperts.weight_taps`."""
         B, T, D = x.shape
         h = x.reshape(B * T, D)  # (N, D)
         router_logits = self.gate(h)  # (N, E)
         w, idx = route(router_logits, self.top_k)  # (N, k) each
-        y = self.experts(h, idx, w)  # (N, D)
+        y = self.experts(h, idx, w, taps=taps)  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)[0]
         return y.reshape(B, T, D), router_logits

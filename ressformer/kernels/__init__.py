@@ -36,6 +36,17 @@ and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEEx
                   torch.compile the same loop as one custom op (moe._experts_loop, its backward written out), so
                   the read stays inside the op and the graph neither breaks nor recompiles (on CUDA the read still
                   waits for the device)
+and `expert_weight_grad` (`set_expert_weight_grad`) for the weight gradients of routed experts that a recurrent
+forward calls K times (the shared block's):
+    "auto"      "stacked" where a step's rows hold fewer elements than the weights (R (O + I) < E O I for
+                gate_up_proj (E, O, I), R rows a step: 125m's widths at 1024 tokens, not the debug preset's), else
+                "per_step". Stacking copies each step's rows once and saves a weight-sized gradient written and
+                summed per step: at 125m it made the compiled step 0.932x, at the debug preset 1.048x
+                (bench/RESULTS.md)
+    "stacked"   where the calls run moe._grouped_linear (CPU, grouped_mm path) with gradients, their K weight
+                gradients sum as one grouped matmul per weight after the K steps' backward (moe.ExpertWeightTaps:
+                each expert's K R / E rows at once); each step's output gradients and inputs are held until then
+    "per_step"  each step's backward computes its own weight gradient, and autograd sums the K of them
 triton and liger_kernel are imported only when a kernel is about to run, so ressformer imports without them.
 """
 
@@ -119,6 +130,24 @@ def set_moe_experts(mode: str) -> None:
     moe_experts = _checked(mode, MOE_EXPERTS_MODES, "moe experts")
 
 
+EXPERT_WEIGHT_GRAD_MODES = ("auto", "stacked", "per_step")
+expert_weight_grad = "auto"
+
+
+def set_expert_weight_grad(mode: str) -> None:
+    """Choose how a recurrent forward's routed experts get their weight gradients: auto | stacked | per_step."""
+    global expert_weight_grad
+    expert_weight_grad = _checked(mode, EXPERT_WEIGHT_GRAD_MODES, "expert weight grad")
+
+
+def stack_expert_weight_grads(rows: int, weight_shape: tuple[int, ...]) -> bool:
+    """Whether, under the `expert_weight_grad` mode, the weight gradients of routed experts called on `rows` rows
+    a call with the first weight of shape (E, O, I) sum over the calls as one grouped matmul ("stacked")."""
+    n_groups, n_out, n_in = weight_shape
+    return expert_weight_grad == "stacked" or (expert_weight_grad == "auto"
+                                               and rows * (n_out + n_in) < n_groups * n_out * n_in)
+
+
 def _native_grouped_mm(device: torch.device) -> bool:
     """Whether torch._grouped_mm runs its device-offset kernel on this CUDA device: compute capability 9.x or 10.x
     (torch's `_scaled_mm_allowed_device(sm90_only, sm100_only)`). torch.compile folds get_device_properties to a
@@ -126,10 +155,12 @@ def _native_grouped_mm(device: torch.device) -> bool:
     return torch.cuda.get_device_properties(device).major in (9, 10)
 
 
-def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
+def experts_path(x: torch.Tensor, widths: tuple[int, ...], compiling: bool | None = None) -> str:
     """How the experts' matmuls of tokens x (n, D) with weight widths `widths` (D, F, ...) run under the
     `moe_experts` mode: "grouped_mm", "padded" or "loop". torch._grouped_mm needs every row stride a multiple of
-    16 bytes."""
+    16 bytes. compiling: whether the matmuls run under torch.compile (None: whether this call is traced)."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if moe_experts in ("loop", "padded"):
         return moe_experts
     aligned = all(w * x.element_size() % 16 == 0 for w in widths)
@@ -149,7 +180,7 @@ def experts_path(x: torch.Tensor, widths: tuple[int, ...]) -> str:
         dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)
         grouped = aligned and x.dtype in dtypes and hasattr(torch, "_grouped_mm")
         if not x.is_cuda:
-            return "grouped_mm" if grouped and torch.compiler.is_compiling() else "loop"
+            return "grouped_mm" if grouped and compiling else "loop"
         return "grouped_mm" if grouped and _native_grouped_mm(x.device) else "padded"
     raise ValueError(f"ressformer.kernels.moe_experts={moe_experts!r}: choose one of {MOE_EXPERTS_MODES}")
 

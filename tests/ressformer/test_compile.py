@@ -201,16 +201,18 @@ def _compiles_whole(preset: str, overrides: dict, dtype, graphs: int):
     assert counter.frame_count == graphs
 
 
-@pytest.mark.parametrize("preset,path,dtype,graphs", [
-    ("debug-transformer", None, torch.float32, 1), ("debug", "chunked", torch.float32, 3),
-    ("debug", "chunked", torch.bfloat16, 3), ("debug", "block_query", torch.float32, 3),
-    ("debug", "block_chunk", torch.bfloat16, 3), ("debug", "bilinear_block", torch.float32, 3)],
-    ids=["baseline", "chunked", "chunked_bf16", "block_query", "block_chunk_bf16", "bilinear_block"])
-def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, path, dtype, graphs):
+@pytest.mark.parametrize("preset,path,dtype,graphs,weight_grad", [
+    ("debug-transformer", None, torch.float32, 1, "auto"), ("debug", "chunked", torch.float32, 3, "stacked"),
+    ("debug", "chunked", torch.bfloat16, 3, "auto"), ("debug", "block_query", torch.float32, 3, "auto"),
+    ("debug", "block_chunk", torch.bfloat16, 3, "auto"), ("debug", "bilinear_block", torch.float32, 3, "auto")],
+    ids=["baseline", "chunked_stacked", "chunked_bf16", "block_query", "block_chunk_bf16", "bilinear_block"])
+def test_units_compile_whole_and_the_k_loop_never_recompiles(preset, path, dtype, graphs, weight_grad, monkeypatch):
     """fullgraph=True: no graph break anywhere in a unit (the routed experts on the static tiles: CPU under
     torch.compile). The baseline's 4 layers share one graph; ReSSFormer's step has 3 variants (step 0: no memory
     keys, no graph, S^(0) pooled for K > 1 or not for K = 1; steps >= 1). After a K=2 and a K=1 forward+backward,
-    other K, with checkpointing on or off, reuse them: error_on_recompile stays silent."""
+    other K, with checkpointing on or off, reuse them: error_on_recompile stays silent (with the experts' weight
+    taps of expert_weight_grad "stacked" too: one pair a step for K >= 2, none for K = 1)."""
+    monkeypatch.setattr(kernels, "expert_weight_grad", weight_grad)
     _compiles_whole(preset, PATHS.get(path, {}), dtype, graphs)
 
 
@@ -239,9 +241,10 @@ def test_125m_step_traces_whole(path):
     ids, pos = torch.randint(0, cfg.vocab_size, (1, n)), torch.arange(n)
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
-        s0 = model._recurrent_step(model.core_block(0), h, None, None, None, None, pos, None, None, True)
+        s0 = model._recurrent_step(model.core_block(0), h, None, None, None, None, pos, None, None, None, True)
         explained = torch._dynamo.explain(model._recurrent_step)(model.core_block(1), s0.h, h, s0.summary,
-                                                                 s0.graph.idx, s0.graph.val, pos, None, None, True)
+                                                                 s0.graph.idx, s0.graph.val, pos, None, None, None,
+                                                                 True)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -305,33 +308,53 @@ def test_baseline_compiled_equals_eager():
     _assert_parity(eager, compiled, [(None, False), (None, True)])
 
 
-@pytest.mark.parametrize("path", ["chunked", "block_chunk"])
-def test_ressformer_compiled_equals_eager_aot_eager(path):
-    """AOTAutograd's joint graphs, without inductor's codegen (the experts: the loop eagerly, the static tiles
-    compiled)."""
+def _stacked_calls(monkeypatch, weight_grad: str) -> list:
+    """expert_weight_grad set to `weight_grad` for the test; the list that gets one entry per call of the op
+    that sums the K steps' expert weight gradients (moe._stacked_weight_grad)."""
+    from ressformer import moe
+
+    calls, op = [], moe._stacked_weight_grad
+    monkeypatch.setattr(moe, "_stacked_weight_grad", lambda *a: calls.append(len(a[0])) or op(*a))
+    monkeypatch.setattr(kernels, "expert_weight_grad", weight_grad)
+    return calls
+
+
+@pytest.mark.parametrize("path,weight_grad", [("chunked", "stacked"), ("block_chunk", "per_step")])
+def test_ressformer_compiled_equals_eager_aot_eager(path, weight_grad, monkeypatch):
+    """AOTAutograd's joint graphs, without inductor's codegen (the experts: the loop eagerly, the grouped ops
+    compiled), the K steps' expert weight gradients summed in one grouped matmul after the backward (chunked:
+    expert_weight_grad "stacked") or per step."""
+    calls = _stacked_calls(monkeypatch, weight_grad)
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
     eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
-    _assert_parity(eager, compiled, [(4, True), (4, False), (_sampled_ks(cfg, 1)[0], True)])
+    ks = [4, 4, _sampled_ks(cfg, 1)[0]]
+    _assert_parity(eager, compiled, list(zip(ks, [True, False, True])))
+    assert calls == ([k for k in ks if k > 1 for _ in "wd"] if weight_grad == "stacked" else [])  # compiled only
 
 
-def test_ressformer_bf16_compiled_equals_eager_aot_eager():
+def test_ressformer_bf16_compiled_equals_eager_aot_eager(monkeypatch):
     """bf16 parameters and activations: the logits and loss equal eager's, the gradients within 1e-2 relative (the
-    experts' weight gradients summed per tile, each rounded to bf16, against the loop's one matmul)."""
+    experts' weight gradients of the K steps summed in one grouped matmul, in bf16, against the loop's per step)."""
+    calls = _stacked_calls(monkeypatch, "stacked")
     cfg = ModelConfig.from_preset("debug", **PATHS["block_query"])
     eager, compiled = _pair(cfg, backend="aot_eager", fullgraph=True)
     _assert_parity(eager.bfloat16(), compiled.bfloat16(), [(4, False), (2, True)], tol=1e-2)
+    assert calls == [4, 4, 2, 2]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path,wrapper", [("block_chunk", "python"), ("chunked", "cpp")])
-def test_ressformer_compiled_equals_eager_inductor(path, wrapper):
+def test_ressformer_compiled_equals_eager_inductor(path, wrapper, monkeypatch):
     """Inductor (2 min a path on CPU; chunked's other graphs: aot_eager above) with its Python wrapper on one path, K
-    fixed and sampled, and with its C++ wrapper (run config compile_cpp_wrapper) on the other."""
+    fixed and sampled, and with its C++ wrapper (run config compile_cpp_wrapper) on the other, there with the K
+    steps' expert weight gradients summed in one grouped matmul (expert_weight_grad "stacked")."""
     cfg = ModelConfig.from_preset("debug", **PATHS[path])
     eager, compiled = _pair(cfg, fullgraph=True, **({"options": {"cpp_wrapper": True}} if wrapper == "cpp" else {}))
     if wrapper == "cpp":
+        calls = _stacked_calls(monkeypatch, "stacked")
         _assert_parity(eager, compiled, [(4, True), (2, False)])
+        assert calls == [4, 4, 2, 2]
         return
     ks = _sampled_ks(cfg, 4)
     assert len(set(ks)) > 1, ks

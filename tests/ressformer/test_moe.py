@@ -301,17 +301,23 @@ def test_padded_tiles_hold_every_row_whatever_the_routing():
             assert sum(-(-c // t) for c in counts) <= n_tiles, (R, E, t, counts)
 
 
-@pytest.mark.parametrize("mode", SYNC_FREE)
-def test_sync_free_experts_model_matches_loop(moe_mode, mode):
+@pytest.mark.parametrize("mode,weight_grad", [pytest.param("grouped_mm", "stacked", marks=needs_grouped_mm),
+                                               pytest.param("grouped_mm", "per_step", marks=needs_grouped_mm),
+                                               ("padded", "stacked")])
+def test_sync_free_experts_model_matches_loop(moe_mode, mode, weight_grad, monkeypatch):
     """The debug ReSSFormer (4 experts top-2 in the shared block, K = 4) trains the same either way: loss and every
-    gradient."""
-    from ressformer import build_model
+    gradient. On CPU the grouped ops sum the K steps' expert weight gradients in one grouped matmul per weight
+    (`ExpertWeightTaps`), once per backward, under expert_weight_grad "stacked"; "per_step" as before."""
+    from ressformer import build_model, kernels, moe
 
     cfg = ModelConfig.from_preset("debug")
     assert cfg.moe.enabled
     torch.manual_seed(0)
     model = build_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    stacked, op = [], moe._stacked_weight_grad
+    monkeypatch.setattr(moe, "_stacked_weight_grad", lambda *a: stacked.append(len(a[0])) or op(*a))
+    monkeypatch.setattr(kernels, "expert_weight_grad", weight_grad)
     res = {}
     for m in ("loop", mode):
         moe_mode(m)
@@ -319,10 +325,76 @@ def test_sync_free_experts_model_matches_loop(moe_mode, mode):
         loss = model(ids, labels=ids).loss
         loss.backward()
         res[m] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert stacked == ([4, 4] if (mode, weight_grad) == ("grouped_mm", "stacked") else [])  # gate_up, down: K calls
     torch.testing.assert_close(res[mode][0], res["loop"][0], rtol=1e-6, atol=0)
     assert res[mode][1].keys() == res["loop"][1].keys()
     for n, g in res["loop"][1].items():
         torch.testing.assert_close(res[mode][1][n], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_weight_grad_is_the_sum_of_the_calls_weight_grads(dtype):
+    """The taps' parts round-trip exactly (offsets past 2^8, 2^16 and 2^24 as bytes, in bfloat16 too), and one
+    grouped matmul over every call's rows, group by group, gives the sum of the calls' weight gradients: calls with
+    an empty group, with every row in one group, and a group no call uses (zero gradient)."""
+    from ressformer.moe import _grouped_weight_grad, _stacked_weight_grad, _tap_grad, _tap_parts
+
+    torch.manual_seed(0)
+    E, n_out, n_in, R = 5, 16, 8, 40
+    w = torch.empty(E, n_out, n_in, dtype=dtype)
+    offs = torch.tensor([0, 255, 256, 65537, (1 << 24) + 3], dtype=torch.int32)
+    g, x = torch.randn(R, n_out, dtype=dtype), torch.randn(R, n_in, dtype=dtype)
+    g2, x2, o2 = _tap_parts(_tap_grad(g, x, offs), w)
+    assert torch.equal(g2, g) and torch.equal(x2, x) and torch.equal(o2, offs.long())
+    counts = [[10, 0, 20, 10, 0], [0, 0, 40, 0, 0], [5, 15, 5, 15, 0]]  # the last group: no rows in any call
+    parts = [(torch.randn(R, n_out, dtype=dtype), torch.randn(R, n_in, dtype=dtype), torch.tensor(c).cumsum(0))
+             for c in counts]
+    got = _stacked_weight_grad(*map(list, zip(*parts)))
+    want = sum(_grouped_weight_grad(g, x, o.to(torch.int32)).float() for g, x, o in parts)
+    assert got.dtype == dtype and got.shape == (E, n_out, n_in) and got[-1].abs().sum() == 0
+    torch.testing.assert_close(got.float(), want, rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                               atol=1e-5 if dtype == torch.float32 else 5e-2)
+
+
+def test_weight_taps_only_where_the_grouped_ops_run_with_gradients(moe_mode):
+    """`MoEExperts.weight_taps` makes taps for CPU grouped ops (compiled under "auto", always under "grouped_mm")
+    with gradients and K >= 2 calls, and None for the loop, the tiles, one call, no gradient, autocast, another
+    dtype than the weights', expert_weight_grad "per_step", and under "auto" rows as large as the weights."""
+    from ressformer import kernels
+    from ressformer.moe import MoEExperts
+
+    ex = MoEExperts(4, 16, 32)  # gate_up (4, 64, 16): 4096 elements; 12 rows x (64 + 16) = 960
+    x = torch.zeros(6, 16)
+    grouped = hasattr(torch, "_grouped_mm")
+    moe_mode("auto")
+    assert (ex.weight_taps(x, 51, 3, compiled=True) is None) != grouped  # 4080 < 4096: auto stacks
+    assert ex.weight_taps(x, 52, 3, compiled=True) is None  # 4160 >= 4096: per step
+    assert ex.weight_taps(x, 12, 3, compiled=False) is None  # eager CPU: the loop
+    taps = ex.weight_taps(x, 12, 3, compiled=True)
+    assert (taps is not None) == grouped
+    if grouped:
+        assert len(taps) == 3 and all(len(t) == 2 and t[0].requires_grad for t in taps)
+        assert taps[0][0].shape == (12 * (64 + 16) + 16,) and taps[0][1].shape == (12 * (16 + 32) + 16,)
+    assert ex.weight_taps(x, 12, 1, compiled=True) is None
+    assert ex.weight_taps(x.bfloat16(), 12, 3, compiled=True) is None
+    with torch.no_grad():
+        assert ex.weight_taps(x, 12, 3, compiled=True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ex.weight_taps(x, 12, 3, compiled=True) is None
+    moe_mode("padded")
+    assert ex.weight_taps(x, 12, 3, compiled=True) is None
+    moe_mode("grouped_mm")
+    assert (ex.weight_taps(x, 12, 3, compiled=False) is not None) == grouped
+    kernels.set_expert_weight_grad("stacked")
+    try:
+        assert (ex.weight_taps(x, 52, 3, compiled=True) is None) != grouped
+        kernels.set_expert_weight_grad("per_step")
+        assert ex.weight_taps(x, 12, 3, compiled=True) is None
+        with pytest.raises(ValueError, match="choose one of"):
+            kernels.set_expert_weight_grad("fused")
+    finally:
+        kernels.set_expert_weight_grad("auto")
 
 
 def test_experts_path_decision(moe_mode, monkeypatch):
