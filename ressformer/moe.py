@@ -319,9 +319,10 @@ def _stacked_weight_grad(gs: list[torch.Tensor], xs: list[torch.Tensor], offs: l
     """sum over the calls s of `_grouped_linear`'s weight gradient (`_grouped_weight_grad`), the calls' gs[s]
     (R, O), xs[s] (R, I) and offs[s] (E,) -> (E, O, I): every call's rows of group e copied next to each other
     (group by group, calls in order), then one grouped matmul, group e's over all the calls' rows of e at once. The
-    recurrent unit calls the shared experts K times a step: K matmuls of about R / E rows each ran at a third of
-    one matmul's rate over K R / E rows at 125m's widths (CPU, fp32; bench/RESULTS.md), and their K results were
-    each written to fresh memory and summed. An op: the row count it reads on the host stays inside."""
+    recurrent unit calls the shared experts K times a step; at 125m's widths (CPU, fp32, bench/RESULTS.md) K
+    grouped matmuls of about R / E rows each, their results summed, took 1.04x-1.34x this op's time with glibc
+    keeping freed memory and 2.3x-2.5x without (each result is a weight-sized fresh buffer). An op: the row count
+    it reads on the host stays inside."""
     counts = torch.stack([torch.diff(o, prepend=o.new_zeros(1)) for o in offs])  # (S, E)
     total = counts.sum(0)  # (E,)
     # first destination row of call s's group e: group e's block, then the rows of e from calls before s
