@@ -360,7 +360,8 @@ def test_stacked_weight_grad_is_the_sum_of_the_calls_weight_grads(dtype):
 def test_weight_taps_only_where_the_grouped_ops_run_with_gradients(moe_mode):
     """`MoEExperts.weight_taps` makes taps for CPU grouped ops (compiled under "auto", always under "grouped_mm")
     with gradients and K >= 2 calls, and None for the loop, the tiles, one call, no gradient, autocast, another
-    dtype than the weights', expert_weight_grad "per_step", and under "auto" rows as large as the weights."""
+    dtype than the weights', ZeRO-3 partitioned weights, expert_weight_grad "per_step", and under "auto" rows as
+    large as the weights."""
     from ressformer import kernels
     from ressformer.moe import MoEExperts
 
@@ -382,6 +383,9 @@ def test_weight_taps_only_where_the_grouped_ops_run_with_gradients(moe_mode):
         assert ex.weight_taps(x, 12, 3, compiled=True) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ex.weight_taps(x, 12, 3, compiled=True) is None
+    ex.down_proj.ds_id = 7  # as ZeRO-3 marks a partitioned parameter (its shape is then not its gradient's)
+    assert ex.weight_taps(x, 12, 3, compiled=True) is None
+    del ex.down_proj.ds_id
     moe_mode("padded")
     assert ex.weight_taps(x, 12, 3, compiled=True) is None
     moe_mode("grouped_mm")
