@@ -39,10 +39,10 @@ and `moe_experts` (`set_moe_experts`) for the routed experts' matmuls (moe.MoEEx
 and `expert_weight_grad` (`set_expert_weight_grad`) for the weight gradients of routed experts that a recurrent
 forward calls K times (the shared block's):
     "auto"      "stacked" where a step's rows hold fewer elements than the weights (R (O + I) < E O I for
-                gate_up_proj (E, O, I), R rows a step: 125m's widths at 1024 tokens, not the debug preset's), else
-                "per_step". Stacking copies each step's rows once and saves a weight-sized gradient written and
-                summed per step: at 125m it made the compiled step 0.932x, at the debug preset 1.048x
-                (bench/RESULTS.md)
+                gate_up_proj (E, O, I), R rows a step: 125m at 1024 tokens a step; the debug preset only below 103
+                tokens), else "per_step". Stacking copies each step's rows once and saves a weight-sized gradient
+                written and summed per step: at 125m (1024 tokens) it made the compiled step 0.932x, forced at the
+                debug preset (1024 tokens) 1.048x (bench/RESULTS.md)
     "stacked"   where the calls run moe._grouped_linear (CPU, grouped_mm path) with gradients, their K weight
                 gradients sum as one grouped matmul per weight after the K steps' backward (moe.ExpertWeightTaps:
                 each expert's K R / E rows at once); each step's output gradients and inputs are held until then
