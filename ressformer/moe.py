@@ -303,10 +303,10 @@ def _tap_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.
     return torch.cat([grad.reshape(-1), x.reshape(-1).to(grad.dtype), b.reshape(-1).to(grad.dtype)])
 
 
-def _tap_parts(t: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A tap's gradient (`_tap_grad`) for weight w (E, O, I) -> (grad (R, O), x (R, I), offs (E,) int64): views,
-    but for offs."""
-    n_groups, n_out, n_in = w.shape
+def _tap_parts(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tap's gradient (`_tap_grad`) for a weight of shape (E, O, I) -> (grad (R, O), x (R, I), offs (E,) int64):
+    views, but for offs."""
+    n_groups, n_out, n_in = shape
     end = t.numel() - len(_OFFS_SHIFTS) * n_groups
     R = end // (n_out + n_in)
     b = t[end:].view(n_groups, len(_OFFS_SHIFTS)).to(torch.int64)
@@ -358,17 +358,16 @@ class ExpertWeightTaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, down: torch.Tensor, rows: int, steps: int):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(gate_up, down)
+        ctx.shapes = (gate_up.shape, down.shape)
         z = gate_up.new_zeros(1)
         sizes = (_tap_size(rows, gate_up), _tap_size(rows, down))
         return tuple(z.expand(sizes[i % 2]) for i in range(2 * steps))
 
     @staticmethod
     def backward(ctx, *grads):
-        gate_up, down = ctx.saved_tensors
         out = []
-        for w, gs in ((gate_up, grads[0::2]), (down, grads[1::2])):
-            parts = [_tap_parts(g, w) for g in gs if g is not None]
+        for shape, gs in zip(ctx.shapes, (grads[0::2], grads[1::2])):
+            parts = [_tap_parts(g, shape) for g in gs if g is not None]
             out.append(_stacked_weight_grad(*map(list, zip(*parts))) if parts else None)
         return out[0], out[1], None, None
 

@@ -308,16 +308,15 @@ def test_sync_free_experts_model_matches_loop(moe_mode, mode, weight_grad, monke
     """The debug ReSSFormer (4 experts top-2 in the shared block, K = 4) trains the same either way: loss and every
     gradient. On CPU the grouped ops sum the K steps' expert weight gradients in one grouped matmul per weight
     (`ExpertWeightTaps`), once per backward, under expert_weight_grad "stacked"; "per_step" as before."""
-    from ressformer import build_model, kernels, moe
+    from ressformer import build_model
+    from tests.ressformer.test_compile import _stacked_calls
 
     cfg = ModelConfig.from_preset("debug")
     assert cfg.moe.enabled
     torch.manual_seed(0)
     model = build_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
-    stacked, op = [], moe._stacked_weight_grad
-    monkeypatch.setattr(moe, "_stacked_weight_grad", lambda *a: stacked.append(len(a[0])) or op(*a))
-    monkeypatch.setattr(kernels, "expert_weight_grad", weight_grad)
+    stacked = _stacked_calls(monkeypatch, weight_grad)
     res = {}
     for m in ("loop", mode):
         moe_mode(m)
@@ -342,10 +341,9 @@ def test_stacked_weight_grad_is_the_sum_of_the_calls_weight_grads(dtype):
 
     torch.manual_seed(0)
     E, n_out, n_in, R = 5, 16, 8, 40
-    w = torch.empty(E, n_out, n_in, dtype=dtype)
     offs = torch.tensor([0, 255, 256, 65537, (1 << 24) + 3], dtype=torch.int32)
     g, x = torch.randn(R, n_out, dtype=dtype), torch.randn(R, n_in, dtype=dtype)
-    g2, x2, o2 = _tap_parts(_tap_grad(g, x, offs), w)
+    g2, x2, o2 = _tap_parts(_tap_grad(g, x, offs), torch.Size((E, n_out, n_in)))
     assert torch.equal(g2, g) and torch.equal(x2, x) and torch.equal(o2, offs.long())
     counts = [[10, 0, 20, 10, 0], [0, 0, 40, 0, 0], [5, 15, 5, 15, 0]]  # the last group: no rows in any call
     parts = [(torch.randn(R, n_out, dtype=dtype), torch.randn(R, n_in, dtype=dtype), torch.tensor(c).cumsum(0))
