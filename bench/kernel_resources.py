@@ -15,12 +15,12 @@ D = head dim, T = max_seq_len queries, Tk = T + the R2MU memory keys of pretrain
   the bias (HAS_DS); `--variants preset` keeps the combinations the preset's own R2MU steps call. The tiles are
   those `_blocks(kk, D)` picks per direction (the launcher has no other choice: no autotuning); `--shapes KKxD`
   adds made-up (kk, D) pairs to check other tiles (e.g. kk = 1024: one query per program).
-* liger-kernel's fused linear cross-entropy as ressformer/kernels/fused_loss.py calls it: that function runs on
-  small CPU tensors (B=1, T=32 tokens, the preset's d_model and vocab_size, the --dtype) with Triton's launcher
-  replaced by a recorder, so the kernels, constexprs (BLOCK_SIZE, HAS_GRADIENTS, ...) and num_warps are the ones
-  liger picks for those sizes; its backward runs with an upstream gradient != 1 (as under gradient accumulation),
-  which adds liger's in-place `element_mul_kernel` launches. Only the integer arguments that depend on the token
-  count (row counts, number of scored tokens) differ from a full-size run.
+* liger-kernel's cross-entropy kernel as ressformer/kernels/fused_loss.py calls it: that function runs on small
+  CPU tensors (B=1, T=32 tokens, the preset's d_model and vocab_size, the --dtype) with Triton's launcher replaced
+  by a recorder, so the kernel, constexprs (BLOCK_SIZE, HAS_GRADIENTS, ...) and num_warps are the ones it picks for
+  those sizes; its backward runs with an upstream gradient != 1 (as under gradient accumulation), which launches
+  no Triton kernel (a PyTorch multiply on the device). Only the integer arguments that depend on the token count
+  (row counts) differ from a full-size run.
 
 How: the same binder the JIT launcher uses (triton.runtime.jit.create_function_from_signature + _pack_args) turns
 the arguments into the signature, constexprs (an integer argument equal to 1, e.g. a unit stride, becomes a
@@ -165,7 +165,7 @@ def _liger_launches(d_model: int, vocab: int, dtype) -> list:
 
     from ressformer.kernels import fused_loss
 
-    if fused_loss.liger_fused_linear_cross_entropy is None:
+    if fused_loss.liger_cross_entropy_kernel is None:
         raise RuntimeError("liger_kernel does not import: pip install -e '.[gpu]'")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend

@@ -40,7 +40,8 @@ def test_importing_the_model_does_not_load_deepspeed():
 
 CORE = {"torch", "numpy", "yaml", "safetensors", "sentencepiece"}  # import names of pyproject's dependencies
 # Kernel modules importing an extra at the top; ressformer imports them only when a kernel is about to run.
-KERNELS = {"ressformer/kernels/asam_triton.py": {"triton"}, "ressformer/kernels/fused_loss.py": {"liger_kernel"}}
+KERNELS = {"ressformer/kernels/asam_triton.py": {"triton"},
+           "ressformer/kernels/fused_loss.py": {"liger_kernel", "triton"}}
 
 
 def _module_level_imports(body):

@@ -2,8 +2,9 @@
 
 asam_triton.topk_attention: ASAM's per-query top-k attention with a sparse activation (attention.py
 `_gathered_attend`), reading the selected keys / values by index instead of gathering them.
-fused_loss.linear_cross_entropy: the LM head + next-token cross-entropy in chunks (liger-kernel), never forming the
-(B, T, V) logits; ressformer.output.logits_and_loss decides when it runs.
+fused_loss.linear_cross_entropy: the LM head + next-token cross-entropy in chunks (liger-kernel's cross-entropy
+kernel; no host read, unlike liger's own wrapper), never forming the (B, T, V) logits;
+ressformer.output.logits_and_loss decides when it runs.
 
 Which path runs is a module-level choice, `asam_kernel` (set it with `set_asam_kernel`; the model package reads
 no environment variables):
@@ -112,7 +113,7 @@ def liger_available() -> bool:
     """Whether liger_kernel imports (the import happens here, once)."""
     from ressformer.kernels import fused_loss
 
-    return fused_loss.liger_fused_linear_cross_entropy is not None
+    return fused_loss.liger_cross_entropy_kernel is not None
 
 
 def use_lm_loss_kernel(h: torch.Tensor) -> bool:

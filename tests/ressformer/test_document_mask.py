@@ -166,7 +166,7 @@ def test_step_with_documents_reads_nothing_on_the_host_and_compiles_whole(name, 
     from torch._dynamo.testing import CompileCounter
 
     from ressformer import kernels, selection
-    from tests.ressformer.test_compile import HostReads
+    from ressformer.host_reads import HostReads
 
     cfg = tiny(name)
     x, docs = packed(cfg)

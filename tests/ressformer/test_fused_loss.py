@@ -18,7 +18,7 @@ from ressformer.config import ModelConfig  # noqa: E402
 from ressformer.kernels import fused_loss  # noqa: E402  (imports liger now, under the interpreter)
 from ressformer.output import lm_loss  # noqa: E402
 
-LIGER = fused_loss.liger_fused_linear_cross_entropy is not None
+LIGER = fused_loss.liger_cross_entropy_kernel is not None
 needs_liger = pytest.mark.skipif(not LIGER, reason="liger-kernel is not installed: pip install -e '.[dev]' or '.[gpu]'")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,6 +106,41 @@ def test_fused_loss_bfloat16_within_rounding():
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-4)
     for a, b in ((gh, rh), (gw, rw)):  # a few bf16 ulps (2**-8) of the largest gradient; 0.6% seen
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max(), (a - b).abs().max()
+    # float32 h and weight under bf16 autocast (training on a GPU): bf16 matmuls as lm_head's under autocast, the
+    # gradients in h's and the weight's dtype
+    h, w, labels = _problem()
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        loss = fused_loss.linear_cross_entropy(h, w, labels)
+        ref = lm_loss(h @ w.T, labels)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-4)
+    for a, b in ((gh, rh), (gw, rw)):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max(), (a - b).abs().max()
+
+
+@needs_liger
+def test_fused_loss_reads_nothing_on_the_host():
+    """Forward and backward of the fused loss (mean and sum, upstream gradient != 1) run no operator that reads device
+    data on the host. Liger's own fused linear cross-entropy reads twice: the count of scored tokens (.item()) in
+    forward and the upstream gradient against 1 (torch.equal) in backward; the check sees both, so it is not blind."""
+    from ressformer.host_reads import HostReads
+
+    h, w, labels = _problem()
+    with HostReads() as reads:
+        loss = fused_loss.linear_cross_entropy(h, w, labels)
+        total = fused_loss.linear_cross_entropy(h, w, labels, reduction="sum")
+        (0.5 * loss + total).backward()
+    assert dict(reads.seen) == {}
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    with HostReads() as reads:
+        (0.5 * liger_fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, target)).backward()
+    assert set(reads.seen) == {"aten._local_scalar_dense.default", "aten.equal.default"}
+    with pytest.raises(ValueError, match="reduction 'none'"):
+        fused_loss.linear_cross_entropy(h, w, labels, reduction="none")
 
 
 def test_fused_loss_rejects_unshifted_labels():
@@ -175,7 +210,7 @@ def test_return_logits_false_needs_labels_and_modes_validate(monkeypatch):
         model(x, return_logits=False)
     with pytest.raises(ValueError, match="choose one of"):
         kernels.set_lm_loss_kernel("triton")
-    monkeypatch.setattr(fused_loss, "liger_fused_linear_cross_entropy", None)
+    monkeypatch.setattr(fused_loss, "liger_cross_entropy_kernel", None)
     kernels.set_lm_loss_kernel("liger")
     with pytest.raises(RuntimeError, match="liger-kernel is not installed"):
         model(x, labels=labels)
