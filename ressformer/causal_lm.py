@@ -117,8 +117,10 @@ class CausalLM(nn.Module):
         * Graph breaks left: whatever a caller disables (pretrain: expert-parallel MoE layers, ZeRO-3's gather
           hooks).
           torch.compile of the whole forward + loss instead of the units is one graph too, but specialises on K
-          (the step loop is Python): one graph per K. Not checked (no GPU): the CUDA-only kernels inside or after
-          the step, the Triton ASAM kernel (kernels.asam_triton) and liger's fused loss.
+          (the step loop is Python): one graph per K. Not checked on a GPU yet: the CUDA-only kernels inside or
+          after the step, the Triton ASAM kernel (kernels.asam_triton) and the fused loss (kernels.fused_loss, whose
+          host-read freedom is tested on CPU through Triton's interpreter); bench/gpu_check.sh's `step` checks the
+          whole CUDA step under torch.cuda.set_sync_debug_mode.
         """
         # The recomputation of a checkpointed unit must run the graph its forward ran. A frame the unit reaches
         # with several shapes (ASAM sees T keys at step 0, T + memory keys after) holds a static and an

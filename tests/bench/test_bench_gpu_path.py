@@ -1,9 +1,11 @@
-"""bench/attention.py, bench/moe_experts.py and bench/train_throughput.py at their smallest sizes on CPU (quick tier): the rows, ratios and
-fits they report have the right structure, and their helpers compute what they claim."""
+"""bench/attention.py, bench/moe_experts.py and bench/train_throughput.py at their smallest sizes on CPU (quick tier):
+the rows, ratios and fits they report have the right structure, and their helpers compute what they claim; what
+bench/gpu_check.sh does before it needs a GPU."""
 
 import io
 import json
 import math
+import os
 import re
 import sys
 from contextlib import redirect_stdout
@@ -107,7 +109,8 @@ def test_train_throughput_rows(tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     assert [r["preset"] for r in res["rows"]] == ["debug", "debug-transformer"]
     for r in res["rows"]:
-        assert r["status"] == "ok" and r["steps"] == 2 and r["seq_len"] == 32
+        assert r["status"] == "ok" and r["steps"] == 2 and r["seq_len"] == 32 and r["compile"] == "eager"
+        assert "host_reads" not in r and "dynamo" not in r
         cfg, _ = tt_bench.resolve(r["preset"], 32)
         assert r["flops_per_token"] == flops_per_token(cfg, 32, causal_skip=False)  # CPU: full attention product
         assert 0 < r["tokens_per_s"] <= r["tokens_per_s_best_step"] * (1 + 1e-9) and math.isfinite(r["tflops"])
@@ -115,6 +118,68 @@ def test_train_throughput_rows(tmp_path):
         assert r["mfu"] is None  # no known peak on CPU
         assert math.isfinite(r["loss"])
     assert res["config"]["peak_tflops"] is None and res["config"]["causal_skip"] is False
+
+
+def test_train_throughput_compile_modes_and_host_reads(monkeypatch):
+    """--compile runs every preset per mode, modes in turn, handing the mode to compile_units (Dynamo's eager backend
+    stands in for inductor here: the bench's wiring is under test, inductor has tests/ressformer/test_compile.py);
+    --sync-check records the host reads of the forward and backward (on CPU the debug model's by design: the experts
+    loop's token counts, the tie pass; none for the dense baseline), which make the exit status 1; the ratios to
+    eager and to dense:NAME are the rows' own."""
+    from ressformer.causal_lm import CausalLM
+
+    handed = []
+    real = CausalLM.compile_units
+
+    def compile_units(self, **kw):
+        handed.append(kw)
+        real(self, backend="eager")
+
+    monkeypatch.setattr(CausalLM, "compile_units", compile_units)
+    res = tt_bench.main(["--device", "cpu", "--presets", "debug", "dense:debug", "--seq-len", "32", "--batch", "1",
+                         "--steps", "1", "--warmup", "1", "--compile", "eager", "reduce-overhead", "--sync-check",
+                         "--param-dtype", "bf16"])  # the weights as the trainer's bf16 mode has them
+    assert res["config"]["param_dtype"] == "bf16" and res["config"]["compile"] == ["eager", "reduce-overhead"]
+    rows = {(r["preset"], r["compile"]): r for r in res["rows"]}
+    assert list(rows) == [("debug", "eager"), ("dense:debug", "eager"), ("debug", "reduce-overhead"),
+                          ("dense:debug", "reduce-overhead")]
+    assert handed == [{"mode": "reduce-overhead"}] * 2
+    assert all(r["status"] == "ok" and r["steps"] == 1 for r in rows.values())
+    for preset in ("debug", "dense:debug"):
+        d = rows[(preset, "reduce-overhead")]["dynamo"]
+        assert d["graphs"] >= 1 and d["graph_breaks"] == 0 and "dynamo" not in rows[(preset, "eager")]
+    for mode in ("eager", "reduce-overhead"):
+        reads = rows[("debug", mode)]["host_reads"]
+        assert {"aten.bincount.default", "Tensor.tolist"} <= set(reads) <= {
+            "aten.bincount.default", "Tensor.tolist", "ressformer.redo_tied_rows.default"}, reads
+        assert rows[("dense:debug", mode)]["host_reads"] == {}
+    assert tt_bench.exit_status(res) == 1
+    assert tt_bench.exit_status({"rows": [rows[("dense:debug", "eager")]]}) == 0
+    by = {(r["preset"], r["compile"], r["against"]): r for r in res["ratios"]}
+    ro, eager = rows[("debug", "reduce-overhead")], rows[("debug", "eager")]
+    assert by[("debug", "reduce-overhead", "debug eager")]["x_time"] == ro["step_ms_best"] / eager["step_ms_best"]
+    dense = rows[("dense:debug", "eager")]
+    r = by[("debug", "eager", "dense:debug eager")]
+    assert r["x_time"] == eager["step_ms_best"] / dense["step_ms_best"]
+    assert r["x_per_flop"] == pytest.approx(r["x_time"] * dense["flops_per_token"] / eager["flops_per_token"])
+    assert len(res["ratios"]) == 4  # debug and dense:debug against eager, debug against dense:debug in each mode
+
+
+def test_gpu_check_refuses_unknown_steps_and_a_machine_without_cuda(tmp_path):
+    """bench/gpu_check.sh: an unknown step name is refused before anything runs (exit 2, the choices named); on a
+    machine where torch sees no CUDA device it records env.txt and stops (exit 1) without running a step."""
+    import subprocess
+
+    script = str(REPO / "bench" / "gpu_check.sh")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", script, "kernels", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "no step nope: choose from preflight kernels step moe" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    if torch.cuda.is_available():
+        return
+    r = subprocess.run(["bash", script, "step"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "torch sees no CUDA device; nothing to check" in r.stdout, r.stdout + r.stderr
+    assert "=== " not in r.stdout and "cuda False" in (tmp_path / "out" / "env.txt").read_text()
 
 
 def test_moe_experts_bench_rows(tmp_path, capsys):
