@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 from pretrain import preflight as pf  # noqa: E402
 from ressformer import kernels  # noqa: E402
+from ressformer.kernels import asam_triton, fused_loss  # noqa: E402,F401  (imported here, under the interpreter:
+#                    another module's for_this_module may own the variable and unset it before these tests run)
 
 
 @pytest.fixture(autouse=True)
