@@ -3,8 +3,6 @@ stream (the GPU idles until the host has launched the next kernels) and a step C
 
     with HostReads() as reads:            # counts them: reads.seen, {operator: calls}
         model(ids, labels=ids).loss.backward()
-    with HostReads(strict=True):          # raises HostReadError at the first one, naming it
-        ...
 
 It watches every operator that reaches PyTorch's dispatcher (a TorchDispatchMode), on any device, CPU included,
 where nothing waits but the same code would on a GPU: `.item()` / `bool()` / `int()` of a tensor
@@ -12,7 +10,7 @@ where nothing waits but the same code would on a GPU: `.item()` / `bool()` / `in
 mask, repeat_interleave with tensor repeats, custom ops that read inside (HOST_READING_OPS), and Tensor.tolist
 (which bypasses the dispatcher on CPU tensors: patched for the duration). Not seen: reads in code that bypasses the
 dispatcher (the fused kernels of a compiled graph, C++ extensions reading a data pointer): on CUDA,
-torch.cuda.set_sync_debug_mode("error") is the check that sees those, and bench/train_throughput.py --sync-check
+torch.cuda.set_sync_debug_mode ("warn" or "error") is the check that sees those; bench/train_throughput.py --sync-check
 runs it.
 """
 
@@ -30,24 +28,13 @@ READING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero"
 HOST_READING_OPS = frozenset({"redo_tied_rows", "experts_loop", "stacked_weight_grad"})
 
 
-class HostReadError(RuntimeError):
-    """An operator read device data on the host inside HostReads(strict=True)."""
-
-
 class HostReads(TorchDispatchMode):
-    """Counts (or with strict=True, refuses) the operators that read device data on the host; see the module."""
+    """Counts the operators that read device data on the host (`seen`: {operator: calls}); see the module."""
 
-    def __init__(self, strict: bool = False):
+    def __init__(self):
         super().__init__()
-        self.strict = strict
         self.seen: collections.Counter = collections.Counter()
         self._tolist = None
-
-    def _saw(self, name: str) -> None:
-        self.seen[name] += 1
-        if self.strict:
-            raise HostReadError(f"{name} reads device data on the host (a wait on a GPU's stream, and no CUDA graph "
-                                "can hold it): compute it on the device, or read it outside the step")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
@@ -55,14 +42,14 @@ class HostReads(TorchDispatchMode):
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
         tensor_repeats = name == "repeat_interleave" and func._overloadname.startswith("Tensor")
         if name in READING_OPS or name in HOST_READING_OPS or bool_index or tensor_repeats:
-            self._saw(str(func))
+            self.seen[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
         real = self._tolist = torch.Tensor.tolist
 
         def tolist(t):
-            self._saw("Tensor.tolist")
+            self.seen["Tensor.tolist"] += 1
             return real(t)
 
         torch.Tensor.tolist = tolist
