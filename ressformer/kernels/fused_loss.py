@@ -101,7 +101,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gh, gw, gb = ctx.saved_tensors
-        scaled = [None if g is None else g * grad.to(g.dtype) for g in (gh, gw, gb)]
+        scaled = [None if g is None else g * grad for g in (gh, gw, gb)]  # g's dtype (grad is 0-dim)
         return *scaled, None, None
 
 
