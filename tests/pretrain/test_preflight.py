@@ -35,8 +35,6 @@ def test_every_kernel_passes_on_cpu_and_a_cpu_run_uses_none():
 
 @pytest.mark.timeout(300)
 def test_a_broken_kernel_is_named_and_switched_off(monkeypatch, capsys):
-    from ressformer.kernels import asam_triton
-
     real = asam_triton.topk_attention
 
     def off_by_a_little(*a, **k):
