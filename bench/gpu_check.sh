@@ -129,7 +129,6 @@ cat "$OUT/env.txt"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "gpu_check: torch sees no CUDA device; nothing to check"; exit 1; }
 
-
 status=0
 step() {  # step ID NAME SECONDS CMD...: run with a time limit, report, keep going; returns the command's status
   local id=$1 name=$2 limit=$3; shift 3

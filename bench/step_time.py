@@ -102,11 +102,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _dynamo_counts() -> tuple[int, int]:
-    """(graphs compiled, graph breaks met) so far in this process (torch._dynamo.utils.counters)."""
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's and inductor's counters so far in this process (torch._dynamo.utils.counters): graphs compiled,
+    graph breaks met, graphs inductor ran without a CUDA graph under reduce-overhead (cudagraph skips)."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 class Runner:
@@ -121,18 +123,18 @@ class Runner:
         self.docs = (torch.arange(seq) * documents // seq).expand(batch, seq) if documents else None
         self.times: list[float] = []
         self.compiled, self.recompiled = compiled, 0
-        before = _dynamo_counts() if compiled else (0, 0)
+        before = dynamo_counts() if compiled else None
         if compiled:
             self.model.compile_units(**(compile_kwargs or {}))
         self.first = self.step(record=False)  # warm-up (compiles)
         if compiled:
             self.step(record=False)  # the variants a first backward may still compile
-            after = _dynamo_counts()
-            self.graphs, self.breaks = after[0] - before[0], after[1] - before[1]
+            after = dynamo_counts()
+            self.graphs, self.breaks = (after[k] - before[k] for k in ("graphs", "graph_breaks"))
 
     def step(self, record: bool = True) -> float:
         """Seconds of one forward+backward; recorded steps also count the graphs they compile (recompiles)."""
-        graphs = _dynamo_counts()[0] if self.compiled else 0
+        graphs = dynamo_counts()["graphs"] if self.compiled else 0
         self.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         self.model(self.x, labels=self.x, documents=self.docs).loss.backward()
@@ -140,7 +142,7 @@ class Runner:
         if record:
             self.times.append(dt)
             if self.compiled:
-                self.recompiled += _dynamo_counts()[0] - graphs
+                self.recompiled += dynamo_counts()["graphs"] - graphs
         return dt
 
     def profile(self, n: int) -> str:

@@ -70,6 +70,7 @@ from pretrain.metrics import PEAK_TFLOPS, peak_tflops  # noqa: E402
 from ressformer import ModelConfig, build_model  # noqa: E402
 from ressformer.config import PRESETS  # noqa: E402
 from ressformer.flops import count_params, flops_per_token, matched_dense  # noqa: E402
+from step_time import dynamo_counts  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 DENSE_PREFIX = "dense:"
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
@@ -99,14 +100,6 @@ def _peak_mib(device: torch.device) -> float:
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
-
-
-def _dynamo_counts() -> dict:
-    """Dynamo's and inductor's counters so far in this process: graphs compiled, graph breaks, cudagraph skips."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def host_reads(step, device: torch.device) -> dict:
@@ -161,7 +154,7 @@ def train_rate(cfg: ModelConfig, T: int, batch: int, steps: int, warmup: int, de
     compiled = compile_mode != "eager"
     if compiled:
         torch._dynamo.reset()  # graphs (and CUDA graph trees) of an earlier row go
-        before = _dynamo_counts()
+        before = dynamo_counts()
         model.compile_units(**({} if compile_mode == "default" else {"mode": compile_mode}))
         warmup = max(warmup, 3 if compile_mode == "reduce-overhead" else 2)  # + CUDA graph trees' warm-up, record
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
@@ -185,7 +178,7 @@ def train_rate(cfg: ModelConfig, T: int, batch: int, steps: int, warmup: int, de
     extra = {}
     if compiled:
         extra["warmup_s"] = time.perf_counter() - t0
-        after = _dynamo_counts()
+        after = dynamo_counts()
         extra["dynamo"] = {k: after[k] - before[k] for k in after}
     if sync_check:
         extra["host_reads"] = host_reads(step, device)
@@ -280,16 +273,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'preset':18} {'compile':15} {'arch':11} {'params':>13} {'active':>13} {'T':>6} {'GFLOP/tok':>10} "
           f"{'tokens/s':>11} {'best step':>11} {'TFLOP/s':>9} {'MFU':>6} {'peak MiB':>10}  note", flush=True)
     result = {"config": header, "rows": []}
+    sized = [(name, cfg, T, count_params(cfg), flops_per_token(cfg, T, cfg.r2mu.steps, causal_skip=cuda))
+             for name, cfg, T in resolved]
+    checkpointing = {"on": [True], "off": [False], "auto": [False, True]}[a.checkpoint]
     for mode in a.compile:  # each mode for every preset in turn: the ratios between presets come first
-        for name, cfg, T in resolved:
-            p = count_params(cfg)
-            fpt = flops_per_token(cfg, T, cfg.r2mu.steps, causal_skip=cuda)
+        for name, cfg, T, p, fpt in sized:
             row = {"preset": name, "compile": mode, "arch": cfg.arch, "params": p["total"],
                    "active_params": p["active"], "seq_len": T,
                    "n_layers": cfg.n_layers if cfg.arch == "transformer" else None,
                    "k_steps": cfg.r2mu.steps if cfg.arch == "ressformer" else None, "flops_per_token": fpt}
-            modes = {"on": [True], "off": [False], "auto": [False, True]}[a.checkpoint]
-            for ckpt in modes:
+            for ckpt in checkpointing:
                 try:
                     r = train_rate(cfg, T, batch, steps, a.warmup, device, autocast, ckpt, a.max_seconds,
                                    compile_mode=mode, sync_check=a.sync_check, param_dtype=param_dtype)
