@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 
 from ressformer.config import ModelConfig
 from ressformer.flops import _block_kept_keys, count_params
+from ressformer.kernels import lm_loss_chunk_rows
 
 GiB = 1024**3
 SWITCHES = ("auto", "on", "off")
@@ -317,7 +318,7 @@ def logits_bytes(cfg: ModelConfig, T: int, micro_batch: int = 1, *, fused_loss: 
     norm = (8.0 * D + 4) * BT
     if not fused_loss:
         return 10.0 * BT * V + norm
-    chunk = min(BT, 1 << (-(-BT // -(-V // D)) - 1).bit_length())  # liger: next_pow2(ceil(BT / ceil(V / D)))
+    chunk = lm_loss_chunk_rows(BT, V, D)
     return 2.0 * BT * D + 4.0 * V * D + 4.0 * BT + 2.0 * chunk * V + norm
 
 

@@ -121,6 +121,14 @@ def use_lm_loss_kernel(h: torch.Tensor) -> bool:
     return _use_kernel(lm_loss_kernel, LM_LOSS_KERNEL_MODES, "lm_loss_kernel", "liger-kernel", liger_available, h)
 
 
+def lm_loss_chunk_rows(rows: int, vocab: int, width: int) -> int:
+    """Rows per chunk of the fused LM loss (fused_loss.linear_cross_entropy; pretrain.memory_estimate counts one
+    chunk's logits): liger's rule, a chunk's logits about as many elements as the hidden states (rows x width),
+    next_power_of_2(ceil(rows / ceil(vocab / width))) rows, at most `rows`."""
+    per = -(-vocab // width)
+    return min(1 << (-(-rows // per) - 1).bit_length(), rows)
+
+
 MOE_EXPERTS_MODES = ("auto", "grouped_mm", "padded", "loop")
 moe_experts = "auto"
 

@@ -27,18 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ressformer.kernels import lm_loss_chunk_rows
+
 try:
     import triton
     from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
     from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE
 except ImportError:  # the PyTorch path stays available
     liger_cross_entropy_kernel = None
-
-
-def _chunk_rows(rows: int, vocab: int, width: int) -> int:
-    """Rows per chunk: liger's rule, logits of a chunk about as many elements as h (rows x width), a power of 2."""
-    per = triton.cdiv(vocab, width)
-    return min(triton.next_power_of_2(triton.cdiv(rows, per)), rows)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -69,7 +65,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         dev = h.device.type  # the matmuls run in h's dtype, or autocast's where it is on (as lm_head's would)
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         w = weight.to(dtype)  # once, not once per chunk
-        rows = _chunk_rows(N, V, D) if N else 1
+        rows = lm_loss_chunk_rows(N, V, D) if N else 1
         for s in range(0, N, rows):
             hc = h[s:s + rows].to(dtype)
             logits = hc @ w.t()
